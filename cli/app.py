@@ -1,0 +1,30 @@
+"""The `mmtok` command. Each topic module registers its commands; heavy libraries
+(torch, webdataset, PIL, pyarrow) are imported inside the commands, so `mmtok --help`
+stays fast."""
+
+from __future__ import annotations
+
+import typer
+
+from mmtok.cli import data_cmds
+
+app = typer.Typer(
+    name="mmtok",
+    help="Data, tokenization and training stack for early-fusion multimodal MoE models.\n\n"
+    "Every stage reads shards and writes shards: shard -> extract-keyframes / extract-audio -> "
+    "train-bpe / train-vq -> tokenize-images / tokenize -> balance-mix -> train -> eval.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+for module in (data_cmds,):
+    module.register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

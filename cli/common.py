@@ -1,0 +1,73 @@
+"""Shared CLI plumbing: error reporting, exit codes, summaries. Heavy imports stay out."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from enum import IntEnum
+
+import typer
+
+
+class Exit(IntEnum):
+    OK = 0
+    FAILED = 1  # an unexpected failure inside mmtok (a bug: please report it)
+    USAGE = 2  # bad options or input paths; nothing was done
+    ERROR_BUDGET = 3  # the job finished but more inputs were quarantined than --max-error-rate allows
+
+
+def fail(message: str, code: Exit = Exit.USAGE) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(int(code))
+
+
+def friendly_errors(fn):
+    """Turn the library's expected errors into a one-line message and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from mmtok.runner import StageError
+        from mmtok.shards import ShardError
+
+        try:
+            return fn(*args, **kwargs)
+        except (StageError, ShardError, FileNotFoundError, ValueError) as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            fail("interrupted; rerun the same command to resume", Exit.FAILED)
+
+    return wrapper
+
+
+def report(summary, as_json: bool) -> None:
+    """Print a stage summary (a rich table, or JSON on stdout) and exit with its status."""
+    d = summary.as_dict()
+    if as_json:
+        sys.stdout.write(json.dumps(d, indent=1, sort_keys=True) + "\n")
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"mmtok {summary.stage}: {summary.out}", show_header=False)
+        t.add_column(style="bold")
+        t.add_column()
+        t.add_row("inputs", str(summary.items))
+        t.add_row("samples", str(summary.samples))
+        for k, v in summary.by_modality.items():
+            t.add_row(f"  {k}", str(v))
+        t.add_row("shards", f"{summary.shards} ({summary.resumed_shards} already done before this run)")
+        t.add_row("bytes", f"{summary.bytes:,}")
+        t.add_row("duplicates dropped", str(summary.duplicates))
+        t.add_row("quarantined", f"{summary.quarantined} ({summary.error_rate:.1%} of inputs; budget {summary.max_error_rate:.1%})")
+        t.add_row("seconds", f"{summary.seconds:.2f}")
+        Console(stderr=True).print(t)
+        if summary.quarantined:
+            Console(stderr=True).print(f"reasons: {summary.out}/quarantine.jsonl")
+    if summary.failed:
+        if not as_json:
+            fail(f"{summary.error_rate:.1%} of inputs were quarantined, over --max-error-rate {summary.max_error_rate:.1%}",
+                 Exit.ERROR_BUDGET)
+        raise typer.Exit(int(Exit.ERROR_BUDGET))

@@ -1,0 +1,482 @@
+"""The one stage runner every data stage uses.
+
+A stage is a function from one input item to output samples (or quarantine records),
+optionally followed by a batched function run in the main process (for model-backed
+stages on a GPU). The runner owns everything else:
+
+- workers: items go to a process pool in bounded windows; results come back in input
+  order, so the output bytes never depend on `--workers`;
+- packing: samples are appended to one open shard per group (every sample of a group has
+  the same member names, so stock readers open the group) and a shard closes at
+  `max_count` samples or `max_size` bytes;
+- atomic writes and resume: a shard is written under a temporary name, fsynced and
+  renamed, then its stats record is written the same way. A shard with a stats record
+  is finished and never redone. Each stats record carries a frontier: every item before
+  it was fully resolved when the shard closed. A rerun replays from the newest frontier,
+  dropping outputs already in finished shards, which rebuilds exactly the open shards
+  of the killed run;
+- quarantine: a bad item becomes a record (input, stage, reason); an exception inside a
+  stage function is turned into one too. `max_error_rate` decides the exit status;
+- dedup (optional): samples whose content hash was already written are dropped and logged;
+- a manifest (`manifest.json`) and a per-sample index (`index.parquet`) at the end.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from mmtok.shards import INDEX, MANIFEST, QUARANTINE, ShardWriter, atomic_write, dumps_meta
+
+STATS_DIR = "_stats"
+STAGE_FILE = "_stage.json"
+DUPLICATES = "duplicates.jsonl"
+
+
+@dataclass
+class Sample:
+    """One output sample. `members` are payloads by extension; the runner adds `json`
+    from `meta`. `index` holds extra scalar columns for index.parquet."""
+
+    key: str
+    group: str
+    members: dict[str, bytes]
+    meta: dict
+    index: dict = field(default_factory=dict)
+
+
+@dataclass
+class Quarantined:
+    input: str
+    reason: str
+
+
+@dataclass
+class Item:
+    """One unit of input: `name` identifies it in logs; `payload` is what the stage needs."""
+
+    name: str
+    payload: Any
+
+
+class StageError(Exception):
+    """A problem with the job as a whole (bad output dir, bad options); exit status 2."""
+
+
+@dataclass
+class Summary:
+    stage: str
+    out: str
+    items: int = 0
+    samples: int = 0
+    shards: int = 0
+    bytes: int = 0
+    quarantined: int = 0
+    duplicates: int = 0
+    by_modality: dict = field(default_factory=dict)
+    by_group: dict = field(default_factory=dict)
+    resumed_shards: int = 0
+    seconds: float = 0.0
+    error_rate: float = 0.0
+    max_error_rate: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return self.error_rate > self.max_error_rate
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["failed"] = self.failed
+        return d
+
+
+def _apply(fn: Callable, items: list[tuple[int, Item]]) -> list[tuple[int, list]]:
+    """Run the stage function on a task of items; never let one item kill the job."""
+    out = []
+    for i, item in items:
+        try:
+            res = fn(item.payload)
+            res = res if isinstance(res, list) else [res]
+        except Exception as e:  # a bug or an unforeseen bad input: quarantine, keep going
+            tb = traceback.extract_tb(e.__traceback__)[-1]
+            res = [Quarantined(item.name, f"{type(e).__name__}: {e} (at {Path(tb.filename).name}:{tb.lineno})")]
+        for r in res:
+            if isinstance(r, Quarantined) and not r.input:
+                r.input = item.name
+        out.append((i, res))
+    return out
+
+
+_FORKED_FN: Callable | None = None
+
+
+def _apply_forked(items):
+    return _apply(_FORKED_FN, items)
+
+
+def _ordered_map(fn, tasks: Iterator[list], workers: int) -> Iterator[list]:
+    """Map over tasks with a process pool, in order, with a bounded number in flight.
+
+    The pool is forked after `fn` is stored in a global, so stage functions may be
+    closures: only the items travel to the workers.
+    """
+    global _FORKED_FN
+    if workers <= 1:
+        for t in tasks:
+            yield _apply(fn, t)
+        return
+    _FORKED_FN = fn
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(workers) as pool:
+        pending: collections.deque = collections.deque()
+        for t in tasks:
+            pending.append(pool.apply_async(_apply_forked, (t,)))
+            if len(pending) >= workers * 4:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _tasks(items: Iterable[Item], start: int, size: int) -> Iterator[list[tuple[int, Item]]]:
+    task = []
+    for i, item in enumerate(items):
+        if i < start:
+            continue
+        task.append((i, item))
+        if len(task) >= size:
+            yield task
+            task = []
+    if task:
+        yield task
+
+
+class _Log:
+    """An append-only JSONL log that is sorted and de-duplicated when the run ends, so a
+    resumed run leaves the same file as an uninterrupted one."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "a", encoding="utf-8")
+
+    def add(self, record: dict) -> None:
+        self._f.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
+        self._f.flush()
+
+    def finish(self) -> list[dict]:
+        self._f.close()
+        seen, rows = set(), []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            if line.strip() and line not in seen:
+                seen.add(line)
+                rows.append(json.loads(line))
+        rows.sort(key=lambda r: (r["index"], json.dumps(r, sort_keys=True)))
+        atomic_write(self.path, "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows).encode())
+        return rows
+
+
+class _OpenShard:
+    def __init__(self, group: str, number: int):
+        self.group, self.number = group, number
+        self.samples: list[tuple[int, int, Sample, bytes]] = []  # (item, sub, sample, json)
+        self.bytes = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.group}-{self.number:06d}.tar"
+
+
+def _sample_bytes(members: dict[str, bytes]) -> int:
+    return sum(512 + (len(v) + 511) // 512 * 512 for v in members.values())
+
+
+class _Writer:
+    def __init__(self, out: Path, stage: str, max_count: int, max_size: int, dedup: bool):
+        self.out, self.stage = out, stage
+        self.max_count, self.max_size, self.dedup = max_count, max_size, dedup
+        self.stats_dir = out / STATS_DIR
+        self.stats_dir.mkdir(parents=True, exist_ok=True)
+        self.open: dict[str, _OpenShard] = {}
+        self.done: set[tuple[int, int]] = set()
+        self.seen: dict[str, str] = {}
+        self.next_number: dict[str, int] = collections.Counter()
+        self.frontier = 0
+        self.finished = self._load_finished()
+
+    def _load_finished(self) -> list[dict]:
+        finished = []
+        for p in sorted(self.stats_dir.glob("*.json")):
+            st = json.loads(p.read_text())
+            if not (self.out / st["name"]).exists():
+                continue  # stats without its shard: redo it
+            finished.append(st)
+            self.frontier = max(self.frontier, st["frontier"])
+            self.next_number[st["group"]] = max(self.next_number[st["group"]], st["number"] + 1)
+            for row in st["index"]:
+                self.done.add(tuple(row["_item"]))
+                if self.dedup and row.get("sha256"):
+                    self.seen[row["sha256"]] = row["key"]
+        return finished
+
+    def add(self, item_index: int, sub: int, sample: Sample, dup_log: _Log, name: str) -> bool:
+        if (item_index, sub) in self.done:
+            return True
+        h = sample.meta.get("sha256")
+        if self.dedup and h:
+            if h in self.seen:
+                dup_log.add({"index": item_index, "input": name, "sha256": h, "duplicate_of": self.seen[h]})
+                return False
+            self.seen[h] = sample.key
+        meta_bytes = dumps_meta(sample.meta)
+        size = _sample_bytes(sample.members) + 512 + len(meta_bytes)
+        shard = self.open.get(sample.group)
+        if shard and shard.samples and (len(shard.samples) >= self.max_count or shard.bytes + size > self.max_size):
+            self._flush(shard, item_index)
+            shard = None
+        if shard is None:
+            shard = self.open[sample.group] = _OpenShard(sample.group, self.next_number[sample.group])
+            self.next_number[sample.group] += 1
+        shard.samples.append((item_index, sub, sample, meta_bytes))
+        shard.bytes += size
+        return True
+
+    def _flush(self, shard: _OpenShard, current_item: int) -> None:
+        del self.open[shard.group]
+        tmp = self.out / f".{shard.name}.tmp-{os.getpid()}"
+        index = []
+        with open(tmp, "wb") as f:
+            w = ShardWriter(f)
+            for item_index, sub, s, meta_bytes in shard.samples:
+                locs = w.add(s.key, {**s.members, "json": meta_bytes})
+                row = {
+                    "key": s.key,
+                    "shard": shard.name,
+                    "group": shard.group,
+                    "modality": s.meta.get("modality"),
+                    "sha256": s.meta.get("sha256"),
+                    "members": [{"ext": e, "offset": l.offset, "size": l.size} for e, l in sorted(locs.items())],
+                    "_item": [item_index, sub],
+                    **s.index,
+                }
+                index.append(row)
+            w.close()
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.out / shard.name)
+        data = (self.out / shard.name).read_bytes()
+        frontier = min([current_item] + [min(x[0] for x in o.samples) for o in self.open.values() if o.samples])
+        stats = {
+            "name": shard.name,
+            "group": shard.group,
+            "number": shard.number,
+            "samples": len(shard.samples),
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "by_modality": dict(collections.Counter(r["modality"] for r in index)),
+            "frontier": frontier,
+            "index": index,
+        }
+        atomic_write(self.stats_dir / f"{shard.name}.json", json.dumps(stats, sort_keys=True).encode())
+        self.finished.append(stats)
+
+    def close(self, end: int) -> None:
+        for shard in sorted(self.open.values(), key=lambda s: s.group):
+            self._flush(shard, end)
+
+
+def _check_stage_file(out: Path, stage: str, config: dict, overwrite: bool) -> None:
+    want = {"stage": stage, "config": config}
+    path = out / STAGE_FILE
+    if path.exists():
+        have = json.loads(path.read_text())
+        if have != want:
+            if not overwrite:
+                raise StageError(
+                    f"{out} holds output of a different job ({have.get('stage')} with other inputs or options); "
+                    "use a new --out directory, or --overwrite to start it again"
+                )
+            for p in list(out.glob("*.tar")) + list((out / STATS_DIR).glob("*.json")) + [
+                out / MANIFEST, out / INDEX, out / QUARANTINE, out / DUPLICATES]:
+                p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for p in out.glob(".*.tmp-*"):  # leftovers of a killed run
+        p.unlink()
+    atomic_write(path, json.dumps(want, sort_keys=True, indent=1).encode())
+
+
+def run_stage(
+    stage: str,
+    items: Iterable[Item],
+    fn: Callable[[Any], Any],
+    out: str | Path,
+    *,
+    config: dict,
+    workers: int = 1,
+    max_count: int = 10_000,
+    max_size: int = 1 << 30,
+    max_error_rate: float = 0.05,
+    dedup: bool = False,
+    batch_fn: Callable[[list], list] | None = None,
+    batch_size: int = 32,
+    task_size: int = 4,
+    total: int | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> Summary:
+    """Map `fn` over `items` and write shards into `out`; see the module docstring.
+
+    `fn(payload)` returns a Sample, a Quarantined, or a list of them. With `batch_fn`,
+    `fn` returns an intermediate value (or Quarantined) and `batch_fn(list_of_values)`
+    returns, per value, a list of Sample/Quarantined; it runs in this process.
+    `config` names everything that decides the output (not `workers`).
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    _check_stage_file(out, stage, config, overwrite)
+    writer = _Writer(out, stage, max_count, max_size, dedup)
+    qlog, dlog = _Log(out / QUARANTINE), _Log(out / DUPLICATES)
+    summary = Summary(stage=stage, out=str(out), max_error_rate=max_error_rate, resumed_shards=len(writer.finished))
+    start = writer.frontier
+    n_items = start
+    bar = _progress(stage, total, start, progress)
+
+    def emit(i: int, name: str, results: list) -> None:
+        sub = 0
+        for r in results:
+            if isinstance(r, Quarantined):
+                qlog.add({"index": i, "input": r.input or name, "stage": stage, "reason": r.reason})
+            else:
+                writer.add(i, sub, r, dlog, name)
+                sub += 1
+
+    names: dict[int, str] = {}
+
+    def remember(tasks):
+        for t in tasks:
+            for i, item in t:
+                names[i] = item.name
+            yield t
+
+    pending: list[tuple[int, Any]] = []
+
+    def run_batch():
+        values = [v for _, v in pending]
+        outs = batch_fn(values)
+        for (i, _), res in zip(pending, outs):
+            emit(i, names.pop(i), res)
+        pending.clear()
+
+    try:
+        with bar:
+            for task_out in _ordered_map(fn, remember(_tasks(items, start, task_size)), workers):
+                for i, res in task_out:
+                    n_items = i + 1
+                    if batch_fn is None or (res and isinstance(res[0], Quarantined)):
+                        if batch_fn is not None and pending:
+                            run_batch()  # keep output order: flush earlier items first
+                        emit(i, names.pop(i), res)
+                    else:
+                        pending.append((i, res[0]))
+                        if len(pending) >= batch_size:
+                            run_batch()
+                    bar.advance()
+            if pending:
+                run_batch()
+        writer.close(n_items)
+    finally:
+        q_rows, d_rows = qlog.finish(), dlog.finish()
+
+    n_items = max(n_items, max((r["index"] + 1 for r in q_rows), default=0))
+    summary.items = n_items if total is None else max(total, n_items)
+    bad_items = {r["index"] for r in q_rows}
+    summary.quarantined = len(q_rows)
+    summary.duplicates = len(d_rows)
+    summary.error_rate = len(bad_items) / summary.items if summary.items else 0.0
+    _finish(out, stage, config, writer.finished, summary)
+    summary.seconds = round(time.perf_counter() - t0, 3)
+    return summary
+
+
+def _finish(out: Path, stage: str, config: dict, finished: list[dict], summary: Summary) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    finished = sorted(finished, key=lambda s: s["name"])
+    rows = []
+    for st in finished:
+        for r in st["index"]:
+            rows.append({k: v for k, v in r.items() if k != "_item"})
+    by_mod, by_group = collections.Counter(), collections.Counter()
+    for st in finished:
+        by_group[st["group"]] += st["samples"]
+        by_mod.update(st["by_modality"])
+    summary.samples = len(rows)
+    summary.shards = len(finished)
+    summary.bytes = sum(s["bytes"] for s in finished)
+    summary.by_modality = dict(sorted(by_mod.items()))
+    summary.by_group = dict(sorted(by_group.items()))
+    table = pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string())})
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    atomic_write(out / INDEX, buf.getvalue().to_pybytes())
+    manifest = {
+        "format": "mmtok-shards/1",
+        "stage": stage,
+        "config": config,
+        "shards": [{k: s[k] for k in ("name", "group", "samples", "bytes", "sha256", "by_modality")} for s in finished],
+        "totals": {
+            "inputs": summary.items,
+            "samples": summary.samples,
+            "shards": summary.shards,
+            "bytes": summary.bytes,
+            "by_modality": summary.by_modality,
+            "by_group": summary.by_group,
+            "quarantined": summary.quarantined,
+            "duplicates": summary.duplicates,
+        },
+    }
+    atomic_write(out / MANIFEST, json.dumps(manifest, sort_keys=True, indent=1).encode())
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+    def advance(self):
+        pass
+
+
+class _Bar(_NoBar):
+    def __init__(self, stage, total, done):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        # stderr, so that `--json` output on stdout stays machine-readable
+        self.p = Progress(TextColumn(f"[bold]{stage}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          TimeRemainingColumn(), console=Console(stderr=True))
+        self.task = self.p.add_task(stage, total=total, completed=done)
+
+    def __enter__(self):
+        self.p.start()
+        return self
+
+    def __exit__(self, *a):
+        self.p.stop()
+        return False
+
+    def advance(self):
+        self.p.advance(self.task)
+
+
+def _progress(stage, total, done, enabled):
+    return _Bar(stage, total, done) if enabled else _NoBar()
