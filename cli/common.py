@@ -20,7 +20,7 @@ class Exit(IntEnum):
 def fail(message: str, code: Exit = Exit.USAGE) -> None:
     from rich.console import Console
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(int(code))
 
 

@@ -69,3 +69,134 @@ def probe_video(path: str) -> dict:
         "rotation": float(rot.group(1)) if rot else 0.0,
         "has_audio": bool(_AUDIO.search(text)),
     }
+
+
+def run_ffmpeg(stream) -> tuple[bytes, str]:
+    """Run an ffmpeg-python command (one process, no shell); return (stdout, stderr text).
+
+    Raises MediaError with ffmpeg's own reason when it fails."""
+    import ffmpeg
+
+    cmd = stream.global_args("-hide_banner", "-nostdin")
+    try:
+        out, err = cmd.run(cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True)
+    except ffmpeg.Error as e:
+        raise MediaError(_last_error_line(e.stderr)) from None
+    return out, err.decode("utf-8", "replace")
+
+
+_TIME = re.compile(r"time=(\d+):(\d+):(\d+(?:\.\d+)?)")
+
+
+def stream_duration(path: str, selector: str = "v:0") -> float | None:
+    """Duration of one stream found by reading its packets without decoding them, for
+    containers whose header does not state a duration (streamed webm/mkv, raw streams)."""
+    import ffmpeg
+
+    cmd = ffmpeg.input(path).output("-", format="null", map=f"0:{selector}", c="copy").global_args("-stats")
+    _, err = run_ffmpeg(cmd)
+    times = _TIME.findall(err)
+    if not times:
+        return None
+    h, m, s = times[-1]
+    return int(h) * 3600 + int(m) * 60 + float(s)
+
+
+# --- inputs: shard directories made by `mmtok shard`, or plain files -------------------
+
+VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
+AUDIO_EXTS = ("wav", "flac", "mp3", "ogg")
+_KEY_SAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def file_key(path: str, data: bytes) -> str:
+    """A key for a plain file: its readable stem plus a content hash (no dots or slashes)."""
+    import hashlib
+    import os
+
+    stem = _KEY_SAFE.sub("_", os.path.splitext(os.path.basename(path))[0]).strip("_")[:40] or "file"
+    return f"{stem}-{hashlib.sha256(data).hexdigest()[:12]}"
+
+
+def media_items(inputs: list[str], modalities: tuple[str, ...], exts: tuple[str, ...]):
+    """Enumerate media inputs as runner Items, lazily, in a deterministic order.
+
+    Each input is a shard directory (it has a manifest.json; groups `<modality>-<ext>` and
+    `<modality>_pair-<ext>` are read with ShardReader), a directory of plain files (walked
+    recursively, by extension), or a single file. Payloads are
+    `(key, ext, data_or_path, parent_meta)`. Returns (items, total).
+    """
+    from pathlib import Path
+
+    from mmtok.shards import MANIFEST, ShardReader
+
+    readers, files, total = [], [], 0
+    for inp in inputs:
+        p = Path(inp)
+        if not p.exists():
+            raise FileNotFoundError(f"{inp}: no such file or directory")
+        if p.is_dir() and (p / MANIFEST).exists():
+            r = ShardReader(p)
+            groups = tuple(sorted({s["group"] for s in r.manifest["shards"]
+                                   if s["group"].split("-")[0] in modalities + tuple(m + "_pair" for m in modalities)}))
+            r.groups = groups
+            r.check()
+            readers.append(r)
+            total += sum(s["samples"] for s in r.manifest["shards"] if s["group"] in groups)
+        elif p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower().lstrip(".") in exts)
+            files += found
+            total += len(found)
+        else:
+            files.append(p)
+            total += 1
+
+    def gen():
+        from mmtok.runner import Item
+
+        for r in readers:
+            for s in r:
+                ext = next((e for e in s.members if e in exts), None)
+                yield Item(f"{r.directory}/{s.shard}:{s.key}", (s.key, ext, s.members.get(ext), s.meta))
+        for f in files:
+            yield Item(str(f), (None, f.suffix.lower().lstrip("."), str(f), {}))
+
+    return gen(), total
+
+
+class MediaSource:
+    """Context manager giving a stage a path for ffmpeg plus the source's key and hash.
+
+    Shard payloads are bytes: they go to a temporary file, since ffmpeg cannot seek in a
+    pipe (an mp4 whose index sits at the end would not open)."""
+
+    def __init__(self, payload):
+        self.key, self.ext, self.data, self.parent_meta = payload
+        self._tmp = None
+
+    def __enter__(self):
+        import hashlib
+        import tempfile
+
+        if self.ext is None or self.data is None:
+            raise MediaError("no media member in this sample")
+        if isinstance(self.data, str):  # a plain file
+            self.source = self.data
+            with open(self.data, "rb") as f:
+                raw = f.read()
+            self.key = file_key(self.data, raw)
+            self.path = self.data
+        else:
+            raw = self.data
+            self.source = self.parent_meta.get("source", self.key)
+            self._tmp = tempfile.NamedTemporaryFile(suffix=f".{self.ext}")
+            self._tmp.write(raw)
+            self._tmp.flush()
+            self.path = self._tmp.name
+        self.sha256 = hashlib.sha256(raw).hexdigest()
+        return self
+
+    def __exit__(self, *a):
+        if self._tmp is not None:
+            self._tmp.close()
+        return False

@@ -412,7 +412,8 @@ def _finish(out: Path, stage: str, config: dict, finished: list[dict], summary: 
     rows = []
     for st in finished:
         for r in st["index"]:
-            rows.append({k: v for k, v in r.items() if k != "_item"})
+            # sorted columns: rows of resumed shards come back from JSON with sorted keys
+            rows.append({k: r[k] for k in sorted(r) if k != "_item"})
     by_mod, by_group = collections.Counter(), collections.Counter()
     for st in finished:
         by_group[st["group"]] += st["samples"]

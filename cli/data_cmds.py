@@ -1,0 +1,130 @@
+"""`mmtok shard`, `mmtok inspect` and `mmtok demo`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from mmtok.cli.common import friendly_errors, report
+
+WORKERS = typer.Option(1, "--workers", "-w", min=1, help="Worker processes. Output bytes do not depend on it.")
+MAX_ERROR_RATE = typer.Option(
+    0.05, "--max-error-rate", min=0.0, max=1.0,
+    help="Share of inputs that may be quarantined before the command exits with status 3.")
+JSON_OUT = typer.Option(False, "--json", help="Print a machine-readable summary on stdout.")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(no_args_is_help=True)(shard)
+    app.command(no_args_is_help=True)(inspect)
+    app.command()(demo)
+
+
+@friendly_errors
+def shard(
+    inputs: List[str] = typer.Argument(..., help="Directories (walked recursively), files, manifests "
+                                       "(.jsonl/.csv/.parquet) and tar archives / WebDataset shards, in any mix."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output shard directory."),
+    max_count: int = typer.Option(10_000, "--max-count", min=1, help="Samples per shard at most."),
+    max_size: str = typer.Option("1G", "--max-size", help="Bytes per shard at most (K/M/G suffixes)."),
+    validate: bool = typer.Option(True, "--validate/--no-validate",
+                                  help="Fully decode every image and audio file and probe every video. "
+                                  "--no-validate copies bytes after sniffing their type."),
+    dedup: bool = typer.Option(True, "--dedup/--no-dedup", help="Drop exact duplicates (same content hash)."),
+    max_pixels: int = typer.Option(89_478_485, "--max-pixels", help="Images with more pixels are quarantined "
+                                   "without being decoded (decompression bombs)."),
+    workers: int = WORKERS,
+    max_error_rate: float = MAX_ERROR_RATE,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard OUT if it holds a different job."),
+    as_json: bool = JSON_OUT,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Validate raw corpora and write WebDataset shards with a manifest and a quarantine log.
+
+    Rerun the same command after a crash or Ctrl-C: finished shards are kept and the job
+    picks up where it stopped. Exit status: 0 ok, 2 bad usage, 3 too many bad inputs.
+
+    Example: mmtok shard images/ captions.jsonl old-shards/ --out shards/ --workers 8
+    """
+    from mmtok.ingest import ShardFn, shard_items
+    from mmtok.runner import run_stage
+
+    for spec in inputs:
+        if not Path(spec).exists():
+            raise FileNotFoundError(f"input {spec} does not exist")
+    config = {"inputs": list(inputs), "max_count": max_count, "max_size": _parse_size(max_size),
+              "validate": validate, "dedup": dedup, "max_pixels": max_pixels}
+    summary = run_stage(
+        "shard", shard_items(list(inputs)), ShardFn(validate, max_pixels), out, config=config, workers=workers,
+        max_count=max_count, max_size=_parse_size(max_size), max_error_rate=max_error_rate, dedup=dedup,
+        progress=not quiet and not as_json, overwrite=overwrite, task_size=8)
+    report(summary, as_json)
+
+
+def _parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise ValueError(f"--max-size {text!r}: expected a byte count such as 500M or 2G") from None
+
+
+@friendly_errors
+def inspect(
+    directory: Path = typer.Argument(..., help="A shard directory written by any mmtok stage."),
+    samples: int = typer.Option(3, "--samples", help="How many sample keys to show per group."),
+    as_json: bool = JSON_OUT,
+) -> None:
+    """Show what a shard directory holds: counts, shards, bytes, quarantine reasons, sample keys."""
+    import collections
+
+    from mmtok.shards import QUARANTINE, ShardReader
+
+    reader = ShardReader(directory)
+    m = reader.manifest
+    reasons = collections.Counter()
+    qpath = Path(directory) / QUARANTINE
+    if qpath.exists():
+        for line in qpath.read_text(encoding="utf-8").splitlines():
+            r = json.loads(line)["reason"]
+            reasons[r.split(": ", 1)[-1].split(" (")[0][:80]] += 1
+    keys: dict[str, list[str]] = {}
+    for row in reader.index().select(["key", "group"]).to_pylist():
+        if len(keys.setdefault(row["group"], [])) < samples:
+            keys[row["group"]].append(row["key"])
+    info = {"directory": str(directory), "stage": m["stage"], **m["totals"],
+            "quarantine_reasons": dict(reasons.most_common(10)), "sample_keys": keys}
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=1, sort_keys=True) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{directory} ({m['stage']})")
+    for col in ("group", "samples", "shards", "bytes", "sample keys"):
+        t.add_column(col)
+    for g, n in m["totals"]["by_group"].items():
+        shards = [s for s in m["shards"] if s["group"] == g]
+        t.add_row(g, str(n), str(len(shards)), f"{sum(s['bytes'] for s in shards):,}", ", ".join(keys.get(g, [])))
+    c = Console()
+    c.print(t)
+    c.print(f"by modality: {m['totals']['by_modality']}; duplicates dropped: {m['totals']['duplicates']}; "
+            f"quarantined: {m['totals']['quarantined']}")
+    for r, n in reasons.most_common(10):
+        c.print(f"  {n} x {r}")
+
+
+@friendly_errors
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where the corpus and every stage's output go."),
+    workers: int = typer.Option(2, "--workers", "-w", min=1),
+) -> None:
+    """Run the whole pipeline end to end on a small corpus that mmtok generates itself."""
+    from mmtok.demo import run_demo
+
+    run_demo(out, workers)

@@ -1,0 +1,157 @@
+"""The built-in demo: generate a small multimodal corpus, then run every stage on it.
+
+The corpus is made here, deterministically: PIL-drawn shapes with captions that describe
+them, short texts, interleaved documents, tones and speech-like audio, and short videos
+from ffmpeg's test sources. A few broken files show the quarantine at work.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
+           "purple": (140, 60, 170), "orange": (245, 140, 30), "white": (250, 250, 250), "black": (15, 15, 15)}
+SHAPES = ("circle", "square", "triangle", "stripe")
+
+
+def draw_shape(shape: str, fg: str, bg: str, size: int = 128, seed: int = 0):
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    im = Image.new("RGB", (size, size), COLOURS[bg])
+    d = ImageDraw.Draw(im)
+    m = size // 6 + rng.randint(0, size // 10)
+    box = (m, m, size - m, size - m)
+    if shape == "circle":
+        d.ellipse(box, fill=COLOURS[fg])
+    elif shape == "square":
+        d.rectangle(box, fill=COLOURS[fg])
+    elif shape == "triangle":
+        d.polygon([(size // 2, m), (size - m, size - m), (m, size - m)], fill=COLOURS[fg])
+    else:
+        for x in range(0, size, size // 8):
+            d.rectangle((x, 0, x + size // 16, size), fill=COLOURS[fg])
+    return im
+
+
+def sentence(rng: random.Random) -> str:
+    c1, c2 = rng.sample(sorted(COLOURS), 2)
+    s = rng.choice(SHAPES)
+    templates = [
+        f"The {c1} {s} sits on a {c2} background.",
+        f"A {s} painted {c1} is easy to see against {c2}.",
+        f"We counted {rng.randint(2, 99)} {c1} shapes and {rng.randint(2, 99)} {c2} ones.",
+        f"Is the {s} {c1} or {c2}? It is {c1}.",
+        f"Shapes like the {s} come in many colours, such as {c1} and {c2}.",
+    ]
+    return rng.choice(templates)
+
+
+def tone(freqs: list[float], seconds: float, sr: int, speechlike: bool, seed: int):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    if not speechlike:
+        x = sum(np.sin(2 * np.pi * f * t) for f in freqs) / len(freqs)
+    else:  # a voiced buzz with moving formants and syllable-rate amplitude, like speech
+        f0 = 120 + 20 * np.sin(2 * np.pi * 0.7 * t)
+        phase = 2 * np.pi * np.cumsum(f0) / sr
+        x = sum(np.sin(k * phase) / k for k in range(1, 12))
+        x *= 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2
+        x += 0.02 * rng.standard_normal(len(t))
+    return (0.4 * x / max(1e-9, np.abs(x).max())).astype("float32")
+
+
+def make_corpus(root: Path, n_images: int = 48, n_texts: int = 60, n_docs: int = 16) -> Path:
+    """Write the demo corpus under `root` and return it."""
+    import soundfile as sf
+
+    from mmtok.media import ffmpeg_exe
+
+    rng = random.Random(0)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    captions = []
+    for i in range(n_images):
+        shape, (fg, bg) = SHAPES[i % len(SHAPES)], rng.sample(sorted(COLOURS), 2)
+        im = draw_shape(shape, fg, bg, seed=i)
+        ext = "png" if i % 3 == 0 else "jpg"
+        im.save(root / "images" / f"img{i:03d}.{ext}")
+        caption = f"a {fg} {shape} on a {bg} background"
+        captions.append((f"images/img{i:03d}.{ext}", caption))
+        if i % 4 != 3:  # most images have a caption beside them (a pair); some stand alone
+            (root / "images" / f"img{i:03d}.txt").write_text(caption + "\n")
+    (root / "texts").mkdir(exist_ok=True)
+    for i in range(n_texts):
+        (root / "texts" / f"t{i:03d}.txt").write_text(" ".join(sentence(rng) for _ in range(rng.randint(2, 6))))
+    with open(root / "docs.jsonl", "w") as f:
+        for i in range(n_docs):
+            segs = []
+            for _ in range(rng.randint(1, 3)):
+                path, cap = rng.choice(captions)
+                segs += [{"text": sentence(rng)}, {"image": path}, {"text": f"Above: {cap}."}]
+            f.write(json.dumps({"segments": segs}) + "\n")
+        for i in range(8):
+            f.write(json.dumps({"text": sentence(rng) + " " + sentence(rng)}) + "\n")
+    (root / "audio").mkdir(exist_ok=True)
+    for i in range(6):
+        speech = i % 2 == 1
+        x = tone([220 * (i + 1), 330 * (i + 1)], 2.0 + i * 0.5, 16000 if i < 4 else 44100, speech, seed=i)
+        name = f"a{i:02d}.{'flac' if speech else 'wav'}"
+        sf.write(root / "audio" / name, x, 16000 if i < 4 else 44100)
+        label = "speech-like babble" if speech else f"a steady tone at {220 * (i + 1)} hertz"
+        (root / "audio" / f"a{i:02d}.txt").write_text(label + "\n")
+    (root / "video").mkdir(exist_ok=True)
+    for i, src in enumerate(("testsrc=size=160x120:rate=25", "testsrc2=size=176x144:rate=24",
+                             "smptebars=size=160x120:rate=30")):
+        out = root / "video" / f"v{i}.mp4"
+        if not out.exists():
+            subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", f"{src}:duration={2 + i}",
+                            "-pix_fmt", "yuv420p", "-c:v", "libx264", "-g", "12", str(out)], check=True)
+        (root / "video" / f"v{i}.txt").write_text(f"ffmpeg test pattern number {i}\n")
+    (root / "broken").mkdir(exist_ok=True)
+    good = (root / "images" / "img001.jpg").read_bytes()
+    (root / "broken" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (root / "broken" / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    return root
+
+
+def _step(title: str, args: list[str], log) -> None:
+    from rich.console import Console
+
+    cmd = [sys.executable, "-m", "mmtok.cli.app", *args]
+    Console(stderr=True).rule(f"[bold]{title}")
+    Console(stderr=True).print("$ mmtok " + " ".join(shlex.quote(a) for a in args), highlight=False)
+    t0 = time.perf_counter()
+    rc = subprocess.run(cmd).returncode
+    log.append({"step": title, "command": "mmtok " + " ".join(args), "seconds": round(time.perf_counter() - t0, 2),
+                "exit": rc})
+    if rc != 0:
+        raise SystemExit(f"demo step '{title}' failed with exit status {rc}")
+
+
+def run_demo(out: Path, workers: int = 2) -> None:
+    from rich.console import Console
+
+    out = Path(out)
+    corpus = make_corpus(out / "corpus")
+    log: list[dict] = []
+    w = ["--workers", str(workers)]
+    c = corpus
+    _step("shard the raw corpus", ["shard", str(c / "images"), str(c / "texts"), str(c / "docs.jsonl"),
+                                   str(c / "audio"), str(c / "video"), str(c / "broken"),
+                                   "--out", str(out / "shards"), "--max-count", "40", *w], log)
+    _step("inspect the shards", ["inspect", str(out / "shards")], log)
+    (out / "demo-steps.json").write_text(json.dumps(log, indent=1))
+    con = Console(stderr=True)
+    con.rule("[bold green]demo finished")
+    con.print(f"corpus:  {corpus}")
+    con.print(f"shards:  {out / 'shards'}  (manifest.json, index.parquet, quarantine.jsonl)")
+    con.print(f"steps and timings: {out / 'demo-steps.json'}")

@@ -1,0 +1,435 @@
+"""`mmtok shard`: turn raw files, manifests and tar archives into validated shards.
+
+Enumeration (main process) turns the inputs into items in a fixed order; `ShardFn`
+(worker processes) sniffs, validates and hashes one item into samples or quarantine
+records. Modality is decided from the bytes, not the file name.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from mmtok.runner import Item, Quarantined, Sample
+from mmtok.shards import PICKLE_EXTS, ShardError, group_samples, iter_tar
+
+MANIFEST_EXTS = (".jsonl", ".csv", ".parquet")
+TAR_EXTS = (".tar", ".tar.gz", ".tgz")
+# names that carry the caption/transcript when a sample has one text part among others
+CAPTION_NAMES = ("txt", "text", "caption", "transcript")
+IMAGE_EXTS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
+AUDIO_EXTS = {"wav", "flac", "mp3", "ogg"}
+VIDEO_EXTS = {"mp4": "mp4", "webm": "webm", "mkv": "mkv", "avi": "avi", "mov": "mov", "m4v": "mp4"}
+
+
+class Bad(Exception):
+    """A part of an input that fails validation; becomes a quarantine record."""
+
+
+# ---------------------------------------------------------------- enumeration
+
+def _is_tar(path: Path) -> bool:
+    return path.name.endswith(TAR_EXTS)
+
+
+def enumerate_inputs(inputs: list[str]) -> Iterator[Item]:
+    """Yield items in a fixed order: inputs as given, directories walked sorted."""
+    for spec in inputs:
+        path = Path(spec)
+        if not path.exists():
+            raise FileNotFoundError(f"input {spec} does not exist")
+        if path.is_dir():
+            yield from _walk_dir(path)
+        else:
+            yield from _file_items(path, [path])
+
+
+def _walk_dir(root: Path) -> Iterator[Item]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        files = [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
+        plain = [f for f in files if not (_is_tar(f) or f.name.endswith(MANIFEST_EXTS))]
+        for f in files:
+            if _is_tar(f) or f.name.endswith(MANIFEST_EXTS):
+                yield from _file_items(f, [])
+        # files sharing a stem in one folder are one sample (image + caption), as in webdataset
+        by_stem: dict[str, list[Path]] = {}
+        for f in plain:
+            by_stem.setdefault(f.name.split(".")[0], []).append(f)
+        for stem in sorted(by_stem):
+            group = by_stem[stem]
+            yield Item(str(group[0].with_name(stem)), {"kind": "files", "paths": [str(p) for p in group]})
+
+
+def _file_items(path: Path, group: list[Path]) -> Iterator[Item]:
+    name = path.name.lower()
+    if _is_tar(path):
+        yield from _tar_items(path)
+    elif name.endswith(".jsonl"):
+        yield from _jsonl_items(path)
+    elif name.endswith(".csv"):
+        yield from _csv_items(path)
+    elif name.endswith(".parquet"):
+        yield from _parquet_items(path)
+    else:
+        yield Item(str(path), {"kind": "files", "paths": [str(p) for p in group]})
+
+
+def _bad(name: str, reason: str) -> Item:
+    return Item(name, {"kind": "bad", "reason": reason})
+
+
+def _tar_items(path: Path) -> Iterator[Item]:
+    try:
+        for s in group_samples(iter_tar(path)):
+            if len(s) == 3:
+                yield _bad(f"{path}:{s[0]}", s[2])
+            else:
+                yield Item(f"{path}:{s[0]}", {"kind": "members", "members": s[1]})
+    except ShardError as e:
+        yield _bad(str(path), str(e).removeprefix(f"{path}: "))
+
+
+def _row_item(name: str, row, base: Path) -> Item:
+    if not isinstance(row, dict):
+        return _bad(name, "manifest row is not an object")
+    return Item(name, {"kind": "row", "row": row, "base": str(base)})
+
+
+def _jsonl_items(path: Path) -> Iterator[Item]:
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                yield _bad(f"{path}:{n}", f"malformed manifest line: {e}")
+                continue
+            yield _row_item(f"{path}:{n}", row, path.parent)
+
+
+def _csv_items(path: Path) -> Iterator[Item]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for n, row in enumerate(csv.DictReader(f), 2):
+                row = {k: v for k, v in row.items() if k and v not in (None, "")}
+                if "segments" in row:
+                    try:
+                        row["segments"] = json.loads(row["segments"])
+                    except json.JSONDecodeError as e:
+                        yield _bad(f"{path}:{n}", f"segments column is not JSON: {e}")
+                        continue
+                yield _row_item(f"{path}:{n}", row, path.parent)
+    except (UnicodeDecodeError, csv.Error) as e:
+        yield _bad(str(path), f"unreadable CSV manifest: {e}")
+
+
+def _parquet_items(path: Path) -> Iterator[Item]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        yield _bad(str(path), f"unreadable Parquet manifest: {e}")
+        return
+    n = 0
+    for batch in pf.iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            n += 1
+            yield _row_item(f"{path}:{n}", {k: v for k, v in row.items() if v is not None}, path.parent)
+
+
+# ---------------------------------------------------------------- validation
+
+@dataclass
+class Part:
+    """One payload with what sniffing/validation learned about it."""
+
+    kind: str  # text | image | audio | video
+    ext: str
+    data: bytes
+    meta: dict
+
+
+def content_hash(members: dict[str, bytes]) -> str:
+    h = hashlib.sha256()
+    for ext in sorted(members):
+        h.update(f"{ext}\0{len(members[ext])}\0".encode())
+        h.update(members[ext])
+    return h.hexdigest()
+
+
+def _looks_pickled(data: bytes) -> bool:
+    return len(data) > 2 and data[0] == 0x80 and 2 <= data[1] <= 5
+
+
+def sniff(data: bytes, name: str, validate: bool, max_pixels: int, path: str | None = None) -> Part:
+    """Decide a payload's modality from its bytes and (optionally) fully decode it."""
+    import filetype
+
+    ext_hint = name.rsplit(".", 1)[-1].lower()
+    if ext_hint in PICKLE_EXTS or _looks_pickled(data):
+        raise Bad(f"{name}: pickle data is never loaded (it can run code)")
+    if not data:
+        raise Bad(f"{name}: empty")
+    kind = filetype.guess(data[:8192])
+    mime = kind.mime if kind else ""
+    claimed = _claimed_kind(ext_hint)
+    found = mime.split("/")[0] if mime else "text"
+    if claimed and claimed != found and not (claimed == "video" and mime == "audio/mp4"):
+        raise Bad(f"{name}: the name says {claimed} but the content is not ({mime or 'no known media signature'})")
+    if mime.startswith("image/"):
+        return _image_part(data, name, validate, max_pixels)
+    if mime.startswith("video/") or (mime == "audio/mp4" and ext_hint in VIDEO_EXTS):
+        return _video_part(data, name, kind.extension, validate, path)
+    if mime.startswith("audio/"):
+        return _audio_part(data, name, kind.extension, validate)
+    if kind is not None:
+        raise Bad(f"{name}: unsupported content type {mime}")
+    return _text_part(data, name)
+
+
+def _claimed_kind(ext: str) -> str | None:
+    if ext in ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"):
+        return "image"
+    if ext in AUDIO_EXTS:
+        return "audio"
+    if ext in VIDEO_EXTS:
+        return "video"
+    return None
+
+
+def _text_part(data: bytes, name: str) -> Part:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Bad(f"{name}: not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+    if "\x00" in text:
+        raise Bad(f"{name}: binary data (NUL bytes), not text")
+    return Part("text", "txt", data, {"chars": len(text)})
+
+
+def _image_part(data: bytes, name: str, validate: bool, max_pixels: int) -> Part:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))  # reads the header only
+            w, h = im.size
+            if w * h > max_pixels:
+                raise Bad(f"{name}: {w}x{h} = {w * h:,} pixels is over the {max_pixels:,} limit "
+                          "(possible decompression bomb; raise --max-pixels to accept it)")
+            fmt = im.format
+            if validate:
+                im.load()
+    except Bad:
+        raise
+    except Image.DecompressionBombError as e:
+        raise Bad(f"{name}: decompression bomb refused ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise Bad(f"{name}: image does not decode ({e})") from None
+    ext = IMAGE_EXTS.get(fmt)
+    if ext is None:
+        raise Bad(f"{name}: unsupported image format {fmt}")
+    return Part("image", ext, data, {"width": w, "height": h, "format": ext})
+
+
+def _audio_part(data: bytes, name: str, ext: str, validate: bool) -> Part:
+    import soundfile as sf
+
+    ext = {"x-wav": "wav"}.get(ext, ext)
+    if ext not in AUDIO_EXTS:
+        raise Bad(f"{name}: unsupported audio format {ext}")
+    try:
+        info = sf.info(io.BytesIO(data))
+        if validate:
+            sf.read(io.BytesIO(data), dtype="float32", frames=-1)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        raise Bad(f"{name}: audio does not decode ({e})") from None
+    if info.frames <= 0:
+        raise Bad(f"{name}: audio has no samples")
+    return Part("audio", ext, data, {"duration": round(info.frames / info.samplerate, 4),
+                                     "sample_rate": info.samplerate, "channels": info.channels})
+
+
+def _video_part(data: bytes, name: str, ext: str, validate: bool, path: str | None) -> Part:
+    from mmtok.media import MediaError, probe_video
+
+    ext = VIDEO_EXTS.get(ext, ext)
+    if ext not in VIDEO_EXTS.values():
+        raise Bad(f"{name}: unsupported video container {ext}")
+    meta = {}
+    if validate:
+        try:
+            if path is None:  # ffmpeg needs a seekable file (mp4 index may sit at the end)
+                with tempfile.NamedTemporaryFile(suffix=f".{ext}") as tmp:
+                    tmp.write(data)
+                    tmp.flush()
+                    meta = probe_video(tmp.name)
+            else:
+                meta = probe_video(path)
+        except MediaError as e:
+            raise Bad(f"{name}: video does not decode (ffmpeg: {e})") from None
+    return Part("video", ext, data, meta)
+
+
+# ---------------------------------------------------------------- samples
+
+class ShardFn:
+    """The `shard` stage function: one item -> samples and/or quarantine records."""
+
+    def __init__(self, validate: bool = True, max_pixels: int = 89_478_485):
+        self.validate, self.max_pixels = validate, max_pixels
+
+    def __call__(self, payload: dict) -> list:
+        index, kind = payload["index"], payload["kind"]
+        try:
+            if kind == "bad":
+                raise Bad(payload["reason"])
+            if kind == "files":
+                parts, extra = self._file_parts(payload["paths"])
+                return self._build(index, payload["source"], parts, extra)
+            if kind == "members":
+                return self._members(index, payload["source"], payload["members"])
+            return self._row(index, payload["source"], payload["row"], Path(payload["base"]))
+        except Bad as e:
+            return [Quarantined(payload["source"], str(e))]
+
+    def _sniff(self, data: bytes, name: str, path: str | None = None) -> Part:
+        return sniff(data, name, self.validate, self.max_pixels, path)
+
+    def _file_parts(self, paths: list[str]) -> tuple[list[Part], dict]:
+        parts, extra = [], {}
+        for p in paths:
+            try:
+                data = Path(p).read_bytes()
+            except OSError as e:
+                raise Bad(f"{p}: cannot read ({e.strerror})") from None
+            if p.endswith(".json"):
+                extra.update(_json_extra(data, p))
+                continue
+            parts.append(self._sniff(data, p, p))
+        return parts, extra
+
+    def _members(self, index: int, source: str, members: dict[str, bytes]) -> list:
+        extra = {}
+        if "json" in members:
+            extra = _json_extra(members.pop("json"), f"{source}.json")
+            if extra.get("modality") == "doc" and "segments" in extra:  # re-sharding an mmtok doc
+                return self._doc(index, source, extra["segments"], {}, resolve_by_hash=True)
+        parts = [self._sniff(data, f"{source}.{ext}") for ext, data in sorted(members.items())]
+        for p, ext in zip(parts, sorted(members)):
+            p.meta["member"] = ext
+        return self._build(index, source, parts, {k: v for k, v in extra.items() if k == "source_meta"})
+
+    def _row(self, index: int, source: str, row: dict, base: Path) -> list:
+        if "segments" in row:
+            return self._doc(index, source, row["segments"], base)
+        parts = []
+        for field in ("image", "audio", "video"):
+            if field in row:
+                path = base / str(row[field])
+                try:
+                    data = path.read_bytes()
+                except OSError:
+                    raise Bad(f"row points to a missing or unreadable file: {row[field]}") from None
+                part = self._sniff(data, str(path), str(path))
+                if part.kind != field:
+                    raise Bad(f"{row[field]}: the row says {field} but the content is {part.kind}")
+                parts.append(part)
+        text = next((row[k] for k in ("text", "caption", "transcript") if k in row), None)
+        if text is not None:
+            if not isinstance(text, str):
+                raise Bad("text field is not a string")
+            parts.append(Part("text", "txt", text.encode(), {"chars": len(text)}))
+        if not parts:
+            raise Bad("row has none of the fields text, caption, image, audio, video, segments")
+        extra = {k: v for k, v in row.items() if k not in ("image", "audio", "video", "text", "caption", "transcript")}
+        return self._build(index, source, parts, {"source_meta": extra} if extra else {})
+
+    def _doc(self, index: int, source: str, segments, base, resolve_by_hash: bool = False) -> list:
+        if not isinstance(segments, list) or not segments:
+            raise Bad("segments must be a non-empty list of {text} / {image} objects")
+        out_segments, images = [], []
+        for j, seg in enumerate(segments):
+            if isinstance(seg, dict) and isinstance(seg.get("text"), str):
+                out_segments.append({"text": seg["text"]})
+            elif isinstance(seg, dict) and isinstance(seg.get("image"), str):
+                if resolve_by_hash:  # already content-addressed: the image samples come along
+                    out_segments.append({"image": seg["image"]})
+                    continue
+                path = base / seg["image"]
+                try:
+                    data = path.read_bytes()
+                except OSError:
+                    raise Bad(f"segment {j} points to a missing or unreadable image: {seg['image']}") from None
+                part = self._sniff(data, str(path), str(path))
+                if part.kind != "image":
+                    raise Bad(f"segment {j}: {seg['image']} is {part.kind}, not an image")
+                members = {part.ext: part.data}
+                h = content_hash(members)
+                out_segments.append({"image": h})
+                images.append(Sample(
+                    key=f"{index:09d}i{j}", group=f"image-{part.ext}", members=members,
+                    meta={"modality": "image", "role": "doc_image", "parent": f"{index:09d}", "source": str(path),
+                          "sha256": h, "bytes": len(part.data), **part.meta}))
+            else:
+                raise Bad(f"segment {j} is neither {{'text': str}} nor {{'image': path}}")
+        meta = {"modality": "doc", "source": source, "segments": out_segments}
+        meta["sha256"] = content_hash({"json": json.dumps(out_segments, sort_keys=True).encode()})
+        return images + [Sample(key=f"{index:09d}", group="doc", members={}, meta=meta)]
+
+    def _build(self, index: int, source: str, parts: list[Part], extra: dict) -> list:
+        texts = [p for p in parts if p.kind == "text"]
+        media = [p for p in parts if p.kind != "text"]
+        if len(media) == 1 and len(texts) <= 1:
+            return [self._sample(f"{index:09d}", source, media[0], texts[0] if texts else None, extra)]
+        if not media and len(texts) == 1:
+            return [self._sample(f"{index:09d}", source, texts[0], None, extra)]
+        if not parts:
+            raise Bad("no payload")
+        # several payloads that don't form a pair: keep each as its own sample
+        return [self._sample(f"{index:09d}p{j}", source, p, None, extra) for j, p in enumerate(parts)]
+
+    def _sample(self, key: str, source: str, part: Part, caption: Part | None, extra: dict) -> Sample:
+        members = {part.ext: part.data}
+        modality = part.kind
+        group = "text" if part.kind == "text" else f"{part.kind}-{part.ext}"
+        if caption is not None:
+            members["txt"] = caption.data
+            modality = {"image": "pair", "audio": "audio_pair", "video": "video_pair"}[part.kind]
+            group = f"{modality}-{part.ext}"
+        meta = {k: v for k, v in part.meta.items() if k != "member"}
+        meta.update({"modality": modality, "source": source, "sha256": content_hash(members),
+                     "bytes": sum(len(v) for v in members.values()), **extra})
+        return Sample(key=key, group=group, members=members, meta=meta)
+
+
+def _json_extra(data: bytes, name: str) -> dict:
+    try:
+        obj = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Bad(f"{name}: sidecar JSON does not parse ({e})") from None
+    if not isinstance(obj, dict):
+        raise Bad(f"{name}: sidecar JSON is not an object")
+    if obj.get("modality") == "doc":
+        return obj
+    return {"source_meta": obj}
+
+
+def shard_items(inputs: list[str]) -> Iterator[Item]:
+    """Items for the runner, each payload carrying its position (the sample key) and source."""
+    for i, item in enumerate(enumerate_inputs(inputs)):
+        item.payload["index"] = i
+        item.payload["source"] = item.name
+        yield item

@@ -1,0 +1,383 @@
+"""`mmtok shard`, the stage runner and the shard reader, on small data made here."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+from typer.testing import CliRunner
+
+from mmtok.cli.app import app
+from mmtok.demo import draw_shape
+from mmtok.ingest import ShardFn, shard_items
+from mmtok.media import ffmpeg_exe
+from mmtok.runner import Item, run_stage
+from mmtok.shards import ShardReader, list_shards
+
+runner = CliRunner()
+
+
+def png_bytes(shape="circle", fg="red", bg="blue", size=48, seed=0, fmt="PNG") -> bytes:
+    b = io.BytesIO()
+    draw_shape(shape, fg, bg, size=size, seed=seed).save(b, fmt)
+    return b.getvalue()
+
+
+def wav_bytes(seconds=0.5, sr=16000, freq=440.0, fmt="WAV") -> bytes:
+    t = np.arange(int(seconds * sr)) / sr
+    b = io.BytesIO()
+    sf.write(b, (0.3 * np.sin(2 * np.pi * freq * t)).astype("float32"), sr, format=fmt)
+    return b.getvalue()
+
+
+def make_video(path: Path, seconds=1, src="testsrc") -> Path:
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", f"{src}=size=64x48:rate=10:duration={seconds}",
+                    "-pix_fmt", "yuv420p", "-c:v", "libx264", str(path)], check=True)
+    return path
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return path
+
+
+def shard(args: list[str]):
+    return runner.invoke(app, ["shard", *args, "--quiet"])
+
+
+def read_all(d: Path) -> dict[str, dict]:
+    return {s.key: s.members for s in ShardReader(d)}
+
+
+def quarantine(d: Path) -> list[dict]:
+    return [json.loads(l) for l in (d / "quarantine.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """A directory with every good input kind."""
+    root = tmp_path / "in"
+    (root / "imgs").mkdir(parents=True)
+    (root / "imgs" / "cat.png").write_bytes(png_bytes("circle", "red", "blue"))
+    (root / "imgs" / "cat.txt").write_text("a red circle on a blue background")
+    (root / "imgs" / "dog.jpg").write_bytes(png_bytes("square", "green", "white", fmt="JPEG"))
+    (root / "imgs" / "note.txt").write_text("plain text sample: naïve café, 日本語, emoji 🎉")
+    (root / "sound.wav").write_bytes(wav_bytes())
+    (root / "speech.flac").write_bytes(wav_bytes(freq=200, fmt="FLAC"))
+    (root / "speech.txt").write_text("hello world")
+    make_video(root / "clip.mp4")
+    (root / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"text": "a text row"},
+        {"image": "imgs/dog.jpg", "caption": "a green square"},
+        {"segments": [{"text": "first"}, {"image": "imgs/cat.png"}, {"text": "then more"}]},
+    ]) + "\n")
+    with open(root / "rows.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["text", "image", "caption"])
+        w.writeheader()
+        w.writerow({"text": "a csv text row"})
+        w.writerow({"image": "imgs/tri.png", "caption": "a triangle"})
+    (root / "imgs" / "tri.png").write_bytes(png_bytes("triangle", "yellow", "black"))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"text": "a parquet row", "audio": None},
+                                         {"text": None, "audio": "sound.wav"}]), root / "rows.parquet")
+    write_tar(root / "old.tar", [("s1.jpg", png_bytes("stripe", "orange", "purple", fmt="JPEG")), ("s1.txt", b"stripes"),
+                                 ("s2.txt", b"tar text")])
+    return root
+
+
+def test_every_input_kind(corpus: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["shard", str(corpus), "--out", str(out), "--json", "--no-dedup"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["quarantined"] == 0
+    samples = read_all(out)
+    metas = {k: json.loads(m["json"]) for k, m in samples.items()}
+    by_source = {}
+    for k, m in metas.items():
+        by_source.setdefault(m["source"].split(str(corpus) + "/")[-1], []).append(m)
+    assert by_source["imgs/cat"][0]["modality"] == "pair"
+    assert by_source["imgs/dog"][0]["modality"] == "image" and by_source["imgs/dog"][0]["format"] == "jpg"
+    assert by_source["imgs/note"][0]["modality"] == "text"
+    assert by_source["speech"][0]["modality"] == "audio_pair" and by_source["speech"][0]["sample_rate"] == 16000
+    assert by_source["sound"][0]["modality"] == "audio"
+    clip = by_source["clip"][0]
+    assert clip["modality"] == "video" and (clip["width"], clip["height"]) == (64, 48) and clip["duration"] == pytest.approx(1.0, abs=0.15)
+    assert [m["modality"] for m in by_source["rows.jsonl:1"]] == ["text"]
+    assert [m["modality"] for m in by_source["rows.jsonl:2"]] == ["pair"]
+    doc = [m for m in metas.values() if m["modality"] == "doc"][0]
+    assert [list(s) for s in doc["segments"]] == [["text"], ["image"], ["text"]]
+    doc_img = [m for m in metas.values() if m.get("role") == "doc_image"][0]
+    assert doc["segments"][1]["image"] == doc_img["sha256"]
+    assert by_source["rows.csv:3"][0]["modality"] == "pair"
+    assert {m["modality"] for m in by_source["rows.parquet:1"] + by_source["rows.parquet:2"]} == {"text", "audio"}
+    assert {m["modality"] for m in by_source["old.tar:s1"]} == {"pair"}
+    # payloads are the input bytes, untouched
+    cat = [k for k, m in metas.items() if m["source"].endswith("imgs/cat")][0]
+    assert samples[cat]["png"] == (corpus / "imgs" / "cat.png").read_bytes()
+    assert samples[cat]["txt"] == b"a red circle on a blue background"
+    # every sample of a group has the same member names (stock readers infer columns from them)
+    r = ShardReader(out)
+    by_group = {}
+    for row in r.index().to_pylist():
+        by_group.setdefault(row["group"], set()).add(tuple(sorted(m["ext"] for m in row["members"])))
+    assert all(len(v) == 1 for v in by_group.values()), by_group
+
+
+def test_duplicates_dropped_and_counted(tmp_path: Path):
+    d = tmp_path / "in"
+    d.mkdir()
+    for name in ("a", "b", "c"):
+        (d / f"{name}.png").write_bytes(png_bytes())
+    (d / "other.png").write_bytes(png_bytes(fg="green"))
+    res = runner.invoke(app, ["shard", str(d), "--out", str(tmp_path / "o"), "--json"])
+    s = json.loads(res.stdout)
+    assert (s["samples"], s["duplicates"]) == (2, 2)
+    dups = [json.loads(l) for l in (tmp_path / "o" / "duplicates.jsonl").read_text().splitlines()]
+    assert [Path(x["input"]).name for x in dups] == ["b", "c"]
+
+
+def test_bad_inputs_quarantined_good_kept(tmp_path: Path):
+    d = tmp_path / "in"
+    d.mkdir()
+    good = png_bytes()
+    (d / "good.png").write_bytes(good)
+    (d / "good2.txt").write_text("fine text")
+    (d / "truncated.png").write_bytes(good[: len(good) // 2])
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "notimage.jpg").write_bytes(b"this is plain text pretending to be a jpeg")
+    bomb = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(bomb, "PNG")
+    (d / "bomb.png").write_bytes(bomb.getvalue())
+    make_video(tmp_path / "full.mp4", seconds=2)
+    full = (tmp_path / "full.mp4").read_bytes()
+    (d / "cut.mp4").write_bytes(full[: len(full) // 2])
+    (d / "garbage.wav").write_bytes(os.urandom(4000))
+    (d / "latin1.txt").write_bytes("crème brûlée".encode("latin-1"))
+    (d / "rows.jsonl").write_text('{"text": "ok row"}\n{not json\n{"image": "missing.png", "caption": "x"}\n')
+    write_tar(d / "evil.tar", [("../escape.txt", b"x"), ("/etc/abs.txt", b"y"), ("ok.txt", b"kept from tar")])
+    write_tar(d / "pickles.tar", [("p1.pyd", b"\x80\x04K\x01."), ("p1.txt", b"caption"), ("p2.txt", b"safe sample")])
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["shard", str(d), "--out", str(out), "--json", "--max-error-rate", "1"])
+    assert res.exit_code == 0, res.output
+    reasons = {Path(q["input"].split(":")[0]).name + (":" + q["input"].split(":")[1] if ":" in q["input"] else ""): q["reason"]
+               for q in quarantine(out)}
+    assert "does not decode" in reasons["truncated"]  # grouped by stem: truncated.png
+    assert "empty" in reasons["empty"]
+    assert "name says image" in reasons["notimage"]
+    assert "decompression bomb" in reasons["bomb"] and "144,000,000 pixels" in reasons["bomb"]
+    assert "name says audio" in reasons["garbage"]
+    assert "UTF-8" in reasons["latin1"]
+    assert "malformed manifest line" in reasons["rows.jsonl:2"]
+    assert "missing" in reasons["rows.jsonl:3"]
+    assert "unsafe" in reasons["evil.tar:../escape.txt"] and "unsafe" in reasons["evil.tar:/etc/abs.txt"]
+    assert "pickle" in reasons["pickles.tar:p1"]
+    assert all(q["stage"] == "shard" for q in quarantine(out))
+    assert "video does not decode (ffmpeg:" in reasons["cut"]
+    texts = sorted(m["txt"] for m in read_all(out).values() if "txt" in m)
+    assert texts == [b"fine text", b"kept from tar", b"ok row", b"safe sample"]
+    assert any("png" in m and m["png"] == good for m in read_all(out).values())
+    assert not (tmp_path / "escape.txt").exists() and not Path("/etc/abs.txt").exists()
+
+
+def test_error_budget_sets_exit_status(tmp_path: Path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.txt").write_text("good")
+    (d / "b.txt").write_bytes(b"\xff\xfe bad")
+    res = runner.invoke(app, ["shard", str(d), "--out", str(tmp_path / "o"), "--max-error-rate", "0.1"])
+    assert res.exit_code == 3
+    assert "over --max-error-rate" in res.output
+    assert read_all(tmp_path / "o") != {}  # the good sample is still written
+
+
+def test_clear_error_for_missing_input(tmp_path: Path):
+    res = shard([str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_output_dir_of_another_job_refused(tmp_path: Path, corpus: Path):
+    assert shard([str(corpus / "imgs"), "--out", str(tmp_path / "o")]).exit_code == 0
+    res = shard([str(corpus / "imgs"), "--out", str(tmp_path / "o"), "--max-count", "3"])
+    assert res.exit_code == 2 and "different job" in res.output
+    assert shard([str(corpus / "imgs"), "--out", str(tmp_path / "o"), "--max-count", "3", "--overwrite"]).exit_code == 0
+
+
+def _tree_bytes(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file() and not p.name.startswith("_")}
+
+
+def test_workers_do_not_change_bytes(corpus: Path, tmp_path: Path):
+    a, b = tmp_path / "w1", tmp_path / "w2"
+    assert shard([str(corpus), "--out", str(a), "--workers", "1", "--max-count", "3"]).exit_code == 0
+    assert shard([str(corpus), "--out", str(b), "--workers", "2", "--max-count", "3"]).exit_code == 0
+    assert len(list_shards(a)) > 3
+    assert _tree_bytes(a) == _tree_bytes(b)
+
+
+class Boom(KeyboardInterrupt):
+    pass
+
+
+def test_resume_after_interrupt_gives_same_bytes(tmp_path: Path):
+    """A run stopped mid-way, then rerun, equals an uninterrupted run byte for byte."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(40):
+        (d / f"t{i:02d}.txt").write_text(f"text number {i}" * (1 + i % 3))
+        if i % 3 == 0:
+            (d / f"i{i:02d}.png").write_bytes(png_bytes(seed=i, fg=["red", "green", "blue"][i % 3], size=24 + i))
+        if i % 7 == 0:
+            (d / f"bad{i:02d}.txt").write_bytes(b"\xff bad")
+    items = list(shard_items([str(d)]))
+    fn = ShardFn()
+    cfg = {"x": 1}
+    ref = tmp_path / "ref"
+    run_stage("shard", items, fn, ref, config=cfg, max_count=4, dedup=True, progress=False, max_error_rate=1)
+
+    calls = {"n": 0}
+
+    def dying(payload):
+        calls["n"] += 1
+        if calls["n"] == 45:
+            raise Boom()
+        return fn(payload)
+
+    out = tmp_path / "out"
+    with pytest.raises(Boom):
+        run_stage("shard", items, dying, out, config=cfg, max_count=4, dedup=True, progress=False, max_error_rate=1)
+    done_before = len(list((out / "_stats").glob("*.json")))
+    assert 0 < done_before < len(list_shards(ref))
+    seen = []
+
+    def counting(payload):
+        seen.append(payload["index"])
+        return fn(payload)
+
+    s = run_stage("shard", items, counting, out, config=cfg, max_count=4, dedup=True, progress=False, max_error_rate=1)
+    assert s.resumed_shards == done_before
+    assert min(seen) > 0, "finished work was redone from the start"
+    assert _tree_bytes(out) == _tree_bytes(ref)
+
+
+@pytest.mark.slow
+def test_killed_process_resumes(tmp_path: Path):
+    """SIGKILL a real `mmtok shard` process, rerun the same command: same bytes as a clean run."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(300):
+        (d / f"i{i:03d}.png").write_bytes(png_bytes(seed=i, size=32 + i % 50, fg=["red", "green"][i % 2]))
+    cmd = [sys.executable, "-m", "mmtok.cli.app", "shard", str(d), "--max-count", "10", "--quiet"]
+    subprocess.run(cmd + ["--out", str(tmp_path / "ref")], check=True)
+    out = tmp_path / "out"
+    for attempt in range(5):
+        p = subprocess.Popen(cmd + ["--out", str(out)])
+        deadline = time.time() + 60
+        while time.time() < deadline and len(list((out / "_stats").glob("*.json")) if (out / "_stats").exists() else []) < 3:
+            time.sleep(0.01)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        if not (out / "manifest.json").exists():
+            break
+        subprocess.run(["rm", "-rf", str(out)])
+    assert not (out / "manifest.json").exists(), "could not kill the run mid-way"
+    subprocess.run(cmd + ["--out", str(out)], check=True)
+    assert _tree_bytes(out) == _tree_bytes(tmp_path / "ref")
+
+
+def test_stock_readers_open_the_shards(corpus: Path, tmp_path: Path):
+    out = tmp_path / "o"
+    assert shard([str(corpus), "--out", str(out)]).exit_code == 0
+    import webdataset as wds
+
+    tars = [str(p) for p in list_shards(out)]
+    keys = [s["__key__"] for s in wds.WebDataset(tars, shardshuffle=False)]
+    assert sorted(keys) == sorted(read_all(out))
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    from datasets import load_dataset
+
+    for group in ("pair-png", "text", "image-jpg"):
+        ds = load_dataset("webdataset", data_files={"train": str(out / f"{group}-*.tar")}, split="train",
+                          cache_dir=str(tmp_path / "hf"))
+        n = ShardReader(out).manifest["totals"]["by_group"][group]
+        assert len(ds) == n
+        assert "json" in ds.column_names
+
+
+def test_reader_split_and_random_access(corpus: Path, tmp_path: Path):
+    out = tmp_path / "o"
+    assert shard([str(corpus), "--out", str(out), "--max-count", "2"]).exit_code == 0
+    r = ShardReader(out)
+    r.check()
+    everything = {s.key: s.members for s in r}
+    parts = [s.key for rank in range(2) for w in range(2) for s in r.iter_samples(rank, 2, w, 2)]
+    assert sorted(parts) == sorted(everything)
+    for key, (shard_name, members) in r.lookup().items():
+        for ext, (off, size) in members.items():
+            assert r.read_member(shard_name, off, size) == everything[key][ext]
+
+
+def test_reader_names_missing_or_truncated_shard(corpus: Path, tmp_path: Path):
+    out = tmp_path / "o"
+    assert shard([str(corpus), "--out", str(out)]).exit_code == 0
+    victim = list_shards(out)[0]
+    victim.write_bytes(victim.read_bytes()[:1000])
+    from mmtok.shards import ShardError
+
+    with pytest.raises(ShardError, match=victim.name):
+        ShardReader(out).check()
+    res = runner.invoke(app, ["inspect", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "no manifest.json" in res.output
+
+
+def test_inspect_json(corpus: Path, tmp_path: Path):
+    out = tmp_path / "o"
+    (corpus / "bad.txt").write_bytes(b"\xff")
+    shard([str(corpus), "--out", str(out), "--max-error-rate", "1"])
+    res = runner.invoke(app, ["inspect", str(out), "--json"])
+    info = json.loads(res.stdout)
+    assert info["samples"] == sum(info["by_modality"].values())
+    assert info["quarantined"] == 1 and list(info["quarantine_reasons"].values()) == [1]
+    assert set(info["sample_keys"]) == set(info["by_group"])
+
+
+def test_no_validate_copies_bytes(corpus: Path, tmp_path: Path):
+    out = tmp_path / "o"
+    res = runner.invoke(app, ["shard", str(corpus / "imgs"), "--out", str(out), "--no-validate", "--json"])
+    assert res.exit_code == 0
+    assert json.loads(res.stdout)["samples"] == 4
+    metas = [json.loads(m["json"]) for m in read_all(out).values()]
+    assert {m["modality"] for m in metas} == {"pair", "image", "text"}
+
+
+def test_stage_function_exception_becomes_quarantine(tmp_path: Path):
+    def fn(x):
+        if x == 2:
+            raise RuntimeError("kaboom")
+        from mmtok.runner import Sample
+
+        return Sample(f"k{x}", "text", {"txt": b"%d" % x}, {"modality": "text"})
+
+    s = run_stage("t", [Item(f"item{i}", i) for i in range(5)], fn, tmp_path / "o", config={}, progress=False,
+                  max_error_rate=0.5)
+    assert (s.samples, s.quarantined) == (4, 1)
+    q = quarantine(tmp_path / "o")[0]
+    assert q["input"] == "item2" and "RuntimeError: kaboom" in q["reason"]
