@@ -188,7 +188,7 @@ def sniff(data: bytes, name: str, validate: bool, max_pixels: int, path: str | N
     if claimed and claimed != found and not (claimed == "video" and mime == "audio/mp4"):
         raise Bad(f"{name}: the name says {claimed} but the content is not ({mime or 'no known media signature'})")
     if mime.startswith("image/"):
-        return _image_part(data, name, validate, max_pixels)
+        return _image_part(data, name, validate, max_pixels, kind.extension)
     if mime.startswith("video/") or (mime == "audio/mp4" and ext_hint in VIDEO_EXTS):
         return _video_part(data, name, kind.extension, validate, path)
     if mime.startswith("audio/"):
@@ -196,6 +196,9 @@ def sniff(data: bytes, name: str, validate: bool, max_pixels: int, path: str | N
     if kind is not None:
         raise Bad(f"{name}: unsupported content type {mime}")
     return _text_part(data, name)
+
+
+_SNIFFED_IMAGE_EXTS = {"jpg": "jpg", "png": "png", "webp": "webp", "gif": "gif", "bmp": "bmp", "tif": "tiff"}
 
 
 def _claimed_kind(ext: str) -> str | None:
@@ -218,9 +221,13 @@ def _text_part(data: bytes, name: str) -> Part:
     return Part("text", "txt", data, {"chars": len(text)})
 
 
-def _image_part(data: bytes, name: str, validate: bool, max_pixels: int) -> Part:
+def _image_part(data: bytes, name: str, validate: bool, max_pixels: int, sniffed_ext: str) -> Part:
     from PIL import Image, UnidentifiedImageError
 
+    if not validate:  # sniffed only: nothing is decoded here, so there is no bomb to defuse
+        if sniffed_ext not in _SNIFFED_IMAGE_EXTS:
+            raise Bad(f"{name}: unsupported image format {sniffed_ext}")
+        return Part("image", _SNIFFED_IMAGE_EXTS[sniffed_ext], data, {})
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

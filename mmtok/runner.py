@@ -24,7 +24,6 @@ stages on a GPU). The runner owns everything else:
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import multiprocessing
 import os
@@ -270,15 +269,14 @@ class _Writer:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.out / shard.name)
-        data = (self.out / shard.name).read_bytes()
         frontier = min([current_item] + [min(x[0] for x in o.samples) for o in self.open.values() if o.samples])
         stats = {
             "name": shard.name,
             "group": shard.group,
             "number": shard.number,
             "samples": len(shard.samples),
-            "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": w.offset,
+            "sha256": w.sha256.hexdigest(),
             "by_modality": dict(collections.Counter(r["modality"] for r in index)),
             "frontier": frontier,
             "index": index,

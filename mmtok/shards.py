@@ -10,6 +10,7 @@ raw bytes keyed by their extension.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -63,11 +64,22 @@ class MemberLoc:
 
 
 class ShardWriter:
-    """Writes one tar with fixed metadata so the bytes depend only on the content."""
+    """Writes one tar with fixed metadata so the bytes depend only on the content.
+
+    Headers come from tarfile; data is written directly (one write per member) and the
+    file's sha256 is computed on the way, so the shard is never read back.
+    """
 
     def __init__(self, fileobj):
-        self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.GNU_FORMAT)
+        self._f = fileobj
+        self.offset = 0
+        self.sha256 = hashlib.sha256()
         self.locations: dict[str, dict[str, MemberLoc]] = {}
+
+    def _write(self, data: bytes) -> None:
+        self._f.write(data)
+        self.sha256.update(data)
+        self.offset += len(data)
 
     def add(self, key: str, members: dict[str, bytes]) -> dict[str, MemberLoc]:
         locs = {}
@@ -79,14 +91,18 @@ class ShardWriter:
             info.mode = 0o644
             info.uid = info.gid = 0
             info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
-            padded = (len(data) + 511) // 512 * 512
-            locs[ext] = MemberLoc(self._tar.offset - padded, len(data))
+            self._write(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+            locs[ext] = MemberLoc(self.offset, len(data))
+            self._write(data)
+            if len(data) % 512:
+                self._write(b"\0" * (512 - len(data) % 512))
         self.locations[key] = locs
         return locs
 
-    def close(self):
-        self._tar.close()
+    def close(self) -> None:
+        # end-of-archive: two zero blocks, padded to tarfile's 10 KiB record size
+        end = self.offset + 1024
+        self._write(b"\0" * (1024 + (-end) % tarfile.RECORDSIZE))
 
 
 @dataclass
