@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from mmtok.cli import data_cmds
+from mmtok.cli import data_cmds, media_cmds, mix_cmds
 
 app = typer.Typer(
     name="mmtok",
@@ -18,7 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (data_cmds,):
+for module in (data_cmds, media_cmds, mix_cmds):
     module.register(app)
 
 

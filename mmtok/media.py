@@ -23,10 +23,17 @@ class MediaError(Exception):
     """ffmpeg could not read the input; the message carries ffmpeg's own reason."""
 
 
-def _last_error_line(stderr: bytes) -> str:
-    lines = [l.strip() for l in stderr.decode("utf-8", "replace").splitlines() if l.strip()]
-    errs = [l for l in lines if "rror" in l or "nvalid" in l or "not found" in l or "no such" in l.lower()]
-    return (errs or lines or ["ffmpeg failed without a message"])[-1][:300]
+_ERROR_WORDS = ("rror", "nvalid", "not found", "no such", "matches no streams", "corrupt")
+_LOG_PREFIX = re.compile(r"^\[[^\]]+ @ 0x[0-9a-f]+\] ")
+
+
+def error_reason(stderr: bytes | str) -> str:
+    """ffmpeg's own reason, from its log: the first two distinct error lines (the first is
+    usually the specific one, e.g. 'moov atom not found', the next its consequence)."""
+    text = stderr.decode("utf-8", "replace") if isinstance(stderr, bytes) else stderr
+    lines = [_LOG_PREFIX.sub("", l.strip()) for l in text.splitlines() if l.strip()]
+    errs = list(dict.fromkeys(l for l in lines if any(w in l.lower() for w in _ERROR_WORDS)))
+    return "; ".join(errs[:2])[:300] if errs else (lines[-1][:300] if lines else "ffmpeg failed without a message")
 
 
 _DURATION = re.compile(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)")
@@ -52,7 +59,7 @@ def probe_video(path: str) -> dict:
     try:
         _, err = cmd.run(cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True)
     except ffmpeg.Error as e:
-        raise MediaError(_last_error_line(e.stderr)) from None
+        raise MediaError(error_reason(e.stderr)) from None
     text = err.decode("utf-8", "replace")
     m = _VIDEO.search(text)
     if not m:
@@ -81,25 +88,28 @@ def run_ffmpeg(stream) -> tuple[bytes, str]:
     try:
         out, err = cmd.run(cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True)
     except ffmpeg.Error as e:
-        raise MediaError(_last_error_line(e.stderr)) from None
+        raise MediaError(error_reason(e.stderr)) from None
     return out, err.decode("utf-8", "replace")
 
 
 _TIME = re.compile(r"time=(\d+):(\d+):(\d+(?:\.\d+)?)")
+_FRAMES = re.compile(r"frame=\s*(\d+)")
 
 
-def stream_duration(path: str, selector: str = "v:0") -> float | None:
-    """Duration of one stream found by reading its packets without decoding them, for
-    containers whose header does not state a duration (streamed webm/mkv, raw streams)."""
+def stream_duration(path: str, fps: float | None = None) -> float | None:
+    """Duration of the first video stream found by reading its packets without decoding
+    them, for containers whose header states none (streamed webm/mkv, raw h264). Packets
+    without timestamps (raw streams) give frame count / fps, as ffmpeg itself assumes."""
     import ffmpeg
 
-    cmd = ffmpeg.input(path).output("-", format="null", map=f"0:{selector}", c="copy").global_args("-stats")
+    cmd = ffmpeg.input(path).output("-", format="null", map="0:v:0", c="copy").global_args("-stats")
     _, err = run_ffmpeg(cmd)
     times = _TIME.findall(err)
-    if not times:
-        return None
-    h, m, s = times[-1]
-    return int(h) * 3600 + int(m) * 60 + float(s)
+    if times:
+        h, m, s = times[-1]
+        return int(h) * 3600 + int(m) * 60 + float(s)
+    frames = _FRAMES.findall(err)
+    return int(frames[-1]) / fps if frames and fps else None
 
 
 # --- inputs: shard directories made by `mmtok shard`, or plain files -------------------

@@ -1,0 +1,109 @@
+"""extract-keyframes against plain ffmpeg, side by side on the same videos.
+
+1. uniform 8 frames (mmtok's whole stage: one ffmpeg per video + JPEG + shard writing)
+   against the equivalent single ffmpeg command line (fps filter, resize, crop, JPEG files,
+   duration known in advance). Aim: at most 1.2x its time. Measured on a shard directory
+   (the normal input: `mmtok shard` has recorded each duration) and on plain files (one
+   extra ffmpeg process per video reads the duration).
+2. `--mode keyframes` against decoding every frame of the same videos. Aim: >= 5x faster.
+
+The videos are noisy testsrc2 clips (noise makes them decode like camera footage rather
+than flat synthetic colour), H.264, one I-frame every 2 s.
+
+Run: .venv/bin/python benchmarks/bench_keyframes.py [--videos 3 --seconds 60]
+Writes benchmarks/results/keyframes.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mmtok.media import ffmpeg_exe
+from mmtok.video import FrameOptions, extract_frames, extract_keyframes
+
+
+def make_videos(d: Path, n: int, seconds: int, size: str) -> list[Path]:
+    d.mkdir()
+    paths = []
+    for i in range(n):
+        p = d / f"v{i}.mp4"
+        subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
+                        f"testsrc2=s={size}:r=25:d={seconds},hue=h={i * 40},noise=alls=8:allf=t", "-c:v", "libx264",
+                        "-preset", "veryfast", "-g", "50", "-pix_fmt", "yuv420p", str(p)], check=True)
+        paths.append(p)
+    return paths
+
+
+def best_of(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--videos", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=60)
+    ap.add_argument("--size", default="640x360")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        videos = make_videos(tmp / "videos", args.videos, args.seconds, args.size)
+        subprocess.run([sys.executable, "-m", "mmtok.cli.app", "shard", str(tmp / "videos"), "--out",
+                        str(tmp / "shards"), "--quiet", "--json"], check=True, capture_output=True)
+        size, n = 336, 8
+
+        def ffmpeg_uniform():
+            for v in videos:
+                out = tmp / f"ff-{v.stem}"
+                out.mkdir(exist_ok=True)
+                vf = (f"fps={n}/{args.seconds}:start_time={args.seconds / (2 * n)}:round=up,"
+                      f"scale={size}:{size}:force_original_aspect_ratio=increase,crop={size}:{size}")
+                subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-i", str(v),
+                                "-vf", vf, "-an", "-frames:v", str(n), "-q:v", "2", str(out / "%02d.jpg")], check=True)
+
+        runs = iter(range(1000))
+
+        def mmtok_uniform(source):
+            extract_keyframes([str(tmp / source)], str(tmp / f"out{next(runs)}"), FrameOptions(size=size, frames=n),
+                              progress=False)
+
+        def decode_all():
+            for v in videos:
+                subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin", "-i", str(v),
+                                "-an", "-f", "null", "-"], check=True)
+
+        def mmtok_keyframes():
+            for v in videos:
+                extract_frames(str(v), FrameOptions(mode="keyframes", size=size, frames=n), float(args.seconds))
+
+        t_ff = best_of(ffmpeg_uniform, args.repeat)
+        t_mm = best_of(lambda: mmtok_uniform("shards"), args.repeat)
+        t_files = best_of(lambda: mmtok_uniform("videos"), args.repeat)
+        t_all, t_key = best_of(decode_all, args.repeat), best_of(mmtok_keyframes, args.repeat)
+    result = {
+        "videos": args.videos, "seconds_each": args.seconds, "resolution": args.size, "fps": 25, "gop": 50,
+        "uniform8_ffmpeg_cli_s": round(t_ff, 3), "uniform8_mmtok_shards_s": round(t_mm, 3),
+        "uniform8_ratio_shards": round(t_mm / t_ff, 3), "uniform8_mmtok_files_s": round(t_files, 3),
+        "uniform8_ratio_files": round(t_files / t_ff, 3), "uniform8_aim": "<= 1.2",
+        "decode_every_frame_s": round(t_all, 3), "keyframes_mode_s": round(t_key, 3),
+        "keyframes_speedup": round(t_all / t_key, 2), "keyframes_aim": ">= 5",
+    }
+    out = Path(__file__).parent / "results" / "keyframes.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

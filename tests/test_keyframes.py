@@ -1,0 +1,178 @@
+"""extract-keyframes: frames come from the right times, in every mode and odd case.
+
+Test videos are made with ffmpeg: each frame is a flat grey whose level is 8 x its frame
+number, so a frame's mean brightness says which source frame it is. The ground truth for
+"the frame shown at time t" comes from decoding every frame with its timestamp.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+
+import numpy as np
+from PIL import Image
+
+from mmtok.media import ffmpeg_exe
+from mmtok.shards import ShardReader
+from mmtok.video import FrameOptions, extract_frames, extract_keyframes, uniform_times
+
+
+def ffmpeg(*args):
+    subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args], check=True)
+
+
+def counter_video(path, seconds=3, fps=10, gop=10, size="64x48", vf_extra="", extra=()):
+    vf = f"nullsrc=s={size}:r={fps}:d={seconds},format=gray,geq=lum='N*8'{vf_extra}"
+    ffmpeg("-f", "lavfi", "-i", vf, "-c:v", "libx264", "-pix_fmt", "yuv420p", "-g", str(gop), *extra, str(path))
+    return path
+
+
+def decode_all(path):
+    """Every frame of the video as (timestamp, frame number from its brightness)."""
+    out = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path), "-vf", "scale=16:16,showinfo",
+                          "-f", "rawvideo", "-pix_fmt", "gray", "-fps_mode", "passthrough", "-"], capture_output=True)
+    times = [float(t) for t in re.findall(r"pts_time:([\d.]+)", out.stderr.decode())]
+    levels = np.frombuffer(out.stdout, np.uint8).reshape(-1, 16, 16).mean(axis=(1, 2))
+    return list(zip(times, np.rint(levels / 8).astype(int)))
+
+
+def frame_number(img) -> int:
+    return int(np.rint(np.asarray(img.convert("L"), dtype=float).mean() / 8))
+
+
+def shown_at(truth, t):
+    return [n for ts, n in truth if ts <= t + 1e-9][-1]
+
+
+def test_uniform_frames_come_from_the_segment_centres(tmp_path):
+    v = counter_video(tmp_path / "c.mp4")
+    frames = extract_frames(str(v), FrameOptions(size=32), duration=3.0)
+    assert [round(t, 4) for t, _ in frames] == [round(t, 4) for t in uniform_times(3.0, 8)]
+    # at 10 fps the frame shown at t is number floor(10 t)
+    assert [frame_number(im) for _, im in frames] == [int(10 * t) for t in uniform_times(3.0, 8)]
+    assert all(im.size == (32, 32) for _, im in frames)
+
+
+def test_uniform_on_variable_frame_rate(tmp_path):
+    # slow first half (5 fps), fast second half (20 fps)
+    v = counter_video(tmp_path / "vfr.mp4", extra=("-fps_mode", "vfr"),
+                      vf_extra=",settb=1/1000,setpts='if(lt(N,10),N*0.2,2+(N-10)*0.05)/TB'")
+    truth = decode_all(v)
+    assert len({round(b - a, 3) for (a, _), (b, _) in zip(truth, truth[1:])}) > 1  # really VFR
+    duration = 3.0
+    frames = extract_frames(str(v), FrameOptions(size=32), duration)
+    assert [frame_number(im) for _, im in frames] == [shown_at(truth, t) for t in uniform_times(duration, 8)]
+
+
+def test_video_shorter_than_n_frames_repeats_frames(tmp_path):
+    v = counter_video(tmp_path / "short.mp4", seconds=0.3, fps=10)  # 3 frames
+    frames = extract_frames(str(v), FrameOptions(size=32, frames=8), duration=0.3)
+    nums = [frame_number(im) for _, im in frames]
+    assert len(nums) == 8
+    assert nums == [int(10 * t) for t in uniform_times(0.3, 8)]  # 0,0,0,1,1,2,2,2
+
+
+def test_keyframes_mode_returns_only_i_frames(tmp_path):
+    v = counter_video(tmp_path / "gop.mp4", seconds=3, fps=10, gop=10)
+    frames = extract_frames(str(v), FrameOptions(mode="keyframes", size=32, frames=8), duration=3.0)
+    assert [(round(t, 2), frame_number(im)) for t, im in frames] == [(0.0, 0), (1.0, 10), (2.0, 20)]
+    capped = extract_frames(str(v), FrameOptions(mode="keyframes", size=32, frames=2), duration=3.0)
+    assert [frame_number(im) for _, im in capped] == [0, 20]  # spaced at least 3/2 s apart
+
+
+def test_scene_mode_finds_the_cuts(tmp_path):
+    v = tmp_path / "scenes.mp4"
+    src = "color=c={}:s=64x48:r=10:d=1"
+    ffmpeg("-f", "lavfi", "-i", src.format("red"), "-f", "lavfi", "-i", src.format("blue"), "-f", "lavfi",
+           "-i", src.format("green"), "-filter_complex", "[0][1][2]concat=n=3:v=1", "-c:v", "libx264",
+           "-pix_fmt", "yuv420p", str(v))
+    frames = extract_frames(str(v), FrameOptions(mode="scene", size=16), duration=3.0)
+    assert [round(t, 1) for t, _ in frames] == [0.0, 1.0, 2.0]
+    colours = [np.asarray(im).reshape(-1, 3).mean(0).argmax() for _, im in frames]
+    assert colours == [0, 2, 1]  # red, blue, green
+
+
+def test_rotation_metadata_is_applied(tmp_path):
+    flat = tmp_path / "flat.mp4"
+    ffmpeg("-f", "lavfi", "-i", "nullsrc=s=64x48:r=10:d=1,format=gray,geq=lum='if(lt(X,32),255,0)'",
+           "-c:v", "libx264", "-pix_fmt", "yuv420p", str(flat))
+    rot = tmp_path / "rot.mp4"
+    ffmpeg("-display_rotation:v", "90", "-i", str(flat), "-c", "copy", str(rot))
+    (_, im), *_ = extract_frames(str(rot), FrameOptions(size=32, crop=False, frames=1), duration=1.0)
+    a = np.asarray(im.convert("L"), dtype=float)
+    assert im.size == (24, 32)  # portrait once rotated
+    assert abs(a[:4].mean() - a[-4:].mean()) > 200  # the white half is now on top or bottom
+    assert abs(a[:, :4].mean() - a[:, -4:].mean()) < 10
+
+
+def test_odd_sizes_crop_and_fit(tmp_path):
+    v = counter_video(tmp_path / "odd.mp4", seconds=1, size="65x47", extra=("-pix_fmt", "yuv444p"))
+    (_, sq), *_ = extract_frames(str(v), FrameOptions(size=33, frames=1), duration=1.0)
+    (_, fit), *_ = extract_frames(str(v), FrameOptions(size=33, crop=False, frames=1), duration=1.0)
+    assert sq.size == (33, 33)
+    assert max(fit.size) == 33 and abs(fit.size[0] / fit.size[1] - 65 / 47) < 0.1
+
+
+def _frames_of(out):
+    r = ShardReader(out)
+    return [(s.key, s.meta, s.members["jpg"]) for s in r]
+
+
+def test_stage_writes_image_shards_and_quarantines_bad_inputs(tmp_path):
+    (tmp_path / "in").mkdir()
+    good = counter_video(tmp_path / "in" / "good.mp4")
+    raw = tmp_path / "in" / "raw.h264"  # no duration in any header
+    ffmpeg("-i", str(good), "-c", "copy", "-f", "h264", str(raw))
+    (tmp_path / "in" / "garbage.mp4").write_bytes(b"this is not a video" * 100)
+    truncated = tmp_path / "in" / "truncated.mp4"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    ffmpeg("-f", "lavfi", "-i", "sine=f=440:d=1", str(tmp_path / "in" / "sound.mkv"))  # no video stream
+
+    out = tmp_path / "out"
+    s = extract_keyframes([str(tmp_path / "in"), str(raw)], str(out), FrameOptions(size=32), progress=False,
+                          max_error_rate=1.0)
+    assert s.items == 5 and s.samples == 16 and s.quarantined == 3
+    reasons = {json.loads(l)["input"].split("/")[-1]: json.loads(l)["reason"] for l in (out / "quarantine.jsonl").open()}
+    assert set(reasons) == {"garbage.mp4", "truncated.mp4", "sound.mkv"}
+    assert "Invalid data" in reasons["garbage.mp4"] and "moov atom not found" in reasons["truncated.mp4"]
+    assert reasons["sound.mkv"].startswith("ffmpeg: ")
+
+    frames = _frames_of(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [sh["group"] for sh in manifest["shards"]] == ["image-jpg"]
+    by_parent = {}
+    for key, meta, jpg in frames:
+        assert meta["modality"] == "image" and meta["mode"] == "uniform" and key == f"{meta['parent']}_f{meta['frame_index']:03d}"
+        assert Image.open(io.BytesIO(jpg)).size == (32, 32)
+        by_parent.setdefault(meta["source"].split("/")[-1], []).append(meta["timestamp"])
+    assert by_parent["good.mp4"] == [round(t, 4) for t in uniform_times(3.0, 8)]
+    assert by_parent["raw.h264"] == [round(t, 4) for t in uniform_times(30 / 25, 8)]  # ffmpeg assumes 25 fps
+
+
+def test_output_is_identical_whatever_the_worker_count(tmp_path):
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        counter_video(tmp_path / "in" / f"v{i}.mp4", seconds=1 + i)
+    a, b = tmp_path / "a", tmp_path / "b"
+    extract_keyframes([str(tmp_path / "in")], str(a), FrameOptions(size=24), progress=False, workers=1)
+    extract_keyframes([str(tmp_path / "in")], str(b), FrameOptions(size=24), progress=False, workers=2)
+    assert (a / "image-jpg-000000.tar").read_bytes() == (b / "image-jpg-000000.tar").read_bytes()
+
+
+def test_cli_extract_keyframes(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmtok.cli.app import app
+
+    counter_video(tmp_path / "v.mp4", seconds=2)
+    res = CliRunner().invoke(app, ["extract-keyframes", str(tmp_path / "v.mp4"), "--out", str(tmp_path / "o"),
+                                   "--frames", "4", "--size", "32", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["samples"] == 4 and summary["by_modality"] == {"image": 4}
+    bad = CliRunner().invoke(app, ["extract-keyframes", str(tmp_path / "v.mp4"), "--out", str(tmp_path / "o2"),
+                                   "--mode", "bogus"])
+    assert bad.exit_code == 2 and "unknown mode" in bad.output
