@@ -149,9 +149,14 @@ def run_demo(out: Path, workers: int = 2) -> None:
                                    str(c / "audio"), str(c / "video"), str(c / "broken"),
                                    "--out", str(out / "shards"), "--max-count", "40", *w], log)
     _step("inspect the shards", ["inspect", str(out / "shards")], log)
+    _step("8 uniform keyframes per video", ["extract-keyframes", str(out / "shards"), "--out", str(out / "frames"),
+                                            "--mode", "uniform", "--frames", "8", "--size", "64", *w], log)
+    _step("Whisper log-mel and fbank features", ["extract-audio", str(out / "shards"), "--out",
+                                                 str(out / "audio-features"), "--features", "whisper,fbank", *w], log)
     (out / "demo-steps.json").write_text(json.dumps(log, indent=1))
     con = Console(stderr=True)
     con.rule("[bold green]demo finished")
     con.print(f"corpus:  {corpus}")
     con.print(f"shards:  {out / 'shards'}  (manifest.json, index.parquet, quarantine.jsonl)")
+    con.print(f"video frames: {out / 'frames'};  audio features: {out / 'audio-features'}")
     con.print(f"steps and timings: {out / 'demo-steps.json'}")
