@@ -1,0 +1,170 @@
+"""Model and run configuration as plain data: presets, TOML files, CLI overrides.
+
+A run's resolved config (model + training) is saved as `RUN/config.json`; everything
+that reads a run (resume, export, eval) rebuilds the model from that file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Sizes from MoMa's Table 1 (layers, width, heads; FFN = 4x width). `tiny` is ours: a
+# CPU step in well under a second at sequence length 128-256.
+PRESETS = {
+    "tiny": dict(n_layers=2, d_model=64, n_heads=4, ffn_hidden=192),
+    "90m": dict(n_layers=8, d_model=512, n_heads=8, ffn_hidden=2048),
+    "435m": dict(n_layers=24, d_model=1024, n_heads=16, ffn_hidden=4096),
+    "1.4b": dict(n_layers=24, d_model=2048, n_heads=16, ffn_hidden=8192),
+}
+MODELS = ("dense", "moe", "moma")
+ROUTINGS = ("expert-choice", "top2")
+ATTENTIONS = ("sdpa", "flex")
+LAYOUT_RE = re.compile(r"^(\d+)t(\d+)i$")
+
+
+def parse_layout(layout: str) -> tuple[int, int]:
+    """`4t4i` -> (4 text experts, 4 image experts)."""
+    m = LAYOUT_RE.match(layout or "")
+    if not m or int(m[1]) < 1 or int(m[2]) < 1:
+        raise ValueError(f"expert layout {layout!r} is not of the form NtMi with N, M >= 1 (for example 4t4i or 1t1i)")
+    return int(m[1]), int(m[2])
+
+
+@dataclass
+class ModelConfig:
+    model: str = "dense"  # dense | moe | moma
+    vocab_size: int = 65536
+    image_range: tuple[int, int] = (57344, 65536)  # half-open; a token is an image token iff its id is in it
+    n_layers: int = 2
+    d_model: int = 64
+    n_heads: int = 4
+    ffn_hidden: int = 192
+    experts: str = ""  # moe: "8" (number of experts); moma: "4t4i"
+    routing: str = "expert-choice"  # moe only; moma always uses expert choice inside each group
+    capacity_factor: float = 1.0
+    swin_norm: bool = False  # Chameleon's norm reordering: normalise the block outputs
+    attention: str = "sdpa"  # sdpa | flex
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    z_loss: float = 1e-5  # Chameleon: 1e-5 * log^2 Z
+    balance_loss: float = 0.01  # top2 only
+    router_z_loss: float = 1e-3  # top2 only
+
+    def __post_init__(self):
+        self.image_range = tuple(self.image_range)
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"unknown routing {self.routing!r}; choose one of {', '.join(ROUTINGS)}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {self.attention!r}; choose one of {', '.join(ATTENTIONS)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.model == "moma":
+            parse_layout(self.experts)
+        elif self.model == "moe":
+            if not str(self.experts).isdigit() or int(self.experts) < 2:
+                raise ValueError(f"--model moe needs --experts N with N >= 2 (got {self.experts!r})")
+        lo, hi = self.image_range
+        if not 0 <= lo <= hi <= self.vocab_size:
+            raise ValueError(f"image_range {self.image_range} does not fit in vocab_size {self.vocab_size}")
+
+    @property
+    def groups(self) -> list[tuple[str, int]]:
+        """Expert groups as (name, experts): moma -> text + image, moe -> one group."""
+        if self.model == "moma":
+            t, i = parse_layout(self.experts)
+            return [("text", t), ("image", i)]
+        if self.model == "moe":
+            return [("all", int(self.experts))]
+        return []
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps
+    grad_accum: int = 1  # plan steps (micro-batches per rank) per optimizer step
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 10
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    seed: int = 0
+    ckpt_every: int = 50
+    log_every: int = 1
+    compile: bool = False
+    act_ckpt: bool = False
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        if self.mixed_precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"mixed_precision must be auto, bf16 or fp32 (got {self.mixed_precision!r})")
+        for name in ("steps", "grad_accum", "ckpt_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1 (got {getattr(self, name)})")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    plan: str = ""
+    preset: str = "tiny"
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        return cls(model=ModelConfig(**d["model"]), train=TrainConfig(**d["train"]), plan=d.get("plan", ""),
+                   preset=d.get("preset", ""))
+
+
+def _known(cls, section: dict, where: str) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(section) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return section
+
+
+def resolve(preset: str, model_overrides: dict, train_overrides: dict, toml_path: str | Path | None = None,
+            vocab: dict | None = None, seq_len: int | None = None, plan: str = "") -> RunConfig:
+    """Preset < TOML file (`[model]`, `[train]`) < command-line overrides (None = not given).
+
+    `vocab` (from the plan) fixes the vocabulary size and image range; `seq_len` sets the
+    rotary table length.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    model = dict(PRESETS[preset])
+    train: dict = {}
+    if toml_path:
+        try:
+            data = tomllib.loads(Path(toml_path).read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{toml_path}: not valid TOML ({e})") from None
+        model.update(_known(ModelConfig, data.get("model", {}), f"{toml_path} [model]"))
+        train.update(_known(TrainConfig, data.get("train", {}), f"{toml_path} [train]"))
+    model.update({k: v for k, v in model_overrides.items() if v is not None})
+    train.update({k: v for k, v in train_overrides.items() if v is not None})
+    if vocab is not None:
+        for key in ("vocab_size", "image_range"):
+            want = int(vocab[key]) if key == "vocab_size" else tuple(vocab[key])
+            have = model.get(key)
+            if have is not None and (tuple(have) if key == "image_range" else int(have)) != want:
+                raise ValueError(f"the plan {plan} was made for {key} {want}, the config asks for {have}; "
+                                 "use a plan tokenized with the model's vocabulary, or drop the setting")
+            model[key] = want
+    if seq_len is not None:
+        if model.get("max_seq_len", seq_len) < seq_len:
+            raise ValueError(f"the plan {plan} has sequences of {seq_len} tokens, longer than max_seq_len "
+                             f"{model['max_seq_len']}; make the plan with --seq-len {model['max_seq_len']} or raise max_seq_len")
+        model["max_seq_len"] = int(model.get("max_seq_len", seq_len))
+    return RunConfig(model=ModelConfig(**model), train=TrainConfig(**train), plan=plan, preset=preset)

@@ -1,0 +1,210 @@
+"""`mmtok eval`: held-out perplexity (overall, text, image), conditional perplexity on
+image-caption pairs, and expert utilisation, with a JSON file, a markdown report and plots.
+
+Documents are cut into windows of the model's sequence length (positions restart at each
+window, as in training) and batched. Perplexity = exp(mean negative log-likelihood over
+the predicted tokens); a token counts as image when the *predicted* token is an image code.
+
+Pairs (modality `pair`) are scored by their layout: in an image-first pair
+(`<boi> codes <eoi>` before the caption) the caption tokens are scored given the image
+(image->text); in a caption-first pair the image codes are scored given the caption
+(text->image). `mmtok tokenize` orders pairs image-first half the time, so both appear.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmtok.trainer.model import Decoder, expert_load
+from mmtok.trainer.train import TrainError
+
+
+def check_vocab(corpus_vocab: dict, model_cfg, where: str) -> None:
+    have = (int(corpus_vocab["vocab_size"]), tuple(corpus_vocab["image_range"]))
+    want = (model_cfg.vocab_size, tuple(model_cfg.image_range))
+    if have != want:
+        raise TrainError(f"{where}: tokenized with vocab_size {have[0]}, image_range {list(have[1])}, but the model has "
+                         f"vocab_size {want[0]}, image_range {list(want[1])}; evaluate on data from the model's tokenizer")
+
+
+def pair_roles(tokens: np.ndarray, vocab: dict) -> np.ndarray:
+    """For each target position i (predicting tokens[i+1]): 1 = caption given image,
+    2 = image code given caption, 0 = neither."""
+    boi, eoi = vocab["specials"]["<boi>"], vocab["specials"]["<eoi>"]
+    lo, hi = vocab["image_range"]
+    roles = np.zeros(len(tokens) - 1, np.int8)
+    starts, ends = np.flatnonzero(tokens == boi), np.flatnonzero(tokens == eoi)
+    if len(starts) != 1 or len(ends) != 1 or ends[0] < starts[0]:
+        return roles  # not a single-image pair: not scored conditionally
+    nxt = tokens[1:]
+    is_code = (nxt >= lo) & (nxt < hi)
+    text_before = np.any(~np.isin(tokens[:starts[0]], list(vocab["specials"].values())))
+    if text_before:
+        roles[is_code] = 2
+    else:
+        after = np.arange(len(nxt)) + 1 > ends[0]
+        is_special = np.isin(nxt, list(vocab["specials"].values()))
+        roles[after & ~is_special & ~is_code] = 1
+    return roles
+
+
+def windows(tokens: np.ndarray, seq_len: int, roles: np.ndarray | None):
+    """(ids, targets, roles) windows of one document; no target after its last token."""
+    targets = np.append(tokens[1:].astype(np.int64), -100)
+    roles = np.zeros(len(tokens), np.int8) if roles is None else np.append(roles, 0)
+    for s in range(0, len(tokens), seq_len):
+        yield tokens[s:s + seq_len].astype(np.int64), targets[s:s + seq_len], roles[s:s + seq_len]
+
+
+def batches(docs, seq_len: int, batch_size: int):
+    rows = []
+    for row in docs:
+        rows.append(row)
+        if len(rows) == batch_size:
+            yield _stack(rows, seq_len)
+            rows = []
+    if rows:
+        yield _stack(rows, seq_len)
+
+
+def _stack(rows, seq_len):
+    b = len(rows)
+    ids = torch.zeros(b, seq_len, dtype=torch.long)
+    targets = torch.full((b, seq_len), -100, dtype=torch.long)
+    roles = torch.zeros(b, seq_len, dtype=torch.int8)
+    doc_ids = torch.zeros(b, seq_len, dtype=torch.int32)
+    positions = torch.zeros(b, seq_len, dtype=torch.int32)
+    for i, (x, t, r) in enumerate(rows):
+        n = len(x)
+        ids[i, :n], targets[i, :n], roles[i, :n] = torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(r)
+        doc_ids[i, :n] = 1
+        positions[i, :n] = torch.arange(n, dtype=torch.int32)
+    return {"input_ids": ids, "targets": targets, "roles": roles, "doc_ids": doc_ids, "positions": positions}
+
+
+@torch.no_grad()
+def score(model: Decoder, batch_iter) -> dict:
+    """Sums of NLL and counts by kind, and expert load, over all batches."""
+    cfg = model.cfg
+    lo, hi = cfg.image_range
+    sums = {k: 0.0 for k in ("all", "text", "image", "i2t", "t2i")}
+    counts = dict.fromkeys(sums, 0)
+    load = {}
+    for b in batch_iter:
+        logits, stats = model(b["input_ids"], b["positions"], b["doc_ids"])
+        t = b["targets"]
+        valid = t != -100
+        nll = torch.where(valid, torch.logsumexp(logits.float(), -1) - logits.float().gather(-1, t.clamp(min=0)[..., None])[..., 0], 0.0)
+        image = valid & (t >= lo) & (t < hi)
+        for name, mask in (("all", valid), ("text", valid & ~image), ("image", image),
+                           ("i2t", b["roles"] == 1), ("t2i", b["roles"] == 2)):
+            sums[name] += float(nll[mask].double().sum())
+            counts[name] += int(mask.sum())
+        for group, s in expert_load(stats).items():
+            acc = load.setdefault(group, {"load": 0, "unrouted": 0.0, "tokens": 0.0})
+            acc["load"] = acc["load"] + s["load"].double()
+            acc["unrouted"] += float(s["unrouted"])
+            acc["tokens"] += float(s["tokens"])
+    out = {}
+    for name in sums:
+        loss = sums[name] / counts[name] if counts[name] else None
+        out[name] = {"tokens": counts[name], "loss": loss, "ppl": math.exp(loss) if loss is not None else None}
+    out["expert_load"] = {g: {"share": (v["load"] / v["load"].sum().clamp(min=1)).tolist(),
+                              "unrouted": v["unrouted"] / max(v["tokens"], 1.0)} for g, v in load.items()}
+    return out
+
+
+def evaluate(model_path: str, data: list[str], pairs: list[str], batch_size: int = 4, max_docs: int | None = None,
+             seq_len: int | None = None) -> dict:
+    from mmtok.loader import TokenCorpus
+    from mmtok.trainer.export import load_model
+
+    model, cfg = load_model(model_path)
+    seq_len = seq_len or cfg.max_seq_len
+    if seq_len > cfg.max_seq_len:
+        raise TrainError(f"--seq-len {seq_len} is longer than the model's {cfg.max_seq_len}")
+    corpora = {}
+    for kind, dirs in (("data", data), ("pairs", pairs)):
+        if dirs:
+            corpus = TokenCorpus(dirs)
+            check_vocab(corpus.vocab, cfg, ", ".join(dirs))
+            corpus.check()
+            corpora[kind] = corpus
+
+    def docs(corpus, with_roles):
+        n = corpus.n_tokens.shape[0] if max_docs is None else min(max_docs, corpus.n_tokens.shape[0])
+        for d in range(n):
+            tokens = corpus.read(d).astype(np.int64)
+            yield from windows(tokens, seq_len, pair_roles(tokens, corpus.vocab) if with_roles else None)
+
+    result = {"model": str(model_path), "seq_len": seq_len, "config": {"model": cfg.model, "experts": cfg.experts}}
+    if "data" in corpora:
+        result["heldout"] = score(model, batches(docs(corpora["data"], False), seq_len, batch_size))
+    if "pairs" in corpora:
+        s = score(model, batches(docs(corpora["pairs"], True), seq_len, batch_size))
+        result["pairs"] = {"image_to_text": s["i2t"], "text_to_image": s["t2i"], "expert_load": s["expert_load"]}
+    return result
+
+
+def write_report(result: dict, out: str | Path, metrics_jsonl: Path | None) -> list[str]:
+    """eval.json, eval.md and plots (training curves, expert load); returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mmtok.shards import atomic_write
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "eval.json", out / "eval.md"]
+    atomic_write(files[0], json.dumps(result, indent=1, sort_keys=True).encode())
+    lines = [f"# Evaluation of {result['model']}", "", "| measure | tokens | loss | perplexity |", "| --- | --- | --- | --- |"]
+    for label, m in summary_rows(result):
+        lines.append(f"| {label} | {m['tokens']} | {_f(m['loss'])} | {_f(m['ppl'])} |")
+    load = (result.get("heldout") or result.get("pairs") or {}).get("expert_load", {})
+    if load:
+        lines += ["", "## Expert utilisation (share of routed tokens per expert)", ""]
+        for g, v in load.items():
+            lines.append(f"- {g}: {', '.join(f'{x:.3f}' for x in v['share'])}; tokens reaching no expert: {v['unrouted']:.1%}")
+        fig, ax = plt.subplots(figsize=(6, 3))
+        x = 0
+        for g, v in load.items():
+            ax.bar(range(x, x + len(v["share"])), v["share"], label=g)
+            x += len(v["share"]) + 1
+        ax.set_ylabel("share of routed tokens"), ax.set_xlabel("expert"), ax.legend()
+        fig.tight_layout(), fig.savefig(out / "expert_load.png"), plt.close(fig)
+        files.append(out / "expert_load.png")
+    if metrics_jsonl and metrics_jsonl.exists():
+        recs = [json.loads(x) for x in metrics_jsonl.read_text().splitlines() if x.strip()]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key in ("loss", "text_loss", "image_loss"):
+            ax.plot([r["step"] for r in recs], [r[key] for r in recs], label=key)
+        ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend()
+        fig.tight_layout(), fig.savefig(out / "training_curves.png"), plt.close(fig)
+        files.append(out / "training_curves.png")
+        lines += ["", "![training curves](training_curves.png)"]
+    if load:
+        lines += ["", "![expert load](expert_load.png)"]
+    atomic_write(files[1], ("\n".join(lines) + "\n").encode())
+    return [str(f) for f in files]
+
+
+def summary_rows(result: dict) -> list[tuple[str, dict]]:
+    rows = []
+    if "heldout" in result:
+        h = result["heldout"]
+        rows += [("held-out, all tokens", h["all"]), ("held-out, text tokens", h["text"]), ("held-out, image tokens", h["image"])]
+    if "pairs" in result:
+        rows += [("caption given image (image->text)", result["pairs"]["image_to_text"]),
+                 ("image given caption (text->image)", result["pairs"]["text_to_image"])]
+    return rows
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.4f}"

@@ -1,0 +1,50 @@
+"""How a model is parallelised, kept apart from what it is (torchtitan's split).
+
+`parallelize` applies, per transformer block: activation checkpointing, `torch.compile`,
+then FSDP2 `fully_shard` (bf16 parameters with fp32 gradient reduction when mixed
+precision is on); finally the root (embeddings, final norm, head) is sharded too.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun: NCCL on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return rank, world, device
+
+
+def parallelize(model: torch.nn.Module, world: int, device: torch.device, *, bf16: bool, act_ckpt: bool,
+                compile: bool) -> torch.nn.Module:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model.to(device)
+    for i, block in enumerate(model.layers):
+        if act_ckpt:
+            block = model.layers[i] = checkpoint_wrapper(block)
+        if compile:
+            block.compile()  # in place: parameter names stay the same
+    if world == 1 and not bf16:
+        return model  # one process: FSDP would only add overhead
+    mesh = init_device_mesh(device.type, (world,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    last = len(model.layers) - 1
+    for i, block in enumerate(model.layers):
+        # The last block's parameters are needed again right away by backward: keep them.
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < last)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model

@@ -1,0 +1,390 @@
+"""The training loop: one process or many under torchrun (FSDP2).
+
+A run directory holds:
+  config.json            the full resolved config (model, train, plan)
+  metrics.jsonl          one record per log interval (rank 0)
+  tb/                    TensorBoard event files
+  checkpoints/step-NNNNNNNN/   torch.distributed.checkpoint (model + optimizer), plus
+                         train_state.json (step, schedule, model config) and
+                         rank-R.json (that rank's loader position and RNG state)
+  checkpoints/latest     name of the newest complete checkpoint
+
+Checkpoints are written into a temporary directory and renamed when every rank has
+finished, so `latest` always names a complete one. The loop saves every `ckpt_every`
+steps, at the end, and when SIGINT/SIGTERM arrives (after the step in flight). Resuming
+restores model, optimizer, schedule, data position and RNG, so the losses continue
+exactly as in an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from mmtok.shards import atomic_write
+from mmtok.trainer.config import RunConfig
+from mmtok.trainer.model import Decoder, expert_load, flops_per_token, loss_terms
+from mmtok.trainer.parallel import init_distributed, parallelize
+
+CONFIG, METRICS, CKPT_DIR, LATEST = "config.json", "metrics.jsonl", "checkpoints", "latest"
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peak
+
+
+class TrainError(ValueError):
+    """A problem with the run's inputs (config, plan, checkpoint); nothing was trained."""
+
+
+def lr_at(step: int, tc) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at the last step."""
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    frac = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def build_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices; norms' gains are not decayed
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                             lr=tc.lr, betas=tc.betas, foreach=True)
+
+
+def _rng_state() -> dict:
+    enc = lambda t: base64.b64encode(t.numpy().tobytes()).decode()  # noqa: E731
+    state = {"torch": enc(torch.get_rng_state())}
+    if torch.cuda.is_available():
+        state["cuda"] = enc(torch.cuda.get_rng_state())
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    dec = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)  # noqa: E731
+    torch.set_rng_state(dec(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(dec(state["cuda"]))
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    p = run / CKPT_DIR / LATEST
+    if not p.exists():
+        return None
+    return run / CKPT_DIR / p.read_text().strip()
+
+
+def check_same_model(saved: dict, current: dict, where: str) -> None:
+    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in diff)
+        raise TrainError(f"{where} is from another model ({detail}); use a new --out, or the same model options")
+
+
+class Checkpointer:
+    def __init__(self, run: Path, rank: int, world: int, keep: int = 2):
+        self.dir, self.rank, self.world, self.keep = run / CKPT_DIR, rank, world, keep
+
+    def _barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def save(self, step: int, model, optimizer, loader, cfg: RunConfig) -> Path:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        name = f"step-{step:08d}"
+        final, tmp = self.dir / name, self.dir / f".{name}.tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self._barrier()
+        msd, osd = get_state_dict(model, optimizer)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+        state = {"loader": loader.state_dict(), "rng": _rng_state()}
+        atomic_write(tmp / f"rank-{self.rank}.json", json.dumps(state).encode())
+        if self.rank == 0:
+            meta = {"step": step, "world_size": self.world, "model": cfg.as_dict()["model"], "plan": cfg.plan}
+            atomic_write(tmp / "train_state.json", json.dumps(meta, indent=1).encode())
+        self._barrier()
+        if self.rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            atomic_write(self.dir / LATEST, name.encode())
+            for old in sorted(self.dir.glob("step-*"))[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+        return final
+
+    def load(self, path: Path, model, optimizer, loader) -> int:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        meta = json.loads((path / "train_state.json").read_text())
+        # The loader state is a position in the plan's global order, the same on every rank,
+        # so a run may resume at another world size (DCP reshards the model and optimizer).
+        mine = path / f"rank-{self.rank}.json"
+        extra = json.loads((mine if mine.exists() else path / "rank-0.json").read_text())
+        loader.load_state_dict(extra["loader"])
+        _set_rng_state(extra["rng"])
+        return int(meta["step"])
+
+
+class Metrics:
+    """JSONL + TensorBoard on rank 0."""
+
+    def __init__(self, run: Path, rank: int, resume_step: int):
+        self.rank = rank
+        self.path = run / METRICS
+        self.tb = None
+        if rank != 0:
+            return
+        if self.path.exists():  # drop records past the checkpoint we resume from
+            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            atomic_write(self.path, "".join(ln + "\n" for ln in keep).encode())
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(run / "tb"), purge_step=resume_step + 1)
+
+    def write(self, rec: dict) -> None:
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+        for k, v in rec.items():
+            if isinstance(v, (int, float)) and k != "step":
+                self.tb.add_scalar(k, v, rec["step"])
+        for group, shares in rec.get("expert_load", {}).items():
+            for e, share in enumerate(shares):
+                self.tb.add_scalar(f"expert_load/{group}/{e}", share, rec["step"])
+        self.tb.flush()
+
+    def close(self):
+        if self.tb:
+            self.tb.close()
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+class _Stop:
+    """Set by SIGINT/SIGTERM; the loop checkpoints after the step in flight and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, h in self._old.items():
+            signal.signal(sig, h)
+        return False
+
+
+def train(cfg: RunConfig, run: str | Path, make_loader: Callable[[int, int], object], *, resume: bool = False,
+          stop_at_step: int | None = None, live: bool = True) -> dict:
+    """Train `cfg` into `run`. `make_loader(rank, world)` gives an iterator of batches (the
+    PlanLoader contract) with state_dict/load_state_dict. Returns a summary dict (rank 0's view)."""
+    run = Path(run)
+    tc = cfg.train
+    rank, world, device = init_distributed()
+    ckpt_path = latest_checkpoint(run) if resume else None
+    # Check everything on every rank before anything is written or trained, so that all
+    # ranks stop together with the same message on bad input.
+    _check_run_dir(run, cfg, resume, ckpt_path)
+    if cfg.model.attention == "flex" and device.type != "cuda":
+        raise TrainError("--attention flex needs a GPU (PyTorch's flex attention has no CPU backward); use sdpa")
+    loader = make_loader(rank, world)
+    start = json.loads((ckpt_path / "train_state.json").read_text())["step"] if ckpt_path else 0
+    end = min(tc.steps, stop_at_step) if stop_at_step else tc.steps
+    if ckpt_path:
+        loader.load_state_dict(json.loads((ckpt_path / "rank-0.json").read_text())["loader"])
+    if len(loader) < (end - start) * tc.grad_accum:
+        raise TrainError(f"{cfg.plan or 'the data'}: {len(loader)} micro-batches per rank left, but steps "
+                         f"{start}..{end} with grad_accum {tc.grad_accum} need {(end - start) * tc.grad_accum}; "
+                         "make a longer plan (balance-mix --steps) or lower --steps")
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write(run / CONFIG, json.dumps(cfg.as_dict(), indent=1, sort_keys=True).encode())
+    if world > 1:
+        dist.barrier()
+
+    torch.manual_seed(tc.seed)
+    model = Decoder(cfg.model)  # same seed on every rank: identical initial weights before sharding
+    bf16 = tc.mixed_precision == "bf16" or (tc.mixed_precision == "auto" and device.type == "cuda")
+    model = parallelize(model, world, device, bf16=bf16, act_ckpt=tc.act_ckpt, compile=tc.compile)
+    optimizer = build_optimizer(model, tc)
+    ckpt = Checkpointer(run, rank, world)
+    step = ckpt.load(ckpt_path, model, optimizer, loader) if ckpt_path else 0
+    metrics = Metrics(run, rank, step)
+    flops_tok = flops_per_token(cfg.model, cfg.model.max_seq_len)
+    peak = _peak_flops(device)
+    batches = iter(loader)
+    status, last_saved = "finished", step if ckpt_path else -1
+    t_log, tokens_log = time.perf_counter(), 0
+    fsdp = hasattr(model, "set_requires_gradient_sync")
+    with _Stop() as stop, _live(live and rank == 0, tc.steps, step) as bar:
+        while step < end:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, tc)
+            acc = None
+            for micro in range(tc.grad_accum):
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    status = "plan exhausted"
+                    break
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                if fsdp:
+                    model.set_requires_gradient_sync(micro == tc.grad_accum - 1)
+                logits, stats = model(batch["input_ids"], batch["positions"], batch["doc_ids"])
+                terms = loss_terms(cfg.model, logits, batch["targets"], stats)
+                (terms["loss"] / tc.grad_accum).backward()
+                acc = _accumulate(acc, terms, expert_load(stats), (batch["doc_ids"] > 0).sum())
+            if status != "finished":
+                break
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip, foreach=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % tc.log_every == 0 or step == end:
+                rec = _reduce(acc, world, tc.grad_accum)
+                dt = time.perf_counter() - t_log
+                tokens_log += rec.pop("tokens_real")
+                rec.update(step=step, lr=lr_at(step - 1, tc), grad_norm=float(_full(grad_norm)),
+                           tokens_per_s=tokens_log / dt, memory_gb=_memory_gb(device))
+                if peak:
+                    rec["mfu"] = rec["tokens_per_s"] * flops_tok / (peak * world)
+                metrics.write(rec)
+                bar(step, rec)
+                t_log, tokens_log = time.perf_counter(), 0
+            if _any(stop.requested, world, device):
+                status = "interrupted"
+                break
+            if step % tc.ckpt_every == 0 and step < end:
+                ckpt.save(step, model, optimizer, loader, cfg)
+                last_saved = step
+        if step != last_saved:
+            ckpt.save(step, model, optimizer, loader, cfg)
+    metrics.close()
+    if status == "finished" and step < tc.steps:
+        status = "stopped"
+    return {"run": str(run), "status": status, "step": step, "steps": tc.steps, "world_size": world,
+            "checkpoint": str(latest_checkpoint(run))}
+
+
+def _check_run_dir(run: Path, cfg: RunConfig, resume: bool, ckpt_path: Path | None) -> None:
+    cfg_path = run / CONFIG
+    if resume:
+        if ckpt_path is None:
+            raise TrainError(f"{run}: nothing to resume (no checkpoint); run without --resume to start it")
+        saved = RunConfig.from_dict(json.loads(cfg_path.read_text()))
+        check_same_model(saved.as_dict()["model"], cfg.as_dict()["model"], str(ckpt_path))
+    elif cfg_path.exists():
+        raise TrainError(f"{run} already holds a run; pass --resume to continue it, or use a new --out")
+
+
+def _accumulate(acc, terms, load, tokens_real):
+    vals = {k: terms[k].detach().float() for k in ("ce", "z_loss", "aux_loss", "text_nll", "text_n", "image_nll", "image_n")}
+    vals["loss"] = terms["loss"].detach().float()
+    vals["tokens_real"] = tokens_real.float()
+    for group, s in load.items():
+        vals[f"load/{group}"] = s["load"].float()
+        vals[f"unrouted/{group}"] = torch.stack([s["unrouted"], s["tokens"]]).float()
+    if acc is None:
+        return vals
+    return {k: acc[k] + v for k, v in vals.items()}
+
+
+def _reduce(acc: dict, world: int, accum: int) -> dict:
+    """Sum every accumulated value over ranks with one all-reduce; turn sums into means."""
+    keys = sorted(acc)
+    flat = torch.cat([acc[k].reshape(-1).double() for k in keys])
+    if world > 1:
+        dist.all_reduce(flat)
+    flat = flat.cpu()
+    out, i = {}, 0
+    for k in keys:
+        n = acc[k].numel()
+        out[k] = flat[i:i + n]
+        i += n
+    rec = {k: float(out[k]) / (world * accum) for k in ("loss", "ce", "z_loss", "aux_loss")}
+    rec["text_loss"] = float(out["text_nll"] / out["text_n"].clamp(min=1))
+    rec["image_loss"] = float(out["image_nll"] / out["image_n"].clamp(min=1))
+    rec["text_tokens"], rec["image_tokens"] = int(out["text_n"]), int(out["image_n"])
+    rec["tokens_real"] = int(out["tokens_real"])
+    loads = {k.split("/", 1)[1]: out[k] for k in keys if k.startswith("load/")}
+    if loads:
+        rec["expert_load"] = {g: (v / v.sum().clamp(min=1)).tolist() for g, v in loads.items()}
+        rec["unrouted"] = {g: float(out[f"unrouted/{g}"][0] / out[f"unrouted/{g}"][1].clamp(min=1)) for g in loads}
+    return rec
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _any(flag: bool, world: int, device) -> bool:
+    if world == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class _live:
+    """A rich progress bar showing the latest metrics (rank 0 only)."""
+
+    def __init__(self, enabled: bool, total: int, done: int):
+        self.enabled, self.total, self.done = enabled, total, done
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda step, rec: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                 TextColumn("{task.description}"), transient=False)
+        self.progress.__enter__()
+        self.task = self.progress.add_task("", total=self.total, completed=self.done)
+
+        def update(step, rec):
+            desc = f"loss {rec['loss']:.3f} text {rec['text_loss']:.3f} image {rec['image_loss']:.3f} {rec['tokens_per_s']:.0f} tok/s"
+            self.progress.update(self.task, completed=step, description=desc)
+
+        return update
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.__exit__(*exc)
+        return False
