@@ -94,7 +94,16 @@ def main() -> None:
         if device.type == "cuda" else None
     cfgs = {name: ModelConfig(vocab_size=args.vocab, image_range=(image_lo, args.vocab), max_seq_len=args.seq_len,
                               **size, **kw) for name, kw in VARIANTS}
-    seconds = time_variants({name: make_step(cfg, data, device) for name, cfg in cfgs.items()}, args.steps, args.warmup)
+    if device.type == "cuda":
+        # One variant at a time: at 435m the expert models hold ~2.4B parameters each, so
+        # four of them with AdamW state do not fit together; a GPU is not noisy anyway.
+        seconds = {}
+        for name, cfg in cfgs.items():
+            seconds.update(time_variants({name: make_step(cfg, data, device)}, args.steps, args.warmup))
+            torch.cuda.empty_cache()
+    else:
+        seconds = time_variants({name: make_step(cfg, data, device) for name, cfg in cfgs.items()}, args.steps,
+                                args.warmup)
     rows = []
     for name, cfg in cfgs.items():
         tok_s = args.batch * args.seq_len / seconds[name]

@@ -15,7 +15,9 @@ steps (docs/MIXING.md has the full story):
 3. Packing. Micro-batch after micro-batch (mb sequences of seq_len tokens): take the most
    image atoms for which the text needed to reach the ratio still fits, place them
    first-fit into the sequences, then fill the gaps with a run of the text stream cut to
-   put the micro-batch within the tolerance of the ratio.
+   put the micro-batch within the tolerance of the ratio. Only the first fit walks the
+   micro-batches one by one (a short loop over a few atoms each); how many atoms may
+   come, the text fills, the cuts and the piece order are computed for all at once.
 
 The micro-batch order does not depend on the world size; rank r at step s reads
 micro-batch s*W + r. A longer plan begins with the shorter one's micro-batches.
@@ -115,9 +117,8 @@ def _stream(unit_source: np.ndarray, unit_items: list[np.ndarray] | None, item_l
     `unit_source[u]` is the source of unit u (a document); `unit_items` maps units to
     their items (atoms) as (first, count) arrays, or None when units are items.
     """
-    times, order = [], []
+    order, source_ends = [], []
     active = np.flatnonzero(weights > 0)
-    totals = {}
     max_item = int(item_len.max()) if len(item_len) else 0
     for s in active.tolist():
         units = np.flatnonzero(unit_source == s)
@@ -133,20 +134,21 @@ def _stream(unit_source: np.ndarray, unit_items: list[np.ndarray] | None, item_l
             perm = units[np.random.default_rng([seed, pool, s, e]).permutation(len(units))]
             items.append(perm if unit_items is None else _expand(unit_items[0][perm], unit_items[1][perm]))
         items = np.concatenate(items)
-        lens = item_len[items]
-        ends = np.cumsum(lens)
-        times.append((ends - lens / 2) / weights[s])
-        totals[s] = ends[-1] / weights[s]
-        order.append(items)
-    if not order:
-        return np.zeros(0, dtype=np.int64)
-    horizon = min(totals.values())  # beyond it a source has no generated items left
+        ends = np.cumsum(item_len[items])
+        n = int(np.searchsorted(ends, want)) + 1  # epochs are shuffled whole, but only `want` tokens kept
+        order.append(items[:n])
+        source_ends.append(ends[:n])
+    if len(order) < 2:
+        return order[0] if order else np.zeros(0, dtype=np.int64)
+    times, horizon = [], math.inf
+    for s, ends in zip(active.tolist(), source_ends):
+        times.append((ends - np.diff(ends, prepend=0) / 2) / weights[s])
+        horizon = min(horizon, ends[-1] / weights[s])  # beyond it a source has no generated items left
     t = np.concatenate(times)
-    src = np.concatenate([np.full(len(o), s) for s, o in zip(active, order)])
     items = np.concatenate(order)
     keep = t <= horizon
-    merged = np.lexsort((src[keep], t[keep]))
-    return items[keep][merged]
+    # each source's times increase, so a stable sort merges them, ties going to the lower source
+    return items[keep][np.argsort(t[keep], kind="stable")]
 
 
 def _pack(A: dict, D: dict, n_mb: int, seq_len: int, micro_batch: int, rho: float, tol: float):
@@ -160,7 +162,7 @@ def _pack(A: dict, D: dict, n_mb: int, seq_len: int, micro_batch: int, rho: floa
     cN = np.concatenate([[0], np.cumsum(A["len"])])
     cI = np.concatenate([[0], np.cumsum(A["img"])])
     cD = np.concatenate([[0], np.cumsum(D["len"])])
-    has_images, has_text = len(A["len"]) > 0, len(D["len"]) > 0
+    has_text = len(D["len"]) > 0
     lo_f, hi_f = rho * (1 - tol), rho * (1 + tol)
     ia, mb_atom, atom_seq, used = _walk_atoms(A["len"], cN, cI, n_mb, seq_len, micro_batch, lo_f if has_text else None)
     n_img, n_xt = np.diff(cI[mb_atom]), np.diff(cN[mb_atom] - cI[mb_atom])
@@ -179,19 +181,24 @@ def _pack(A: dict, D: dict, n_mb: int, seq_len: int, micro_batch: int, rho: floa
     cuts = np.sort(np.concatenate([bounds, cD[1:np.searchsorted(cD, tpos[-1], "right")]]), kind="stable")
     cuts = cuts[np.concatenate([[True], np.diff(cuts) > 0])]
     p0, p1 = cuts[:-1], cuts[1:]
-    t_doc = np.searchsorted(cD, p0, "right") - 1
-    t_mb, t_seq = np.divmod(np.searchsorted(bounds, p0, "right") - 1, micro_batch + 1)
+    # a piece's slot is the flat index m * (micro_batch + 1) + s of its (micro-batch, sequence);
     # within a micro-batch, pieces go by sequence: its atoms first, then its text
-    a_mb = np.repeat(np.arange(n_mb), np.diff(mb_atom))
-    key = np.concatenate([(a_mb * micro_batch + atom_seq) * 2, (t_mb * micro_batch + t_seq) * 2 + 1])
-    order = np.argsort(key, kind="stable")
-    n_pieces = np.diff(mb_atom) + np.bincount(t_mb, minlength=n_mb)
-    return {"mb_ptr": np.concatenate([[0], np.cumsum(n_pieces)]).astype(np.int64),
-            "piece_doc": np.concatenate([A["doc"][:ia], D["doc"][t_doc]])[order].astype(np.int64),
-            "piece_start": np.concatenate([A["start"][:ia], p0 - cD[t_doc]])[order].astype(np.int64),
-            "piece_len": np.concatenate([A["len"][:ia], p1 - p0])[order].astype(np.int32),
-            "piece_seq": np.concatenate([atom_seq, t_seq])[order].astype(np.int16),
-            "mb_text": (n_xt + fill).astype(np.int64), "mb_image": n_img.astype(np.int64)}, (ia, int(tpos[-1]))
+    slots = micro_batch + 1
+    t_slot = np.searchsorted(bounds, p0, "right") - 1
+    a_slot = np.repeat(np.arange(n_mb) * slots, np.diff(mb_atom)) + atom_seq
+    order = np.argsort(np.concatenate([a_slot * 2, t_slot * 2 + 1]), kind="stable")
+    n_pieces = np.diff(mb_atom) + np.bincount(t_slot // slots, minlength=n_mb)
+    t_doc = np.searchsorted(cD, p0, "right") - 1
+
+    def merged(atom_part, text_part, dtype):
+        return np.concatenate([atom_part, text_part], dtype=dtype)[order]
+
+    return {"mb_ptr": np.concatenate([[0], np.cumsum(n_pieces)]),
+            "piece_doc": merged(A["doc"][:ia], D["doc"][t_doc], np.int64),
+            "piece_start": merged(A["start"][:ia], p0 - cD[t_doc], np.int64),
+            "piece_len": merged(A["len"][:ia], p1 - p0, np.int32),
+            "piece_seq": merged(atom_seq, t_slot % slots, np.int16),
+            "mb_text": n_xt + fill, "mb_image": n_img}, (ia, int(tpos[-1]))
 
 
 def _walk_atoms(a_len: np.ndarray, cN: np.ndarray, cI: np.ndarray, n_mb: int, seq_len: int, micro_batch: int,
@@ -205,9 +212,8 @@ def _walk_atoms(a_len: np.ndarray, cN: np.ndarray, cI: np.ndarray, n_mb: int, se
     each atom's sequence and the tokens used per sequence (n_mb x micro_batch).
     """
     C = seq_len * micro_batch
-    used = np.zeros((n_mb, micro_batch), np.int64)
     if len(a_len) == 0:
-        return 0, np.zeros(n_mb + 1, np.int64), np.zeros(0, np.int64), used
+        return 0, np.zeros(n_mb + 1, np.int64), np.zeros(0, np.int64), np.zeros((n_mb, micro_batch), np.int64)
     # fits(n atoms) <=> tokens <= C and images + text needed (ceil(images * lo_f)) <= C; both grow with n
     end = np.searchsorted(cN, cN[:-1] + C, "right") - 1
     if lo_f is not None:
@@ -216,23 +222,25 @@ def _walk_atoms(a_len: np.ndarray, cN: np.ndarray, cI: np.ndarray, n_mb: int, se
             max_img -= 1
         end = np.minimum(end, np.searchsorted(cI, cI[:-1] + max_img, "right") - 1)
     run = np.maximum(1, end - np.arange(len(a_len)))
-    total = int(cN[-1])
-    mb_atom, atom_seq = [0] * (n_mb + 1), []
+    last = int(np.searchsorted(cN, cN[-1] - C, "right")) - 1  # the last atom a micro-batch may start at
+    mb_atom, atom_seq, used = [0] * (n_mb + 1), [], []
     ia = 0
     for m in range(n_mb):
-        if total - int(cN[ia]) < C:
+        if ia > last:
             raise _Exhausted
-        fill = used[m].tolist()
+        fill = [0] * micro_batch
         for la in a_len[ia:ia + int(run[ia])].tolist():  # first fit, up to the first atom that fits nowhere
-            s = next((s for s in range(micro_batch) if fill[s] + la <= seq_len), None)
-            if s is None:
+            for s in range(micro_batch):
+                if fill[s] + la <= seq_len:
+                    fill[s] += la
+                    atom_seq.append(s)
+                    break
+            else:
                 break
-            fill[s] += la
-            atom_seq.append(s)
         ia = len(atom_seq)
         mb_atom[m + 1] = ia
-        used[m] = fill
-    return ia, np.array(mb_atom, np.int64), np.array(atom_seq, np.int64), used
+        used += fill
+    return ia, np.array(mb_atom, np.int64), np.array(atom_seq, np.int64), np.array(used, np.int64).reshape(n_mb, -1)
 
 
 def plan_mix(dirs: list[str | Path], *, out: str | Path, ratio: tuple[int, int], world_size: int, seq_len: int,
@@ -281,9 +289,10 @@ def plan_mix(dirs: list[str | Path], *, out: str | Path, ratio: tuple[int, int],
     while True:
         a_items = _stream(corpus.source[A["doc"][doc_first]], [doc_first, doc_count], A["len"], pool_w[IMAGE],
                           need[IMAGE], seed, IMAGE)
-        d_items = _stream(corpus.source[is_text], None, corpus.n_tokens[is_text], pool_w[TEXT], need[TEXT], seed, TEXT)
         a_stream = {k: v[a_items] for k, v in A.items()}
-        d_stream = {"doc": is_text[d_items], "len": corpus.n_tokens[is_text][d_items]}
+        d_doc = is_text[_stream(corpus.source[is_text], None, corpus.n_tokens[is_text], pool_w[TEXT], need[TEXT],
+                                seed, TEXT)]
+        d_stream = {"doc": d_doc, "len": corpus.n_tokens[d_doc]}
         try:
             arrays, (ia, tpos) = _pack(a_stream, d_stream, n_mb, seq_len, micro_batch, a_rho, tolerance * 0.95)
             break

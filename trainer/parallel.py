@@ -21,8 +21,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    if not dist.is_initialized() and (world > 1 or cuda):
+        # One GPU process still shards with FSDP2 for bf16 mixed precision, which needs a
+        # process group; without torchrun's variables it is a group of one.
+        one = {} if "MASTER_ADDR" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None, **one)
     return rank, world, device
 
 

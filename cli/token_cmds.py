@@ -1,0 +1,212 @@
+"""`mmtok train-bpe`, `train-vq`, `tokenize-images`, `tokenize`, `detokenize`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from mmtok.cli.common import friendly_errors, report
+from mmtok.cli.data_cmds import JSON_OUT, MAX_ERROR_RATE, WORKERS
+
+SHARDS = typer.Argument(..., help="Shard directories written by `mmtok shard`.")
+TOKENIZER = typer.Option(..., "--tokenizer", "-t", help="Tokenizer directory (train-bpe + train-vq output).")
+DEVICE = typer.Option(None, "--device", help="torch device for the VQ (default: cuda when present, else cpu).")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+OVERWRITE = typer.Option(False, "--overwrite", help="Discard OUT if it holds a different job.")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train-bpe", no_args_is_help=True)(train_bpe)
+    app.command("train-vq", no_args_is_help=True)(train_vq)
+    app.command("tokenize-images", no_args_is_help=True)(tokenize_images)
+    app.command("tokenize", no_args_is_help=True)(tokenize)
+    app.command("detokenize", no_args_is_help=True)(detokenize)
+    app.command("decode", no_args_is_help=True, hidden=True)(detokenize)
+
+
+def _log(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(message, highlight=False)
+
+
+def _check_inputs(inputs) -> None:
+    for d in inputs:
+        if not Path(d).is_dir():
+            raise FileNotFoundError(f"input {d} is not a shard directory")
+
+
+def _print(result: dict, as_json: bool, title: str) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    else:
+        _log(f"[bold]{title}[/]: " + ", ".join(f"{k} {v}" for k, v in result.items() if not isinstance(v, dict)))
+
+
+@friendly_errors
+def train_bpe(
+    inputs: List[Path] = SHARDS,
+    out: Path = typer.Option(..., "--out", "-o", help="Tokenizer directory to write (bpe.model, vocab.json)."),
+    vocab_size: int = typer.Option(65536, "--vocab-size", help="All ids: specials + text pieces + image codes."),
+    image_codes: int = typer.Option(8192, "--image-codes", help="Ids reserved for image codes (= VQ codebook size)."),
+    resolution: int = typer.Option(512, "--resolution", help="VQ input size, for codes per image (a trained VQ in OUT wins)."),
+    downsample: int = typer.Option(16, "--downsample", help="VQ downsampling factor, for codes per image."),
+    input_sentence_size: int = typer.Option(10_000_000, "--input-sentence-size",
+                                            help="Lines sampled for training (sentencepiece's sampling); bounds memory."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the line sampling."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Trainer threads (default: all cores)."),
+    as_json: bool = JSON_OUT,
+) -> None:
+    """Train a SentencePiece BPE on the text in shards and lay out the unified vocabulary.
+
+    Text comes from text samples, captions of pairs and text segments of documents.
+    The id space is exactly --vocab-size: 16 specials, text pieces, --image-codes image ids.
+
+    Example: mmtok train-bpe shards/ --out tok/ --vocab-size 65536 --image-codes 8192
+    """
+    from mmtok.bpe import train_bpe as run
+
+    _check_inputs(inputs)
+    result = run(inputs, out, vocab_size=vocab_size, image_codes=image_codes,
+                 image_tokens_per_image=(resolution // downsample) ** 2, input_sentence_size=input_sentence_size,
+                 seed=seed, threads=threads, log=_log)
+    _print(result, as_json, "train-bpe")
+
+
+@friendly_errors
+def train_vq(
+    inputs: List[Path] = SHARDS,
+    out: Path = typer.Option(..., "--out", "-o", help="Tokenizer directory (vq.safetensors, vq.json, checkpoint, log)."),
+    steps: int = typer.Option(..., "--steps", min=1, help="Total optimizer steps (a resumed run continues to it)."),
+    codebook_size: int = typer.Option(8192, "--codebook-size", help="Codes in the codebook."),
+    resolution: int = typer.Option(512, "--resolution", help="Images are resized and centre-cropped to this."),
+    downsample: int = typer.Option(16, "--downsample", help="Spatial downsampling (power of two): codes per image = (resolution/downsample)^2."),
+    code_dim: int = typer.Option(8, "--code-dim", help="Dimension of the l2-normalised codes."),
+    channels: int = typer.Option(128, "--channels", help="Base channels of encoder and decoder."),
+    res_blocks: int = typer.Option(2, "--res-blocks", help="Residual blocks per resolution level."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per step per process."),
+    lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate."),
+    log_every: int = typer.Option(100, "--log-every", help="Steps per logged interval."),
+    checkpoint_every: int = typer.Option(1000, "--checkpoint-every", help="Steps between checkpoints."),
+    restart_every: int = typer.Option(100, "--restart-every", help="Codes unused for this many steps are restarted."),
+    disc_weight: float = typer.Option(0.1, "--disc-weight", help="Patch discriminator weight (0 turns it off)."),
+    disc_start: int = typer.Option(10_000, "--disc-start", help="Step at which the discriminator is switched on."),
+    perceptual_weights: Optional[Path] = typer.Option(None, "--perceptual-weights",
+                                                      help="torchvision VGG16 weights (.safetensors or .pth) for a perceptual loss; off without them."),
+    perceptual_weight: float = typer.Option(1.0, "--perceptual-weight", help="Weight of the perceptual loss."),
+    seed: int = typer.Option(0, "--seed"),
+    device: Optional[str] = DEVICE,
+    restart: bool = typer.Option(False, "--restart", help="Ignore a checkpoint in OUT and start again."),
+    as_json: bool = JSON_OUT,
+) -> None:
+    """Train the VQ image tokenizer on the images and pairs in shards.
+
+    Resumes automatically from OUT/vq_ckpt.safetensors when OUT holds a checkpoint of the
+    same options. Under torchrun each process trains on its share of the images (DDP).
+
+    Example: mmtok train-vq shards/ --out tok/ --steps 100000 --resolution 512 --downsample 16
+    """
+    from mmtok.vq import VQConfig
+    from mmtok.vq_train import train_vq as run
+
+    _check_inputs(inputs)
+    if perceptual_weights is not None and not perceptual_weights.exists():
+        raise FileNotFoundError(f"--perceptual-weights {perceptual_weights} does not exist")
+    cfg = VQConfig(resolution=resolution, downsample=downsample, codebook_size=codebook_size, code_dim=code_dim,
+                   channels=channels, res_blocks=res_blocks)
+    result = run(inputs, out, cfg, steps=steps, batch_size=batch_size, lr=lr, log_every=log_every,
+                 checkpoint_every=checkpoint_every, restart_every=restart_every, disc_weight=disc_weight,
+                 disc_start=disc_start, perceptual_weights=str(perceptual_weights) if perceptual_weights else None,
+                 perceptual_weight=perceptual_weight, seed=seed, device=device, restart=restart, log=_log)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
+        _print(result, as_json, "train-vq")
+
+
+@friendly_errors
+def tokenize_images(
+    inputs: List[Path] = SHARDS,
+    tokenizer: Path = TOKENIZER,
+    out: Path = typer.Option(..., "--out", "-o", help="Output shard directory of codes."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per encoder batch."),
+    device: Optional[str] = DEVICE,
+    workers: int = WORKERS,
+    max_error_rate: float = MAX_ERROR_RATE,
+    overwrite: bool = OVERWRITE,
+    as_json: bool = JSON_OUT,
+    quiet: bool = QUIET,
+) -> None:
+    """Encode the images and pairs of shards into VQ codes (bf16 on CUDA), for `tokenize --codes`.
+
+    Example: mmtok tokenize-images shards/ --tokenizer tok/ --out codes/ --batch-size 64
+    """
+    from mmtok.tokenize import Tokenizer
+    from mmtok.tokenize import tokenize_images as run
+
+    _check_inputs(inputs)
+    tok = Tokenizer.load(tokenizer, device)
+    summary = run(inputs, tok, out, batch_size=batch_size, workers=workers, max_error_rate=max_error_rate,
+                  progress=not quiet and not as_json, overwrite=overwrite)
+    report(summary, as_json)
+
+
+@friendly_errors
+def tokenize(
+    inputs: List[Path] = SHARDS,
+    tokenizer: Path = TOKENIZER,
+    out: Path = typer.Option(..., "--out", "-o", help="Output token shard directory."),
+    codes: Optional[Path] = typer.Option(None, "--codes", help="Reuse image codes written by `tokenize-images`."),
+    seed: int = typer.Option(0, "--seed", help="Decides which pairs are image-first (half of them)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Documents per batch (their images are encoded together)."),
+    device: Optional[str] = DEVICE,
+    workers: int = WORKERS,
+    max_error_rate: float = MAX_ERROR_RATE,
+    overwrite: bool = OVERWRITE,
+    as_json: bool = JSON_OUT,
+    quiet: bool = QUIET,
+) -> None:
+    """Turn text, image-caption pairs, images and interleaved documents into unified token shards.
+
+    Each document: text ids, <boi> + image codes + <eoi> per image, and <eod>; its
+    counts of text and image tokens go into index.parquet for mixing.
+
+    Example: mmtok tokenize shards/ --tokenizer tok/ --out tokens/ --codes codes/
+    """
+    from mmtok.tokenize import Tokenizer
+    from mmtok.tokenize import tokenize as run
+
+    _check_inputs(inputs)
+    if codes is not None and not codes.is_dir():
+        raise FileNotFoundError(f"--codes {codes} is not a directory")
+    tok = Tokenizer.load(tokenizer, device)
+    summary, skipped = run(inputs, tok, out, codes_dir=codes, seed=seed, batch_size=batch_size, workers=workers,
+                           max_error_rate=max_error_rate, progress=not quiet and not as_json, overwrite=overwrite)
+    if skipped and not as_json:
+        _log("left out (not text, pair, image or doc): " + ", ".join(f"{g} {n}" for g, n in sorted(skipped.items())))
+    report(summary, as_json)
+
+
+@friendly_errors
+def detokenize(
+    tokens: Path = typer.Argument(..., help="Token shard directory written by `mmtok tokenize`."),
+    tokenizer: Path = TOKENIZER,
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for <key>.json, <key>.txt and <key>-<n>.png."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Decode only the first N documents."),
+    device: Optional[str] = DEVICE,
+    as_json: bool = JSON_OUT,
+) -> None:
+    """Decode token shards back to text and PNG images (through the VQ decoder).
+
+    Example: mmtok detokenize tokens/ --tokenizer tok/ --out decoded/ --limit 10
+    """
+    from mmtok.tokenize import Tokenizer
+    from mmtok.tokenize import detokenize as run
+
+    if not tokens.is_dir():
+        raise FileNotFoundError(f"{tokens} is not a token shard directory")
+    result = run(tokens, Tokenizer.load(tokenizer, device), out, limit=limit)
+    _print(result, as_json, "detokenize")

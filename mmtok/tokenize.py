@@ -1,0 +1,440 @@
+"""Unified tokenization: a tokenizer directory as a library object, and the
+`tokenize-images`, `tokenize` and `detokenize` stages.
+
+A document becomes one 1-D uint32 array of unified ids (see mmtok/vocab.py):
+text pieces, image blocks `<boi>` + codes + `<eoi>`, and a final `<eod>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from mmtok.runner import Item, Quarantined, Sample, Summary, run_stage
+from mmtok.shards import ShardReader, load_manifest
+from mmtok.vocab import VOCAB_FILE, Vocab, VocabError
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff")
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def image_member(members: dict[str, bytes]) -> bytes | None:
+    return next((members[e] for e in IMAGE_EXTS if e in members), None)
+
+
+class Tokenizer:
+    """A tokenizer directory loaded once: BPE + vocabulary (+ the VQ, loaded on first use)."""
+
+    def __init__(self, tokdir: str | Path, device: str | None = None):
+        import sentencepiece as spm
+
+        self.dir = Path(tokdir)
+        if not self.dir.is_dir():
+            raise FileNotFoundError(f"{tokdir}: tokenizer directory not found; make one with `mmtok train-bpe`")
+        self.vocab = Vocab.load(self.dir)
+        model = self.dir / self.vocab.sp_model
+        if not model.exists():
+            raise VocabError(f"{self.dir}: {VOCAB_FILE} names {self.vocab.sp_model}, which is missing")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model))
+        except (RuntimeError, OSError) as e:
+            raise VocabError(f"{model}: not a SentencePiece model ({e})") from None
+        if self.sp.get_piece_size() != self.vocab.n_text:
+            raise VocabError(f"{model} has {self.sp.get_piece_size()} pieces but {VOCAB_FILE} reserves "
+                             f"{self.vocab.n_text} text ids: the files come from different vocabularies")
+        self.device = device
+        self._vq = None
+        v = self.vocab
+        self.boi, self.eoi, self.eod = v["<boi>"], v["<eoi>"], v["<eod>"]
+
+    @classmethod
+    def load(cls, tokdir: str | Path, device: str | None = None) -> "Tokenizer":
+        return cls(tokdir, device)
+
+    @property
+    def has_vq(self) -> bool:
+        from mmtok.vq import CONFIG, WEIGHTS
+
+        return (self.dir / WEIGHTS).exists() and (self.dir / CONFIG).exists()
+
+    @property
+    def vq(self):
+        """The VQ model, checked against the vocabulary on first use."""
+        if self._vq is None:
+            import torch
+
+            from mmtok.vq import VQModel
+
+            device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            vq = VQModel.load(self.dir, device)
+            if vq.cfg.codebook_size != self.vocab.n_image_codes or vq.cfg.tokens_per_image != self.vocab.image_tokens_per_image:
+                raise VocabError(f"{self.dir}: the VQ (codebook {vq.cfg.codebook_size}, {vq.cfg.tokens_per_image} codes "
+                                 f"per image) does not match {VOCAB_FILE} ({self.vocab.n_image_codes} image codes, "
+                                 f"{self.vocab.image_tokens_per_image} per image): retrain one of them")
+            self._vq = vq
+        return self._vq
+
+    @property
+    def resolution(self) -> int:
+        return self.vq.cfg.resolution
+
+    def fingerprint(self) -> str:
+        """A hash of the files that decide the ids; output directories record it."""
+        h = hashlib.sha256()
+        for name in (VOCAB_FILE, self.vocab.sp_model, "vq.json", "vq.safetensors"):
+            p = self.dir / name
+            if p.exists():
+                h.update(name.encode() + b"\0" + p.read_bytes())
+        return h.hexdigest()
+
+    # ------------------------------------------------------------ text
+
+    def encode_text(self, text: str) -> np.ndarray:
+        return np.asarray(self.sp.encode(text), dtype=np.uint32) + self.vocab.n_specials
+
+    def decode_text(self, ids) -> str:
+        """Text ids back to a string; ids outside the text range are skipped."""
+        lo, hi = self.vocab.text_range
+        return self.sp.decode([int(i) - lo for i in ids if lo <= i < hi])
+
+    # ------------------------------------------------------------ images
+
+    def preprocess(self, data: bytes) -> np.ndarray:
+        from mmtok.vq import load_image
+
+        return load_image(data, self.resolution)
+
+    def encode_images(self, images: np.ndarray | list, batch_size: int = 32) -> np.ndarray:
+        """Preprocessed images [N, 3, R, R] (or encoded image bytes) -> codes [N, tokens_per_image].
+        On CUDA the encoder runs under bf16 autocast."""
+        import torch
+
+        if isinstance(images, list):
+            images = np.stack([self.preprocess(b) if isinstance(b, bytes) else b for b in images])
+        dev = next(self.vq.parameters()).device
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(images[i:i + batch_size]).to(dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                out.append(self.vq.encode(x).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.vocab.image_tokens_per_image), np.int64)
+
+    def image_block(self, codes: np.ndarray) -> np.ndarray:
+        return np.concatenate([[self.boi], np.asarray(codes, np.uint32) + self.vocab.image_range[0], [self.eoi]]).astype(np.uint32)
+
+    def decode_images(self, codes: np.ndarray) -> list:
+        """Codes [N, tokens_per_image] -> PIL images."""
+        import torch
+
+        from mmtok.vq import to_pil
+
+        dev = next(self.vq.parameters()).device
+        with torch.no_grad():
+            imgs = self.vq.decode(torch.as_tensor(np.asarray(codes, np.int64), device=dev))
+        return [to_pil(im) for im in imgs]
+
+    # ------------------------------------------------------------ interleaved content
+
+    def encode(self, segments: list) -> np.ndarray:
+        """[str | encoded image bytes | PIL image, ...] -> one document's ids, ending in <eod>."""
+        parts: list = []
+        for s in segments:
+            if isinstance(s, str):
+                parts.append(self.encode_text(s))
+            else:
+                if not isinstance(s, bytes):  # a PIL image
+                    buf = io.BytesIO()
+                    s.save(buf, format="PNG")
+                    s = buf.getvalue()
+                parts.append(self.image_block(self.encode_images([s])[0]))
+        return np.concatenate(parts + [np.asarray([self.eod], np.uint32)]).astype(np.uint32)
+
+    def split(self, ids) -> list[tuple[str, np.ndarray]]:
+        """Ids -> [("text", text ids) | ("image", codes)], dropping <eod>/<pad>. Raises
+        ValueError on a malformed image block."""
+        ids = np.asarray(ids, dtype=np.int64)
+        v, n = self.vocab, self.vocab.image_tokens_per_image
+        out, i, text = [], 0, []
+        while i < len(ids):
+            t = ids[i]
+            if t == self.boi:
+                if text:
+                    out.append(("text", np.asarray(text)))
+                    text = []
+                block = ids[i + 1:i + 1 + n]
+                if len(block) != n or not v.is_image(block).all() or i + 1 + n >= len(ids) or ids[i + 1 + n] != self.eoi:
+                    raise ValueError(f"malformed image block at position {i}: expected <boi> + {n} image codes + <eoi>")
+                out.append(("image", block - v.image_range[0]))
+                i += n + 2
+                continue
+            if v.is_image(t) or t == self.eoi:
+                raise ValueError(f"image token {int(t)} outside an image block at position {i}")
+            text.append(t)
+            i += 1
+        if text:
+            out.append(("text", np.asarray(text)))
+        return out
+
+    def decode(self, ids) -> list:
+        """Ids -> [str | PIL image] in order."""
+        parts = self.split(ids)
+        codes = [c for kind, c in parts if kind == "image"]
+        images = iter(self.decode_images(np.stack(codes)) if codes else [])
+        return [self.decode_text(c) if kind == "text" else next(images) for kind, c in parts]
+
+
+# ---------------------------------------------------------------- stages
+
+def _group(shard_name: str) -> str:
+    return shard_name.rsplit("-", 1)[0]
+
+
+def _keyed(dirs: list, i: int, key: str) -> str:
+    return key if len(dirs) == 1 else f"{i}_{key}"
+
+
+def image_items(shard_dirs: list[str | Path]) -> Iterator[Item]:
+    """One item per image or image-caption pair in the directories."""
+    for i, d in enumerate(shard_dirs):
+        for s in ShardReader(d):
+            data = image_member(s.members)
+            if data is not None:
+                yield Item(f"{d}/{s.shard}:{s.key}", (_keyed(shard_dirs, i, s.key), data))
+
+
+def tokenize_images(shard_dirs: list[str | Path], tok: Tokenizer, out: str | Path, *, batch_size: int = 32,
+                    workers: int = 1, max_error_rate: float = 0.05, progress: bool = True,
+                    overwrite: bool = False) -> Summary:
+    """Encode every image into its VQ codes: group `codes`, member `npy` (uint16 [tokens_per_image])."""
+    res = tok.resolution
+    dtype = np.uint16 if tok.vocab.n_image_codes <= 1 << 16 else np.uint32
+    grid = tok.vq.cfg.grid
+
+    def load(payload):
+        key, data = payload
+        try:
+            return key, hashlib.sha256(data).hexdigest(), tok.preprocess(data)
+        except Exception as e:  # any decoder failure is a bad input
+            return Quarantined("", f"image does not decode ({type(e).__name__}: {e})")
+
+    def encode(values):
+        codes = tok.encode_images(np.stack([v[2] for v in values]), batch_size)
+        out = []
+        for (key, image_sha, _), c in zip(values, codes):
+            payload = npy_bytes(c.astype(dtype))
+            meta = {"modality": "image_codes", "source": key, "image_sha256": image_sha, "grid": [grid, grid],
+                    "sha256": hashlib.sha256(payload).hexdigest()}
+            out.append([Sample(key, "codes", {"npy": payload}, meta, {"image_sha256": image_sha, "source_key": key})])
+        return out
+
+    config = {"tokenizer": tok.fingerprint(), "resolution": res, "inputs": [str(Path(d).resolve()) for d in shard_dirs],
+              "vocab": tok.vocab.to_dict()}
+    total = sum(r["samples"] for d in shard_dirs for r in load_manifest(d)["shards"] if _group(r["name"]).startswith(("image-", "pair-")))
+    return run_stage("tokenize-images", image_items(shard_dirs), load, out, config=config, workers=workers,
+                     batch_fn=encode, batch_size=batch_size, max_error_rate=max_error_rate, total=total,
+                     progress=progress, overwrite=overwrite)
+
+
+@dataclass
+class _Image:
+    """An image inside a document before encoding: preprocessed pixels, or known codes."""
+
+    pixels: np.ndarray | None = None
+    codes: np.ndarray | None = None
+
+
+class _Codes:
+    """Codes written by `tokenize-images`, found by the image's sha256."""
+
+    def __init__(self, codes_dir: str | Path, tok: Tokenizer):
+        self.reader = ShardReader(codes_dir)
+        have = self.reader.manifest.get("config", {}).get("tokenizer")
+        if self.reader.manifest.get("stage") != "tokenize-images":
+            raise ValueError(f"--codes {codes_dir}: not a `mmtok tokenize-images` output")
+        if have != tok.fingerprint():
+            raise VocabError(f"--codes {codes_dir} was made with a different tokenizer than {tok.dir}; "
+                             "rerun tokenize-images with this tokenizer or leave out --codes")
+        index = self.reader.index()
+        rows = index.select(["image_sha256", "shard", "members"]).to_pylist() if index.num_rows else []
+        self.where = {r["image_sha256"]: (r["shard"], next(m for m in r["members"] if m["ext"] == "npy")) for r in rows}
+
+    def get(self, image_sha: str) -> np.ndarray | None:
+        hit = self.where.get(image_sha)
+        if hit is None:
+            return None
+        shard, m = hit
+        return load_npy(self.reader.read_member(shard, m["offset"], m["size"])).astype(np.int64)
+
+
+def _doc_images(reader: ShardReader) -> dict[str, tuple[str, int, int]]:
+    """sha256 -> (shard, offset, size) of each image sample's image member."""
+    rows = reader.index().select(["sha256", "shard", "members"]).to_pylist()
+    out = {}
+    for r in rows:
+        m = next((m for m in r["members"] if m["ext"] in IMAGE_EXTS), None)
+        if m is not None and r["sha256"]:
+            out.setdefault(r["sha256"], (r["shard"], m["offset"], m["size"]))
+    return out
+
+
+def pair_image_first(seed: int, key: str) -> bool:
+    """Image-first for half the pairs, a pure function of (seed, key)."""
+    return hashlib.sha256(f"{seed}:{key}".encode()).digest()[0] & 1 == 1
+
+
+def tokenize_items(shard_dirs: list[str | Path], skipped: dict) -> Iterator[Item]:
+    """Text, pairs, docs and stand-alone images; other modalities are counted in `skipped`."""
+    for i, d in enumerate(shard_dirs):
+        for s in ShardReader(d):
+            group, name, key = _group(s.shard), f"{d}/{s.shard}:{s.key}", _keyed(shard_dirs, i, s.key)
+            if group == "text":
+                yield Item(name, ("text", key, i, s.members.get("txt", b"")))
+            elif group.startswith("pair-"):
+                yield Item(name, ("pair", key, i, (image_member(s.members), s.members.get("txt", b""))))
+            elif group == "doc":
+                yield Item(name, ("doc", key, i, s.meta.get("segments")))
+            elif group.startswith("image-") and s.meta.get("role") != "doc_image":
+                yield Item(name, ("image", key, i, image_member(s.members)))
+            elif not group.startswith("image-"):
+                skipped[group] = skipped.get(group, 0) + 1
+
+
+def tokenize(shard_dirs: list[str | Path], tok: Tokenizer, out: str | Path, *, codes_dir: str | Path | None = None,
+             seed: int = 0, batch_size: int = 32, workers: int = 1, max_error_rate: float = 0.05,
+             progress: bool = True, overwrite: bool = False) -> tuple[Summary, dict]:
+    """Write token shards (docs/FORMATS.md, "Token shards"); returns the summary and the
+    count of samples of other modalities that were left out."""
+    codes = _Codes(codes_dir, tok) if codes_dir else None
+    readers = [ShardReader(d) for d in shard_dirs]
+    doc_images = [_doc_images(r) if any(_group(s["name"]) == "doc" for s in r.manifest["shards"]) else {} for r in readers]
+    v = tok.vocab
+    if tok.has_vq:
+        _ = tok.vq  # load and check it once, before workers fork
+
+    def text_of(raw: bytes) -> np.ndarray:
+        try:
+            return tok.encode_text(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise _Bad(f"text is not valid UTF-8 (byte {e.start}: {e.reason})") from None
+
+    def image_of(data: bytes | None) -> _Image:
+        if data is None:
+            raise _Bad("sample has no image member")
+        if not tok.has_vq:
+            raise _Bad(f"{tok.dir} has no image tokenizer; run `mmtok train-vq` into it first")
+        known = codes.get(hashlib.sha256(data).hexdigest()) if codes else None
+        if known is not None:
+            return _Image(codes=known)
+        try:
+            return _Image(pixels=tok.preprocess(data))
+        except Exception as e:  # any decoder failure is a bad input
+            raise _Bad(f"image does not decode ({type(e).__name__}: {e})") from None
+
+    def prepare(payload):
+        kind, key, src, body = payload
+        try:
+            if kind == "text":
+                parts = [text_of(body)]
+            elif kind == "image":
+                parts = [image_of(body)]
+            elif kind == "pair":
+                parts = [image_of(body[0]), text_of(body[1])]
+                if not pair_image_first(seed, key):
+                    parts.reverse()
+            else:
+                parts = [_doc_part(seg, src) for seg in _segments(body)]
+        except _Bad as e:
+            return Quarantined("", str(e))
+        return kind, key, parts
+
+    def _doc_part(seg: dict, src: int):
+        if "text" in seg:
+            return tok.encode_text(seg["text"])
+        loc = doc_images[src].get(seg["image"])
+        if loc is None:
+            raise _Bad(f"document image {seg['image']} not found in {shard_dirs[src]}/index.parquet")
+        return image_of(readers[src].read_member(*loc))
+
+    def assemble(values):
+        pending = [p for _, _, parts in values for p in parts if isinstance(p, _Image) and p.codes is None]
+        if pending:
+            for p, c in zip(pending, tok.encode_images(np.stack([p.pixels for p in pending]), batch_size)):
+                p.codes = c
+        out = []
+        for kind, key, parts in values:
+            seq = [tok.image_block(p.codes) if isinstance(p, _Image) else p for p in parts]
+            ids = np.concatenate(seq + [np.asarray([tok.eod], np.uint32)]).astype(np.uint32)
+            payload = npy_bytes(ids)
+            n_image = int(v.is_image(ids).sum())
+            counts = {"n_tokens": len(ids), "n_text": len(ids) - n_image, "n_image": n_image}
+            meta = {"modality": kind, "source": key, **counts, "images": sum(isinstance(p, _Image) for p in parts),
+                    "sha256": hashlib.sha256(payload).hexdigest()}
+            out.append([Sample(key, "tokens", {"npy": payload}, meta, {**counts, "source_key": key})])
+        return out
+
+    skipped: dict = {}
+    config = {"vocab": v.to_dict(), "tokenizer": tok.fingerprint(), "seed": seed,
+              "inputs": [str(Path(d).resolve()) for d in shard_dirs],
+              "codes": str(Path(codes_dir).resolve()) if codes_dir else None}
+    total = sum(s["samples"] for r in readers for s in r.manifest["shards"]
+                if _group(s["name"]) in ("text", "doc") or _group(s["name"]).startswith("pair-"))
+    summary = run_stage("tokenize", tokenize_items(shard_dirs, skipped), prepare, out, config=config, workers=workers,
+                        batch_fn=assemble, batch_size=batch_size, max_error_rate=max_error_rate, total=total,
+                        progress=progress, overwrite=overwrite)
+    return summary, skipped
+
+
+class _Bad(Exception):
+    """A bad input sample; becomes a quarantine record."""
+
+
+def _segments(segments) -> list[dict]:
+    if not isinstance(segments, list) or not all(isinstance(s, dict) and ("text" in s or "image" in s) for s in segments):
+        raise _Bad("document json has no valid `segments` list of {text} / {image} entries")
+    return segments
+
+
+def detokenize(token_dir: str | Path, tok: Tokenizer, out: str | Path, *, limit: int | None = None) -> dict:
+    """Token shards -> per document `<key>.json` (segments), `<key>.txt` (its text) and
+    `<key>-<n>.png` (its images, through the VQ decoder)."""
+    reader = ShardReader(token_dir)
+    have = reader.manifest.get("config", {}).get("vocab")
+    if reader.manifest.get("stage") != "tokenize" or have is None:
+        raise ValueError(f"{token_dir}: not a `mmtok tokenize` output")
+    if have != tok.vocab.to_dict():
+        raise VocabError(f"{token_dir} was tokenized with a different vocabulary than {tok.dir}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    docs = images = 0
+    for s in reader:
+        if limit is not None and docs >= limit:
+            break
+        segments, n = [], 0
+        for part in tok.decode(load_npy(s.members["npy"])):
+            if isinstance(part, str):
+                segments.append({"text": part})
+            else:
+                name = f"{s.key}-{n}.png"
+                part.save(out / name)
+                segments.append({"image": name})
+                n += 1
+        (out / f"{s.key}.json").write_text(json.dumps({"segments": segments}, ensure_ascii=False, indent=1), encoding="utf-8")
+        # bytes, not text mode, so "\r\n" and other control characters come back exactly
+        (out / f"{s.key}.txt").write_bytes("".join(p.get("text", "") for p in segments).encode("utf-8"))
+        docs, images = docs + 1, images + n
+    return {"out": str(out), "documents": docs, "images": images}

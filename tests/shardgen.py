@@ -1,0 +1,77 @@
+"""Input shard directories in `mmtok shard`'s layout (docs/FORMATS.md), made with the stage
+runner from small generated content, for the tokenizer tests."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+
+from mmtok.runner import Item, Sample, run_stage
+
+
+def draw_image(seed: int, size: int = 48, mode: str = "RGB", fmt: str = "PNG") -> bytes:
+    """A random picture of a few filled shapes on a plain background."""
+    from PIL import Image, ImageDraw
+
+    r = random.Random(seed)
+    img = Image.new("RGB", (size + r.randrange(0, 16), size), tuple(r.randrange(256) for _ in range(3)))
+    d = ImageDraw.Draw(img)
+    for _ in range(3):
+        x0, y0 = r.randrange(size // 2), r.randrange(size // 2)
+        box = (x0, y0, x0 + r.randrange(6, size // 2), y0 + r.randrange(6, size // 2))
+        colour = tuple(r.randrange(256) for _ in range(3))
+        (d.ellipse if r.random() < 0.5 else d.rectangle)(box, fill=colour)
+    if mode == "RGBA":
+        img = img.convert("RGBA")
+        img.putalpha(128)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def _sample(entry):
+    kind, key, body = entry
+    if kind == "text":
+        return Sample(key, "text", {"txt": body}, {"modality": "text", "source": key, "sha256": _sha(body)})
+    if kind == "image":
+        return Sample(key, "image-png", {"png": body}, {"modality": "image", "source": key, "sha256": _sha(body)})
+    if kind == "pair":
+        img, cap = body
+        return Sample(key, "pair-png", {"png": img, "txt": cap},
+                      {"modality": "pair", "source": key, "sha256": _sha(img + cap)})
+    segments, images = body  # doc: its images become separate image samples
+    out = [Sample(f"{key}_img{i}", "image-png", {"png": im},
+                  {"modality": "image", "source": key, "sha256": _sha(im), "role": "doc_image", "parent": key})
+           for i, im in enumerate(images)]
+    meta = {"modality": "doc", "source": key, "segments": segments,
+            "sha256": _sha(repr(segments).encode())}
+    return [Sample(key, "doc", {}, meta)] + out
+
+
+def make_shards(out, texts=(), images=(), pairs=(), docs=()):
+    """texts: str or bytes; images: bytes; pairs: (image bytes, caption); docs: list of
+    str | image bytes segments. Returns the shard directory."""
+    entries = []
+    for i, t in enumerate(texts):
+        entries.append(("text", f"t{i:04d}", t.encode() if isinstance(t, str) else t))
+    for i, im in enumerate(images):
+        entries.append(("image", f"i{i:04d}", im))
+    for i, (im, cap) in enumerate(pairs):
+        entries.append(("pair", f"p{i:04d}", (im, cap.encode() if isinstance(cap, str) else cap)))
+    for i, segs in enumerate(docs):
+        segments, imgs = [], []
+        for s in segs:
+            if isinstance(s, str):
+                segments.append({"text": s})
+            else:
+                segments.append({"image": _sha(s)})
+                imgs.append(s)
+        entries.append(("doc", f"d{i:04d}", (segments, imgs)))
+    items = [Item(e[1], e) for e in entries]
+    run_stage("shard", items, _sample, out, config={"test": str(out)}, progress=False, max_count=7)
+    return out

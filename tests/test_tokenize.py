@@ -1,0 +1,237 @@
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from mmtok.bpe import train_bpe
+from mmtok.shards import ShardReader
+from mmtok.tokenize import Tokenizer, detokenize, load_npy, pair_image_first, tokenize, tokenize_images
+from mmtok.vocab import Vocab, VocabError
+from mmtok.vq import VQConfig
+from mmtok.vq_train import train_vq
+from shardgen import draw_image, make_shards
+from test_bpe import TRICKY, corpus
+
+TPI = 64  # (16 / 2)^2 codes per image for the tiny VQ
+
+
+@pytest.fixture(scope="module")
+def tokdir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tok")
+    torch.set_num_threads(1)
+    shards = make_shards(tmp / "train", texts=corpus(), images=[draw_image(i) for i in range(16)])
+    train_bpe([shards], tmp / "tok", vocab_size=2000, image_codes=64, log=lambda m: None)
+    train_vq([shards], tmp / "tok", VQConfig(resolution=16, downsample=2, codebook_size=64, channels=8, res_blocks=1),
+             steps=10, batch_size=8, disc_weight=0, log=lambda m: None)
+    return tmp / "tok"
+
+
+@pytest.fixture(scope="module")
+def tok(tokdir):
+    return Tokenizer.load(tokdir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("in")
+    shared = draw_image(100)
+    return make_shards(
+        tmp / "in",
+        texts=TRICKY[:5] + [b"bad \xff\xfe bytes"],
+        images=[draw_image(200)],
+        pairs=[(draw_image(300 + i), f"caption number {i}") for i in range(8)] + [(b"not an image", "broken")],
+        docs=[["A doc starts. ", shared, " Middle text ", draw_image(101), " and the end."],
+              [shared, "second doc reuses the image"]],
+    )
+
+
+def blocks(ids, tok):
+    """Check the image blocks of one sequence; return their number."""
+    v, n, i, count = tok.vocab, TPI, 0, 0
+    while i < len(ids):
+        if ids[i] == tok.boi:
+            assert v.is_image(ids[i + 1:i + 1 + n]).all() and ids[i + 1 + n] == tok.eoi
+            i, count = i + n + 2, count + 1
+        else:
+            assert not v.is_image(ids[i]) and ids[i] != tok.eoi
+            i += 1
+    return count
+
+
+def test_text_round_trip_in_unified_ids(tok):
+    for text in TRICKY + corpus(10, seed=3):
+        ids = tok.encode_text(text)
+        assert ids.dtype == np.uint32
+        assert all(tok.vocab.text_range[0] <= i < tok.vocab.text_range[1] for i in ids)
+        assert tok.decode_text(ids) == text
+
+
+def test_library_encode_decode_interleaved(tok):
+    img = Image.open(io.BytesIO(draw_image(7)))
+    ids = tok.encode(["before ", img, "after 🎉"])
+    assert ids[-1] == tok.eod and blocks(ids, tok) == 1
+    assert int(tok.vocab.is_image(ids).sum()) == TPI
+    parts = tok.decode(ids)
+    assert parts[0] == "before " and parts[2] == "after 🎉"
+    assert parts[1].size == (16, 16)
+    with pytest.raises(ValueError, match="malformed image block"):
+        tok.split(ids[:10])
+
+
+def test_pair_order_is_image_first_half_the_time():
+    first = [pair_image_first(0, f"k{i}") for i in range(2000)]
+    assert 0.45 < sum(first) / len(first) < 0.55
+    assert first == [pair_image_first(0, f"k{i}") for i in range(2000)]  # deterministic
+    assert first != [pair_image_first(1, f"k{i}") for i in range(2000)]  # and decided by the seed
+
+
+def test_tokenize_shards(tok, inputs, tmp_path):
+    summary, skipped = tokenize([inputs], tok, tmp_path / "tokens", seed=3, progress=False, max_error_rate=1.0)
+    assert summary.samples == 6 + 8 + 2  # 5 good texts + 1 image + 8 pairs + 2 docs
+    q = [json.loads(l) for l in (tmp_path / "tokens/quarantine.jsonl").read_text().splitlines()]
+    reasons = {r["input"].rsplit(":", 1)[1]: r["reason"] for r in q}
+    assert "UTF-8" in reasons["t0005"] and "does not decode" in reasons["p0008"] and len(q) == 2
+
+    index = pq.read_table(tmp_path / "tokens/index.parquet").to_pylist()
+    manifest = json.loads((tmp_path / "tokens/manifest.json").read_text())
+    assert manifest["config"]["vocab"] == tok.vocab.to_dict()
+    by_key = {r["key"]: r for r in index}
+    orders = set()
+    for s in ShardReader(tmp_path / "tokens"):
+        ids, meta, row = load_npy(s.members["npy"]), s.meta, by_key[s.key]
+        assert ids.dtype == np.uint32 and ids.ndim == 1 and ids[-1] == tok.eod
+        assert (ids < tok.vocab.vocab_size).all()
+        n_img = int(tok.vocab.is_image(ids).sum())
+        assert (meta["n_tokens"], meta["n_image"], meta["n_text"]) == (len(ids), n_img, len(ids) - n_img)
+        assert (row["n_tokens"], row["n_image"], row["n_text"], row["source_key"]) == (len(ids), n_img, len(ids) - n_img, s.key)
+        assert blocks(ids, tok) == meta["images"] and n_img == TPI * meta["images"]
+        if meta["modality"] == "pair":
+            first = ids[0] == tok.boi
+            assert first == pair_image_first(3, s.key)
+            orders.add(first)
+        if meta["modality"] == "text":
+            assert meta["images"] == 0
+            assert tok.decode_text(ids) == TRICKY[int(s.key[1:])]
+    assert orders == {True, False}  # both orders occur among 8 pairs
+    docs = {s.key: s.meta for s in ShardReader(tmp_path / "tokens") if s.meta["modality"] == "doc"}
+    assert docs["d0000"]["images"] == 2 and docs["d0001"]["images"] == 1
+
+
+def test_tokenize_quarantines_missing_doc_image(tok, tmp_path):
+    shards = make_shards(tmp_path / "in", docs=[["text", draw_image(1)]])
+    for p in shards.glob("image-*.tar"):  # lose the image but keep the document
+        p.write_bytes(b"\0" * 1024)
+    import pyarrow as pa
+
+    t = pq.read_table(shards / "index.parquet")
+    pq.write_table(t.set_column(t.schema.get_field_index("sha256"), "sha256",
+                                pa.array(["0" * 64] * len(t))), shards / "index.parquet")
+    summary, _ = tokenize([shards], tok, tmp_path / "tokens", progress=False, max_error_rate=1.0)
+    q = (tmp_path / "tokens/quarantine.jsonl").read_text()
+    assert summary.samples == 0 and "not found" in q and "d0000" in q
+
+
+def test_same_output_with_workers_and_with_precomputed_codes(tok, inputs, tmp_path):
+    opts = dict(seed=3, progress=False, max_error_rate=1.0)
+    tokenize([inputs], tok, tmp_path / "a", **opts)
+    tokenize([inputs], tok, tmp_path / "b", workers=2, **opts)
+    s = tokenize_images([inputs], tok, tmp_path / "codes", progress=False, max_error_rate=1.0)
+    assert s.samples == 1 + 8 + 3 and s.quarantined == 1  # the image, good pairs, doc images; the broken pair
+    for c in ShardReader(tmp_path / "codes"):
+        codes = load_npy(c.members["npy"])
+        assert codes.shape == (TPI,) and codes.max() < tok.vocab.n_image_codes
+    tokenize([inputs], tok, tmp_path / "c", codes_dir=tmp_path / "codes", **opts)
+    shards = [json.loads((tmp_path / d / "manifest.json").read_text())["shards"] for d in "abc"]
+    assert shards[0] == shards[1] == shards[2]  # byte-identical shards
+
+
+def test_detokenize_reproduces_text_and_images(tok, inputs, tmp_path):
+    tokenize([inputs], tok, tmp_path / "tokens", seed=3, progress=False, max_error_rate=1.0)
+    info = detokenize(tmp_path / "tokens", tok, tmp_path / "out")
+    assert info["documents"] == 16 and info["images"] == 1 + 8 + 3
+    for i, text in enumerate(TRICKY[:5]):
+        assert (tmp_path / f"out/t{i:04d}.txt").read_bytes() == text.encode()
+    assert (tmp_path / "out/p0002.txt").read_text() == "caption number 2"
+    doc = json.loads((tmp_path / "out/d0000.json").read_text())["segments"]
+    assert [list(s) for s in doc] == [["text"], ["image"], ["text"], ["image"], ["text"]]
+    assert doc[2]["text"] == " Middle text "
+    assert Image.open(tmp_path / "out" / doc[1]["image"]).size == (16, 16)
+
+
+def test_wrong_or_missing_tokenizer(tok, tokdir, inputs, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        Tokenizer.load(tmp_path / "nope")
+    tokenize([inputs], tok, tmp_path / "tokens", progress=False, max_error_rate=1.0)
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("bpe.model", "vq.json", "vq.safetensors"):
+        (other / name).write_bytes((tokdir / name).read_bytes())
+    bigger = Vocab.layout(2000 + 16, 80, TPI)  # same text pieces, another image range
+    bigger.save(other)
+    with pytest.raises(VocabError, match="does not match"):
+        Tokenizer.load(other).vq
+    with pytest.raises(VocabError, match="different vocabulary"):
+        detokenize(tmp_path / "tokens", Tokenizer.load(other), tmp_path / "out")
+    Vocab.layout(3000, 64, TPI).save(other)  # text range no longer matches bpe.model
+    with pytest.raises(VocabError, match="different vocabularies"):
+        Tokenizer.load(other)
+    (other / "vq.safetensors").write_bytes(b"truncated")
+    Vocab.layout(2000, 64, TPI).save(other)
+    with pytest.raises(ValueError, match="unreadable VQ"):
+        Tokenizer.load(other).vq
+    (other / "bpe.model").write_bytes(b"garbage")
+    with pytest.raises(VocabError, match="not a SentencePiece model"):
+        Tokenizer.load(other)
+
+
+def run_cli(*args):
+    from typer.testing import CliRunner
+
+    from mmtok.cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_errors_are_clear(tmp_path, inputs, tokdir):
+    r = run_cli("tokenize", inputs, "--tokenizer", tmp_path / "missing", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "tokenizer directory not found" in r.output and "Traceback" not in r.output
+    r = run_cli("detokenize", inputs, "--tokenizer", tokdir, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "not a `mmtok tokenize` output" in r.output
+    r = run_cli("train-vq", inputs, "--out", tmp_path / "vq", "--steps", 1, "--downsample", 3)
+    assert r.exit_code == 2 and "power of two" in r.output
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_from_mmtok_shard(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rows = [{"text": t} for t in corpus(1500)]
+    for i in range(12):
+        (raw / f"img{i}.png").write_bytes(draw_image(i))
+        rows.append({"image": f"img{i}.png", "caption": f"shapes number {i}"})
+    rows.append({"segments": [{"text": "Look: "}, {"image": "img0.png"}, {"text": " done."}]})
+    (raw / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run_cli("shard", raw / "corpus.jsonl", "--out", tmp_path / "shards", "--quiet").exit_code == 0
+
+    tok = tmp_path / "tok"
+    r = run_cli("train-bpe", tmp_path / "shards", "--out", tok, "--vocab-size", 2000, "--image-codes", 64, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["vocab"]["image_range"] == [1936, 2000]
+    r = run_cli("train-vq", tmp_path / "shards", "--out", tok, "--steps", 4, "--codebook-size", 64, "--resolution", 16,
+                "--downsample", 2, "--channels", 8, "--res-blocks", 1, "--batch-size", 4, "--log-every", 2, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["step"] == 4 and Vocab.load(tok).image_tokens_per_image == 64
+    r = run_cli("tokenize-images", tmp_path / "shards", "--tokenizer", tok, "--out", tmp_path / "codes", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["samples"] == 13, r.output
+    r = run_cli("tokenize", tmp_path / "shards", "--tokenizer", tok, "--codes", tmp_path / "codes",
+                "--out", tmp_path / "tokens", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["by_modality"] == {"doc": 1, "pair": 12, "text": 1500}
+    r = run_cli("detokenize", tmp_path / "tokens", "--tokenizer", tok, "--out", tmp_path / "dec", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout) == {"out": str(tmp_path / "dec"), "documents": 1513, "images": 13}
+    first = sorted((tmp_path / "dec").glob("*.txt"))[0].read_text()
+    assert first == rows[0]["text"]

@@ -1,0 +1,179 @@
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmtok.vocab import Vocab
+from mmtok.vq import PerceptualLoss, Quantizer, VQConfig, VQModel, load_image
+from mmtok.vq_train import CKPT, LOG, psnr, ssim, train_vq
+from shardgen import draw_image, make_shards
+
+TINY = dict(resolution=16, downsample=2, codebook_size=64, code_dim=8, channels=16, res_blocks=1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny convolutions run faster on one thread than on two shared cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def png(img):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_preprocess_alpha_resize_crop():
+    clear = Image.new("RGBA", (40, 20), (255, 0, 0, 0))  # fully transparent red -> white
+    x = load_image(png(clear), 16)
+    assert x.shape == (3, 16, 16) and x.dtype == np.float32
+    assert np.allclose(x, 1.0)
+    half = Image.new("RGB", (60, 20), (0, 0, 0))
+    half.paste((255, 255, 255), (0, 0, 30, 20))  # left white, right black: centre crop keeps both
+    x = load_image(png(half), 16)
+    assert x.min() == -1.0 and x.max() == 1.0
+    assert np.allclose(x[:, :, 0], 1.0) and np.allclose(x[:, :, -1], -1.0)
+    with pytest.raises(Exception):
+        load_image(b"not an image", 16)
+
+
+def test_config_validation():
+    assert VQConfig().tokens_per_image == 1024 and VQConfig().codebook_size == 8192  # Chameleon defaults
+    with pytest.raises(ValueError, match="power of two"):
+        VQConfig(downsample=12)
+    with pytest.raises(ValueError, match="multiple"):
+        VQConfig(resolution=100, downsample=16)
+
+
+def test_quantizer_picks_nearest_and_restarts_dead_codes():
+    q = Quantizer(4, 2, 0.25)
+    with torch.no_grad():
+        q.codebook.copy_(torch.tensor([[1.0, 0], [0, 1], [-1, 0], [0, -1]]))
+    z = torch.tensor([[3.0, 0.2], [-0.1, -5], [0.1, 2], [-2, 0.5]]).T.reshape(1, 2, 2, 2)
+    assert q.codes(z).flatten().tolist() == [0, 3, 1, 2]
+    _, idx, loss = q(z)
+    assert loss.item() > 0
+    dead = torch.tensor([False, True, False, True])
+    before = q.codebook.detach().clone()
+    assert q.restart(dead, z, torch.Generator().manual_seed(0)) == 2
+    assert torch.equal(q.codebook[~dead], before[~dead])
+    assert not torch.equal(q.codebook[dead], before[dead])
+    assert torch.allclose(q.codebook.norm(dim=1), torch.ones(4))
+
+
+def test_metrics():
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    noisy = (x + 0.2 * torch.randn_like(x)).clamp(-1, 1)
+    noisier = (x + 0.8 * torch.randn_like(x)).clamp(-1, 1)
+    assert torch.allclose(ssim(x, x), torch.ones(2))
+    assert (ssim(x, noisy) < 0.99).all() and (ssim(x, noisier) < ssim(x, noisy)).all()
+    assert (ssim(x, -x) < 0).all()  # inverted structure
+    assert (psnr(x, noisy) < 25).all() and (psnr(x, x) > 90).all()
+
+
+def test_encode_decode_shapes_and_ranges():
+    model = VQModel(VQConfig(resolution=32, downsample=4, codebook_size=16, channels=8, res_blocks=1)).eval()
+    codes = model.encode(torch.rand(3, 3, 32, 32) * 2 - 1)
+    assert codes.shape == (3, 64) and codes.min() >= 0 and codes.max() < 16
+    img = model.decode(codes)
+    assert img.shape == (3, 3, 32, 32) and img.min() >= -1 and img.max() <= 1
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [draw_image(i) for i in range(64)]
+
+
+def test_train_beats_constant_image_and_uses_codebook(tmp_path, images):
+    shards = make_shards(tmp_path / "in", images=images[:48], pairs=[(im, "a caption") for im in images[48:]])
+    logs = []
+    m = train_vq([shards], tmp_path / "tok", VQConfig(**TINY), steps=150, batch_size=16, lr=3e-3, log_every=50,
+                 restart_every=25, disc_weight=0, log=logs.append)
+    assert m["step"] == 150 and m["usage"] > 0.5 and m["perplexity"] > 16
+    assert sum("PSNR" in l and "codes used" in l and "perplexity" in l for l in logs) == 3
+    rows = [json.loads(l) for l in (tmp_path / "tok" / LOG).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [50, 100, 150] and {"recon", "psnr", "ssim", "usage"} <= set(rows[0])
+
+    x = torch.from_numpy(np.stack([load_image(b, 16) for b in images]))
+    model = VQModel.load(tmp_path / "tok")
+    vq_psnr = psnr(model.decode(model.encode(x)), x).mean().item()
+    constant = psnr(x.mean(0, keepdim=True).expand_as(x), x).mean().item()  # the best constant image
+    assert vq_psnr > constant + 3.0, (vq_psnr, constant)
+    used = model.encode(x).unique().numel()
+    assert used >= 0.5 * 64
+
+
+def test_resume_continues_from_checkpoint(tmp_path, images):
+    shards = make_shards(tmp_path / "in", images=images[:40] + [b"broken image bytes"])
+    opts = dict(batch_size=8, lr=2e-3, log_every=5, checkpoint_every=5, restart_every=5, disc_weight=0.1,
+                disc_start=4, log=lambda m: None)
+    train_vq([shards], tmp_path / "straight", VQConfig(**TINY), steps=12, **opts)
+    first = train_vq([shards], tmp_path / "resumed", VQConfig(**TINY), steps=7, **opts)
+    assert first["step"] == 7
+    logs = []
+    second = train_vq([shards], tmp_path / "resumed", VQConfig(**TINY), steps=12, **{**opts, "log": logs.append})
+    assert any("resuming" in l and "step 7" in l for l in logs)
+    assert second["step"] == 12 and second["disc"] is True
+    a = VQModel.load(tmp_path / "straight").state_dict()
+    b = VQModel.load(tmp_path / "resumed").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "resumed" / LOG).read_text().splitlines()]
+    assert steps == [5, 7, 10, 12]  # the first run logged its last step too
+
+    with pytest.raises(ValueError, match="other options"):
+        train_vq([shards], tmp_path / "resumed", VQConfig(**TINY), steps=14, **{**opts, "lr": 1e-3})
+    assert (tmp_path / "resumed" / CKPT).exists()
+
+
+def test_codebook_must_match_vocab(tmp_path, images):
+    shards = make_shards(tmp_path / "in", images=images[:8])
+    Vocab.layout(2000, 32, 16).save(tmp_path / "tok")
+    with pytest.raises(ValueError, match="--codebook-size 32"):
+        train_vq([shards], tmp_path / "tok", VQConfig(**TINY), steps=1, log=lambda m: None)
+    Vocab.layout(2000, 64, 1024).save(tmp_path / "tok")
+    train_vq([shards], tmp_path / "tok", VQConfig(**TINY), steps=2, batch_size=4, disc_weight=0, log=lambda m: None)
+    assert Vocab.load(tmp_path / "tok").image_tokens_per_image == 64  # (16/2)^2, from the trained VQ
+
+
+def test_perceptual_loss_uses_supplied_weights_only(tmp_path, images):
+    from safetensors.torch import save_file
+    from torchvision.models import vgg16
+
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in vgg16(weights=None).features.state_dict().items()}, str(tmp_path / "vgg.safetensors"))
+    loss = PerceptualLoss(tmp_path / "vgg.safetensors")
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert loss(x, x).item() == 0 and loss(x, -x).item() > 0
+    save_file({"features.0.weight": torch.zeros(64, 3, 3, 3)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="not torchvision VGG16"):
+        PerceptualLoss(tmp_path / "bad.safetensors")
+    shards = make_shards(tmp_path / "in", images=images[:8])
+    m = train_vq([shards], tmp_path / "tok", VQConfig(**TINY), steps=2, batch_size=4, disc_weight=0,
+                 perceptual_weights=str(tmp_path / "vgg.safetensors"), log=lambda m: None)
+    assert m["step"] == 2
+
+
+@pytest.mark.slow
+def test_train_vq_under_torchrun_two_processes(tmp_path, images):
+    import os
+    import subprocess
+    import sys
+
+    shards = make_shards(tmp_path / "in", images=images[:24])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mmtok.cli.app", "train-vq",
+           str(shards), "--out", str(tmp_path / "tok"), "--steps", "4", "--codebook-size", "64", "--resolution", "16",
+           "--downsample", "2", "--channels", "8", "--res-blocks", "1", "--batch-size", "4", "--log-every", "2",
+           "--restart-every", "2", "--disc-start", "2", "--checkpoint-every", "2", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(r.stdout[r.stdout.index("{"):])  # rank 0 alone prints it
+    assert summary["step"] == 4 and summary["disc"] is True
+    rows = [json.loads(l) for l in (tmp_path / "tok" / LOG).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert VQModel.load(tmp_path / "tok").encode(torch.zeros(1, 3, 16, 16)).shape == (1, 64)
