@@ -153,10 +153,37 @@ def run_demo(out: Path, workers: int = 2) -> None:
                                             "--mode", "uniform", "--frames", "8", "--size", "64", *w], log)
     _step("Whisper log-mel and fbank features", ["extract-audio", str(out / "shards"), "--out",
                                                  str(out / "audio-features"), "--features", "whisper,fbank", *w], log)
+    tok = str(out / "tokenizer")
+    _step("train the BPE tokenizer (unified vocabulary)", ["train-bpe", str(out / "shards"), "--out", tok,
+                                                          "--vocab-size", "800", "--image-codes", "256"], log)
+    _step("train the VQ image tokenizer", ["train-vq", str(out / "shards"), "--out", tok, "--steps", "100",
+                                           "--codebook-size", "256", "--resolution", "64", "--downsample", "8",
+                                           "--channels", "16", "--res-blocks", "1", "--batch-size", "8", "--lr", "1e-3",
+                                           "--log-every", "25", "--disc-weight", "0"], log)
+    _step("encode images and video frames to codes", ["tokenize-images", str(out / "shards"), str(out / "frames"),
+                                                      "--tokenizer", tok, "--out", str(out / "codes"), *w], log)
+    _step("tokenize texts, pairs and documents", ["tokenize", str(out / "shards"), str(out / "frames"), "--tokenizer",
+                                                  tok, "--codes", str(out / "codes"), "--out", str(out / "tokens"), *w],
+          log)
+    _step("decode tokens back to text and PNG", ["detokenize", str(out / "tokens"), "--tokenizer", tok, "--out",
+                                                 str(out / "decoded"), "--limit", "20"], log)
+    _step("plan a balanced 1:1 mixture for 2 ranks", ["balance-mix", str(out / "tokens"), "--out", str(out / "plan"),
+                                                      "--world-size", "2", "--experts", "1t1i", "--seq-len", "256",
+                                                      "--micro-batch", "2", "--steps", "40", "--seed", "0", "--plot",
+                                                      str(out / "plan.png")], log)
+    _step("train MoMa 1t1i with FSDP2 on 2 processes", ["train", "--plan", str(out / "plan"), "--out", str(out / "run"),
+                                                         "--model", "moma", "--experts", "1t1i", "--preset", "tiny",
+                                                         "--steps", "20", "--ckpt-every", "10", "--nproc", "2"], log)
+    _step("evaluate", ["eval", "--checkpoint", str(out / "run"), "--data", str(out / "tokens"), "--pairs",
+                       str(out / "tokens"), "--max-docs", "100"], log)
+    _step("export to safetensors", ["export", str(out / "run"), "--to", str(out / "model")], log)
     (out / "demo-steps.json").write_text(json.dumps(log, indent=1))
     con = Console(stderr=True)
     con.rule("[bold green]demo finished")
     con.print(f"corpus:  {corpus}")
     con.print(f"shards:  {out / 'shards'}  (manifest.json, index.parquet, quarantine.jsonl)")
     con.print(f"video frames: {out / 'frames'};  audio features: {out / 'audio-features'}")
+    con.print(f"tokenizer: {tok};  token shards: {out / 'tokens'};  decoded samples: {out / 'decoded'}")
+    con.print(f"mixture plan: {out / 'plan'} (plot {out / 'plan.png'});  training run: {out / 'run'};  "
+              f"exported model: {out / 'model'}")
     con.print(f"steps and timings: {out / 'demo-steps.json'}")
