@@ -381,3 +381,22 @@ def test_stage_function_exception_becomes_quarantine(tmp_path: Path):
     assert (s.samples, s.quarantined) == (4, 1)
     q = quarantine(tmp_path / "o")[0]
     assert q["input"] == "item2" and "RuntimeError: kaboom" in q["reason"]
+
+
+def test_help_and_shard_do_not_import_torch(tmp_path: Path):
+    """Users feel every second of start-up: commands that need no torch must not load it."""
+    (tmp_path / "a.txt").write_text("hello")
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from mmtok.cli.app import app\n"
+        "r = CliRunner()\n"
+        "assert r.invoke(app, ['--help']).exit_code == 0\n"
+        f"assert r.invoke(app, ['shard', {str(tmp_path / 'a.txt')!r}, '--out', {str(tmp_path / 'o')!r}, '-q']).exit_code == 0\n"
+        f"assert r.invoke(app, ['inspect', {str(tmp_path / 'o')!r}]).exit_code == 0\n"
+        "heavy = sorted(m for m in ('torch', 'webdataset', 'torchvision', 'librosa') if m in sys.modules)\n"
+        "print(heavy)\n"
+        "assert not heavy, heavy\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
