@@ -8,7 +8,7 @@ FLOPs as dense. The ratio step_time(model) / step_time(dense) is the routing ove
 
 CPU: python benchmarks/bench_step.py                       (tiny-ish size, fp32)
 GPU: python benchmarks/bench_step.py --device cuda --preset 90m --seq-len 4096 --batch 4
-     (bf16 autocast; also prints MFU from active parameters)
+     (bf16 autocast; also prints MFU from active parameters; --attention flex for flex attention)
 Writes JSON and a markdown table to --out.
 """
 
@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--image-share", type=float, default=0.5)
+    ap.add_argument("--attention", default="sdpa", choices=["sdpa", "flex"],
+                    help="sdpa: explicit document mask (no flash kernel); flex: block mask (GPU only)")
     ap.add_argument("--steps", type=int, default=10, help="timed rounds (one step of each variant)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/step")
@@ -93,15 +95,20 @@ def main() -> None:
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
         if device.type == "cuda" else None
     cfgs = {name: ModelConfig(vocab_size=args.vocab, image_range=(image_lo, args.vocab), max_seq_len=args.seq_len,
-                              **size, **kw) for name, kw in VARIANTS}
+                              attention=args.attention, **size, **kw) for name, kw in VARIANTS}
     if device.type == "cuda":
         # One variant at a time: at 435m the expert models hold ~2.4B parameters each, so
         # four of them with AdamW state do not fit together; a GPU is not noisy anyway.
-        seconds = {}
+        seconds, memory = {}, {}
         for name, cfg in cfgs.items():
+            torch.cuda.reset_peak_memory_stats(device)
             seconds.update(time_variants({name: make_step(cfg, data, device)}, args.steps, args.warmup))
+            # allocator retries (frees and re-mallocs when memory runs short) stall the GPU
+            mem = torch.cuda.memory_stats(device)
+            memory[name] = {"peak_gib": mem["allocated_bytes.all.peak"] / 2**30, "alloc_retries": mem["num_alloc_retries"]}
             torch.cuda.empty_cache()
     else:
+        memory = {}
         seconds = time_variants({name: make_step(cfg, data, device) for name, cfg in cfgs.items()}, args.steps,
                                 args.warmup)
     rows = []
@@ -110,18 +117,18 @@ def main() -> None:
         row = {"model": name, "step_s": seconds[name], "tokens_per_s": tok_s, "flops_per_token": flops_per_token(cfg, args.seq_len)}
         if peak:
             row["mfu"] = tok_s * row["flops_per_token"] / peak
-        rows.append(row)
+        rows.append(row | memory.get(name, {}))
     for r in rows:
         r["vs_dense"] = r["step_s"] / rows[0]["step_s"]
     result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, device {device}"
               + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
               "size": size, "seq_len": args.seq_len, "batch": args.batch, "vocab": args.vocab,
-              "image_share": args.image_share, "rows": rows}
-    lines = ["| model | ms/step | tokens/s | time vs dense |" + (" MFU |" if peak else ""),
-             "| --- | --- | --- | --- |" + (" --- |" if peak else "")]
+              "image_share": args.image_share, "attention": args.attention, "rows": rows}
+    lines = ["| model | ms/step | tokens/s | time vs dense |" + (" MFU | peak GiB | alloc retries |" if peak else ""),
+             "| --- | --- | --- | --- |" + (" --- | --- | --- |" if peak else "")]
     for r in rows:
         lines.append(f"| {r['model']} | {r['step_s'] * 1000:.1f} | {r['tokens_per_s']:.0f} | {r['vs_dense']:.2f}x |"
-                     + (f" {r['mfu']:.1%} |" if peak else ""))
+                     + (f" {r['mfu']:.1%} | {r['peak_gib']:.1f} | {r['alloc_retries']} |" if peak else ""))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from mmtok.cli import data_cmds, media_cmds, mix_cmds, token_cmds, train_cmds
+from mmtok.cli import data_cmds, media_cmds, mix_cmds, moma_cmds, token_cmds, train_cmds
 
 app = typer.Typer(
     name="mmtok",
@@ -19,7 +19,7 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
-for module in (data_cmds, media_cmds, mix_cmds, token_cmds, train_cmds):
+for module in (data_cmds, media_cmds, mix_cmds, token_cmds, train_cmds, moma_cmds):
     module.register(app)
 
 

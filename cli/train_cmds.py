@@ -25,9 +25,10 @@ def register(app: typer.Typer) -> None:
 
 @friendly_errors
 def train(
-    plan: Path = typer.Option(..., "--plan", help="Plan directory written by `mmtok balance-mix`."),
+    plan: Optional[Path] = typer.Option(None, "--plan", help="Plan directory written by `mmtok balance-mix` "
+                                        "(not for --model uni-moe, which reads pairs: see --speech ... --image)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: config, metrics, TensorBoard, checkpoints."),
-    model: str = typer.Option("dense", "--model", help="dense, moe or moma."),
+    model: str = typer.Option("dense", "--model", help="dense, moe, moma, mod-moma (MoMa + Mixture-of-Depths) or uni-moe."),
     experts: str = typer.Option("", "--experts", help="moma: NtMi layout (4t4i, 1t1i, ...); moe: number of experts."),
     routing: str = typer.Option("expert-choice", "--routing", help="moe routing: expert-choice or top2."),
     preset: str = typer.Option("tiny", "--preset", help="tiny, 90m, 435m or 1.4b (MoMa's Table 1 sizes)."),
@@ -50,11 +51,55 @@ def train(
     stop_at_step: Optional[int] = typer.Option(None, "--stop-at-step", min=1,
                                                help="Checkpoint and stop after this step (continue later with --resume)."),
     loader_workers: int = typer.Option(0, "--loader-workers", min=0, help="Loader worker processes per rank."),
+    stage: str = typer.Option("main", "--stage", help="uni-moe: align, experts or tune. Others: main, or "
+                              "aux-routers: with --resume, train only the auxiliary "
+                              "routers of the run in --out (main weights frozen; one process)."),
+    aux_routers: Optional[str] = typer.Option(None, "--aux-routers", help="stage (default: train them later with "
+                                              "--stage aux-routers) or joint (alongside, on detached inputs)."),
+    mod_capacity: Optional[float] = typer.Option(None, "--mod-capacity", help="mod-moma: share of tokens through "
+                                                 "depth-routed layers (default 0.25)."),
+    router_noise: Optional[str] = typer.Option(None, "--router-noise", help="none or gumbel (Gumbel-sigmoid noise on "
+                                               "expert-choice router logits; for upcycled runs)."),
+    # --- --model uni-moe (cli/unimoe_cmds.py; docs/UNIMOE.md) ---
+    speech: List[Path] = typer.Option([], "--speech", help="uni-moe: extract-audio output with whisper.npy (repeat)."),
+    audio: List[Path] = typer.Option([], "--audio", help="uni-moe: extract-audio output with fbank.npy (repeat)."),
+    video: List[Path] = typer.Option([], "--video", help="uni-moe: extract-keyframes output (repeat)."),
+    image: List[Path] = typer.Option([], "--image", help="uni-moe: `mmtok shard` output with image-caption pairs (repeat)."),
+    texts: List[Path] = typer.Option([], "--texts", help="uni-moe: shard directories with the transcripts/captions "
+                                     "(default: the ones the features were extracted from)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="uni-moe: `mmtok train-bpe` directory."),
+    init: Optional[Path] = typer.Option(None, "--init", help="uni-moe: the previous stage's run (experts, tune), or "
+                                        "a dense run / export whose decoder stage align starts from."),
+    speech_encoder: Optional[Path] = typer.Option(None, "--speech-encoder", help="uni-moe: Whisper encoder weights "
+                                                  "(safetensors); loaded and frozen."),
+    queries: Optional[int] = typer.Option(None, "--queries", help="uni-moe: connector queries per input (default 8)."),
+    connector_layers: Optional[int] = typer.Option(None, "--connector-layers", help="uni-moe: default 4."),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="uni-moe: LoRA rank of the experts (default 8)."),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="uni-moe: LoRA alpha (default 16)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="uni-moe: pairs per step."),
+    holdout: float = typer.Option(0.1, "--holdout", min=0.0, max=0.9, help="uni-moe: share of pairs held out for eval."),
+    # --- end uni-moe ---
     nproc: int = typer.Option(1, "--nproc", min=1, help="Start this many processes with torchrun on this machine "
                               "(or launch `torchrun ... mmtok train` yourself for several machines)."),
     as_json: bool = JSON_OUT,
 ):
-    """Train a dense, MoE or MoMa decoder on a balance-mix plan (FSDP2 under torchrun)."""
+    """Train a dense, MoE or MoMa decoder on a balance-mix plan (FSDP2 under torchrun), or a stage of Uni-MoE."""
+    if model == "uni-moe":
+        from mmtok.cli.unimoe_cmds import train_unimoe
+
+        if nproc > 1:
+            fail("--model uni-moe trains in one process; drop --nproc")
+        train_unimoe(out=out, stage=stage, tokenizer=tokenizer, init=init, texts=texts, speech_encoder=speech_encoder,
+                     sources=dict(speech=speech, audio=audio, video=video, image=image),
+                     model_opts=dict(preset=preset, queries=queries, connector_layers=connector_layers,
+                                     lora_rank=lora_rank, lora_alpha=lora_alpha, swin_norm=swin_norm,
+                                     capacity_factor=capacity_factor),
+                     train_opts=dict(steps=steps, grad_accum=grad_accum, lr=lr, warmup=warmup, seed=seed,
+                                     ckpt_every=ckpt_every, log_every=log_every),
+                     batch_size=batch_size, holdout=holdout, resume=resume, stop_at_step=stop_at_step, as_json=as_json)
+        return
+    if plan is None:
+        fail("give --plan (a `mmtok balance-mix` directory)")
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch(nproc)
         return
@@ -62,9 +107,14 @@ def train(
     from mmtok.trainer.config import resolve
     from mmtok.trainer.train import train as run_train
 
+    if stage != "main":
+        _aux_stage(stage, plan, out, resume, steps, lr, as_json)
+        return
+
     plan_meta, _ = read_plan(plan)
     model_opts = dict(model=model, experts=experts or None, routing=routing, capacity_factor=capacity_factor,
-                      swin_norm=swin_norm, attention=attention)
+                      swin_norm=swin_norm, attention=attention, aux_routers=aux_routers, mod_capacity=mod_capacity,
+                      router_noise=router_noise)
     train_opts = dict(steps=steps, grad_accum=grad_accum, lr=lr, warmup=warmup, seed=seed, ckpt_every=ckpt_every,
                       log_every=log_every, compile=compile, act_ckpt=act_ckpt, mixed_precision=mixed_precision)
     cfg = resolve(preset, model_opts, train_opts, config, vocab=plan_meta["vocab"], seq_len=plan_meta["seq_len"],
@@ -82,6 +132,28 @@ def train(
                                    f" on {summary['world_size']} process(es); checkpoint {summary['checkpoint']}")
     if summary["status"] == "interrupted":
         fail(f"interrupted at step {summary['step']}; checkpoint saved; continue with --resume", Exit.FAILED)
+
+
+def _aux_stage(stage: str, plan: Path, out: Path, resume: bool, steps: Optional[int], lr: Optional[float],
+               as_json: bool) -> None:
+    """`--stage aux-routers`: MoMa's auxiliary routers, trained after the main run."""
+    from mmtok.trainer.moma import train_aux_routers
+
+    if stage != "aux-routers":
+        fail(f"unknown --stage {stage!r}; choose main or aux-routers")
+    if not resume:
+        fail("--stage aux-routers trains the routers of an existing run: pass --resume with its --out")
+    summary = train_aux_routers(out, plan, steps or 200, lr or 1e-2)
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        return
+    from rich.console import Console
+
+    final = summary["final"]
+    agree = ", ".join(f"{k.removeprefix('agreement_')} {v:.1%}" for k, v in final.items() if k.startswith("agreement_"))
+    Console(stderr=True).print(f"[bold]mmtok train --stage aux-routers[/]: {summary['aux_steps']} steps, BCE "
+                               f"{final.get('bce', float('nan')):.4f}, agreement with expert choice: {agree}; "
+                               f"checkpoint {summary['checkpoint']}")
 
 
 def _relaunch(nproc: int) -> None:
@@ -119,7 +191,13 @@ def evaluate(
 ):
     """Held-out perplexity (all, text, image), conditional pair perplexity and expert load."""
     from mmtok.trainer.evaluate import evaluate as run_eval, summary_rows, write_report
+    from mmtok.trainer.unimoe_train import is_unimoe_run
 
+    if is_unimoe_run(checkpoint):  # held-out pairs of the run's own data (cli/unimoe_cmds.py)
+        from mmtok.cli.unimoe_cmds import eval_unimoe
+
+        eval_unimoe(checkpoint, out, batch_size, as_json)
+        return
     if not data and not pairs:
         fail("give --data and/or --pairs token shard directories to evaluate on")
     result = run_eval(str(checkpoint), [str(d) for d in data], [str(p) for p in pairs], batch_size, max_docs, seq_len)

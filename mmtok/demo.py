@@ -174,8 +174,23 @@ def run_demo(out: Path, workers: int = 2) -> None:
     _step("train MoMa 1t1i with FSDP2 on 2 processes", ["train", "--plan", str(out / "plan"), "--out", str(out / "run"),
                                                          "--model", "moma", "--experts", "1t1i", "--preset", "tiny",
                                                          "--steps", "20", "--ckpt-every", "10", "--nproc", "2"], log)
-    _step("evaluate", ["eval", "--checkpoint", str(out / "run"), "--data", str(out / "tokens"), "--pairs",
-                       str(out / "tokens"), "--max-docs", "100"], log)
+    _step("train MoMa's auxiliary routers (causal inference)", ["train", "--stage", "aux-routers", "--resume", "--plan",
+                                                                 str(out / "plan"), "--out", str(out / "run"),
+                                                                 "--steps", "60"], log)
+    _step("evaluate (batch and causal routing)", ["eval", "--checkpoint", str(out / "run"), "--data",
+                                                  str(out / "tokens"), "--pairs", str(out / "tokens"),
+                                                  "--max-docs", "100"], log)
+    _step("upcycle 1t1i into 2t2i", ["upcycle", str(out / "run"), "--experts", "2t2i", "--out",
+                                     str(out / "run-2t2i")], log)
+    _step("continue training the upcycled model", ["train", "--plan", str(out / "plan"), "--out",
+                                                   str(out / "run-2t2i"), "--model", "moma", "--experts", "2t2i",
+                                                   "--router-noise", "gumbel", "--preset", "tiny", "--steps", "10",
+                                                   "--ckpt-every", "10", "--nproc", "2", "--resume"], log)
+    _step("generate text", ["generate", "--checkpoint", str(out / "run"), "--tokenizer", tok, "--prompt",
+                            "a red square", "--max-tokens", "60", "--seed", "0", "--out", str(out / "generated")], log)
+    _step("generate an image", ["generate", "--checkpoint", str(out / "run"), "--tokenizer", tok, "--prompt",
+                                "a red square", "--generate-image", "--max-tokens", "80", "--seed", "0", "--out",
+                                str(out / "generated-image")], log)
     _step("export to safetensors", ["export", str(out / "run"), "--to", str(out / "model")], log)
     (out / "demo-steps.json").write_text(json.dumps(log, indent=1))
     con = Console(stderr=True)
@@ -186,4 +201,5 @@ def run_demo(out: Path, workers: int = 2) -> None:
     con.print(f"tokenizer: {tok};  token shards: {out / 'tokens'};  decoded samples: {out / 'decoded'}")
     con.print(f"mixture plan: {out / 'plan'} (plot {out / 'plan.png'});  training run: {out / 'run'};  "
               f"exported model: {out / 'model'}")
+    con.print(f"upcycled run: {out / 'run-2t2i'};  samples: {out / 'generated'}, {out / 'generated-image'}")
     con.print(f"steps and timings: {out / 'demo-steps.json'}")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mmtok.trainer.config import ModelConfig
 from mmtok.trainer.model import Decoder, loss_terms
-from mmtok.trainer.moe import ExpertChoice, MoMaFFN, TopTwo, capacity
+from mmtok.trainer.moe import ExpertChoice, MoMaFFN, TopTwo, capacity, token_rows
 
 
 def ffn(experts, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +81,8 @@ def test_moma_decoder_gradients_stay_inside_the_modality_group(layout):
         logits, stats = m(ids, torch.arange(32).int().repeat(2, 1), torch.ones(2, 32, dtype=torch.int32))
         loss_terms(cfg, logits, torch.roll(ids, -1, 1), stats)["loss"].backward()
         for block in m.layers:
-            assert all(p.grad.abs().sum() > 0 for p in getattr(block.ffn, touched).parameters())
+            # the auxiliary router trains only on its own BCE (joint mode or the aux-routers stage)
+            assert all(p.grad.abs().sum() > 0 for n, p in getattr(block.ffn, touched).named_parameters() if not n.startswith("aux."))
             assert all(p.grad is None or p.grad.abs().sum() == 0 for p in getattr(block.ffn, untouched).parameters())
 
 
@@ -131,3 +132,30 @@ def test_top2_decoder_adds_the_auxiliary_losses():
     aux = sum(0.01 * s["all"]["balance"] + 1e-3 * s["all"]["router_z"] for s in stats)
     torch.testing.assert_close(t["aux_loss"], aux.detach())
     torch.testing.assert_close(t["loss"], t["ce"] + t["z_loss"] + aux)
+
+
+def test_token_rows_match_nonzero_and_follow_in_place_changes():
+    torch.manual_seed(0)
+    is_image = torch.rand(3, 20) < 0.4
+    real = torch.rand(3, 20) < 0.8
+    text, image = token_rows(real, is_image)
+    assert torch.equal(text, (~is_image & real).reshape(-1).nonzero().squeeze(1))
+    assert torch.equal(image, (is_image & real).reshape(-1).nonzero().squeeze(1))
+    assert token_rows(real, is_image)[0] is text  # the next layer reuses the answer
+    real[0, :] = ~real[0, :]  # an in-place change makes it stale
+    assert torch.equal(token_rows(real, is_image)[0], (~is_image & real).reshape(-1).nonzero().squeeze(1))
+    (rows,) = token_rows(real)
+    assert torch.equal(rows, real.reshape(-1).nonzero().squeeze(1))
+
+
+def test_a_frozen_auxiliary_router_is_skipped_only_in_training():
+    layer = init(ExpertChoice(8, 16, 2))
+    x = torch.randn(12, 8)
+    layer.aux.requires_grad_(False)
+    assert "aux_bce" not in layer(x)[1]  # frozen and training: nothing would use its output
+    layer.eval()
+    assert "aux_bce" in layer(x)[1]  # eval reports the auxiliary routers' agreement
+    layer.train()
+    layer.aux.requires_grad_(True)
+    out, stats = layer(x)
+    assert "aux_bce" in stats and stats["aux_bce"].requires_grad

@@ -20,7 +20,7 @@ PRESETS = {
     "435m": dict(n_layers=24, d_model=1024, n_heads=16, ffn_hidden=4096),
     "1.4b": dict(n_layers=24, d_model=2048, n_heads=16, ffn_hidden=8192),
 }
-MODELS = ("dense", "moe", "moma")
+MODELS = ("dense", "moe", "moma", "mod-moma")  # mod-moma: MoMa + Mixture-of-Depths
 ROUTINGS = ("expert-choice", "top2")
 ATTENTIONS = ("sdpa", "flex")
 LAYOUT_RE = re.compile(r"^(\d+)t(\d+)i$")
@@ -53,6 +53,12 @@ class ModelConfig:
     z_loss: float = 1e-5  # Chameleon: 1e-5 * log^2 Z
     balance_loss: float = 0.01  # top2 only
     router_z_loss: float = 1e-3  # top2 only
+    # MoMa complete (issue 7): Mixture-of-Depths share of tokens through routed layers,
+    # Gumbel-sigmoid noise on expert-choice router logits (upcycled training), and whether
+    # the auxiliary routers train alongside the model ("joint") or in a later stage ("stage").
+    mod_capacity: float = 0.25
+    router_noise: str = "none"  # none | gumbel
+    aux_routers: str = "stage"  # stage | joint
 
     def __post_init__(self):
         self.image_range = tuple(self.image_range)
@@ -64,7 +70,13 @@ class ModelConfig:
             raise ValueError(f"unknown attention {self.attention!r}; choose one of {', '.join(ATTENTIONS)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        if self.model == "moma":
+        if self.router_noise not in ("none", "gumbel"):
+            raise ValueError(f"unknown router noise {self.router_noise!r}; choose none or gumbel")
+        if self.aux_routers not in ("stage", "joint"):
+            raise ValueError(f"unknown aux-routers mode {self.aux_routers!r}; choose stage or joint")
+        if not 0 < self.mod_capacity <= 1:
+            raise ValueError(f"mod_capacity must be in (0, 1] (got {self.mod_capacity})")
+        if self.model in ("moma", "mod-moma"):
             parse_layout(self.experts)
         elif self.model == "moe":
             if not str(self.experts).isdigit() or int(self.experts) < 2:
@@ -76,7 +88,7 @@ class ModelConfig:
     @property
     def groups(self) -> list[tuple[str, int]]:
         """Expert groups as (name, experts): moma -> text + image, moe -> one group."""
-        if self.model == "moma":
+        if self.model in ("moma", "mod-moma"):
             t, i = parse_layout(self.experts)
             return [("text", t), ("image", i)]
         if self.model == "moe":

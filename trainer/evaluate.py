@@ -88,15 +88,20 @@ def _stack(rows, seq_len):
 
 
 @torch.no_grad()
-def score(model: Decoder, batch_iter) -> dict:
-    """Sums of NLL and counts by kind, and expert load, over all batches."""
+def score(model: Decoder, batch_iter, routing: str = "batch") -> dict:
+    """Sums of NLL and counts by kind, and expert load, over all batches. In batch routing,
+    also how often the auxiliary routers agree with the batch routers (`aux_agreement`)."""
+    from mmtok.trainer.moma import aux_agreement
+
     cfg = model.cfg
     lo, hi = cfg.image_range
     sums = {k: 0.0 for k in ("all", "text", "image", "i2t", "t2i")}
     counts = dict.fromkeys(sums, 0)
-    load = {}
+    load, agree = {}, {}
     for b in batch_iter:
-        logits, stats = model(b["input_ids"], b["positions"], b["doc_ids"])
+        logits, stats = model(b["input_ids"], b["positions"], b["doc_ids"], routing)
+        for kind, (hits, n) in aux_agreement(stats).items():
+            agree[kind] = [x + y for x, y in zip(agree.get(kind, [0.0, 0.0]), (hits, n))]
         t = b["targets"]
         valid = t != -100
         nll = torch.where(valid, torch.logsumexp(logits.float(), -1) - logits.float().gather(-1, t.clamp(min=0)[..., None])[..., 0], 0.0)
@@ -116,6 +121,8 @@ def score(model: Decoder, batch_iter) -> dict:
         out[name] = {"tokens": counts[name], "loss": loss, "ppl": math.exp(loss) if loss is not None else None}
     out["expert_load"] = {g: {"share": (v["load"] / v["load"].sum().clamp(min=1)).tolist(),
                               "unrouted": v["unrouted"] / max(v["tokens"], 1.0)} for g, v in load.items()}
+    if routing == "batch" and agree:
+        out["aux_agreement"] = {k: hits / max(n, 1.0) for k, (hits, n) in agree.items()}
     return out
 
 
@@ -145,6 +152,8 @@ def evaluate(model_path: str, data: list[str], pairs: list[str], batch_size: int
     result = {"model": str(model_path), "seq_len": seq_len, "config": {"model": cfg.model, "experts": cfg.experts}}
     if "data" in corpora:
         result["heldout"] = score(model, batches(docs(corpora["data"], False), seq_len, batch_size))
+        if "aux_agreement" in result["heldout"]:  # expert-choice model: perplexity with causal routing too
+            result["heldout_causal"] = score(model, batches(docs(corpora["data"], False), seq_len, batch_size), "causal")
     if "pairs" in corpora:
         s = score(model, batches(docs(corpora["pairs"], True), seq_len, batch_size))
         result["pairs"] = {"image_to_text": s["i2t"], "text_to_image": s["t2i"], "expert_load": s["expert_load"]}
@@ -167,6 +176,10 @@ def write_report(result: dict, out: str | Path, metrics_jsonl: Path | None) -> l
     lines = [f"# Evaluation of {result['model']}", "", "| measure | tokens | loss | perplexity |", "| --- | --- | --- | --- |"]
     for label, m in summary_rows(result):
         lines.append(f"| {label} | {m['tokens']} | {_f(m['loss'])} | {_f(m['ppl'])} |")
+    agree = result.get("heldout", {}).get("aux_agreement")
+    if agree:
+        lines += ["", "Auxiliary routers agreeing with the batch routers: " +
+                  ", ".join(f"{k} {v:.1%}" for k, v in agree.items())]
     load = (result.get("heldout") or result.get("pairs") or {}).get("expert_load", {})
     if load:
         lines += ["", "## Expert utilisation (share of routed tokens per expert)", ""]
@@ -200,6 +213,10 @@ def summary_rows(result: dict) -> list[tuple[str, dict]]:
     if "heldout" in result:
         h = result["heldout"]
         rows += [("held-out, all tokens", h["all"]), ("held-out, text tokens", h["text"]), ("held-out, image tokens", h["image"])]
+    if "heldout_causal" in result:
+        h = result["heldout_causal"]
+        rows += [("held-out, causal routing, all", h["all"]), ("held-out, causal routing, text", h["text"]),
+                 ("held-out, causal routing, image", h["image"])]
     if "pairs" in result:
         rows += [("caption given image (image->text)", result["pairs"]["image_to_text"]),
                  ("image given caption (text->image)", result["pairs"]["text_to_image"])]

@@ -7,10 +7,18 @@ its own document) and a z-loss on the output softmax.
 
 A token's modality is a function of its id: it is an image token iff its id lies in
 `image_range`. The model takes the batch contract of `mmtok.loader.PlanLoader`.
+
+`mod-moma` adds Mixture-of-Depths (Raposo et al. 2024) before the MoE routing: in layers
+0, 2, 4, ... a router lets only the top `mod_capacity` share of the batch's tokens through
+the block; the others skip it on the residual path, and the router weight (a sigmoid)
+multiplies the block's update. `routing="causal"` replaces every batch-wide choice (MoD
+and expert choice) by the auxiliary routers' per-token predictions; with a `cache` (one
+dict per layer) the model decodes incrementally, one document per row.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -18,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmtok.trainer.config import ModelConfig
-from mmtok.trainer.moe import MoEFFN, MoMaFFN
+from mmtok.trainer.moe import AuxRouter, MoEFFN, MoMaFFN, aux_stats
 
 
 class RMSNorm(nn.Module):
@@ -53,15 +61,35 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)).unsqueeze(1) & causal
 
 
-def flex_document_attention(q, k, v, doc_ids):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def document_block_mask(doc_ids: torch.Tensor):
+    """The document-causal mask as a flex-attention BlockMask (built once per forward and
+    shared by the layers: building it evaluates the mask over every block)."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, qi, ki):
         return (ki <= qi) & (doc_ids[b, qi] == doc_ids[b, ki])
 
-    b, _, t, _ = q.shape
-    block_mask = create_block_mask(mask_mod, b, None, t, t, device=q.device)
-    return flex_attention(q, k, v, block_mask=block_mask)
+    b, t = doc_ids.shape
+    return create_block_mask(mask_mod, b, None, t, t, device=doc_ids.device)
+
+
+def attention_mask(doc_ids: torch.Tensor, flex: bool):
+    return document_block_mask(doc_ids) if flex else document_causal_mask(doc_ids)
+
+
+@functools.cache
+def compiled_flex_attention():
+    """Flex attention runs as a fused kernel only when compiled; eager it materialises the
+    scores (still used on CPU, where compiling would need a C++ toolchain and minutes)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def flex_document_attention(q, k, v, block_mask):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return (compiled_flex_attention() if q.is_cuda else flex_attention)(q, k, v, block_mask=block_mask)
 
 
 class Attention(nn.Module):
@@ -73,13 +101,20 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
         self.flex = cfg.attention == "flex"
 
-    def forward(self, x, rope, positions, doc_ids, mask):
+    def forward(self, x, rope, positions, doc_ids, mask, cache=None):
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)  # QK-norm keeps attention logits bounded
         q, k = apply_rotary(q, rope, positions), apply_rotary(k, rope, positions)
-        if self.flex:
-            y = flex_document_attention(q, k, v, doc_ids)
+        if cache is not None:  # incremental decoding: new queries see every cached key of their row
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+            n = k.shape[2]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(t, n, dtype=torch.bool, device=x.device).tril(n - t))
+        elif self.flex:  # the decoder passes a BlockMask; other callers may pass a bool mask or none
+            block = mask if mask is not None and not isinstance(mask, torch.Tensor) else document_block_mask(doc_ids)
+            y = flex_document_attention(q, k, v, block)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
@@ -92,35 +127,79 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(d, hidden, bias=False)
         self.w2 = nn.Linear(hidden, d, bias=False)
 
-    def forward(self, x, is_image=None, real=None):
+    def forward(self, x, is_image=None, real=None, causal=False):
         return self.w2(F.silu(self.w1(x)) * self.w3(x)), {}
 
 
 def make_ffn(cfg: ModelConfig) -> nn.Module:
+    noise = cfg.router_noise == "gumbel"
     if cfg.model == "dense":
         return SwiGLU(cfg.d_model, cfg.ffn_hidden)
     if cfg.model == "moe":
-        return MoEFFN(cfg.d_model, cfg.ffn_hidden, int(cfg.experts), cfg.routing, cfg.capacity_factor)
+        return MoEFFN(cfg.d_model, cfg.ffn_hidden, int(cfg.experts), cfg.routing, cfg.capacity_factor, noise)
     (_, n_text), (_, n_image) = cfg.groups
-    return MoMaFFN(cfg.d_model, cfg.ffn_hidden, n_text, n_image, cfg.capacity_factor)
+    return MoMaFFN(cfg.d_model, cfg.ffn_hidden, n_text, n_image, cfg.capacity_factor, noise)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, depth_routed: bool = False):
         super().__init__()
         self.swin = cfg.swin_norm
         self.attn_norm, self.ffn_norm = RMSNorm(cfg.d_model), RMSNorm(cfg.d_model)
         self.attn = Attention(cfg)
         self.ffn = make_ffn(cfg)
+        self.mod_capacity = cfg.mod_capacity
+        if depth_routed:  # Mixture-of-Depths router and its causal predictor
+            self.mod_router = nn.Linear(cfg.d_model, 1, bias=False)
+            self.mod_aux = AuxRouter(cfg.d_model, 1)
+        else:
+            self.mod_router = None
 
-    def forward(self, x, rope, positions, doc_ids, mask, is_image, real):
+    def inner(self, x, rope, positions, doc_ids, mask, is_image, real, causal=False, cache=None):
         if self.swin:
-            h = x + self.attn_norm(self.attn(x, rope, positions, doc_ids, mask))
-            y, stats = self.ffn(h, is_image, real)
+            h = x + self.attn_norm(self.attn(x, rope, positions, doc_ids, mask, cache))
+            y, stats = self.ffn(h, is_image, real, causal)
             return h + self.ffn_norm(y), stats
-        h = x + self.attn(self.attn_norm(x), rope, positions, doc_ids, mask)
-        y, stats = self.ffn(self.ffn_norm(h), is_image, real)
+        h = x + self.attn(self.attn_norm(x), rope, positions, doc_ids, mask, cache)
+        y, stats = self.ffn(self.ffn_norm(h), is_image, real, causal)
         return h + y, stats
+
+    def forward(self, x, rope, positions, doc_ids, mask, is_image, real, causal=False, cache=None):
+        if self.mod_router is None:
+            return self.inner(x, rope, positions, doc_ids, mask, is_image, real, causal, cache)
+        return self.depth_routed(x, rope, positions, doc_ids, is_image, real, causal, cache)
+
+    def depth_routed(self, x, rope, positions, doc_ids, is_image, real, causal, cache):
+        """Mixture-of-Depths: only the chosen tokens pass through the block (in their order,
+        each row packed to the front); the rest keep x. Chosen = the top `mod_capacity` of the
+        batch's real tokens by router weight, or (causal) those the auxiliary router passes."""
+        b, t, d = x.shape
+        weight = torch.sigmoid(self.mod_router(x).squeeze(-1).float())  # [B, T]
+        aux = self.mod_aux(x.detach()).squeeze(-1)
+        n_real = int(real.sum())
+        if causal:
+            take = (aux > 0) & real
+        else:
+            k = min(n_real, math.ceil(self.mod_capacity * n_real))
+            chosen = weight.masked_fill(~real, -1.0).reshape(-1).topk(k).indices
+            take = torch.zeros(b * t, dtype=torch.bool, device=x.device).index_fill_(0, chosen, True).view(b, t)
+        counts = take.sum(1)
+        width = int(counts.max()) if b else 0
+        stats = {"passed": take.sum().float(), "candidates": x.new_full((), float(n_real), dtype=torch.float32),
+                 **aux_stats(aux[real], take[real])}
+        if width == 0:
+            return x, {"mod": stats}
+        ar = torch.arange(t, device=x.device)
+        order = torch.where(take, ar, t + ar).argsort(1)[:, :width]  # chosen tokens first, in order
+        valid = torch.arange(width, device=x.device) < counts.unsqueeze(1)
+        gather = lambda z: z.gather(1, order)  # noqa: E731
+        xs = x.gather(1, order.unsqueeze(-1).expand(-1, -1, d))
+        docs = torch.where(valid, gather(doc_ids), 0)  # packed padding is its own document
+        mask = None if cache is not None else attention_mask(docs, self.attn.flex)
+        ys, inner_stats = self.inner(xs, rope, gather(positions), docs, mask, gather(is_image), gather(real) & valid,
+                                     causal, cache)
+        update = (ys - xs) * (gather(weight) * valid).unsqueeze(-1).to(x.dtype)
+        return x.scatter_add(1, order.unsqueeze(-1).expand(-1, -1, d), update), inner_stats | {"mod": stats}
 
 
 class Decoder(nn.Module):
@@ -128,11 +207,18 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, cfg.model == "mod-moma" and i % 2 == 0) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.register_buffer("rope", rotary_table(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta), persistent=False)
         self.reset_parameters()
+        # Auxiliary routers train only in joint mode or in the aux-routers stage; frozen here they
+        # also stay out of the main optimizer's state (checkpoints agree on resume).
+        self.set_aux_trainable(cfg.aux_routers == "joint")
+
+    def set_aux_trainable(self, aux: bool, rest: bool = True) -> None:
+        for name, p in self.named_parameters():
+            p.requires_grad_(aux if is_aux_param(name) else rest)
 
     def reset_parameters(self) -> None:
         std = 0.02
@@ -149,16 +235,26 @@ class Decoder(nn.Module):
         lo, hi = self.cfg.image_range
         return (ids >= lo) & (ids < hi)
 
-    def forward(self, input_ids, positions, doc_ids) -> tuple[torch.Tensor, list[dict]]:
-        """Logits [B, T, V] and, per MoE layer, routing statistics."""
+    def forward(self, input_ids, positions, doc_ids, routing: str = "batch", cache: list | None = None) -> tuple[torch.Tensor, list[dict]]:
+        """Logits [B, T, V] and, per MoE layer, routing statistics. `routing`: "batch"
+        (expert choice over the batch, as trained) or "causal" (auxiliary routers). `cache`
+        (a list of one dict per layer, empty at first) makes the call incremental."""
+        if routing not in ("batch", "causal"):
+            raise ValueError(f"unknown routing mode {routing!r}; choose batch or causal")
         is_image, real = self.is_image(input_ids), doc_ids > 0
-        mask = None if self.cfg.attention == "flex" else document_causal_mask(doc_ids)
+        mask = None if cache is not None else attention_mask(doc_ids, self.cfg.attention == "flex")
         x = self.embed(input_ids)
         stats = []
-        for layer in self.layers:
-            x, s = layer(x, self.rope, positions, doc_ids, mask, is_image, real)
+        for i, layer in enumerate(self.layers):
+            x, s = layer(x, self.rope, positions, doc_ids, mask, is_image, real, routing == "causal",
+                         None if cache is None else cache[i])
             stats.append(s)
         return self.head(self.norm(x)), stats
+
+
+def is_aux_param(name: str) -> bool:
+    """Parameters of the auxiliary routers (expert choice and Mixture-of-Depths)."""
+    return ".aux." in name or ".mod_aux." in name
 
 
 def loss_terms(model_cfg: ModelConfig, logits: torch.Tensor, targets: torch.Tensor, stats: list[dict]) -> dict:
@@ -176,12 +272,18 @@ def loss_terms(model_cfg: ModelConfig, logits: torch.Tensor, targets: torch.Tens
     image = valid & (targets >= lo) & (targets < hi)
     text = valid & ~image
     aux = logits.new_zeros((), dtype=torch.float32)
+    aux_bce = logits.new_zeros((), dtype=torch.float32)
     for layer in stats:
         for s in layer.values():
             if "balance" in s:
                 aux = aux + model_cfg.balance_loss * s["balance"] + model_cfg.router_z_loss * s["router_z"]
+            if "aux_bce" in s:
+                aux_bce = aux_bce + s["aux_bce"]
+    # Auxiliary routers see detached inputs, so adding their BCE trains them and nothing else.
+    joint = aux_bce if model_cfg.aux_routers == "joint" else 0.0
     return {
-        "loss": ce + z + aux, "ce": ce.detach(), "z_loss": z.detach(), "aux_loss": aux.detach(),
+        "loss": ce + z + aux + joint, "ce": ce.detach(), "z_loss": z.detach(), "aux_loss": aux.detach(),
+        "aux_router_bce": aux_bce,
         "text_nll": (nll * text).sum().detach(), "text_n": text.sum(),
         "image_nll": (nll * image).sum().detach(), "image_n": image.sum(),
     }
@@ -193,6 +295,8 @@ def expert_load(stats: list[dict]) -> dict:
     out = {}
     for layer in stats:
         for group, s in layer.items():
+            if "load" not in s:  # Mixture-of-Depths statistics, not an expert group
+                continue
             acc = out.setdefault(group, {"load": 0, "unrouted": 0, "tokens": 0})
             acc["load"] = acc["load"] + s["load"].detach()
             acc["unrouted"] = acc["unrouted"] + s["unrouted"].detach()

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from mmtok.shards import atomic_write
 from mmtok.trainer.config import RunConfig
-from mmtok.trainer.model import Decoder, expert_load, flops_per_token, loss_terms
+from mmtok.trainer.model import Decoder, expert_load, flops_per_token, is_aux_param, loss_terms
 from mmtok.trainer.parallel import init_distributed, parallelize
 
 CONFIG, METRICS, CKPT_DIR, LATEST = "config.json", "metrics.jsonl", "checkpoints", "latest"
@@ -273,7 +273,9 @@ def train(cfg: RunConfig, run: str | Path, make_loader: Callable[[int, int], obj
                 acc = _accumulate(acc, terms, expert_load(stats), (batch["doc_ids"] > 0).sum())
             if status != "finished":
                 break
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip, foreach=True)
+            # the auxiliary routers (joint mode) stay out of the clipping norm: they must not change the model's updates
+            main = [p for n, p in model.named_parameters() if not is_aux_param(n)]
+            grad_norm = torch.nn.utils.clip_grad_norm_(main, tc.grad_clip, foreach=True)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -315,7 +317,7 @@ def _check_run_dir(run: Path, cfg: RunConfig, resume: bool, ckpt_path: Path | No
 
 
 def _accumulate(acc, terms, load, tokens_real):
-    vals = {k: terms[k].detach().float() for k in ("ce", "z_loss", "aux_loss", "text_nll", "text_n", "image_nll", "image_n")}
+    vals = {k: terms[k].detach().float() for k in ("ce", "z_loss", "aux_loss", "aux_router_bce", "text_nll", "text_n", "image_nll", "image_n")}
     vals["loss"] = terms["loss"].detach().float()
     vals["tokens_real"] = tokens_real.float()
     for group, s in load.items():
@@ -338,7 +340,7 @@ def _reduce(acc: dict, world: int, accum: int) -> dict:
         n = acc[k].numel()
         out[k] = flat[i:i + n]
         i += n
-    rec = {k: float(out[k]) / (world * accum) for k in ("loss", "ce", "z_loss", "aux_loss")}
+    rec = {k: float(out[k]) / (world * accum) for k in ("loss", "ce", "z_loss", "aux_loss", "aux_router_bce")}
     rec["text_loss"] = float(out["text_nll"] / out["text_n"].clamp(min=1))
     rec["image_loss"] = float(out["image_nll"] / out["image_n"].clamp(min=1))
     rec["text_tokens"], rec["image_tokens"] = int(out["text_n"]), int(out["image_n"])

@@ -1,0 +1,82 @@
+"""`mmtok upcycle` and `mmtok generate`: MoMa's upcycling of a 1t1i run into NtMi experts,
+and mixed-modal sampling with causal routing. torch is imported inside the commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mmtok.cli.common import friendly_errors
+
+JSON_OUT = typer.Option(False, "--json", help="Print a machine-readable summary on stdout.")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(no_args_is_help=True)(upcycle)
+    app.command(no_args_is_help=True)(generate)
+
+
+@friendly_errors
+def upcycle(
+    run: Path = typer.Argument(..., help="A trained 1t1i MoMa (or dense) run directory."),
+    experts: str = typer.Option(..., "--experts", help="The new expert layout, NtMi (for example 4t4i)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The new run directory (a checkpoint at step 0)."),
+    router_noise: str = typer.Option("gumbel", "--router-noise", help="gumbel (MoMa's choice) or none, "
+                                     "for the upcycled training."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the fresh routers."),
+    as_json: bool = JSON_OUT,
+):
+    """Start an NtMi run from a trained 1t1i (or dense) one: experts copy their modality's FFN,
+    routers start fresh, the LR schedule restarts and the data position carries over."""
+    from mmtok.trainer.moma import upcycle as run_upcycle
+
+    summary = run_upcycle(run, experts, out, router_noise=router_noise, seed=seed)
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        return
+    from rich.console import Console
+
+    Console(stderr=True).print(
+        f"upcycled {run} (step {summary['parent_step']}) to {summary['model']} {experts} in {out}; continue with\n"
+        f"  mmtok train --plan PLAN --out {out} --model {summary['model']} --experts {experts} "
+        f"--router-noise {router_noise} --steps N --resume")
+
+
+@friendly_errors
+def generate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A run directory or an `mmtok export` directory."),
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="The tokenizer directory the model was trained with."),
+    prompt: str = typer.Option("", "--prompt", help="Text to continue."),
+    image: Optional[Path] = typer.Option(None, "--image", help="An image placed before the prompt text."),
+    generate_image: bool = typer.Option(False, "--generate-image", help="End the prompt with [begin-image]: "
+                                        "the model draws an image next."),
+    out: Path = typer.Option(Path("generated"), "--out", "-o", help="Directory for generation.json and PNGs."),
+    max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Cap on new tokens."),
+    temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    cache: bool = typer.Option(True, "--kv-cache/--no-kv-cache", help="Decode with a KV cache (one position per step)."),
+    as_json: bool = JSON_OUT,
+):
+    """Sample text and images from a trained model with causal routing; images are decoded
+    through the tokenizer's VQ decoder to PNG."""
+    from mmtok.trainer.generate import Sampling, generate_to_files
+
+    if image is not None and not image.is_file():
+        raise FileNotFoundError(f"--image {image}: no such file")
+    result = generate_to_files(str(checkpoint), str(tokenizer), str(out), prompt, str(image) if image else None,
+                               Sampling(max_tokens, temperature, top_p, seed), generate_image, device, cache)
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        return
+    from rich.console import Console
+
+    c = Console(stderr=True)
+    c.print(result["text"], markup=False, highlight=False)
+    c.print(f"{result['new_tokens']} tokens ({result['tokens_per_s']:.1f}/s), stopped at {result['stopped']}; "
+            f"images: {', '.join(result['images']) or 'none'}; {out}/generation.json")

@@ -1,0 +1,97 @@
+"""`mmtok train --model uni-moe --stage align|experts|tune` and `mmtok eval` of a uni-moe
+run. `cli/train_cmds.py` declares the options and hands uni-moe runs to these functions;
+torch is imported inside them."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from mmtok.cli.common import fail
+
+STAGES = ("align", "experts", "tune")
+SOURCES = ("speech", "audio", "video", "image")
+
+
+def train_unimoe(*, out: Path, stage: str, tokenizer: Path | None, init: Path | None, sources: dict, texts: list,
+                 speech_encoder: Path | None, model_opts: dict, train_opts: dict, batch_size: int, holdout: float,
+                 resume: bool, stop_at_step: int | None, as_json: bool) -> None:
+    """One stage of a Uni-MoE run; the data options are recorded so that eval finds the held-out pairs."""
+    if stage not in STAGES:
+        fail(f"--model uni-moe needs --stage align, experts or tune (got {stage!r})")
+    if tokenizer is None:
+        fail("--model uni-moe needs --tokenizer DIR (the `mmtok train-bpe` directory of the text)")
+    if not any(sources.values()):
+        fail("give at least one of --speech, --audio (extract-audio output), --video (extract-keyframes output), "
+             "--image (`mmtok shard` output with image-caption pairs)")
+    from mmtok.tokenize import Tokenizer
+    from mmtok.trainer.config import PRESETS, TrainConfig
+    from mmtok.trainer.unimoe import UniMoEConfig, whisper_dims
+    from mmtok.trainer.unimoe_train import UniMoERun, train_stage
+
+    tok = Tokenizer.load(tokenizer)
+    preset = dict(PRESETS[model_opts.pop("preset")])
+    model = {**preset, **{k: v for k, v in model_opts.items() if v is not None},
+             "vocab_size": tok.vocab.vocab_size, "image_range": tok.vocab.image_range}
+    model["modalities"] = tuple(m for m in SOURCES if sources[m])
+    if speech_encoder:
+        model["speech_encoder"] = str(speech_encoder.resolve())
+        model["speech_encoder_dims"] = whisper_dims(model["speech_encoder"])
+    data = {"tokenizer": str(tokenizer.resolve()), "batch_size": batch_size, "holdout": holdout,
+            "texts": [str(p.resolve()) for p in texts], **{m: [str(p.resolve()) for p in v] for m, v in sources.items()}}
+    cfg = UniMoERun(UniMoEConfig(**model), TrainConfig(**{k: v for k, v in train_opts.items() if v is not None}),
+                    stage, str(init.resolve()) if init else "", data)
+    loader = make_loader(cfg, tok, "train")
+    log = None
+    if not as_json:
+        from rich.console import Console
+
+        con = Console(stderr=True)
+        log = lambda r: con.print(f"{stage} step {r['step']}/{cfg.train.steps} loss {r['loss']:.4f} "  # noqa: E731
+                                  + " ".join(f"{m} {r[f'loss_{m}']:.3f}" for m in SOURCES if f"loss_{m}" in r))
+    summary = train_stage(cfg, out, loader, resume=resume, stop_at_step=stop_at_step, log=log)
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    else:
+        con.print(f"[bold]mmtok train --model uni-moe --stage {stage}[/]: {summary['status']} at step "
+                  f"{summary['step']}/{summary['steps']}; started from {summary['init']}")
+        con.print(f"trained: {summary['trained']}\nfrozen:  {summary['frozen']}")
+
+
+def make_loader(cfg, tok, split: str, batch_size: int | None = None):
+    """The run's pairs (train or held-out split) as a UniMoELoader."""
+    from mmtok.trainer.unimoe_data import UniMoELoader, heldout, join_pairs
+
+    d = cfg.data
+    pairs = join_pairs(texts=d["texts"], **{m: d[m] for m in SOURCES})
+    keep = [p for p in pairs if heldout(p.key, d["holdout"]) == (split == "heldout")]
+    if not keep:
+        raise ValueError(f"no {split} pairs in the given data (holdout fraction {d['holdout']}); give more pairs")
+    return UniMoELoader(keep, cfg.model, tok, batch_size or d["batch_size"], seed=cfg.train.seed)
+
+
+def eval_unimoe(checkpoint: Path, out: Path | None, batch_size: int, as_json: bool) -> None:
+    """Text given each modality and per-layer routing, on the run's held-out pairs."""
+    from mmtok.tokenize import Tokenizer
+    from mmtok.trainer.unimoe_train import UniMoERun, evaluate, write_report
+
+    cfg = UniMoERun.from_dict(json.loads((checkpoint / "config.json").read_text()))
+    loader = make_loader(cfg, Tokenizer.load(cfg.data["tokenizer"]), "heldout", batch_size)
+    result = evaluate(checkpoint, loader.once())
+    out = out or checkpoint / "eval"
+    result["files"] = write_report(result, out)
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"mmtok eval: {checkpoint} (uni-moe, stage {result['stage']})")
+    for col in ("text given", "tokens", "loss", "perplexity"):
+        t.add_column(col)
+    for m, v in result["text_given"].items():
+        t.add_row(m, str(v["tokens"]), f"{v['loss']:.3f}", f"{v['ppl']:.3f}")
+    Console(stderr=True).print(t)
+    Console(stderr=True).print(f"report: {out}/eval.md")
+

@@ -1,0 +1,89 @@
+"""Mixture-of-Depths (`--model mod-moma`): exactly the capacity share of the batch's real
+tokens passes through routed layers (0, 2, ...), the rest skip them unchanged, the router
+weight scales the update, and the model trains."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from momadata import cli, make_plan, metrics, random_batch, tiny
+from mmtok.trainer.model import Decoder, document_causal_mask
+
+
+def _decoder(capacity: float, n_layers: int = 4) -> Decoder:
+    torch.manual_seed(0)
+    m = Decoder(tiny("mod-moma", "2t2i", n_layers=n_layers, mod_capacity=capacity)).eval()
+    for layer in m.layers:
+        if layer.mod_router is not None:
+            torch.nn.init.normal_(layer.mod_router.weight, std=1.0)  # spread the router weights
+    return m
+
+
+@pytest.mark.parametrize("capacity", [0.25, 0.5])
+def test_routed_layers_pass_exactly_the_capacity_share_of_real_tokens(capacity):
+    m = _decoder(capacity)
+    ids, pos, docs = random_batch(0, b=3, t=24)
+    docs[1, 17:] = 0  # padding never passes
+    docs[2, 5:] = 0
+    real = int((docs > 0).sum())
+    with torch.no_grad():
+        _, stats = m(ids, pos, docs)
+    routed = [i for i, s in enumerate(stats) if "mod" in s]
+    assert routed == [0, 2]
+    for i in routed:
+        assert int(stats[i]["mod"]["passed"]) == math.ceil(capacity * real)
+        assert int(stats[i]["mod"]["candidates"]) == real
+        # the experts inside saw only the tokens that passed
+        assert sum(float(stats[i][g]["tokens"]) for g in ("text", "image")) == math.ceil(capacity * real)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_skipped_tokens_keep_their_state_and_chosen_ones_get_the_weighted_block_update(rows):
+    m = _decoder(0.25)
+    block = m.layers[0]
+    ids, pos, docs = random_batch(1, b=rows, t=20)
+    docs[rows - 1, 14:] = 0  # padding at the end of the last row
+    x = torch.randn(rows, 20, 64)
+    is_image, real = m.is_image(ids), docs > 0
+    with torch.no_grad():
+        out, _ = block(x, m.rope, pos, docs, None, is_image, real)
+        weight = torch.sigmoid(block.mod_router(x).squeeze(-1))
+        k = math.ceil(0.25 * int(real.sum()))
+        chosen = torch.zeros(rows * 20, dtype=torch.bool)
+        chosen[weight.masked_fill(~real, -1).reshape(-1).topk(k).indices] = True
+        chosen = chosen.view(rows, 20)
+        assert torch.equal(out[~chosen], x[~chosen])  # skipped: untouched
+        if rows == 1:  # reference: the block on the chosen tokens alone, in order, scaled by the weight
+            idx = chosen[0].nonzero().squeeze(1)
+            sub = x[:, idx]
+            y, _ = block.inner(sub, m.rope, pos[:, idx], docs[:, idx], document_causal_mask(docs[:, idx]),
+                               is_image[:, idx], real[:, idx])
+            torch.testing.assert_close(out[:, idx], sub + weight[:, idx].unsqueeze(-1) * (y - sub), atol=1e-5, rtol=1e-5)
+        else:
+            assert not torch.allclose(out[chosen], x[chosen])
+
+
+def test_mod_moma_trains_and_reports_depth_router_agreement(tmp_path):
+    data = make_plan(tmp_path, steps=12)
+    run = tmp_path / "run"
+    r = cli("train", "--plan", data["plan"], "--out", run, "--model", "mod-moma", "--experts", "2t2i", "--steps", 10,
+            "--lr", "0.01", "--warmup", "2", "--aux-routers", "joint", "--json")
+    assert r.exit_code == 0, r.output
+    recs = metrics(run)
+    assert recs[-1]["loss"] < recs[0]["loss"]
+    r = cli("eval", "--checkpoint", run, "--data", data["text"], "--out", tmp_path / "eval", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert set(result["heldout"]["aux_agreement"]) == {"experts", "depth"}
+    assert result["heldout_causal"]["all"]["loss"] is not None
+
+
+def test_bad_mod_capacity_is_refused(tmp_path):
+    data = make_plan(tmp_path, steps=4)
+    r = cli("train", "--plan", data["plan"], "--out", tmp_path / "r", "--model", "mod-moma", "--experts", "2t2i",
+            "--mod-capacity", "1.5", "--steps", 1)
+    assert r.exit_code == 2 and "mod_capacity" in r.output

@@ -1,0 +1,268 @@
+"""Uni-MoE stages in mmtok's trainer: `train_stage` runs one of align / experts / tune,
+`evaluate` scores a run on held-out pairs (text given each modality) and reports which
+experts each modality's tokens prefer, per layer.
+
+A stage's run directory is laid out like any `mmtok train` run (config.json,
+metrics.jsonl, tb/, checkpoints/ with DCP files and the loader state; the same
+Checkpointer and Metrics), plus `stage.json`: what trained, what was frozen, and where
+the starting weights came from. It runs in one process (on the GPU when there is one, fp32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mmtok.shards import atomic_write
+from mmtok.trainer.config import TrainConfig
+from mmtok.trainer.model import expert_load, loss_terms
+from mmtok.trainer.train import CONFIG, Checkpointer, Metrics, TrainError, latest_checkpoint, lr_at
+from mmtok.trainer.unimoe import STAGES, UniMoE, UniMoEConfig
+
+FORMAT = "mmtok-unimoe-run/1"
+STAGE_FILE = "stage.json"
+
+
+@dataclass
+class UniMoERun:
+    model: UniMoEConfig
+    train: TrainConfig
+    stage: str = "align"
+    init: str = ""  # the previous stage's run, or a dense `mmtok train` run / export for the decoder
+    data: dict = field(default_factory=dict)  # where the pairs came from (recorded, not read back)
+    plan: str = ""  # Checkpointer records it; uni-moe reads pairs, not plans
+
+    def as_dict(self) -> dict:
+        return {"format": FORMAT, "model": self.model.as_dict(), "train": dataclasses.asdict(self.train),
+                "stage": self.stage, "init": self.init, "data": self.data}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UniMoERun":
+        return cls(model=UniMoEConfig(**d["model"]), train=TrainConfig(**d["train"]), stage=d["stage"],
+                   init=d.get("init", ""), data=d.get("data", {}))
+
+
+def is_unimoe_run(path: str | Path) -> bool:
+    p = Path(path) / CONFIG
+    return p.exists() and json.loads(p.read_text()).get("format") == FORMAT
+
+
+def load_run(run: str | Path) -> tuple[UniMoE, UniMoERun, int]:
+    """A uni-moe run's newest checkpoint as a model (CPU, eval mode, set to its stage)."""
+    import torch.distributed.checkpoint as dcp
+
+    run = Path(run)
+    if not is_unimoe_run(run):
+        raise TrainError(f"{run}: not a uni-moe run (no {CONFIG} of format {FORMAT}); pass the --out of "
+                         "`mmtok train --model uni-moe`")
+    cfg = UniMoERun.from_dict(json.loads((run / CONFIG).read_text()))
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise TrainError(f"{run}: has no checkpoint yet")
+    model = UniMoE(cfg.model)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+    model.load_state_dict(state["model"])
+    model.set_stage(cfg.stage)
+    return model.eval(), cfg, int(json.loads((ckpt / "train_state.json").read_text())["step"])
+
+
+def init_weights(model: UniMoE, cfg: UniMoERun) -> str:
+    """Load the starting weights of `cfg.stage`; returns where they came from."""
+    if cfg.model.speech_encoder:
+        model.load_speech_encoder(cfg.model.speech_encoder)
+    if not cfg.init:
+        if cfg.stage != "align":
+            raise TrainError(f"stage {cfg.stage} starts from the previous stage's run: give --init RUN")
+        return "initial weights"
+    if is_unimoe_run(cfg.init):
+        prev, prev_cfg, step = load_run(cfg.init)
+        want = STAGES[STAGES.index(cfg.stage) - 1] if cfg.stage != "align" else None
+        if prev_cfg.stage != want:
+            raise TrainError(f"{cfg.init} is a run of stage {prev_cfg.stage}; stage {cfg.stage} starts from "
+                             + (f"the {want} stage's run" if want else "a dense run or export"))
+        if prev_cfg.model != cfg.model:
+            diff = [k for k, v in prev_cfg.model.as_dict().items() if cfg.model.as_dict()[k] != v]
+            raise TrainError(f"{cfg.init} has another model ({', '.join(diff)} differ); use its model options")
+        model.load_state_dict(prev.state_dict())
+        return f"{cfg.init} (stage {prev_cfg.stage}, step {step})"
+    from mmtok.trainer.export import load_model
+
+    if cfg.stage != "align":
+        raise TrainError(f"{cfg.init} is not a uni-moe run; stage {cfg.stage} starts from the previous stage's run")
+    dense, dense_cfg = load_model(cfg.init)
+    mine = cfg.model.decoder_config()
+    for k in ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden", "swin_norm"):
+        if getattr(dense_cfg, k) != getattr(mine, k) or dense_cfg.model != "dense":
+            raise TrainError(f"{cfg.init}: its decoder ({dense_cfg.model}, {k} {getattr(dense_cfg, k)}) does not fit "
+                             f"this uni-moe model ({k} {getattr(mine, k)}); use a dense run of the same size")
+    missing, unexpected = model.decoder.load_state_dict(dense.state_dict(), strict=False)
+    if unexpected or any(".lora_" not in k and ".router." not in k for k in missing):
+        raise TrainError(f"{cfg.init}: its weights do not fit the decoder (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return f"{cfg.init} (dense decoder)"
+
+
+def _optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen ones get no state and never move
+    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": tc.weight_decay},
+                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                             lr=tc.lr, betas=tc.betas, foreach=True)
+
+
+def modality_nll(logits: torch.Tensor, batch: dict, modalities) -> dict:
+    """Sum of NLL and count of predicted tokens per modality of the sample."""
+    t = batch["targets"]
+    valid = t != -100
+    nll = torch.where(valid, torch.logsumexp(logits.float(), -1)
+                      - logits.float().gather(-1, t.clamp(min=0)[..., None])[..., 0], 0.0)
+    out = {}
+    for i, m in enumerate(modalities):
+        rows = batch["modality"] == i
+        out[m] = (float(nll[rows].double().sum()), int(valid[rows].sum()))
+    return out
+
+
+def train_stage(cfg: UniMoERun, run: str | Path, loader, *, resume: bool = False, stop_at_step: int | None = None,
+                log=None) -> dict:
+    """Train one stage into `run` from the batches of `loader` (UniMoELoader contract)."""
+    run, tc = Path(run), cfg.train
+    ckpt_path = latest_checkpoint(run) if resume else None
+    if resume:
+        if ckpt_path is None:
+            raise TrainError(f"{run}: nothing to resume (no checkpoint); run without --resume to start it")
+        if not is_unimoe_run(run) or UniMoERun.from_dict(json.loads((run / CONFIG).read_text())).as_dict() != cfg.as_dict():
+            raise TrainError(f"{run}: was started with other options; resume with the same command line")
+    elif (run / CONFIG).exists():
+        raise TrainError(f"{run} already holds a run; pass --resume to continue it, or use a new --out")
+    torch.manual_seed(tc.seed)
+    model = UniMoE(cfg.model)
+    source = init_weights(model, cfg)
+    parts = model.set_stage(cfg.stage)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).train()
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write(run / CONFIG, json.dumps(cfg.as_dict(), indent=1, sort_keys=True).encode())
+    atomic_write(run / STAGE_FILE, json.dumps({**parts, "init": source}, indent=1, sort_keys=True).encode())
+    optimizer = _optimizer(model, tc)
+    ckpt = Checkpointer(run, 0, 1)
+    step = ckpt.load(ckpt_path, model, optimizer, loader) if ckpt_path else 0
+    end = min(tc.steps, stop_at_step) if stop_at_step else tc.steps
+    metrics = Metrics(run, 0, step)
+    dcfg = cfg.model.decoder_config()
+    batches, last_saved, t0 = iter(loader), step if ckpt_path else -1, time.perf_counter()
+    while step < end:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, tc)
+        rec, per_mod = {"loss": 0.0, "ce": 0.0, "aux_loss": 0.0}, {}
+        for _ in range(tc.grad_accum):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            logits, stats = model(batch)
+            terms = loss_terms(dcfg, logits, batch["targets"], stats)
+            (terms["loss"] / tc.grad_accum).backward()
+            for k in rec:
+                rec[k] += float(terms[k].detach()) / tc.grad_accum
+            for m, (s, n) in modality_nll(logits.detach(), batch, cfg.model.modalities).items():
+                a = per_mod.setdefault(m, [0.0, 0])
+                a[0], a[1] = a[0] + s, a[1] + n
+            load = expert_load(stats)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        rec.update(step=step, stage=cfg.stage, lr=lr_at(step - 1, tc), grad_norm=float(grad_norm),
+                   seconds=time.perf_counter() - t0, **{f"loss_{m}": s / n for m, (s, n) in per_mod.items() if n})
+        if "all" in load:
+            rec["expert_load"] = {"all": (load["all"]["load"] / load["all"]["load"].sum().clamp(min=1)).tolist()}
+        if step % tc.log_every == 0 or step == end:
+            metrics.write(rec)
+            if log:
+                log(rec)
+        if step % tc.ckpt_every == 0 and step < end:
+            ckpt.save(step, model, optimizer, loader, cfg)
+            last_saved = step
+    if step != last_saved:
+        ckpt.save(step, model, optimizer, loader, cfg)
+    metrics.close()
+    return {"run": str(run), "stage": cfg.stage, "status": "finished" if step >= tc.steps else "stopped",
+            "step": step, "steps": tc.steps, "init": source, "trained": parts["trained"], "frozen": parts["frozen"],
+            "checkpoint": str(latest_checkpoint(run))}
+
+
+@torch.no_grad()
+def score(model: UniMoE, batches) -> dict:
+    """Per modality: loss and perplexity of the text given it; per layer: the share of each
+    modality's routed token slots that each expert took (stage tune; empty before)."""
+    mods = model.cfg.modalities
+    sums = {m: [0.0, 0] for m in mods}
+    routing: dict[int, torch.Tensor] = {}
+    for batch in batches:
+        logits, stats = model(batch)
+        for m, (s, n) in modality_nll(logits, batch, mods).items():
+            sums[m][0] += s
+            sums[m][1] += n
+        sample_mod = batch["modality"][:, None].expand_as(batch["input_ids"]).reshape(-1)
+        for layer, s in enumerate(stats):
+            if "all" not in s or model.stage != "tune":
+                continue
+            chosen = s["all"]["expert"]
+            counts = routing.setdefault(layer, torch.zeros(len(mods), len(mods), dtype=torch.float64))
+            for j in range(chosen.shape[1]):
+                ok = chosen[:, j] >= 0
+                counts.index_put_((sample_mod[ok], chosen[ok, j]), torch.ones(int(ok.sum()), dtype=torch.float64),
+                                  accumulate=True)
+    out = {"text_given": {}}
+    for m, (s, n) in sums.items():
+        if n:
+            out["text_given"][m] = {"tokens": n, "loss": s / n, "ppl": math.exp(s / n)}
+    out["routing"] = {str(layer): {m: (c[i] / c[i].sum().clamp(min=1)).tolist() for i, m in enumerate(mods) if c[i].sum()}
+                      for layer, c in routing.items()}
+    return out
+
+
+def evaluate(run: str | Path, batches) -> dict:
+    model, cfg, step = load_run(run)
+    result = score(model, batches)
+    return {"model": str(run), "stage": cfg.stage, "step": step, "experts": list(cfg.model.modalities), **result}
+
+
+def write_report(result: dict, out: str | Path) -> list[str]:
+    """eval.json, eval.md (tables) and routing.png (a heatmap per layer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "eval.json", out / "eval.md"]
+    atomic_write(files[0], json.dumps(result, indent=1, sort_keys=True).encode())
+    lines = [f"# Uni-MoE evaluation of {result['model']} (stage {result['stage']}, step {result['step']})", "",
+             "| text given | tokens | loss | perplexity |", "| --- | --- | --- | --- |"]
+    for m, v in result["text_given"].items():
+        lines.append(f"| {m} | {v['tokens']} | {v['loss']:.4f} | {v['ppl']:.3f} |")
+    experts = result["experts"]
+    if result["routing"]:
+        lines += ["", "## Routing: share of each modality's token slots per expert", ""]
+        for layer, rows in result["routing"].items():
+            lines += [f"### layer {layer}", "", "| modality | " + " | ".join(f"expert {e}" for e in experts) + " |",
+                      "| --- " * (len(experts) + 1) + "|"]
+            lines += [f"| {m} | " + " | ".join(f"{x:.3f}" for x in share) + " |" for m, share in rows.items()]
+            lines.append("")
+        layers = list(result["routing"])
+        fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3), squeeze=False)
+        for ax, layer in zip(axes[0], layers):
+            rows = result["routing"][layer]
+            ax.imshow([rows[m] for m in rows], vmin=0, vmax=1, cmap="viridis")
+            ax.set_title(f"layer {layer}"), ax.set_xticks(range(len(experts)), experts, rotation=45)
+            ax.set_yticks(range(len(rows)), list(rows))
+        fig.tight_layout(), fig.savefig(out / "routing.png"), plt.close(fig)
+        files.append(out / "routing.png")
+        lines.append("![routing](routing.png)")
+    atomic_write(files[1], ("\n".join(lines) + "\n").encode())
+    return [str(f) for f in files]
