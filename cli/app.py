@@ -24,6 +24,11 @@ for module in (data_cmds, media_cmds, mix_cmds, token_cmds, train_cmds, moma_cmd
 
 
 def main() -> None:
+    import warnings
+
+    # torch.distributed.checkpoint warns when a single process loads a checkpoint, which
+    # is exactly what eval, export and generate mean to do.
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     app()
 
 

@@ -75,6 +75,7 @@ def make_corpus(root: Path, n_images: int = 48, n_texts: int = 60, n_docs: int =
     import soundfile as sf
 
     from mmtok.media import ffmpeg_exe
+    from mmtok.speech_standin import speak
 
     rng = random.Random(0)
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -109,13 +110,23 @@ def make_corpus(root: Path, n_images: int = 48, n_texts: int = 60, n_docs: int =
         label = "speech-like babble" if speech else f"a steady tone at {220 * (i + 1)} hertz"
         (root / "audio" / f"a{i:02d}.txt").write_text(label + "\n")
     (root / "video").mkdir(exist_ok=True)
-    for i, src in enumerate(("testsrc=size=160x120:rate=25", "testsrc2=size=176x144:rate=24",
-                             "smptebars=size=160x120:rate=30")):
+    videos = [("testsrc=size=160x120:rate=25", "a test pattern with colour bars and a moving counter"),
+              ("smptebars=size=160x120:rate=30", "vertical colour bars")]
+    videos += [(f"color=c={c}:size=128x96:rate=25", f"a plain {c} screen") for c in ("red", "green", "blue", "yellow")]
+    for i, (src, caption) in enumerate(videos):
         out = root / "video" / f"v{i}.mp4"
         if not out.exists():
-            subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", f"{src}:duration={2 + i}",
+            subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", f"{src}:duration={2 + i % 3}",
                             "-pix_fmt", "yuv420p", "-c:v", "libx264", "-g", "12", str(out)], check=True)
-        (root / "video" / f"v{i}.txt").write_text(f"ffmpeg test pattern number {i}\n")
+        (root / "video" / f"v{i}.txt").write_text(caption + "\n")
+    # speech with known text (espeak-ng when installed, else a deterministic stand-in voice)
+    (root / "speech").mkdir(exist_ok=True)
+    for i in range(24):
+        c, shape = sorted(COLOURS)[i % len(COLOURS)], SHAPES[i % len(SHAPES)]
+        text = f"the {c} {shape}"
+        wave, _ = speak(text)
+        sf.write(root / "speech" / f"s{i:02d}.wav", wave, 16000)
+        (root / "speech" / f"s{i:02d}.txt").write_text(text + "\n")
     (root / "broken").mkdir(exist_ok=True)
     good = (root / "images" / "img001.jpg").read_bytes()
     (root / "broken" / "truncated.jpg").write_bytes(good[: len(good) // 3])
@@ -192,6 +203,22 @@ def run_demo(out: Path, workers: int = 2) -> None:
                                 "a red square", "--generate-image", "--max-tokens", "80", "--seed", "0", "--out",
                                 str(out / "generated-image")], log)
     _step("export to safetensors", ["export", str(out / "run"), "--to", str(out / "model")], log)
+    # Uni-MoE: speech, audio, video and image features through connectors into a LoRA-expert MoE
+    _step("shard the speech corpus", ["shard", str(c / "speech"), "--out", str(out / "shards-speech"), *w], log)
+    _step("Whisper features of the speech", ["extract-audio", str(out / "shards-speech"), "--out",
+                                             str(out / "speech-features"), "--features", "whisper", *w], log)
+    _step("a dense language model for Uni-MoE to start from", ["train", "--model", "dense", "--plan", str(out / "plan"),
+                                                               "--out", str(out / "run-dense"), "--preset", "tiny",
+                                                               "--steps", "40"], log)
+    uni = ["--speech", str(out / "speech-features"), "--audio", str(out / "audio-features"), "--video",
+           str(out / "frames"), "--image", str(out / "shards"), "--tokenizer", tok, "--steps", "20", "--queries", "8",
+           "--connector-layers", "2", "--batch-size", "8", "--holdout", "0.3"]
+    prev = str(out / "run-dense")
+    for stage in ("align", "experts", "tune"):
+        _step(f"Uni-MoE stage {stage}", ["train", "--model", "uni-moe", "--stage", stage, "--out",
+                                         str(out / "unimoe" / stage), "--init", prev, *uni], log)
+        prev = str(out / "unimoe" / stage)
+    _step("evaluate Uni-MoE (loss per modality, routing)", ["eval", "--checkpoint", prev], log)
     (out / "demo-steps.json").write_text(json.dumps(log, indent=1))
     con = Console(stderr=True)
     con.rule("[bold green]demo finished")
@@ -202,4 +229,5 @@ def run_demo(out: Path, workers: int = 2) -> None:
     con.print(f"mixture plan: {out / 'plan'} (plot {out / 'plan.png'});  training run: {out / 'run'};  "
               f"exported model: {out / 'model'}")
     con.print(f"upcycled run: {out / 'run-2t2i'};  samples: {out / 'generated'}, {out / 'generated-image'}")
+    con.print(f"Uni-MoE stages: {out / 'unimoe'} (align, experts, tune; eval report in tune/eval)")
     con.print(f"steps and timings: {out / 'demo-steps.json'}")
