@@ -10,14 +10,12 @@ Writes JSON and a markdown table to --out.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchutil import machine, save
 from mmtok.trainer.config import PRESETS, ModelConfig
 from mmtok.trainer.generate import Sampling, generate
 from mmtok.trainer.model import Decoder
@@ -56,18 +54,13 @@ def main() -> None:
         rows.append({"mode": name, "new_tokens": len(outs[name]), "seconds": sec, "tokens_per_s": len(outs[name]) / sec})
     assert np.array_equal(*outs.values()), "the KV cache changed the sampled tokens"
     speedup = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
-    result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, device {device}"
-              + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+    result = {"machine": machine(device),
               "model": f"{args.model} {cfg.experts}", "size": size, "prompt_tokens": args.prompt_tokens,
               "rows": rows, "speedup": speedup}
     lines = ["| mode | new tokens | seconds | tokens/s |", "| --- | --- | --- | --- |"]
     lines += [f"| {r['mode']} | {r['new_tokens']} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} |" for r in rows]
     lines.append(f"\nKV cache speed-up: {speedup:.2f}x")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save(args.out, result, lines)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from benchutil import best_of
 from mmtok.media import ffmpeg_exe
 from mmtok.video import FrameOptions, extract_frames, extract_keyframes
 
@@ -38,15 +38,6 @@ def make_videos(d: Path, n: int, seconds: int, size: str) -> list[Path]:
                         "-preset", "veryfast", "-g", "50", "-pix_fmt", "yuv420p", str(p)], check=True)
         paths.append(p)
     return paths
-
-
-def best_of(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main():

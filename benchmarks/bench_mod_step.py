@@ -13,12 +13,10 @@ Writes JSON and a markdown table to --out.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-from pathlib import Path
 
 import torch
 
+from benchutil import machine, save
 from bench_step import batch, make_step, time_variants  # same batches and timing as bench_step
 from mmtok.trainer.config import PRESETS, ModelConfig
 
@@ -53,16 +51,11 @@ def main() -> None:
         seconds = time_variants({name: make_step(cfg, data, device) for name, cfg in cfgs.items()}, args.steps, args.warmup)
     rows = [{"model": name, "step_s": s, "tokens_per_s": args.batch * args.seq_len / s, "vs_dense": s / seconds["dense"]}
             for name, s in seconds.items()]
-    result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, device {device}"
-              + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+    result = {"machine": machine(device),
               "size": size, "seq_len": args.seq_len, "batch": args.batch, "vocab": args.vocab, "rows": rows}
     lines = ["| model | ms/step | tokens/s | time vs dense |", "| --- | --- | --- | --- |"]
     lines += [f"| {r['model']} | {r['step_s'] * 1000:.1f} | {r['tokens_per_s']:.0f} | {r['vs_dense']:.2f}x |" for r in rows]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save(args.out, result, lines)
 
 
 if __name__ == "__main__":

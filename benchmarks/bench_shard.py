@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchutil import best_of, machine
 from mmtok.ingest import ShardFn, shard_items
 from mmtok.runner import run_stage
 
@@ -35,15 +35,6 @@ def make_files(d: Path, n: int, size: int) -> int:
         Image.fromarray(img).save(p, quality=90)
         total += p.stat().st_size
     return total
-
-
-def best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -77,15 +68,15 @@ def main() -> None:
 
     tar()  # warm the page cache
     res = {"files": a.n, "bytes": nbytes, "image_size": a.size}
-    res["tar_s"] = best(tar, a.repeat)
-    res["pil_decode_s"] = best(pil_loop, a.repeat)
+    res["tar_s"] = best_of(tar, a.repeat)
+    res["pil_decode_s"] = best_of(pil_loop, a.repeat)
     for w in (1, 2):
-        res[f"shard_novalidate_w{w}_s"] = best(mmtok(False, w), a.repeat)
-        res[f"shard_validate_w{w}_s"] = best(mmtok(True, w), a.repeat)
+        res[f"shard_novalidate_w{w}_s"] = best_of(mmtok(False, w), a.repeat)
+        res[f"shard_validate_w{w}_s"] = best_of(mmtok(True, w), a.repeat)
     for w in (1, 2):
         res[f"novalidate_w{w}_throughput_vs_tar"] = round(res["tar_s"] / res[f"shard_novalidate_w{w}_s"], 3)
         res[f"validate_w{w}_time_vs_pil"] = round(res[f"shard_validate_w{w}_s"] / res["pil_decode_s"], 3)
-    res["machine"] = f"{platform.machine()}, {__import__('os').cpu_count()} cores, {platform.python_version()}"
+    res["machine"] = machine()
     res["date"] = time.strftime("%Y-%m-%d")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))

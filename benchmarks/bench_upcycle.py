@@ -16,14 +16,12 @@ Writes JSON and a markdown table to --out.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchutil import machine, save
 from mmtok.trainer.config import PRESETS, ModelConfig, TrainConfig
 from mmtok.trainer.model import Decoder, loss_terms
 from mmtok.trainer.moma import upcycle_weights
@@ -40,7 +38,7 @@ class Synthetic:
         self.n_codes = vocab["image_tokens_per_image"]
 
     def doc(self, rng) -> np.ndarray:
-        v, s = self.v, self.v["specials"]
+        s = self.v["specials"]
         (tlo, thi), (ilo, ihi) = self.v["text_range"], self.v["image_range"]
         text = [rng.integers(tlo, thi)]
         for _ in range(self.seq_len - self.n_codes - 4):
@@ -128,17 +126,12 @@ def main() -> None:
     rows = [{"arm": f"1t1i after {args.s1} steps (parent)", **at_s1},
             {"arm": f"{args.experts} upcycled: 1t1i {args.s1} + {args.s2} steps", **heldout(up, data, args.batch, device)},
             {"arm": f"{args.experts} from scratch: {total} steps", **heldout(scratch, data, args.batch, device)}]
-    result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, device {device}"
-              + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+    result = {"machine": machine(device),
               "size": size, "batch": args.batch, "seq_len": args.seq_len, "vocab": args.vocab, "rows": rows,
               "seconds": time.perf_counter() - t0}
     lines = ["| arm (equal training FLOPs for the last two) | held-out text loss | held-out image loss |", "| --- | --- | --- |"]
     lines += [f"| {r['arm']} | {r['text']:.4f} | {r['image']:.4f} |" for r in rows]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save(args.out, result, lines)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from ffmpeg's test sources. A few broken files show the quarantine at work.
 from __future__ import annotations
 
 import json
-import math
 import random
 import shlex
 import subprocess

@@ -11,7 +11,6 @@ raw bytes keyed by their extension.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re

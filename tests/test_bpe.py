@@ -73,7 +73,7 @@ def test_sampling_is_deterministic(trained, tmp_path):
     shards = make_shards(tmp_path / "in", texts=corpus(1500))
     a = train_bpe([shards], tmp_path / "a", vocab_size=2000, image_codes=64, input_sentence_size=1000, log=lambda m: None)
     b = train_bpe([shards], tmp_path / "b", vocab_size=2000, image_codes=64, input_sentence_size=1000, log=lambda m: None)
-    assert a["sampled_lines"] == 1000
+    assert a["sampled_lines"] == b["sampled_lines"] == 1000
     pieces = [[m.id_to_piece(i) for i in range(m.get_piece_size())]
               for m in (spm.SentencePieceProcessor(model_file=str(tmp_path / d / "bpe.model")) for d in "ab")]
     assert pieces[0] == pieces[1]
