@@ -15,13 +15,11 @@ Writes JSON and a markdown table to --out.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from pathlib import Path
 
 import torch
 
+from benchutil import machine, save
 from mmtok.trainer.config import PRESETS, ModelConfig
 from mmtok.trainer.model import Decoder, flops_per_token, loss_terms
 from mmtok.trainer.train import PEAK_BF16_FLOPS
@@ -40,10 +38,10 @@ def batch(vocab: int, image_lo: int, b: int, t: int, image_share: float, device)
             "positions": torch.arange(t, dtype=torch.int32).repeat(b, 1).to(device)}
 
 
-def make_step(cfg: ModelConfig, data: dict, device):
+def make_step(cfg: ModelConfig, data: dict, device, optimizer: str = "foreach"):
     torch.manual_seed(0)
     model = Decoder(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **{optimizer: True})
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def step() -> float:
@@ -84,6 +82,8 @@ def main() -> None:
     ap.add_argument("--image-share", type=float, default=0.5)
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "flex"],
                     help="sdpa: explicit document mask (no flash kernel); flex: block mask (GPU only)")
+    ap.add_argument("--optimizer", default="foreach", choices=["foreach", "fused"],
+                    help="AdamW implementation: foreach (the trainer's) or fused (one kernel; CUDA)")
     ap.add_argument("--steps", type=int, default=10, help="timed rounds (one step of each variant)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/step")
@@ -102,14 +102,14 @@ def main() -> None:
         seconds, memory = {}, {}
         for name, cfg in cfgs.items():
             torch.cuda.reset_peak_memory_stats(device)
-            seconds.update(time_variants({name: make_step(cfg, data, device)}, args.steps, args.warmup))
+            seconds.update(time_variants({name: make_step(cfg, data, device, args.optimizer)}, args.steps, args.warmup))
             # allocator retries (frees and re-mallocs when memory runs short) stall the GPU
             mem = torch.cuda.memory_stats(device)
             memory[name] = {"peak_gib": mem["allocated_bytes.all.peak"] / 2**30, "alloc_retries": mem["num_alloc_retries"]}
             torch.cuda.empty_cache()
     else:
         memory = {}
-        seconds = time_variants({name: make_step(cfg, data, device) for name, cfg in cfgs.items()}, args.steps,
+        seconds = time_variants({name: make_step(cfg, data, device, args.optimizer) for name, cfg in cfgs.items()}, args.steps,
                                 args.warmup)
     rows = []
     for name, cfg in cfgs.items():
@@ -120,20 +120,15 @@ def main() -> None:
         rows.append(row | memory.get(name, {}))
     for r in rows:
         r["vs_dense"] = r["step_s"] / rows[0]["step_s"]
-    result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, device {device}"
-              + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+    result = {"machine": machine(device),
               "size": size, "seq_len": args.seq_len, "batch": args.batch, "vocab": args.vocab,
-              "image_share": args.image_share, "attention": args.attention, "rows": rows}
+              "image_share": args.image_share, "attention": args.attention, "optimizer": args.optimizer, "rows": rows}
     lines = ["| model | ms/step | tokens/s | time vs dense |" + (" MFU | peak GiB | alloc retries |" if peak else ""),
              "| --- | --- | --- | --- |" + (" --- | --- | --- |" if peak else "")]
     for r in rows:
         lines.append(f"| {r['model']} | {r['step_s'] * 1000:.1f} | {r['tokens_per_s']:.0f} | {r['vs_dense']:.2f}x |"
                      + (f" {r['mfu']:.1%} | {r['peak_gib']:.1f} | {r['alloc_retries']} |" if peak else ""))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save(args.out, result, lines)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,16 @@ def test_metrics_have_losses_by_modality_and_expert_load(runs):
     assert list((runs["A"] / "tb").glob("events.out.tfevents.*"))
 
 
+def test_throughput_counts_every_step_of_a_log_interval(data):
+    """`tokens` (and so tokens/s) covers all steps since the previous record, not the last one."""
+    from mmtok.loader import PlanLoader
+
+    run = data["root"] / "interval"
+    assert cli("train", "--plan", data["plan"], "--out", run, *MOMA, "--steps", 4, "--log-every", 2).exit_code == 0
+    real = [int((b["doc_ids"] > 0).sum()) for _, b in zip(range(4), PlanLoader(data["plan"], 0, 1))]
+    assert [r["tokens"] for r in metrics(run)] == [real[0] + real[1], real[2] + real[3]]
+
+
 def test_export_holds_the_weights_training_continued_from(runs, data):
     """The exported step-3 model scores the 4th micro-batch exactly as training logged it."""
     from mmtok.loader import PlanLoader
