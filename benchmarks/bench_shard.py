@@ -58,12 +58,13 @@ def main() -> None:
             with Image.open(f) as im:
                 im.load()
 
+    runs = iter(range(10**6))
+
     def mmtok(validate: bool, workers: int):
-        def go():
-            out = work / "out"
-            shutil.rmtree(out, ignore_errors=True)
+        def go():  # a fresh output directory each run; they are removed with `work` at the end
+            out = work / f"out{next(runs)}"
             run_stage("shard", shard_items([str(src)]), ShardFn(validate), out, config={}, workers=workers,
-                      max_count=10_000, dedup=True, progress=False)
+                      max_count=10_000, dedup=True, progress=False, task_size=8, threads=True)  # as `mmtok shard`
         return go
 
     tar()  # warm the page cache

@@ -61,7 +61,8 @@ def shard(
     summary = run_stage(
         "shard", shard_items(list(inputs)), ShardFn(validate, max_pixels), out, config=config, workers=workers,
         max_count=max_count, max_size=_parse_size(max_size), max_error_rate=max_error_rate, dedup=dedup,
-        progress=not quiet and not as_json, overwrite=overwrite, task_size=8)
+        progress=not quiet and not as_json, overwrite=overwrite, task_size=8,
+        threads=True)  # reading, hashing and decoding release the GIL: no bytes through pipes
     report(summary, as_json)
 
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import re
 import tarfile
+import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +68,8 @@ class ShardWriter:
     """Writes one tar with fixed metadata so the bytes depend only on the content.
 
     Headers come from tarfile; data is written directly (one write per member) and the
-    file's sha256 is computed on the way, so the shard is never read back.
+    file's sha256 is computed on the way, so the shard is never read back. The hashing
+    runs in a thread (hashlib releases the GIL), beside the writing.
     """
 
     def __init__(self, fileobj):
@@ -74,10 +77,17 @@ class ShardWriter:
         self.offset = 0
         self.sha256 = hashlib.sha256()
         self.locations: dict[str, dict[str, MemberLoc]] = {}
+        self._chunks: queue.SimpleQueue = queue.SimpleQueue()
+        self._hasher = threading.Thread(target=self._hash, daemon=True)
+        self._hasher.start()
+
+    def _hash(self) -> None:
+        while (chunk := self._chunks.get()) is not None:
+            self.sha256.update(chunk)
 
     def _write(self, data: bytes) -> None:
         self._f.write(data)
-        self.sha256.update(data)
+        self._chunks.put(data)
         self.offset += len(data)
 
     def add(self, key: str, members: dict[str, bytes]) -> dict[str, MemberLoc]:
@@ -102,6 +112,8 @@ class ShardWriter:
         # end-of-archive: two zero blocks, padded to tarfile's 10 KiB record size
         end = self.offset + 1024
         self._write(b"\0" * (1024 + (-end) % tarfile.RECORDSIZE))
+        self._chunks.put(None)
+        self._hasher.join()
 
 
 @dataclass
