@@ -10,6 +10,28 @@ from enum import IntEnum
 import typer
 
 
+# Options every data stage shares (typer reads them as defaults of the command's parameters).
+WORKERS = typer.Option(1, "--workers", "-w", min=1, help="Workers (processes, or threads where the work releases "
+                       "the GIL). Output bytes do not depend on it.")
+MAX_ERROR_RATE = typer.Option(0.05, "--max-error-rate", min=0.0, max=1.0,
+                              help="Share of inputs that may be quarantined before the command exits with status 3.")
+MAX_COUNT = typer.Option(10_000, "--max-count", min=1, help="Samples per output shard at most.")
+OVERWRITE = typer.Option(False, "--overwrite", help="Discard OUT if it holds a different job.")
+JSON_OUT = typer.Option(False, "--json", help="Print a machine-readable summary on stdout.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+
+
+def check_inputs(inputs, shard_dirs: bool = False) -> None:
+    """Name a missing input before any work starts."""
+    from pathlib import Path
+
+    for spec in inputs:
+        if shard_dirs and not Path(spec).is_dir():
+            raise FileNotFoundError(f"input {spec} is not a shard directory")
+        if not Path(spec).exists():
+            raise FileNotFoundError(f"input {spec} does not exist")
+
+
 class Exit(IntEnum):
     OK = 0
     FAILED = 1  # an unexpected failure inside mmtok (a bug: please report it)

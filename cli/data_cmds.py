@@ -9,13 +9,8 @@ from typing import List
 
 import typer
 
-from mmtok.cli.common import friendly_errors, report
+from mmtok.cli.common import JSON_OUT, MAX_ERROR_RATE, OVERWRITE, QUIET, WORKERS, check_inputs, friendly_errors, report
 
-WORKERS = typer.Option(1, "--workers", "-w", min=1, help="Worker processes. Output bytes do not depend on it.")
-MAX_ERROR_RATE = typer.Option(
-    0.05, "--max-error-rate", min=0.0, max=1.0,
-    help="Share of inputs that may be quarantined before the command exits with status 3.")
-JSON_OUT = typer.Option(False, "--json", help="Print a machine-readable summary on stdout.")
 
 
 def register(app: typer.Typer) -> None:
@@ -39,9 +34,9 @@ def shard(
                                    "without being decoded (decompression bombs)."),
     workers: int = WORKERS,
     max_error_rate: float = MAX_ERROR_RATE,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Discard OUT if it holds a different job."),
+    overwrite: bool = OVERWRITE,
     as_json: bool = JSON_OUT,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = QUIET,
 ) -> None:
     """Validate raw corpora and write WebDataset shards with a manifest and a quarantine log.
 
@@ -53,9 +48,7 @@ def shard(
     from mmtok.ingest import ShardFn, shard_items
     from mmtok.runner import run_stage
 
-    for spec in inputs:
-        if not Path(spec).exists():
-            raise FileNotFoundError(f"input {spec} does not exist")
+    check_inputs(inputs)
     config = {"inputs": list(inputs), "max_count": max_count, "max_size": _parse_size(max_size),
               "validate": validate, "dedup": dedup, "max_pixels": max_pixels}
     summary = run_stage(

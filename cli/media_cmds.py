@@ -7,29 +7,17 @@ from typing import List
 
 import typer
 
-from mmtok.cli.common import friendly_errors, report
+from mmtok.cli.common import (JSON_OUT, MAX_COUNT, MAX_ERROR_RATE, OVERWRITE, QUIET, WORKERS, check_inputs,
+                               friendly_errors, report)
 
 INPUTS = typer.Argument(..., help="Shard directories made by `mmtok shard`, directories of media files "
                         "(walked recursively, by extension) or single files, in any mix.")
 OUT = typer.Option(..., "--out", "-o", help="Output shard directory.")
-WORKERS = typer.Option(1, "--workers", "-w", min=1, help="Worker processes. Output bytes do not depend on it.")
-MAX_ERROR_RATE = typer.Option(0.05, "--max-error-rate", min=0.0, max=1.0,
-                              help="Share of inputs that may be quarantined before the command exits with status 3.")
-MAX_COUNT = typer.Option(10_000, "--max-count", min=1, help="Samples per output shard at most.")
-OVERWRITE = typer.Option(False, "--overwrite", help="Discard OUT if it holds a different job.")
-JSON_OUT = typer.Option(False, "--json", help="Print a machine-readable summary on stdout.")
-QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 
 
 def register(app: typer.Typer) -> None:
     app.command("extract-keyframes", no_args_is_help=True)(extract_keyframes)
     app.command("extract-audio", no_args_is_help=True)(extract_audio)
-
-
-def _check_inputs(inputs: list[str]) -> None:
-    for spec in inputs:
-        if not Path(spec).exists():
-            raise FileNotFoundError(f"input {spec} does not exist")
 
 
 @friendly_errors
@@ -61,7 +49,7 @@ def extract_keyframes(
     """
     from mmtok.video import FrameOptions, extract_keyframes as run
 
-    _check_inputs(inputs)
+    check_inputs(inputs)
     opts = FrameOptions(mode=mode, frames=frames, size=size, crop=crop, scene_threshold=scene_threshold,
                         quality=quality)
     summary = run(list(inputs), str(out), opts, workers=workers, max_count=max_count, max_error_rate=max_error_rate,
@@ -94,7 +82,7 @@ def extract_audio(
     """
     from mmtok.audio import AudioOptions, extract_audio as run
 
-    _check_inputs(inputs)
+    check_inputs(inputs)
     opts = AudioOptions(features=tuple(f.strip() for f in features.split(",") if f.strip()), n_mels=n_mels,
                         max_chunks=max_chunks)
     summary = run(list(inputs), str(out), opts, workers=workers, max_count=max_count, max_error_rate=max_error_rate,

@@ -10,9 +10,8 @@ from typing import Optional
 
 import typer
 
-from mmtok.cli.common import friendly_errors
+from mmtok.cli.common import JSON_OUT, friendly_errors
 
-JSON_OUT = typer.Option(False, "--json", help="Print a machine-readable summary on stdout.")
 
 
 def register(app: typer.Typer) -> None:

@@ -10,14 +10,11 @@ from typing import List, Optional
 
 import typer
 
-from mmtok.cli.common import friendly_errors, report
-from mmtok.cli.data_cmds import JSON_OUT, MAX_ERROR_RATE, WORKERS
+from mmtok.cli.common import JSON_OUT, MAX_ERROR_RATE, OVERWRITE, QUIET, WORKERS, check_inputs, friendly_errors, report
 
 SHARDS = typer.Argument(..., help="Shard directories written by `mmtok shard`.")
 TOKENIZER = typer.Option(..., "--tokenizer", "-t", help="Tokenizer directory (train-bpe + train-vq output).")
 DEVICE = typer.Option(None, "--device", help="torch device for the VQ (default: cuda when present, else cpu).")
-QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
-OVERWRITE = typer.Option(False, "--overwrite", help="Discard OUT if it holds a different job.")
 
 
 def register(app: typer.Typer) -> None:
@@ -33,12 +30,6 @@ def _log(message: str) -> None:
     from rich.console import Console
 
     Console(stderr=True).print(message, highlight=False)
-
-
-def _check_inputs(inputs) -> None:
-    for d in inputs:
-        if not Path(d).is_dir():
-            raise FileNotFoundError(f"input {d} is not a shard directory")
 
 
 def _print(result: dict, as_json: bool, title: str) -> None:
@@ -71,7 +62,7 @@ def train_bpe(
     """
     from mmtok.bpe import train_bpe as run
 
-    _check_inputs(inputs)
+    check_inputs(inputs, shard_dirs=True)
     result = run(inputs, out, vocab_size=vocab_size, image_codes=image_codes,
                  image_tokens_per_image=(resolution // downsample) ** 2, input_sentence_size=input_sentence_size,
                  seed=seed, threads=threads, log=_log)
@@ -114,7 +105,7 @@ def train_vq(
     from mmtok.vq import VQConfig
     from mmtok.vq_train import train_vq as run
 
-    _check_inputs(inputs)
+    check_inputs(inputs, shard_dirs=True)
     if perceptual_weights is not None and not perceptual_weights.exists():
         raise FileNotFoundError(f"--perceptual-weights {perceptual_weights} does not exist")
     cfg = VQConfig(resolution=resolution, downsample=downsample, codebook_size=codebook_size, code_dim=code_dim,
@@ -147,7 +138,7 @@ def tokenize_images(
     from mmtok.tokenize import Tokenizer
     from mmtok.tokenize import tokenize_images as run
 
-    _check_inputs(inputs)
+    check_inputs(inputs, shard_dirs=True)
     tok = Tokenizer.load(tokenizer, device)
     summary = run(inputs, tok, out, batch_size=batch_size, workers=workers, max_error_rate=max_error_rate,
                   progress=not quiet and not as_json, overwrite=overwrite)
@@ -179,7 +170,7 @@ def tokenize(
     from mmtok.tokenize import Tokenizer
     from mmtok.tokenize import tokenize as run
 
-    _check_inputs(inputs)
+    check_inputs(inputs, shard_dirs=True)
     if codes is not None and not codes.is_dir():
         raise FileNotFoundError(f"--codes {codes} is not a directory")
     tok = Tokenizer.load(tokenizer, device)

@@ -12,9 +12,8 @@ from typing import List, Optional
 
 import typer
 
-from mmtok.cli.common import Exit, fail, friendly_errors
+from mmtok.cli.common import JSON_OUT, Exit, fail, friendly_errors
 
-JSON_OUT = typer.Option(False, "--json", help="Print a machine-readable summary on stdout.")
 
 
 def register(app: typer.Typer) -> None:
