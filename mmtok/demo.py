@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -151,6 +152,13 @@ def run_demo(out: Path, workers: int = 2) -> None:
     from rich.console import Console
 
     out = Path(out)
+    marker = out / ".mmtok-demo"
+    if out.exists() and any(out.iterdir()):
+        if not (marker.exists() or (out / "demo-steps.json").exists()):
+            raise ValueError(f"{out} exists and is not a demo output directory; pass another --out")
+        shutil.rmtree(out)  # a previous demo: start again from scratch
+    out.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     corpus = make_corpus(out / "corpus")
     log: list[dict] = []
     w = ["--workers", str(workers)]
