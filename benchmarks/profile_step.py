@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from bench_mod_step import VARIANTS as MOD_VARIANTS
 from bench_step import VARIANTS, batch, make_step
 from torch.profiler import ProfilerActivity, profile
 
@@ -23,14 +24,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--attention", default="sdpa")
-    ap.add_argument("--model", default="moma 4t4i", choices=[name for name, _ in VARIANTS])
+    ap.add_argument("--model", default="moma 4t4i", choices=sorted(dict(VARIANTS + MOD_VARIANTS)))
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rows", type=int, default=30)
     args = ap.parse_args()
     device = torch.device(args.device)
     image_lo = args.vocab * 7 // 8
     cfg = ModelConfig(vocab_size=args.vocab, image_range=(image_lo, args.vocab), max_seq_len=args.seq_len,
-                      attention=args.attention, **PRESETS[args.preset], **dict(VARIANTS)[args.model])
+                      attention=args.attention, **PRESETS[args.preset], **dict(VARIANTS + MOD_VARIANTS)[args.model])
     step = make_step(cfg, batch(args.vocab, image_lo, args.batch, args.seq_len, 0.5, device), device)
     for _ in range(3):
         step()
