@@ -175,7 +175,9 @@ class Block(nn.Module):
         batch's real tokens by router weight, or (causal) those the auxiliary router passes."""
         b, t, d = x.shape
         weight = torch.sigmoid(self.mod_router(x).squeeze(-1).float())  # [B, T]
-        aux = self.mod_aux(x.detach()).squeeze(-1)
+        # a frozen auxiliary router's predictions would only be thrown away in training
+        use_aux = causal or not (self.training and not self.mod_aux.out.weight.requires_grad)
+        aux = self.mod_aux(x.detach()).squeeze(-1) if use_aux else None
         n_real = int(real.sum())
         if causal:
             take = (aux > 0) & real
@@ -185,8 +187,9 @@ class Block(nn.Module):
             take = torch.zeros(b * t, dtype=torch.bool, device=x.device).index_fill_(0, chosen, True).view(b, t)
         counts = take.sum(1)
         width = int(counts.max()) if b else 0
-        stats = {"passed": take.sum().float(), "candidates": x.new_full((), float(n_real), dtype=torch.float32),
-                 **aux_stats(aux[real], take[real])}
+        stats = {"passed": take.sum().float(), "candidates": x.new_full((), float(n_real), dtype=torch.float32)}
+        if use_aux:
+            stats |= aux_stats(aux[real], take[real])
         if width == 0:
             return x, {"mod": stats}
         ar = torch.arange(t, device=x.device)
