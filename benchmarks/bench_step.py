@@ -72,8 +72,9 @@ def time_variants(steps_by_name: dict, rounds: int, warmup: int) -> dict:
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(variants=VARIANTS, description: str = __doc__, default_out: str = "benchmarks/results/step") -> None:
+    """Time `variants` against dense (the first) on the same batches; bench_mod_step reuses it."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--preset", default=None, help="a trainer preset; default: 4 layers, d 128 (CPU)")
     ap.add_argument("--seq-len", type=int, default=256)
@@ -86,7 +87,7 @@ def main() -> None:
                     help="AdamW implementation: foreach (the trainer's) or fused (one kernel; CUDA)")
     ap.add_argument("--steps", type=int, default=10, help="timed rounds (one step of each variant)")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--out", default="benchmarks/results/step")
+    ap.add_argument("--out", default=default_out)
     args = ap.parse_args()
     device = torch.device(args.device)
     size = PRESETS[args.preset] if args.preset else dict(n_layers=4, d_model=128, n_heads=4, ffn_hidden=512)
@@ -95,7 +96,7 @@ def main() -> None:
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
         if device.type == "cuda" else None
     cfgs = {name: ModelConfig(vocab_size=args.vocab, image_range=(image_lo, args.vocab), max_seq_len=args.seq_len,
-                              attention=args.attention, **size, **kw) for name, kw in VARIANTS}
+                              attention=args.attention, **size, **kw) for name, kw in variants}
     if device.type == "cuda":
         # One variant at a time: at 435m the expert models hold ~2.4B parameters each, so
         # four of them with AdamW state do not fit together; a GPU is not noisy anyway.

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import math
 import re
 from dataclasses import dataclass
@@ -145,9 +144,9 @@ def beats_fbank(wave):
 def _npy(array) -> bytes:
     import numpy as np
 
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array, dtype=np.float16), allow_pickle=False)
-    return buf.getvalue()
+    from mmtok.shards import npy_bytes
+
+    return npy_bytes(np.ascontiguousarray(array, dtype=np.float16))
 
 
 def audio_features(wave, opts: AudioOptions) -> tuple[dict[str, bytes], dict]:

@@ -23,8 +23,6 @@ from mmtok.shards import PICKLE_EXTS, ShardError, group_samples, iter_tar
 
 MANIFEST_EXTS = (".jsonl", ".csv", ".parquet")
 TAR_EXTS = (".tar", ".tar.gz", ".tgz")
-# names that carry the caption/transcript when a sample has one text part among others
-CAPTION_NAMES = ("txt", "text", "caption", "transcript")
 IMAGE_EXTS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 AUDIO_EXTS = {"wav", "flac", "mp3", "ogg"}
 VIDEO_EXTS = {"mp4": "mp4", "webm": "webm", "mkv": "mkv", "avi": "avi", "mov": "mov", "m4v": "mp4"}

@@ -15,14 +15,13 @@ same order with nothing skipped or repeated.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from mmtok.shards import INDEX, MANIFEST, ShardError, ShardReader, load_manifest
+from mmtok.shards import INDEX, MANIFEST, ShardError, ShardReader, load_manifest, load_npy
 
 STATE_FORMAT = "mmtok-planloader/1"
 PLAN_FILE = "plan.json"
@@ -108,7 +107,7 @@ class TokenCorpus:
         try:
             if len(data) != size[doc]:
                 raise ValueError("truncated")
-            tokens = np.load(io.BytesIO(data), allow_pickle=False)
+            tokens = load_npy(data)
             if tokens.ndim != 1 or tokens.dtype.kind != "u" or len(tokens) != self.n_tokens[doc]:
                 raise ValueError(f"expected {self.n_tokens[doc]} uint32 ids, found {tokens.dtype} {tokens.shape}")
         except ValueError as e:

@@ -26,7 +26,6 @@ micro-batch s*W + r. A longer plan begins with the shorter one's micro-batches.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import re
@@ -36,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from mmtok.loader import PLAN_ARRAYS, PLAN_FILE, TokenCorpus
-from mmtok.shards import atomic_write
+from mmtok.shards import atomic_write, npy_bytes
 
 PLAN_FORMAT = "mmtok-plan/1"
 IMAGE, TEXT = 0, 1  # pools
@@ -388,7 +387,5 @@ def write_plan(plan: Plan, out: str | Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / PLAN_FILE).unlink(missing_ok=True)
     for name in PLAN_ARRAYS:
-        buf = io.BytesIO()
-        np.save(buf, plan.arrays[name], allow_pickle=False)
-        atomic_write(out / f"{name}.npy", buf.getvalue())
+        atomic_write(out / f"{name}.npy", npy_bytes(plan.arrays[name]))
     atomic_write(out / PLAN_FILE, json.dumps(plan.meta, sort_keys=True, indent=1).encode())

@@ -208,8 +208,8 @@ def _sample_bytes(members: dict[str, bytes]) -> int:
 
 
 class _Writer:
-    def __init__(self, out: Path, stage: str, max_count: int, max_size: int, dedup: bool):
-        self.out, self.stage = out, stage
+    def __init__(self, out: Path, max_count: int, max_size: int, dedup: bool):
+        self.out = out
         self.max_count, self.max_size, self.dedup = max_count, max_size, dedup
         self.stats_dir = out / STATS_DIR
         self.stats_dir.mkdir(parents=True, exist_ok=True)
@@ -351,7 +351,7 @@ def run_stage(
     t0 = time.perf_counter()
     out = Path(out)
     _check_stage_file(out, stage, config, overwrite)
-    writer = _Writer(out, stage, max_count, max_size, dedup)
+    writer = _Writer(out, max_count, max_size, dedup)
     qlog, dlog = _Log(out / QUARANTINE), _Log(out / DUPLICATES)
     summary = Summary(stage=stage, out=str(out), max_error_rate=max_error_rate, resumed_shards=len(writer.finished))
     start = writer.frontier

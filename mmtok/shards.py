@@ -11,6 +11,7 @@ raw bytes keyed by their extension.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import queue
@@ -76,7 +77,6 @@ class ShardWriter:
         self._f = fileobj
         self.offset = 0
         self.sha256 = hashlib.sha256()
-        self.locations: dict[str, dict[str, MemberLoc]] = {}
         self._chunks: queue.SimpleQueue = queue.SimpleQueue()
         self._hasher = threading.Thread(target=self._hash, daemon=True)
         self._hasher.start()
@@ -105,7 +105,6 @@ class ShardWriter:
             self._write(data)
             if len(data) % 512:
                 self._write(b"\0" * (512 - len(data) % 512))
-        self.locations[key] = locs
         return locs
 
     def close(self) -> None:
@@ -253,6 +252,22 @@ class ShardReader:
         if len(data) != size:
             raise ShardError(f"{self.directory / shard}: truncated at offset {offset}")
         return data
+
+
+def npy_bytes(array) -> bytes:
+    """An array as a `.npy` member (never pickled objects)."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_npy(data: bytes):
+    """A `.npy` member back to an array; refuses pickled object arrays."""
+    import numpy as np
+
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def atomic_write(path: Path, data: bytes) -> None:

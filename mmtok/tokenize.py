@@ -17,20 +17,10 @@ from typing import Iterator
 import numpy as np
 
 from mmtok.runner import Item, Quarantined, Sample, Summary, run_stage
-from mmtok.shards import ShardReader, load_manifest
+from mmtok.shards import ShardReader, load_manifest, load_npy, npy_bytes
 from mmtok.vocab import VOCAB_FILE, Vocab, VocabError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff")
-
-
-def npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
-def load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def image_member(members: dict[str, bytes]) -> bytes | None:

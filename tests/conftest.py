@@ -4,7 +4,6 @@ shape `mmtok tokenize` writes (docs/FORMATS.md), through the real stage runner."
 from __future__ import annotations
 
 import hashlib
-import io
 from pathlib import Path
 
 import numpy as np
@@ -40,21 +39,20 @@ def make_token_shards(tmp_path: Path, docs: list[np.ndarray], vocab: dict, name:
     """Write `docs` (1-D uint32 unified ids, each ending with <eod>) as a token shard
     directory `tmp_path/name`, a few documents per shard. Returns the directory."""
     from mmtok.runner import Item, Sample, run_stage
+    from mmtok.shards import npy_bytes
 
     lo, hi = vocab["image_range"]
     boi = vocab["specials"]["<boi>"]
 
     def tokenize(doc: np.ndarray) -> Sample:
         tokens = np.asarray(doc, dtype=np.uint32)
-        buf = io.BytesIO()
-        np.save(buf, tokens, allow_pickle=False)
         n_image = int(((tokens >= lo) & (tokens < hi)).sum())
         images = int((tokens == boi).sum())
         sha = hashlib.sha256(tokens.tobytes()).hexdigest()
         counts = {"n_tokens": len(tokens), "n_text": len(tokens) - n_image, "n_image": n_image}
         key = f"d{sha[:16]}"
         meta = {"modality": "pair" if images else "text", "source": key, **counts, "images": images, "sha256": sha}
-        return Sample(key, "tokens", {"npy": buf.getvalue()}, meta, {**counts, "source_key": key})
+        return Sample(key, "tokens", {"npy": npy_bytes(tokens)}, meta, {**counts, "source_key": key})
 
     out = Path(tmp_path) / name
     items = [Item(f"doc{i}", d) for i, d in enumerate(docs)]

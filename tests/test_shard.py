@@ -364,8 +364,13 @@ def test_no_validate_copies_bytes(corpus: Path, tmp_path: Path):
     res = runner.invoke(app, ["shard", str(corpus / "imgs"), "--out", str(out), "--no-validate", "--json"])
     assert res.exit_code == 0
     assert json.loads(res.stdout)["samples"] == 4
-    metas = [json.loads(m["json"]) for m in read_all(out).values()]
+    samples = read_all(out).values()
+    metas = [json.loads(m["json"]) for m in samples]
     assert {m["modality"] for m in metas} == {"pair", "image", "text"}
+    # nothing decoded, nothing re-encoded: the payloads are the input files' bytes
+    inputs = {(corpus / "imgs" / f).read_bytes() for f in ("cat.png", "dog.jpg", "tri.png")}
+    assert {m.get("png", m.get("jpg")) for m in samples} - {None} == inputs
+    assert all("width" not in m for m in metas)
 
 
 def test_stage_function_exception_becomes_quarantine(tmp_path: Path):

@@ -6,15 +6,21 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from shardgen import draw_image, make_shards
+from test_bpe import TRICKY, corpus
 
 from mmtok.bpe import train_bpe
-from mmtok.shards import ShardReader
-from mmtok.tokenize import Tokenizer, detokenize, load_npy, pair_image_first, tokenize, tokenize_images
+from mmtok.shards import ShardReader, load_npy
+from mmtok.tokenize import (
+    Tokenizer,
+    detokenize,
+    pair_image_first,
+    tokenize,
+    tokenize_images,
+)
 from mmtok.vocab import Vocab, VocabError
 from mmtok.vq import VQConfig
 from mmtok.vq_train import train_vq
-from shardgen import draw_image, make_shards
-from test_bpe import TRICKY, corpus
 
 TPI = 64  # (16 / 2)^2 codes per image for the tiny VQ
 
@@ -189,9 +195,8 @@ def test_wrong_or_missing_tokenizer(tok, tokdir, inputs, tmp_path):
 
 
 def run_cli(*args):
-    from typer.testing import CliRunner
-
     from mmtok.cli.app import app
+    from typer.testing import CliRunner
 
     return CliRunner().invoke(app, [str(a) for a in args])
 

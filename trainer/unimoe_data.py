@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from mmtok.shards import ShardError, ShardReader, load_manifest
-from mmtok.tokenize import IMAGE_EXTS, load_npy
 from mmtok.trainer.unimoe import MODALITIES, SPAN_SPECIALS, UniMoEConfig
+
+from mmtok.shards import ShardError, ShardReader, load_manifest, load_npy
+from mmtok.tokenize import IMAGE_EXTS
 
 STATE_FORMAT = "mmtok-unimoe-loader/1"
 
