@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from momadata import cli, make_plan, metrics, random_batch, tiny
-from mmtok.trainer.model import Decoder, document_causal_mask
+from mmtok.trainer.model import Decoder, SwiGLU, document_causal_mask, flops_per_token
 
 
 def _decoder(capacity: float, n_layers: int = 4) -> Decoder:
@@ -67,6 +67,38 @@ def test_skipped_tokens_keep_their_state_and_chosen_ones_get_the_weighted_block_
             assert not torch.allclose(out[chosen], x[chosen])
 
 
+def test_the_chosen_tokens_run_as_one_fixed_width_row_that_keeps_rows_and_documents_apart():
+    m = _decoder(0.25)
+    block = m.layers[0]
+    block.ffn = SwiGLU(64, 128)  # a per-token FFN: each source row can then be checked on its own
+    ids, pos, docs = random_batch(2, b=3, t=20)
+    docs[0, 8:], pos[0, 8:] = 2, torch.arange(12)  # two documents in row 0
+    docs[2, 15:] = 0  # padding
+    x = torch.randn(3, 20, 64)
+    is_image, real = m.is_image(ids), docs > 0
+    shapes = []
+    block.attn.register_forward_pre_hook(lambda mod, args: shapes.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        out, _ = block(x, m.rope, pos, docs, None, is_image, real)
+        weight = torch.sigmoid(block.mod_router(x).squeeze(-1))
+    # static shape: ceil(0.25 * 3 * 20) = 15 slots, rounded up to 16, whatever the weights and padding
+    assert shapes == [(1, 16, 64)]
+    chosen = torch.zeros(60, dtype=torch.bool)
+    chosen[weight.masked_fill(~real, -1).reshape(-1).topk(math.ceil(0.25 * int(real.sum()))).indices] = True
+    chosen = chosen.view(3, 20)
+    assert torch.equal(out[~chosen], x[~chosen])
+    with torch.no_grad():
+        for r in range(3):  # reference: the block on one row's chosen tokens alone
+            idx = chosen[r].nonzero().squeeze(1)
+            if not len(idx):
+                continue
+            sub, d = x[r:r + 1, idx], docs[r:r + 1, idx]
+            y, _ = block.inner(sub, m.rope, pos[r:r + 1, idx], d, document_causal_mask(d), is_image[r:r + 1, idx],
+                               real[r:r + 1, idx])
+            want = sub + weight[r:r + 1, idx].unsqueeze(-1) * (y - sub)
+            torch.testing.assert_close(out[r:r + 1, idx], want, atol=1e-5, rtol=1e-5)
+
+
 def test_mod_moma_trains_and_reports_depth_router_agreement(tmp_path):
     data = make_plan(tmp_path, steps=12)
     run = tmp_path / "run"
@@ -87,3 +119,10 @@ def test_bad_mod_capacity_is_refused(tmp_path):
     r = cli("train", "--plan", data["plan"], "--out", tmp_path / "r", "--model", "mod-moma", "--experts", "2t2i",
             "--mod-capacity", "1.5", "--steps", 1)
     assert r.exit_code == 2 and "mod_capacity" in r.output
+
+
+def test_flops_per_token_count_only_the_tokens_that_pass_routed_blocks():
+    full = flops_per_token(tiny("moma", "2t2i"), 64)
+    per_capacity = [flops_per_token(tiny("mod-moma", "2t2i", mod_capacity=c), 64) for c in (0.25, 0.5, 1.0)]
+    assert per_capacity[-1] == pytest.approx(full)  # everyone passes: the work of moma
+    assert per_capacity[0] < per_capacity[1] < per_capacity[2]

@@ -170,39 +170,48 @@ class Block(nn.Module):
         return self.depth_routed(x, rope, positions, doc_ids, is_image, real, causal, cache)
 
     def depth_routed(self, x, rope, positions, doc_ids, is_image, real, causal, cache):
-        """Mixture-of-Depths: only the chosen tokens pass through the block (in their order,
-        each row packed to the front); the rest keep x. Chosen = the top `mod_capacity` of the
-        batch's real tokens by router weight, or (causal) those the auxiliary router passes."""
+        """Mixture-of-Depths: the chosen tokens pass through the block packed into one row, in
+        batch order (a document id per source row keeps rows apart in attention); the rest
+        keep x. Chosen = the top `mod_capacity` share of the batch's real tokens by router
+        weight, or (causal) those the auxiliary router passes.
+
+        Batch routing keeps static shapes and never waits for the GPU: it always packs
+        ceil(capacity * B * T) tokens, rounded up to a multiple of 8 for the attention kernels,
+        best first, and marks as passed only the best ceil(capacity * real tokens); the rest of
+        the pack (padding, rounding) gets no expert and no update."""
         b, t, d = x.shape
-        weight = torch.sigmoid(self.mod_router(x).squeeze(-1).float())  # [B, T]
+        flat, real = x.reshape(b * t, d), real.reshape(-1)
+        weight = torch.sigmoid(self.mod_router(flat).squeeze(-1).float())  # [B*T]
         # a frozen auxiliary router's predictions would only be thrown away in training
         use_aux = causal or not (self.training and not self.mod_aux.out.weight.requires_grad)
-        aux = self.mod_aux(x.detach()).squeeze(-1) if use_aux else None
-        n_real = int(real.sum())
-        if causal:
-            take = (aux > 0) & real
+        aux = self.mod_aux(flat.detach()).squeeze(-1) if use_aux else None
+        n_real = real.sum()
+        if causal:  # data-dependent count: waits for the device, as decoding does anyway
+            idx = ((aux > 0) & real).nonzero().squeeze(1)
+            passed = torch.ones_like(idx, dtype=torch.bool)
         else:
-            k = min(n_real, math.ceil(self.mod_capacity * n_real))
-            chosen = weight.masked_fill(~real, -1.0).reshape(-1).topk(k).indices
-            take = torch.zeros(b * t, dtype=torch.bool, device=x.device).index_fill_(0, chosen, True).view(b, t)
-        counts = take.sum(1)
-        width = int(counts.max()) if b else 0
-        stats = {"passed": take.sum().float(), "candidates": x.new_full((), float(n_real), dtype=torch.float32)}
+            slots = min(b * t, math.ceil(self.mod_capacity * b * t / 8) * 8)
+            best = weight.masked_fill(~real, -1.0).topk(slots).indices  # padding ranks last
+            passed = torch.arange(slots, device=x.device) < (n_real.double() * self.mod_capacity).ceil()
+            idx, order = best.sort()
+            passed = passed[order]
+        stats = {"passed": passed.sum().float(), "candidates": n_real.float()}
         if use_aux:
+            take = torch.zeros_like(real).index_copy_(0, idx, passed)
             stats |= aux_stats(aux[real], take[real])
-        if width == 0:
+        if idx.numel() == 0:
             return x, {"mod": stats}
-        ar = torch.arange(t, device=x.device)
-        order = torch.where(take, ar, t + ar).argsort(1)[:, :width]  # chosen tokens first, in order
-        valid = torch.arange(width, device=x.device) < counts.unsqueeze(1)
-        gather = lambda z: z.gather(1, order)  # noqa: E731
-        xs = x.gather(1, order.unsqueeze(-1).expand(-1, -1, d))
-        docs = torch.where(valid, gather(doc_ids), 0)  # packed padding is its own document
+        if cache is not None and b > 1:
+            raise ValueError("incremental decoding through Mixture-of-Depths layers takes one row at a time")
+        pick = lambda z: z.reshape(-1).index_select(0, idx).unsqueeze(0)  # noqa: E731
+        docs = doc_ids.reshape(-1).index_select(0, idx).long() + (idx // t) * (doc_ids.max().long() + 1)
+        docs = torch.where(passed, docs, 0).unsqueeze(0)  # the rest of the pack is one document of its own
+        xs = flat.index_select(0, idx).unsqueeze(0)
         mask = None if cache is not None else attention_mask(docs, self.attn.flex)
-        ys, inner_stats = self.inner(xs, rope, gather(positions), docs, mask, gather(is_image), gather(real) & valid,
+        ys, inner_stats = self.inner(xs, rope, pick(positions), docs, mask, pick(is_image), passed.unsqueeze(0),
                                      causal, cache)
-        update = (ys - xs) * (gather(weight) * valid).unsqueeze(-1).to(x.dtype)
-        return x.scatter_add(1, order.unsqueeze(-1).expand(-1, -1, d), update), inner_stats | {"mod": stats}
+        update = (ys - xs).squeeze(0) * (weight.index_select(0, idx) * passed).unsqueeze(-1).to(x.dtype)
+        return flat.index_add(0, idx, update).view(b, t, d), inner_stats | {"mod": stats}
 
 
 class Decoder(nn.Module):
@@ -308,8 +317,8 @@ def expert_load(stats: list[dict]) -> dict:
 
 
 def active_params(cfg: ModelConfig) -> int:
-    """Parameters one token uses (for FLOPs/MFU): embeddings excluded, one expert's FFN
-    (two for top-2), everything else dense."""
+    """Parameters one token uses in a block it passes through (embeddings excluded): one
+    expert's FFN (two for top-2), everything else dense; plus the output head."""
     d, f = cfg.d_model, cfg.ffn_hidden
     per_expert = 3 * d * f
     ffn = 2 * per_expert if cfg.model == "moe" and cfg.routing == "top2" else per_expert
@@ -318,5 +327,13 @@ def active_params(cfg: ModelConfig) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x active parameters + attention scores (PaLM's estimate)."""
-    return 6 * active_params(cfg) + 12 * cfg.n_layers * cfg.d_model * seq_len
+    """Training FLOPs per token: 6 x active parameters + attention scores (PaLM's estimate).
+    Mixture-of-Depths blocks count only the share of tokens that pass through them, and
+    those tokens attend to that share of the keys; skipped tokens do no work there."""
+    d = cfg.d_model
+    block = 6 * (active_params(cfg) - d * cfg.vocab_size) / cfg.n_layers
+    scores = 12 * d * seq_len
+    routed = (cfg.n_layers + 1) // 2 if cfg.model == "mod-moma" else 0
+    c = cfg.mod_capacity
+    return (6 * d * cfg.vocab_size + (cfg.n_layers - routed) * (block + scores)
+            + routed * (c * block + c * c * scores))
