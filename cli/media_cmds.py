@@ -25,8 +25,8 @@ def extract_keyframes(
     inputs: List[str] = INPUTS,
     out: Path = OUT,
     mode: str = typer.Option("uniform", "--mode", help="uniform: N frames evenly spread over the duration; "
-                             "keyframes: I-frames only (no full decode, fast); scene: frames at scene changes."),
-    frames: int = typer.Option(8, "--frames", "-n", help="Frames per video (uniform), or at most this many."),
+                             "keyframes: I-frames only (no full decode, fast); scene: the first frame and the N-1 strongest scene changes, in time order."),
+    frames: int = typer.Option(8, "--frames", "-n", help="Frames per video (uniform), or at most this many (keyframes, scene)."),
     size: int = typer.Option(336, "--size", help="Output frames are SIZE x SIZE (short side resized, centre crop)."),
     crop: bool = typer.Option(True, "--crop/--no-crop", help="--no-crop fits the whole frame inside SIZE x SIZE."),
     scene_threshold: float = typer.Option(0.3, "--scene-threshold", help="Scene-change score (0-1) above which "

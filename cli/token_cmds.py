@@ -185,12 +185,18 @@ def tokenize(
 def detokenize(
     tokens: Path = typer.Argument(..., help="Token shard directory written by `mmtok tokenize`."),
     tokenizer: Path = TOKENIZER,
-    out: Path = typer.Option(..., "--out", "-o", help="Directory for <key>.json, <key>.txt and <key>-<n>.png."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Decode only the first N documents."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for KEY.json, KEY.txt and KEY-N.png per document."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Decode only the first N documents."),
     device: Optional[str] = DEVICE,
+    overwrite: bool = OVERWRITE,
     as_json: bool = JSON_OUT,
+    quiet: bool = QUIET,
 ) -> None:
     """Decode token shards back to text and PNG images (through the VQ decoder).
+
+    Every file is written atomically and <key>.json last, so a rerun into the same OUT
+    skips finished documents; --overwrite redoes them (and clears an OUT made from other
+    tokens or another tokenizer, which is refused otherwise).
 
     Example: mmtok detokenize tokens/ --tokenizer tok/ --out decoded/ --limit 10
     """
@@ -199,5 +205,6 @@ def detokenize(
 
     if not tokens.is_dir():
         raise FileNotFoundError(f"{tokens} is not a token shard directory")
-    result = run(tokens, Tokenizer.load(tokenizer, device), out, limit=limit)
+    result = run(tokens, Tokenizer.load(tokenizer, device), out, limit=limit, overwrite=overwrite,
+                 progress=not quiet and not as_json)
     _print(result, as_json, "detokenize")

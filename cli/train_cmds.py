@@ -75,7 +75,7 @@ def train(
     connector_layers: Optional[int] = typer.Option(None, "--connector-layers", help="uni-moe: default 4."),
     lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="uni-moe: LoRA rank of the experts (default 8)."),
     lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="uni-moe: LoRA alpha (default 16)."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="uni-moe: pairs per step."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="uni-moe: pairs per process per step."),
     holdout: float = typer.Option(0.1, "--holdout", min=0.0, max=0.9, help="uni-moe: share of pairs held out for eval."),
     # --- end uni-moe ---
     nproc: int = typer.Option(1, "--nproc", min=1, help="Start this many processes with torchrun on this machine "
@@ -83,25 +83,24 @@ def train(
     as_json: bool = JSON_OUT,
 ):
     """Train a dense, MoE or MoMa decoder on a balance-mix plan (FSDP2 under torchrun), or a stage of Uni-MoE."""
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch(nproc)
+        return
     if model == "uni-moe":
         from mmtok.cli.unimoe_cmds import train_unimoe
 
-        if nproc > 1:
-            fail("--model uni-moe trains in one process; drop --nproc")
         train_unimoe(out=out, stage=stage, tokenizer=tokenizer, init=init, texts=texts, speech_encoder=speech_encoder,
                      sources=dict(speech=speech, audio=audio, video=video, image=image),
                      model_opts=dict(preset=preset, queries=queries, connector_layers=connector_layers,
                                      lora_rank=lora_rank, lora_alpha=lora_alpha, swin_norm=swin_norm,
                                      capacity_factor=capacity_factor),
                      train_opts=dict(steps=steps, grad_accum=grad_accum, lr=lr, warmup=warmup, seed=seed,
-                                     ckpt_every=ckpt_every, log_every=log_every),
+                                     ckpt_every=ckpt_every, log_every=log_every, compile=compile, act_ckpt=act_ckpt,
+                                     mixed_precision=mixed_precision),
                      batch_size=batch_size, holdout=holdout, resume=resume, stop_at_step=stop_at_step, as_json=as_json)
         return
     if plan is None:
         fail("give --plan (a `mmtok balance-mix` directory)")
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        _relaunch(nproc)
-        return
     from mmtok.loader import PlanLoader, read_plan
     from mmtok.trainer.config import resolve
     from mmtok.trainer.train import train as run_train

@@ -5,6 +5,7 @@ torch is imported inside them."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,25 +43,24 @@ def train_unimoe(*, out: Path, stage: str, tokenizer: Path | None, init: Path | 
             "texts": [str(p.resolve()) for p in texts], **{m: [str(p.resolve()) for p in v] for m, v in sources.items()}}
     cfg = UniMoERun(UniMoEConfig(**model), TrainConfig(**{k: v for k, v in train_opts.items() if v is not None}),
                     stage, str(init.resolve()) if init else "", data)
-    loader = make_loader(cfg, tok, "train")
-    log = None
-    if not as_json:
-        from rich.console import Console
-
-        con = Console(stderr=True)
-        log = lambda r: con.print(f"{stage} step {r['step']}/{cfg.train.steps} loss {r['loss']:.4f} "  # noqa: E731
-                                  + " ".join(f"{m} {r[f'loss_{m}']:.3f}" for m in SOURCES if f"loss_{m}" in r))
-    summary = train_stage(cfg, out, loader, resume=resume, stop_at_step=stop_at_step, log=log)
+    summary = train_stage(cfg, out, lambda rank, world: make_loader(cfg, tok, "train", rank=rank, world=world),
+                          resume=resume, stop_at_step=stop_at_step, live=not as_json)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     else:
+        from rich.console import Console
+
+        con = Console(stderr=True)
         con.print(f"[bold]mmtok train --model uni-moe --stage {stage}[/]: {summary['status']} at step "
-                  f"{summary['step']}/{summary['steps']}; started from {summary['init']}")
+                  f"{summary['step']}/{summary['steps']} on {summary['world_size']} process(es); "
+                  f"started from {summary['init']}")
         con.print(f"trained: {summary['trained']}\nfrozen:  {summary['frozen']}")
 
 
-def make_loader(cfg, tok, split: str, batch_size: int | None = None):
-    """The run's pairs (train or held-out split) as a UniMoELoader."""
+def make_loader(cfg, tok, split: str, batch_size: int | None = None, rank: int = 0, world: int = 1):
+    """The run's pairs (train or held-out split) as a UniMoELoader (rank `rank` of `world`)."""
     from mmtok.trainer.unimoe_data import UniMoELoader, heldout, join_pairs
 
     d = cfg.data
@@ -68,7 +68,7 @@ def make_loader(cfg, tok, split: str, batch_size: int | None = None):
     keep = [p for p in pairs if heldout(p.key, d["holdout"]) == (split == "heldout")]
     if not keep:
         raise ValueError(f"no {split} pairs in the given data (holdout fraction {d['holdout']}); give more pairs")
-    return UniMoELoader(keep, cfg.model, tok, batch_size or d["batch_size"], seed=cfg.train.seed)
+    return UniMoELoader(keep, cfg.model, tok, batch_size or d["batch_size"], seed=cfg.train.seed, rank=rank, world=world)
 
 
 def eval_unimoe(checkpoint: Path, out: Path | None, batch_size: int, as_json: bool) -> None:

@@ -17,13 +17,13 @@ hold them to the reference implementations.
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import re
 from dataclasses import dataclass
 
 from mmtok.media import AUDIO_EXTS, VIDEO_EXTS, MediaError, MediaSource, media_items, run_ffmpeg
 from mmtok.runner import Quarantined, Sample
+from mmtok.shards import content_hash
 
 SAMPLE_RATE = 16_000
 CHUNK_SECONDS = 30
@@ -193,7 +193,7 @@ def audio_stage(payload, opts: AudioOptions):
         "source": src.source,
         "parent": src.key,
         "parent_sha256": src.sha256,
-        "sha256": hashlib.sha256(b"".join(members[k] for k in sorted(members))).hexdigest(),
+        "sha256": content_hash(members),
         "sample_rate": SAMPLE_RATE,
         "duration": round(len(wave) / SAMPLE_RATE, 4),
         "source_duration": duration,

@@ -8,7 +8,6 @@ records. Modality is decided from the bytes, not the file name.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mmtok.runner import Item, Quarantined, Sample
-from mmtok.shards import PICKLE_EXTS, ShardError, group_samples, iter_tar
+from mmtok.shards import PICKLE_EXTS, ShardError, content_hash, dumps_meta, group_samples, iter_tar
 
 MANIFEST_EXTS = (".jsonl", ".csv", ".parquet")
 TAR_EXTS = (".tar", ".tar.gz", ".tgz")
@@ -156,14 +155,6 @@ class Part:
     ext: str
     data: bytes
     meta: dict
-
-
-def content_hash(members: dict[str, bytes]) -> str:
-    h = hashlib.sha256()
-    for ext in sorted(members):
-        h.update(f"{ext}\0{len(members[ext])}\0".encode())
-        h.update(members[ext])
-    return h.hexdigest()
 
 
 def _looks_pickled(data: bytes) -> bool:
@@ -391,7 +382,7 @@ class ShardFn:
             else:
                 raise Bad(f"segment {j} is neither {{'text': str}} nor {{'image': path}}")
         meta = {"modality": "doc", "source": source, "segments": out_segments}
-        meta["sha256"] = content_hash({"json": json.dumps(out_segments, sort_keys=True).encode()})
+        meta["sha256"] = content_hash({"segments": dumps_meta(out_segments)})
         return images + [Sample(key=f"{index:09d}", group="doc", members={}, meta=meta)]
 
     def _build(self, index: int, source: str, parts: list[Part], extra: dict) -> list:

@@ -185,8 +185,9 @@ class MediaSource:
         self._tmp = None
 
     def __enter__(self):
-        import hashlib
         import tempfile
+
+        from mmtok.shards import content_hash
 
         if self.ext is None or self.data is None:
             raise MediaError("no media member in this sample")
@@ -203,7 +204,8 @@ class MediaSource:
             self._tmp.write(raw)
             self._tmp.flush()
             self.path = self._tmp.name
-        self.sha256 = hashlib.sha256(raw).hexdigest()
+        # the parent sample's sha256, so the parent is found by it in index.parquet
+        self.sha256 = self.parent_meta.get("sha256") or content_hash({self.ext: raw})
         return self
 
     def __exit__(self, *a):

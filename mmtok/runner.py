@@ -356,7 +356,7 @@ def run_stage(
     summary = Summary(stage=stage, out=str(out), max_error_rate=max_error_rate, resumed_shards=len(writer.finished))
     start = writer.frontier
     n_items = start
-    bar = _progress(stage, total, start, progress)
+    bar = progress_bar(stage, total, start, progress)
 
     def emit(i: int, name: str, results: list) -> None:
         sub = 0
@@ -490,5 +490,6 @@ class _Bar(_NoBar):
         self.p.advance(self.task)
 
 
-def _progress(stage, total, done, enabled):
+def progress_bar(stage, total, done, enabled):
+    """A rich progress bar for a stage (a no-op when disabled): `advance()` per item done."""
     return _Bar(stage, total, done) if enabled else _NoBar()

@@ -40,6 +40,22 @@ def dumps_meta(meta: dict) -> bytes:
     return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def content_hash(members: dict[str, bytes]) -> str:
+    """A sample's `sha256`: its payload members (never the `json` metadata member) in
+    extension order, each as `<ext>\\0<length>\\0` + bytes, hashed with sha256.
+
+    The length prefix keeps member boundaries apart ({"a": b"xy", "b": b""} differs
+    from {"a": b"x", "b": b"y"}). Every stage computes a sample's `sha256` with this, so
+    dedup and content-addressed lookups agree across stages. A `doc` sample has no
+    payload; it hashes `{"segments": dumps_meta(segments)}`.
+    """
+    h = hashlib.sha256()
+    for ext in sorted(members):
+        h.update(f"{ext}\0{len(members[ext])}\0".encode())
+        h.update(members[ext])
+    return h.hexdigest()
+
+
 def split_member_name(name: str) -> tuple[str, str] | None:
     """`dir/key.ext.more` -> (key, 'ext.more') the way webdataset groups members.
 

@@ -16,15 +16,22 @@ from typing import Iterator
 
 import numpy as np
 
-from mmtok.runner import Item, Quarantined, Sample, Summary, run_stage
-from mmtok.shards import ShardReader, load_manifest, load_npy, npy_bytes
+from mmtok.runner import Item, Quarantined, Sample, StageError, Summary, progress_bar, run_stage
+from mmtok.shards import MANIFEST, ShardReader, atomic_write, content_hash, load_manifest, load_npy, npy_bytes
 from mmtok.vocab import VOCAB_FILE, Vocab, VocabError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff")
 
 
+def image_alone(members: dict[str, bytes]) -> dict[str, bytes] | None:
+    """A sample's image member as `{ext: bytes}`. Its `content_hash` names the image: the
+    `sha256` of a stand-alone image sample, a document's image reference, `image_sha256`."""
+    return next(({e: members[e]} for e in IMAGE_EXTS if e in members), None)
+
+
 def image_member(members: dict[str, bytes]) -> bytes | None:
-    return next((members[e] for e in IMAGE_EXTS if e in members), None)
+    image = image_alone(members)
+    return None if image is None else next(iter(image.values()))
 
 
 class Tokenizer:
@@ -202,9 +209,9 @@ def image_items(shard_dirs: list[str | Path]) -> Iterator[Item]:
     """One item per image or image-caption pair in the directories."""
     for i, d in enumerate(shard_dirs):
         for s in ShardReader(d):
-            data = image_member(s.members)
-            if data is not None:
-                yield Item(f"{d}/{s.shard}:{s.key}", (_keyed(shard_dirs, i, s.key), data))
+            image = image_alone(s.members)
+            if image is not None:
+                yield Item(f"{d}/{s.shard}:{s.key}", (_keyed(shard_dirs, i, s.key), image))
 
 
 def tokenize_images(shard_dirs: list[str | Path], tok: Tokenizer, out: str | Path, *, batch_size: int = 32,
@@ -216,9 +223,9 @@ def tokenize_images(shard_dirs: list[str | Path], tok: Tokenizer, out: str | Pat
     grid = tok.vq.cfg.grid
 
     def load(payload):
-        key, data = payload
+        key, image = payload
         try:
-            return key, hashlib.sha256(data).hexdigest(), tok.preprocess(data)
+            return key, content_hash(image), tok.preprocess(next(iter(image.values())))
         except Exception as e:  # any decoder failure is a bad input
             return Quarantined("", f"image does not decode ({type(e).__name__}: {e})")
 
@@ -228,7 +235,7 @@ def tokenize_images(shard_dirs: list[str | Path], tok: Tokenizer, out: str | Pat
         for (key, image_sha, _), c in zip(values, codes):
             payload = npy_bytes(c.astype(dtype))
             meta = {"modality": "image_codes", "source": key, "image_sha256": image_sha, "grid": [grid, grid],
-                    "sha256": hashlib.sha256(payload).hexdigest()}
+                    "sha256": content_hash({"npy": payload})}
             out.append([Sample(key, "codes", {"npy": payload}, meta, {"image_sha256": image_sha, "source_key": key})])
         return out
 
@@ -249,7 +256,7 @@ class _Image:
 
 
 class _Codes:
-    """Codes written by `tokenize-images`, found by the image's sha256."""
+    """Codes written by `tokenize-images`, found by the image's `image_sha256`."""
 
     def __init__(self, codes_dir: str | Path, tok: Tokenizer):
         self.reader = ShardReader(codes_dir)
@@ -272,13 +279,13 @@ class _Codes:
 
 
 def _doc_images(reader: ShardReader) -> dict[str, tuple[str, int, int]]:
-    """sha256 -> (shard, offset, size) of each image sample's image member."""
+    """sha256 -> (shard, ext, offset, size) of each image sample's image member."""
     rows = reader.index().select(["sha256", "shard", "members"]).to_pylist()
     out = {}
     for r in rows:
         m = next((m for m in r["members"] if m["ext"] in IMAGE_EXTS), None)
         if m is not None and r["sha256"]:
-            out.setdefault(r["sha256"], (r["shard"], m["offset"], m["size"]))
+            out.setdefault(r["sha256"], (r["shard"], m["ext"], m["offset"], m["size"]))
     return out
 
 
@@ -295,11 +302,11 @@ def tokenize_items(shard_dirs: list[str | Path], skipped: dict) -> Iterator[Item
             if group == "text":
                 yield Item(name, ("text", key, i, s.members.get("txt", b"")))
             elif group.startswith("pair-"):
-                yield Item(name, ("pair", key, i, (image_member(s.members), s.members.get("txt", b""))))
+                yield Item(name, ("pair", key, i, (image_alone(s.members), s.members.get("txt", b""))))
             elif group == "doc":
                 yield Item(name, ("doc", key, i, s.meta.get("segments")))
             elif group.startswith("image-") and s.meta.get("role") != "doc_image":
-                yield Item(name, ("image", key, i, image_member(s.members)))
+                yield Item(name, ("image", key, i, image_alone(s.members)))
             elif not group.startswith("image-"):
                 skipped[group] = skipped.get(group, 0) + 1
 
@@ -322,16 +329,16 @@ def tokenize(shard_dirs: list[str | Path], tok: Tokenizer, out: str | Path, *, c
         except UnicodeDecodeError as e:
             raise _Bad(f"text is not valid UTF-8 (byte {e.start}: {e.reason})") from None
 
-    def image_of(data: bytes | None) -> _Image:
-        if data is None:
+    def image_of(image: dict[str, bytes] | None) -> _Image:
+        if image is None:
             raise _Bad("sample has no image member")
         if not tok.has_vq:
             raise _Bad(f"{tok.dir} has no image tokenizer; run `mmtok train-vq` into it first")
-        known = codes.get(hashlib.sha256(data).hexdigest()) if codes else None
+        known = codes.get(content_hash(image)) if codes else None
         if known is not None:
             return _Image(codes=known)
         try:
-            return _Image(pixels=tok.preprocess(data))
+            return _Image(pixels=tok.preprocess(next(iter(image.values()))))
         except Exception as e:  # any decoder failure is a bad input
             raise _Bad(f"image does not decode ({type(e).__name__}: {e})") from None
 
@@ -358,7 +365,8 @@ def tokenize(shard_dirs: list[str | Path], tok: Tokenizer, out: str | Path, *, c
         loc = doc_images[src].get(seg["image"])
         if loc is None:
             raise _Bad(f"document image {seg['image']} not found in {shard_dirs[src]}/index.parquet")
-        return image_of(readers[src].read_member(*loc))
+        shard, ext, offset, size = loc
+        return image_of({ext: readers[src].read_member(shard, offset, size)})
 
     def assemble(values):
         pending = [p for _, _, parts in values for p in parts if isinstance(p, _Image) and p.codes is None]
@@ -373,7 +381,7 @@ def tokenize(shard_dirs: list[str | Path], tok: Tokenizer, out: str | Path, *, c
             n_image = int(v.is_image(ids).sum())
             counts = {"n_tokens": len(ids), "n_text": len(ids) - n_image, "n_image": n_image}
             meta = {"modality": kind, "source": key, **counts, "images": sum(isinstance(p, _Image) for p in parts),
-                    "sha256": hashlib.sha256(payload).hexdigest()}
+                    "sha256": content_hash({"npy": payload})}
             out.append([Sample(key, "tokens", {"npy": payload}, meta, {**counts, "source_key": key})])
         return out
 
@@ -399,9 +407,41 @@ def _segments(segments) -> list[dict]:
     return segments
 
 
-def detokenize(token_dir: str | Path, tok: Tokenizer, out: str | Path, *, limit: int | None = None) -> dict:
-    """Token shards -> per document `<key>.json` (segments), `<key>.txt` (its text) and
-    `<key>-<n>.png` (its images, through the VQ decoder)."""
+DETOKENIZE_FILE = "detokenize.json"
+
+
+def _detokenize_job(out: Path, job: dict, overwrite: bool) -> None:
+    """Refuse an --out that holds a detokenize output of other tokens or another tokenizer
+    (unless `overwrite`, which clears it); record this job there."""
+    path, have = out / DETOKENIZE_FILE, None
+    if path.exists():
+        try:
+            have = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            have = {}
+        differs = [k for k in ("tokens_manifest_sha256", "tokenizer") if have.get(k) != job[k]]
+        if differs:
+            if not overwrite:
+                what = " and ".join({"tokens_manifest_sha256": f"other tokens ({have.get('tokens')})",
+                                     "tokenizer": "another tokenizer"}[k] for k in differs)
+                raise StageError(f"{out} holds a detokenize output made from {what}; "
+                                 "use a new --out directory, or --overwrite to redo it")
+            for p in out.iterdir():  # the other job's documents
+                if p.suffix in (".json", ".txt", ".png") and p.is_file():
+                    p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    for p in out.glob(".*.tmp-*"):  # leftovers of a killed run
+        p.unlink()
+    if have != job:
+        atomic_write(path, json.dumps(job, sort_keys=True, indent=1).encode())
+
+
+def detokenize(token_dir: str | Path, tok: Tokenizer, out: str | Path, *, limit: int | None = None,
+               overwrite: bool = False, progress: bool = True) -> dict:
+    """Token shards -> per document `<key>-<n>.png` (its images, through the VQ decoder),
+    `<key>.txt` (its text) and, last, `<key>.json` (segments). Every file is written
+    atomically and `<key>.json` only after the others, so its presence marks a finished
+    document: a rerun into the same `out` skips those (`overwrite` redoes them)."""
     reader = ShardReader(token_dir)
     have = reader.manifest.get("config", {}).get("vocab")
     if reader.manifest.get("stage") != "tokenize" or have is None:
@@ -409,22 +449,36 @@ def detokenize(token_dir: str | Path, tok: Tokenizer, out: str | Path, *, limit:
     if have != tok.vocab.to_dict():
         raise VocabError(f"{token_dir} was tokenized with a different vocabulary than {tok.dir}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    docs = images = 0
-    for s in reader:
-        if limit is not None and docs >= limit:
-            break
-        segments, n = [], 0
-        for part in tok.decode(load_npy(s.members["npy"])):
-            if isinstance(part, str):
-                segments.append({"text": part})
-            else:
-                name = f"{s.key}-{n}.png"
-                part.save(out / name)
-                segments.append({"image": name})
-                n += 1
-        (out / f"{s.key}.json").write_text(json.dumps({"segments": segments}, ensure_ascii=False, indent=1), encoding="utf-8")
-        # bytes, not text mode, so "\r\n" and other control characters come back exactly
-        (out / f"{s.key}.txt").write_bytes("".join(p.get("text", "") for p in segments).encode("utf-8"))
-        docs, images = docs + 1, images + n
-    return {"out": str(out), "documents": docs, "images": images}
+    job = {"format": "mmtok-detokenize/1", "tokens": str(Path(token_dir).resolve()),
+           "tokens_manifest_sha256": hashlib.sha256((Path(token_dir) / MANIFEST).read_bytes()).hexdigest(),
+           "tokenizer": tok.fingerprint()}
+    _detokenize_job(out, job, overwrite)
+    total = sum(s["samples"] for s in reader.manifest["shards"])
+    total = total if limit is None else min(total, limit)
+    docs = images = skipped = 0
+    with progress_bar("detokenize", total, 0, progress) as bar:
+        for s in reader:
+            if docs + skipped >= total:
+                break
+            if not overwrite and (out / f"{s.key}.json").exists():
+                skipped += 1
+                bar.advance()
+                continue
+            segments, n = [], 0
+            for part in tok.decode(load_npy(s.members["npy"])):
+                if isinstance(part, str):
+                    segments.append({"text": part})
+                else:
+                    name = f"{s.key}-{n}.png"
+                    buf = io.BytesIO()
+                    part.save(buf, format="PNG")
+                    atomic_write(out / name, buf.getvalue())
+                    segments.append({"image": name})
+                    n += 1
+            # bytes, not text mode, so "\r\n" and other control characters come back exactly
+            atomic_write(out / f"{s.key}.txt", "".join(p.get("text", "") for p in segments).encode("utf-8"))
+            atomic_write(out / f"{s.key}.json",
+                         json.dumps({"segments": segments}, ensure_ascii=False, indent=1).encode("utf-8"))
+            docs, images = docs + 1, images + n
+            bar.advance()
+    return {"out": str(out), "documents": docs, "images": images, "skipped": skipped}

@@ -3,11 +3,11 @@ runner from small generated content, for the tokenizer tests."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import random
 
 from mmtok.runner import Item, Sample, run_stage
+from mmtok.shards import content_hash, dumps_meta
 
 
 def draw_image(seed: int, size: int = 48, mode: str = "RGB", fmt: str = "PNG") -> bytes:
@@ -30,26 +30,22 @@ def draw_image(seed: int, size: int = 48, mode: str = "RGB", fmt: str = "PNG") -
     return buf.getvalue()
 
 
-def _sha(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()
-
-
 def _sample(entry):
     kind, key, body = entry
     if kind == "text":
-        return Sample(key, "text", {"txt": body}, {"modality": "text", "source": key, "sha256": _sha(body)})
+        return Sample(key, "text", {"txt": body}, {"modality": "text", "source": key, "sha256": content_hash({"txt": body})})
     if kind == "image":
-        return Sample(key, "image-png", {"png": body}, {"modality": "image", "source": key, "sha256": _sha(body)})
+        return Sample(key, "image-png", {"png": body}, {"modality": "image", "source": key, "sha256": content_hash({"png": body})})
     if kind == "pair":
         img, cap = body
         return Sample(key, "pair-png", {"png": img, "txt": cap},
-                      {"modality": "pair", "source": key, "sha256": _sha(img + cap)})
+                      {"modality": "pair", "source": key, "sha256": content_hash({"png": img, "txt": cap})})
     segments, images = body  # doc: its images become separate image samples
     out = [Sample(f"{key}_img{i}", "image-png", {"png": im},
-                  {"modality": "image", "source": key, "sha256": _sha(im), "role": "doc_image", "parent": key})
+                  {"modality": "image", "source": key, "sha256": content_hash({"png": im}), "role": "doc_image", "parent": key})
            for i, im in enumerate(images)]
     meta = {"modality": "doc", "source": key, "segments": segments,
-            "sha256": _sha(repr(segments).encode())}
+            "sha256": content_hash({"segments": dumps_meta(segments)})}
     return [Sample(key, "doc", {}, meta)] + out
 
 
@@ -69,7 +65,7 @@ def make_shards(out, texts=(), images=(), pairs=(), docs=()):
             if isinstance(s, str):
                 segments.append({"text": s})
             else:
-                segments.append({"image": _sha(s)})
+                segments.append({"image": content_hash({"png": s})})
                 imgs.append(s)
         entries.append(("doc", f"d{i:04d}", (segments, imgs)))
     items = [Item(e[1], e) for e in entries]

@@ -14,7 +14,7 @@ import torch
 
 from mmtok.audio import AudioOptions, audio_features, beats_fbank, decode_audio, extract_audio, whisper_log_mel
 from mmtok.media import ffmpeg_exe
-from mmtok.shards import ShardReader
+from mmtok.shards import ShardReader, content_hash
 
 SR = 16_000
 
@@ -181,5 +181,12 @@ def test_shard_directory_input_and_cli(tmp_path):
     res = runner.invoke(app, ["extract-keyframes", str(tmp_path / "shards"), "--out", str(tmp_path / "frames"),
                               "--frames", "2", "--size", "16", "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["samples"] == 2
+    # shard, extract-audio and extract-keyframes agree on what a sample's sha256 is
+    shas = {sm.key: sm.meta["sha256"] for sm in ShardReader(tmp_path / "shards")}
+    for stage in ("shards", "feats", "frames"):
+        for sm in ShardReader(tmp_path / stage):
+            assert sm.meta["sha256"] == content_hash({e: b for e, b in sm.members.items() if e != "json"}), (stage, sm.key)
+            if stage != "shards":  # and a derived sample names its parent by the parent's sha256
+                assert sm.meta["parent_sha256"] == shas[sm.meta["parent"]]
     bad = runner.invoke(app, ["extract-audio", str(d), "--out", str(tmp_path / "x"), "--n-mels", "64"])
     assert bad.exit_code == 2 and "--n-mels must be 80 or 128" in bad.output

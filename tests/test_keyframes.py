@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import re
 import subprocess
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from mmtok.media import ffmpeg_exe
 from mmtok.shards import ShardReader
-from mmtok.video import FrameOptions, extract_frames, extract_keyframes, uniform_times
+from mmtok.video import FrameOptions, _strongest_cuts, extract_frames, extract_keyframes, uniform_times
 
 
 def ffmpeg(*args):
@@ -50,10 +52,10 @@ def shown_at(truth, t):
 def test_uniform_frames_come_from_the_segment_centres(tmp_path):
     v = counter_video(tmp_path / "c.mp4")
     frames = extract_frames(str(v), FrameOptions(size=32), duration=3.0)
-    assert [round(t, 4) for t, _ in frames] == [round(t, 4) for t in uniform_times(3.0, 8)]
+    assert [round(f.time, 4) for f in frames] == [round(t, 4) for t in uniform_times(3.0, 8)]
     # at 10 fps the frame shown at t is number floor(10 t)
-    assert [frame_number(im) for _, im in frames] == [int(10 * t) for t in uniform_times(3.0, 8)]
-    assert all(im.size == (32, 32) for _, im in frames)
+    assert [frame_number(f.image) for f in frames] == [int(10 * t) for t in uniform_times(3.0, 8)]
+    assert all(f.image.size == (32, 32) and f.scene_score is None for f in frames)
 
 
 def test_uniform_on_variable_frame_rate(tmp_path):
@@ -64,13 +66,13 @@ def test_uniform_on_variable_frame_rate(tmp_path):
     assert len({round(b - a, 3) for (a, _), (b, _) in zip(truth, truth[1:])}) > 1  # really VFR
     duration = 3.0
     frames = extract_frames(str(v), FrameOptions(size=32), duration)
-    assert [frame_number(im) for _, im in frames] == [shown_at(truth, t) for t in uniform_times(duration, 8)]
+    assert [frame_number(f.image) for f in frames] == [shown_at(truth, t) for t in uniform_times(duration, 8)]
 
 
 def test_video_shorter_than_n_frames_repeats_frames(tmp_path):
     v = counter_video(tmp_path / "short.mp4", seconds=0.3, fps=10)  # 3 frames
     frames = extract_frames(str(v), FrameOptions(size=32, frames=8), duration=0.3)
-    nums = [frame_number(im) for _, im in frames]
+    nums = [frame_number(f.image) for f in frames]
     assert len(nums) == 8
     assert nums == [int(10 * t) for t in uniform_times(0.3, 8)]  # 0,0,0,1,1,2,2,2
 
@@ -78,9 +80,9 @@ def test_video_shorter_than_n_frames_repeats_frames(tmp_path):
 def test_keyframes_mode_returns_only_i_frames(tmp_path):
     v = counter_video(tmp_path / "gop.mp4", seconds=3, fps=10, gop=10)
     frames = extract_frames(str(v), FrameOptions(mode="keyframes", size=32, frames=8), duration=3.0)
-    assert [(round(t, 2), frame_number(im)) for t, im in frames] == [(0.0, 0), (1.0, 10), (2.0, 20)]
+    assert [(round(f.time, 2), frame_number(f.image)) for f in frames] == [(0.0, 0), (1.0, 10), (2.0, 20)]
     capped = extract_frames(str(v), FrameOptions(mode="keyframes", size=32, frames=2), duration=3.0)
-    assert [frame_number(im) for _, im in capped] == [0, 20]  # spaced at least 3/2 s apart
+    assert [frame_number(f.image) for f in capped] == [0, 20]  # spaced at least 3/2 s apart
 
 
 def test_scene_mode_finds_the_cuts(tmp_path):
@@ -90,10 +92,80 @@ def test_scene_mode_finds_the_cuts(tmp_path):
            "-i", src.format("green"), "-filter_complex", "[0][1][2]concat=n=3:v=1", "-c:v", "libx264",
            "-pix_fmt", "yuv420p", str(v))
     frames = extract_frames(str(v), FrameOptions(mode="scene", size=16), duration=3.0)
-    assert [round(t, 1) for t, _ in frames] == [0.0, 1.0, 2.0]
-    colours = [np.asarray(im).reshape(-1, 3).mean(0).argmax() for _, im in frames]
+    assert [round(f.time, 1) for f in frames] == [0.0, 1.0, 2.0]
+    colours = [np.asarray(f.image).reshape(-1, 3).mean(0).argmax() for f in frames]
     assert colours == [0, 2, 1]  # red, blue, green
 
+
+# Grey level of each 0.5 s segment of a 10 fps video: weak steps of 6 early, strong jumps of
+# 20, 40 and 30 later, then one more weak step at the very end, so that the first N cuts,
+# the last N and the strongest N are three different sets.
+GREYS = (100, 106, 112, 118, 138, 178, 148, 154)
+SCENE = dict(mode="scene", size=32, scene_threshold=0.03)  # every one of the 7 cuts passes
+
+
+def greys_video(path):
+    inputs = []
+    for g in GREYS:
+        inputs += ["-f", "lavfi", "-i", f"color=c=0x{g:02x}{g:02x}{g:02x}:s=64x48:r=10:d=0.5"]
+    concat = "".join(f"[{i}]" for i in range(len(GREYS))) + f"concat=n={len(GREYS)}:v=1"
+    ffmpeg(*inputs, "-filter_complex", concat, "-c:v", "libx264", "-pix_fmt", "yuv420p", str(path))
+    return path
+
+
+def grey(img) -> float:
+    return float(np.asarray(img, dtype=float).mean())
+
+
+def test_scene_mode_keeps_the_strongest_cuts_in_time_order(tmp_path):
+    v = greys_video(tmp_path / "greys.mp4")
+    four = extract_frames(str(v), FrameOptions(frames=4, **SCENE), None)
+    assert [round(f.time, 1) for f in four] == [0.0, 2.0, 2.5, 3.0]
+    assert [grey(f.image) for f in four] == pytest.approx([100, 138, 178, 148], abs=2)
+    first, *cuts = [f.scene_score for f in four]
+    assert first is None
+    # ffmpeg's score of a cut between flat frames: mean absolute RGB difference / 100
+    assert cuts == pytest.approx([0.2, 0.4, 0.3], abs=0.03)
+
+    three = extract_frames(str(v), FrameOptions(frames=3, **SCENE), None)
+    assert [round(f.time, 1) for f in three] == [0.0, 2.5, 3.0]
+    assert [f.scene_score for f in three[1:]] == [cuts[1], cuts[2]]
+    assert [round(f.time, 1) for f in extract_frames(str(v), FrameOptions(frames=1, **SCENE), None)] == [0.0]
+
+
+def test_scene_mode_with_fewer_cuts_than_asked_returns_them_all(tmp_path):
+    v = greys_video(tmp_path / "greys.mp4")
+    frames = extract_frames(str(v), FrameOptions(frames=20, **SCENE), None)
+    assert [round(f.time, 1) for f in frames] == [i / 2 for i in range(len(GREYS))]
+    assert [grey(f.image) for f in frames] == pytest.approx(GREYS, abs=2)
+    weak = [f.scene_score for i, f in enumerate(frames) if i in (1, 2, 3, 7)]
+    assert 0.03 < max(weak) < min(f.scene_score for f in frames[4:7])
+    # a higher threshold leaves only the strong cuts as candidates
+    strong = extract_frames(str(v), FrameOptions(**{**SCENE, "frames": 20, "scene_threshold": 0.15}), None)
+    assert [round(f.time, 1) for f in strong] == [0.0, 2.0, 2.5, 3.0]
+
+
+def test_strongest_cuts_matches_a_full_sort_and_keeps_earlier_on_ties():
+    rng = random.Random(0)
+    stream = [(i / 10, 4, 4, rng.choice([0.4, 0.5, 0.6, 0.7]), bytes([i % 256]) * 48) for i in range(500)]
+    for n in (1, 2, 9, 600):
+        kept = _strongest_cuts(iter(stream), n)
+        # reference: sort the candidates after the first by score, highest first, earlier first on ties
+        ranked = sorted(range(1, len(stream)), key=lambda i: (-stream[i][3], i))[: n - 1]
+        assert kept == [stream[0][:3] + (None, stream[0][4])] + [stream[i] for i in sorted(ranked)]
+
+
+def test_scene_stage_records_each_frames_score(tmp_path):
+    v = greys_video(tmp_path / "greys.mp4")
+    out = tmp_path / "out"
+    extract_keyframes([str(v)], str(out), FrameOptions(frames=3, **SCENE), progress=False)
+    metas = [meta for _, meta, _ in _frames_of(out)]
+    assert [(m["timestamp"], m["mode"]) for m in metas] == [(0.0, "scene"), (2.5, "scene"), (3.0, "scene")]
+    scores = [m["scene_score"] for m in metas]
+    assert scores[0] is None and scores[1:] == pytest.approx([0.4, 0.3], abs=0.03)
+    uniform = tmp_path / "uniform"
+    extract_keyframes([str(v)], str(uniform), FrameOptions(frames=2, size=16), progress=False)
+    assert all("scene_score" not in meta for _, meta, _ in _frames_of(uniform))
 
 def test_rotation_metadata_is_applied(tmp_path):
     flat = tmp_path / "flat.mp4"
@@ -101,7 +173,7 @@ def test_rotation_metadata_is_applied(tmp_path):
            "-c:v", "libx264", "-pix_fmt", "yuv420p", str(flat))
     rot = tmp_path / "rot.mp4"
     ffmpeg("-display_rotation:v", "90", "-i", str(flat), "-c", "copy", str(rot))
-    (_, im), *_ = extract_frames(str(rot), FrameOptions(size=32, crop=False, frames=1), duration=1.0)
+    im = extract_frames(str(rot), FrameOptions(size=32, crop=False, frames=1), duration=1.0)[0].image
     a = np.asarray(im.convert("L"), dtype=float)
     assert im.size == (24, 32)  # portrait once rotated
     assert abs(a[:4].mean() - a[-4:].mean()) > 200  # the white half is now on top or bottom
@@ -110,8 +182,8 @@ def test_rotation_metadata_is_applied(tmp_path):
 
 def test_odd_sizes_crop_and_fit(tmp_path):
     v = counter_video(tmp_path / "odd.mp4", seconds=1, size="65x47", extra=("-pix_fmt", "yuv444p"))
-    (_, sq), *_ = extract_frames(str(v), FrameOptions(size=33, frames=1), duration=1.0)
-    (_, fit), *_ = extract_frames(str(v), FrameOptions(size=33, crop=False, frames=1), duration=1.0)
+    sq = extract_frames(str(v), FrameOptions(size=33, frames=1), duration=1.0)[0].image
+    fit = extract_frames(str(v), FrameOptions(size=33, crop=False, frames=1), duration=1.0)[0].image
     assert sq.size == (33, 33)
     assert max(fit.size) == 33 and abs(fit.size[0] / fit.size[1] - 65 / 47) < 0.1
 

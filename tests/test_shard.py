@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -24,7 +25,7 @@ from mmtok.demo import draw_shape
 from mmtok.ingest import ShardFn, shard_items
 from mmtok.media import ffmpeg_exe
 from mmtok.runner import Item, run_stage
-from mmtok.shards import ShardReader, list_shards
+from mmtok.shards import ShardReader, content_hash, dumps_meta, list_shards
 
 runner = CliRunner()
 
@@ -140,6 +141,19 @@ def test_every_input_kind(corpus: Path, tmp_path: Path):
     for row in r.index().to_pylist():
         by_group.setdefault(row["group"], set()).add(tuple(sorted(m["ext"] for m in row["members"])))
     assert all(len(v) == 1 for v in by_group.values()), by_group
+    # every sample's sha256 is content_hash of its payload members as read back
+    for key, members in samples.items():
+        if metas[key]["modality"] == "doc":  # no payload: the segments are the content
+            assert metas[key]["sha256"] == content_hash({"segments": dumps_meta(metas[key]["segments"])})
+        else:
+            assert metas[key]["sha256"] == content_hash({e: b for e, b in members.items() if e != "json"}), key
+
+
+def test_content_hash_keeps_member_boundaries():
+    assert content_hash({"a": b"xy", "b": b""}) != content_hash({"a": b"x", "b": b"y"})
+    assert content_hash({"ab": b"c"}) != content_hash({"a": b"bc"})
+    assert content_hash({"txt": b"1", "png": b"2"}) == content_hash({"png": b"2", "txt": b"1"})  # order-free
+    assert content_hash({"txt": b"hi"}) == hashlib.sha256(b"txt\x002\x00hi").hexdigest()  # the documented layout
 
 
 def test_duplicates_dropped_and_counted(tmp_path: Path):

@@ -10,10 +10,12 @@ from shardgen import draw_image, make_shards
 from test_bpe import TRICKY, corpus
 
 from mmtok.bpe import train_bpe
-from mmtok.shards import ShardReader, load_npy
+from mmtok.runner import StageError
+from mmtok.shards import ShardReader, content_hash, load_npy
 from mmtok.tokenize import (
     Tokenizer,
     detokenize,
+    image_alone,
     pair_image_first,
     tokenize,
     tokenize_images,
@@ -53,6 +55,11 @@ def inputs(tmp_path_factory):
         docs=[["A doc starts. ", shared, " Middle text ", draw_image(101), " and the end."],
               [shared, "second doc reuses the image"]],
     )
+
+
+def payload(sample) -> dict:
+    """A read-back sample's members without its `json` metadata: what `sha256` covers."""
+    return {e: b for e, b in sample.members.items() if e != "json"}
 
 
 def blocks(ids, tok):
@@ -109,6 +116,7 @@ def test_tokenize_shards(tok, inputs, tmp_path):
     orders = set()
     for s in ShardReader(tmp_path / "tokens"):
         ids, meta, row = load_npy(s.members["npy"]), s.meta, by_key[s.key]
+        assert meta["sha256"] == row["sha256"] == content_hash(payload(s))
         assert ids.dtype == np.uint32 and ids.ndim == 1 and ids[-1] == tok.eod
         assert (ids < tok.vocab.vocab_size).all()
         n_img = int(tok.vocab.is_image(ids).sum())
@@ -147,9 +155,13 @@ def test_same_output_with_workers_and_with_precomputed_codes(tok, inputs, tmp_pa
     tokenize([inputs], tok, tmp_path / "b", workers=2, **opts)
     s = tokenize_images([inputs], tok, tmp_path / "codes", progress=False, max_error_rate=1.0)
     assert s.samples == 1 + 8 + 3 and s.quarantined == 1  # the image, good pairs, doc images; the broken pair
+    images = {s.key: content_hash(image_alone(s.members)) for s in ShardReader(inputs) if image_alone(s.members)}
     for c in ShardReader(tmp_path / "codes"):
         codes = load_npy(c.members["npy"])
         assert codes.shape == (TPI,) and codes.max() < tok.vocab.n_image_codes
+        assert c.meta["sha256"] == content_hash(payload(c))
+        # one name for an image: a stand-alone (or document) image sample's sha256 is its image_sha256
+        assert c.meta["image_sha256"] == images[c.key]
     tokenize([inputs], tok, tmp_path / "c", codes_dir=tmp_path / "codes", **opts)
     shards = [json.loads((tmp_path / d / "manifest.json").read_text())["shards"] for d in "abc"]
     assert shards[0] == shards[1] == shards[2]  # byte-identical shards
@@ -157,8 +169,8 @@ def test_same_output_with_workers_and_with_precomputed_codes(tok, inputs, tmp_pa
 
 def test_detokenize_reproduces_text_and_images(tok, inputs, tmp_path):
     tokenize([inputs], tok, tmp_path / "tokens", seed=3, progress=False, max_error_rate=1.0)
-    info = detokenize(tmp_path / "tokens", tok, tmp_path / "out")
-    assert info["documents"] == 16 and info["images"] == 1 + 8 + 3
+    info = detokenize(tmp_path / "tokens", tok, tmp_path / "out", progress=False)
+    assert info["documents"] == 16 and info["images"] == 1 + 8 + 3 and info["skipped"] == 0
     for i, text in enumerate(TRICKY[:5]):
         assert (tmp_path / f"out/t{i:04d}.txt").read_bytes() == text.encode()
     assert (tmp_path / "out/p0002.txt").read_text() == "caption number 2"
@@ -166,6 +178,70 @@ def test_detokenize_reproduces_text_and_images(tok, inputs, tmp_path):
     assert [list(s) for s in doc] == [["text"], ["image"], ["text"], ["image"], ["text"]]
     assert doc[2]["text"] == " Middle text "
     assert Image.open(tmp_path / "out" / doc[1]["image"]).size == (16, 16)
+
+
+def _files(d):
+    return {p.name: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(d.iterdir())}
+
+
+def test_detokenize_resumes_and_redoes_interrupted_documents(tok, inputs, tmp_path):
+    tokenize([inputs], tok, tmp_path / "tokens", seed=3, progress=False, max_error_rate=1.0)
+    out = tmp_path / "out"
+    detokenize(tmp_path / "tokens", tok, out)  # with the progress bar
+    first = _files(out)
+    assert "detokenize.json" in first and not [n for n in first if ".tmp-" in n]
+
+    info = detokenize(tmp_path / "tokens", tok, out, progress=False)
+    assert (info["documents"], info["skipped"], info["images"]) == (0, 16, 0)
+    assert _files(out) == first  # nothing rewritten: same bytes, inodes and mtimes
+
+    # a run killed inside d0000: its .json not yet written, its .txt half written, a temp file left
+    (out / "d0000.json").unlink()
+    (out / "d0000.txt").write_bytes(first["d0000.txt"][0][:5])
+    (out / ".d0000-1.png.tmp-999").write_bytes(b"half")
+    info = detokenize(tmp_path / "tokens", tok, out, progress=False)
+    assert (info["documents"], info["skipped"], info["images"]) == (1, 15, 2)
+    again = _files(out)
+    assert {n: v[0] for n, v in again.items()} == {n: v[0] for n, v in first.items()}
+    redone = {n for n in first if first[n][1:] != again[n][1:]}
+    assert redone == {"d0000.json", "d0000.txt", "d0000-0.png", "d0000-1.png"}
+
+    r = run_cli("detokenize", tmp_path / "tokens", "--tokenizer", tok.dir, "--out", out, "--overwrite", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == {"out": str(out), "documents": 16, "images": 12, "skipped": 0}
+    after = _files(out)
+    assert {n: v[0] for n, v in after.items()} == {n: v[0] for n, v in first.items()}
+    assert all(after[n][1:] != again[n][1:] for n in after if n != "detokenize.json")  # every document written again
+
+
+def test_detokenize_refuses_output_of_other_tokens_or_tokenizer(tok, tokdir, inputs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tokenize([inputs], tok, tmp_path / "tokens", seed=3, progress=False, max_error_rate=1.0)
+    tokenize([inputs], tok, tmp_path / "tokens4", seed=4, progress=False, max_error_rate=1.0)
+    out = tmp_path / "out"
+    detokenize(tmp_path / "tokens", tok, out, limit=3, progress=False)
+    with pytest.raises(StageError, match="made from other tokens .*--overwrite"):
+        detokenize(tmp_path / "tokens4", tok, out, progress=False)
+
+    other = tmp_path / "othertok"  # same vocabulary, another VQ decoder
+    other.mkdir()
+    for p in tokdir.iterdir():
+        if p.is_file():
+            (other / p.name).write_bytes(p.read_bytes())
+    weights = load_file(other / "vq.safetensors")
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, other / "vq.safetensors")
+    r = run_cli("detokenize", tmp_path / "tokens", "--tokenizer", other, "--out", out)
+    assert r.exit_code == 2 and "another tokenizer" in r.output and "Traceback" not in r.output
+    keys = [s.key for s in ShardReader(tmp_path / "tokens4")]
+    assert sorted(p.name for p in out.glob("*.json")) == sorted(["detokenize.json"] + [f"{k}.json" for k in keys[:3]])
+
+    # --overwrite clears the other job's documents and starts again
+    r = run_cli("detokenize", tmp_path / "tokens4", "--tokenizer", tokdir, "--out", out, "--limit", 1,
+                "--overwrite", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["documents"] == 1, r.output
+    detokenize(tmp_path / "tokens4", tok, tmp_path / "fresh", limit=1, progress=False)
+    assert {n: v[0] for n, v in _files(out).items()} == {n: v[0] for n, v in _files(tmp_path / "fresh").items()}
 
 
 def test_wrong_or_missing_tokenizer(tok, tokdir, inputs, tmp_path):
@@ -237,6 +313,7 @@ def test_cli_end_to_end_from_mmtok_shard(tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["by_modality"] == {"doc": 1, "pair": 12, "text": 1500}
     r = run_cli("detokenize", tmp_path / "tokens", "--tokenizer", tok, "--out", tmp_path / "dec", "--json")
-    assert r.exit_code == 0 and json.loads(r.stdout) == {"out": str(tmp_path / "dec"), "documents": 1513, "images": 13}
+    assert r.exit_code == 0 and json.loads(r.stdout) == {"out": str(tmp_path / "dec"), "documents": 1513, "images": 13,
+                                                         "skipped": 0}
     first = sorted((tmp_path / "dec").glob("*.txt"))[0].read_text()
     assert first == rows[0]["text"]

@@ -165,8 +165,8 @@ def heldout_loss(model, setup) -> dict:
 
 def run_stage(setup, root, stage, init="", steps=25, **kw):
     cfg = UniMoERun(setup["cfg"], TrainConfig(steps=steps, lr=1e-2, warmup=2, ckpt_every=10, seed=0), stage, str(init))
-    loader = UniMoELoader(setup["train"], setup["cfg"], setup["tok"], batch_size=8, seed=0)
-    return train_stage(cfg, root / stage, loader, **kw)
+    loaders = lambda rank, world: UniMoELoader(setup["train"], setup["cfg"], setup["tok"], batch_size=8, seed=0)  # noqa: E731
+    return train_stage(cfg, root / stage, loaders, live=False, **kw)
 
 
 def mean_loss(result) -> float:
@@ -282,3 +282,35 @@ def test_cli_runs_the_three_stages_and_evaluates(corpus, tmp_path):
     r = CliRunner().invoke(app, [str(a) for a in ("train", "--model", "uni-moe", "--stage", "tune", "--out",
                                                   tmp_path / "bad", "--init", tmp_path / "align", *data)])
     assert r.exit_code == 2 and "starts from the experts stage" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.slow
+def test_a_stage_on_two_fsdp_processes_matches_one_process_with_the_same_micro_batches(corpus, tmp_path):
+    """2 ranks x 4 pairs == 1 process x grad_accum 2 x 4 pairs: rank r takes the r-th block of
+    each step's pairs, as the one process's r-th micro-batch does. Frozen parts stay frozen
+    under FSDP (the whole decoder outside the LoRA experts in stage experts)."""
+    from test_train import run_cli
+
+    src = corpus["sources"]
+    data = ["--speech", src["speech"][0], "--audio", src["audio"][0], "--image", src["image"][0],
+            "--tokenizer", corpus["tok"], "--queries", 4, "--connector-layers", 1, "--batch-size", 4,
+            "--holdout", 0.25, "--warmup", 1, "--lr", "0.01", "--json"]
+    r = run_cli(["train", "--model", "uni-moe", "--stage", "align", "--out", tmp_path / "align", "--steps", 1, *data])
+    assert r.returncode == 0, r.stderr[-3000:]
+    stage = ["--model", "uni-moe", "--stage", "experts", "--init", tmp_path / "align", "--steps", 3, *data]
+    r = run_cli(["train", "--out", tmp_path / "F", "--nproc", 2, *stage])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["world_size"] == 2
+    r = run_cli(["train", "--out", tmp_path / "R", "--grad-accum", 2, *stage])
+    assert r.returncode == 0, r.stderr[-3000:]
+    curve = lambda run: [(r["step"], r["loss"], r["grad_norm"]) + tuple(r[k] for k in sorted(r) if k.startswith("text_given_"))  # noqa: E731
+                         for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    fsdp, ref = curve(tmp_path / "F"), curve(tmp_path / "R")
+    assert [x[0] for x in fsdp] == [1, 2, 3] and len(fsdp[0]) == 9  # loss and tokens of text given speech, audio, image
+    np.testing.assert_allclose(np.array(fsdp, dtype=float), np.array(ref, dtype=float), rtol=2e-5)
+    start, _, _ = load_run(tmp_path / "align")
+    for run in ("F", "R"):
+        model, _, _ = load_run(tmp_path / run)
+        for (name, p), q in zip(model.named_parameters(), start.parameters()):
+            if not name.startswith("inputs.") and ".lora_" not in name:
+                assert torch.equal(p, q), name  # the decoder (and its routers) did not move

@@ -53,8 +53,11 @@ def lr_at(step: int, tc) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices; norms' gains are not decayed
-    rest = [p for p in model.parameters() if p.ndim < 2]
+    """AdamW over the trainable parameters: frozen ones (auxiliary routers outside their
+    stage, Uni-MoE's frozen parts) get no state and never move."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]  # matrices; norms' gains are not decayed
+    rest = [p for p in params if p.ndim < 2]
     # Fused on GPUs: at 435m the expert models' optimizer step is ~30% of a step otherwise.
     on_gpu = next(model.parameters()).is_cuda
     return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}],
@@ -213,48 +216,91 @@ class _Stop:
         return False
 
 
-def train(cfg: RunConfig, run: str | Path, make_loader: Callable[[int, int], object], *, resume: bool = False,
-          stop_at_step: int | None = None, live: bool = True) -> dict:
+class DecoderJob:
+    """`mmtok train` of a Decoder (dense, moe, moma, mod-moma) on a balance-mix plan. A job
+    is what one kind of model brings to the shared loop in `run_job`: its config, loaders,
+    model, forward pass and losses; `trainer/unimoe_train.py` has the other kind."""
+
+    def __init__(self, cfg: RunConfig, make_loader: Callable[[int, int], object]):
+        self.cfg, self.make_loader = cfg, make_loader
+
+    def same_run(self, saved: dict, where: str) -> None:
+        """Resuming may change training options (more steps, ...), not the model."""
+        check_same_model(RunConfig.from_dict(saved).as_dict()["model"], self.cfg.as_dict()["model"], where)
+
+    def build(self, device: torch.device) -> torch.nn.Module:
+        if self.cfg.model.attention == "flex" and device.type != "cuda":
+            raise TrainError("--attention flex needs a GPU (PyTorch's flex attention has no CPU backward); use sdpa")
+        return Decoder(self.cfg.model)
+
+    def files(self) -> dict:
+        return {}
+
+    def forward(self, model, batch: dict) -> tuple[dict, list[dict], dict]:
+        """Loss terms, routing statistics, and (NLL sum, token count) per reported group."""
+        logits, stats = model(batch["input_ids"], batch["positions"], batch["doc_ids"])
+        terms = loss_terms(self.cfg.model, logits, batch["targets"], stats)
+        groups = {"text": (terms["text_nll"], terms["text_n"]), "image": (terms["image_nll"], terms["image_n"])}
+        return terms, stats, groups
+
+    def flops_per_token(self) -> float | None:
+        """Training FLOPs per token for MFU (None: not reported)."""
+        return flops_per_token(self.cfg.model, self.cfg.model.max_seq_len)
+
+    def summary(self) -> dict:
+        return {}
+
+
+def train(cfg: RunConfig, run: str | Path, make_loader: Callable[[int, int], object], **kw) -> dict:
     """Train `cfg` into `run`. `make_loader(rank, world)` gives an iterator of batches (the
     PlanLoader contract) with state_dict/load_state_dict. Returns a summary dict (rank 0's view)."""
+    return run_job(DecoderJob(cfg, make_loader), run, **kw)
+
+
+def run_job(job, run: str | Path, *, resume: bool = False, stop_at_step: int | None = None, live: bool = True) -> dict:
+    """The training loop shared by every model: FSDP2 under torchrun, gradient accumulation,
+    clipping, the schedule, metrics, checkpoints, resume and SIGTERM."""
     run = Path(run)
+    cfg = job.cfg
     tc = cfg.train
     rank, world, device = init_distributed()
     ckpt_path = latest_checkpoint(run) if resume else None
     # Check everything on every rank before anything is written or trained, so that all
     # ranks stop together with the same message on bad input.
-    _check_run_dir(run, cfg, resume, ckpt_path)
-    if cfg.model.attention == "flex" and device.type != "cuda":
-        raise TrainError("--attention flex needs a GPU (PyTorch's flex attention has no CPU backward); use sdpa")
-    loader = make_loader(rank, world)
+    _check_run_dir(run, job, resume, ckpt_path)
+    loader = job.make_loader(rank, world)
     start = json.loads((ckpt_path / "train_state.json").read_text())["step"] if ckpt_path else 0
     end = min(tc.steps, stop_at_step) if stop_at_step else tc.steps
     if ckpt_path:
         loader.load_state_dict(json.loads((ckpt_path / "rank-0.json").read_text())["loader"])
-    if len(loader) < (end - start) * tc.grad_accum:
+    if hasattr(loader, "__len__") and len(loader) < (end - start) * tc.grad_accum:  # endless loaders have no length
         raise TrainError(f"{cfg.plan or 'the data'}: {len(loader)} micro-batches per rank left, but steps "
                          f"{start}..{end} with grad_accum {tc.grad_accum} need {(end - start) * tc.grad_accum}; "
                          "make a longer plan (balance-mix --steps) or lower --steps")
+    torch.manual_seed(tc.seed)
+    model = job.build(device)  # same seed on every rank: identical initial weights before sharding
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write(run / CONFIG, json.dumps(cfg.as_dict(), indent=1, sort_keys=True).encode())
+        for name, content in job.files().items():
+            atomic_write(run / name, json.dumps(content, indent=1, sort_keys=True).encode())
     if world > 1:
         dist.barrier()
 
-    torch.manual_seed(tc.seed)
-    model = Decoder(cfg.model)  # same seed on every rank: identical initial weights before sharding
     bf16 = tc.mixed_precision == "bf16" or (tc.mixed_precision == "auto" and device.type == "cuda")
-    model = parallelize(model, world, device, bf16=bf16, act_ckpt=tc.act_ckpt, compile=tc.compile)
+    model = parallelize(model, world, device, bf16=bf16, act_ckpt=tc.act_ckpt, compile=tc.compile).train()
     optimizer = build_optimizer(model, tc)
     ckpt = Checkpointer(run, rank, world)
     step = ckpt.load(ckpt_path, model, optimizer, loader) if ckpt_path else 0
     metrics = Metrics(run, rank, step)
-    flops_tok = flops_per_token(cfg.model, cfg.model.max_seq_len)
+    flops_tok = job.flops_per_token()
     peak = _peak_flops(device)
     batches = iter(loader)
     status, last_saved = "finished", step if ckpt_path else -1
     t_log, interval_tokens = time.perf_counter(), 0.0
     fsdp = hasattr(model, "set_requires_gradient_sync")
+    # the auxiliary routers (joint mode) stay out of the clipping norm: they must not change the model's updates
+    clipped = [p for n, p in model.named_parameters() if p.requires_grad and not is_aux_param(n)]
     with _Stop() as stop, _live(live and rank == 0, tc.steps, step) as bar:
         while step < end:
             for group in optimizer.param_groups:
@@ -269,15 +315,12 @@ def train(cfg: RunConfig, run: str | Path, make_loader: Callable[[int, int], obj
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 if fsdp:
                     model.set_requires_gradient_sync(micro == tc.grad_accum - 1)
-                logits, stats = model(batch["input_ids"], batch["positions"], batch["doc_ids"])
-                terms = loss_terms(cfg.model, logits, batch["targets"], stats)
+                terms, stats, groups = job.forward(model, batch)
                 (terms["loss"] / tc.grad_accum).backward()
-                acc = _accumulate(acc, terms, expert_load(stats), (batch["doc_ids"] > 0).sum())
+                acc = _accumulate(acc, terms, groups, expert_load(stats), (batch["doc_ids"] > 0).sum())
             if status != "finished":
                 break
-            # the auxiliary routers (joint mode) stay out of the clipping norm: they must not change the model's updates
-            main = [p for n, p in model.named_parameters() if not is_aux_param(n)]
-            grad_norm = torch.nn.utils.clip_grad_norm_(main, tc.grad_clip, foreach=True)
+            grad_norm = torch.nn.utils.clip_grad_norm_(clipped, tc.grad_clip, foreach=True)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -289,7 +332,7 @@ def train(cfg: RunConfig, run: str | Path, make_loader: Callable[[int, int], obj
                 rec["tokens"] = rec.pop("tokens_real")
                 rec.update(step=step, lr=lr_at(step - 1, tc), grad_norm=float(_full(grad_norm)),
                            tokens_per_s=rec["tokens"] / dt, memory_gb=_memory_gb(device))
-                if peak:
+                if peak and flops_tok:
                     rec["mfu"] = rec["tokens_per_s"] * flops_tok / (peak * world)
                 metrics.write(rec)
                 bar(step, rec)
@@ -306,24 +349,27 @@ def train(cfg: RunConfig, run: str | Path, make_loader: Callable[[int, int], obj
     if status == "finished" and step < tc.steps:
         status = "stopped"
     return {"run": str(run), "status": status, "step": step, "steps": tc.steps, "world_size": world,
-            "checkpoint": str(latest_checkpoint(run))}
+            "checkpoint": str(latest_checkpoint(run)), **job.summary()}
 
 
-def _check_run_dir(run: Path, cfg: RunConfig, resume: bool, ckpt_path: Path | None) -> None:
+def _check_run_dir(run: Path, job, resume: bool, ckpt_path: Path | None) -> None:
     cfg_path = run / CONFIG
     if resume:
         if ckpt_path is None:
             raise TrainError(f"{run}: nothing to resume (no checkpoint); run without --resume to start it")
-        saved = RunConfig.from_dict(json.loads(cfg_path.read_text()))
-        check_same_model(saved.as_dict()["model"], cfg.as_dict()["model"], str(ckpt_path))
+        job.same_run(json.loads(cfg_path.read_text()), str(ckpt_path))
     elif cfg_path.exists():
         raise TrainError(f"{run} already holds a run; pass --resume to continue it, or use a new --out")
 
 
-def _accumulate(acc, terms, load, tokens_real):
-    vals = {k: terms[k].detach().float() for k in ("ce", "z_loss", "aux_loss", "aux_router_bce", "text_nll", "text_n", "image_nll", "image_n")}
-    vals["loss"] = terms["loss"].detach().float()
+LOSSES = ("loss", "ce", "z_loss", "aux_loss", "aux_router_bce")
+
+
+def _accumulate(acc, terms, groups, load, tokens_real):
+    vals = {k: terms[k].detach().float() for k in LOSSES}
     vals["tokens_real"] = tokens_real.float()
+    for g, (nll, n) in groups.items():
+        vals[f"nll/{g}"] = torch.stack([nll.detach().float(), n.float()])
     for group, s in load.items():
         vals[f"load/{group}"] = s["load"].float()
         vals[f"unrouted/{group}"] = torch.stack([s["unrouted"], s["tokens"]]).float()
@@ -333,7 +379,9 @@ def _accumulate(acc, terms, load, tokens_real):
 
 
 def _reduce(acc: dict, world: int, accum: int) -> dict:
-    """Sum every accumulated value over ranks with one all-reduce; turn sums into means."""
+    """Sum every accumulated value over ranks with one all-reduce; turn sums into means.
+    Per group g (text and image tokens, or Uni-MoE's text given each modality):
+    `g_loss` (null when the interval had none of its tokens) and `g_tokens`."""
     keys = sorted(acc)
     flat = torch.cat([acc[k].reshape(-1).double() for k in keys])
     if world > 1:
@@ -344,10 +392,11 @@ def _reduce(acc: dict, world: int, accum: int) -> dict:
         n = acc[k].numel()
         out[k] = flat[i:i + n]
         i += n
-    rec = {k: float(out[k]) / (world * accum) for k in ("loss", "ce", "z_loss", "aux_loss", "aux_router_bce")}
-    rec["text_loss"] = float(out["text_nll"] / out["text_n"].clamp(min=1))
-    rec["image_loss"] = float(out["image_nll"] / out["image_n"].clamp(min=1))
-    rec["text_tokens"], rec["image_tokens"] = int(out["text_n"]), int(out["image_n"])
+    rec = {k: float(out[k]) / (world * accum) for k in LOSSES}
+    for k in keys:
+        if k.startswith("nll/"):
+            (s, n), g = out[k].tolist(), k.split("/", 1)[1]
+            rec[f"{g}_loss"], rec[f"{g}_tokens"] = (s / n if n else None), int(n)
     rec["tokens_real"] = int(out["tokens_real"])
     loads = {k.split("/", 1)[1]: out[k] for k in keys if k.startswith("load/")}
     if loads:
@@ -385,7 +434,9 @@ class _live:
         self.task = self.progress.add_task("", total=self.total, completed=self.done)
 
         def update(step, rec):
-            desc = f"loss {rec['loss']:.3f} text {rec['text_loss']:.3f} image {rec['image_loss']:.3f} {rec['tokens_per_s']:.0f} tok/s"
+            groups = " ".join(f"{k[:-5]} {v:.3f}" for k, v in rec.items() if k.endswith("_loss") and k not in LOSSES
+                              and v is not None)
+            desc = f"loss {rec['loss']:.3f} {groups} {rec['tokens_per_s']:.0f} tok/s"
             self.progress.update(self.task, completed=step, description=desc)
 
         return update

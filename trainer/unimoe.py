@@ -334,6 +334,11 @@ class UniMoE(nn.Module):
         self.stage = "align"
 
     @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder's blocks: what `trainer.parallel.parallelize` wraps and shards one by one."""
+        return self.decoder.layers
+
+    @property
     def ffns(self) -> list[LoRAMoEFFN]:
         return [layer.ffn for layer in self.decoder.layers]
 
@@ -385,6 +390,8 @@ class UniMoE(nn.Module):
         for m, module in self.inputs.items():
             rows = batch.get(f"{m}_rows")
             if rows is None or rows.numel() == 0:
+                if self.training:  # absent here: still a (zero) gradient, so FSDP ranks reduce the same tensors
+                    x = x + 0.0 * sum(p.reshape(-1)[0] for p in module.parameters() if p.requires_grad)
                 continue
             cols = batch["span"][rows][:, None] + torch.arange(q, device=ids.device)
             x = x.index_put((rows[:, None].expand(-1, q), cols), module(batch).to(x.dtype))

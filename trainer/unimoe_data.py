@@ -176,16 +176,19 @@ def collate(examples: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], cfg:
 
 
 class UniMoELoader:
-    """Batches of pairs, reshuffled each epoch from `seed`; endless. The state is the number
-    of pairs already yielded, so a resumed run sees exactly the batches it would have."""
+    """Batches of pairs, reshuffled each epoch from `seed`; endless. Each step takes the next
+    `batch_size x world` pairs of the order and rank r gets the r-th `batch_size` of them.
+    The state is the number of pairs all ranks have taken, the same on every rank, so a
+    resumed run (at any world size) continues exactly where the order stopped."""
 
     def __init__(self, pairs: list[Pair], cfg: UniMoEConfig, tokenizer, batch_size: int, seed: int = 0,
-                 modalities: tuple[str, ...] | None = None):
+                 modalities: tuple[str, ...] | None = None, rank: int = 0, world: int = 1):
         keep = modalities or cfg.modalities
         self.pairs = [p for p in pairs if p.modality in keep]
         if not self.pairs:
             raise ValueError(f"no pairs of {', '.join(keep)} to train on; give their feature and caption directories")
         self.cfg, self.tok, self.batch_size, self.seed = cfg, tokenizer, batch_size, seed
+        self.rank, self.world = rank, world
         specials = tokenizer.vocab.specials
         self.sequences = [sequence(tokenizer.encode_text(p.text), p.modality, cfg, specials) for p in self.pairs]
         self.fingerprint = hashlib.sha256("\n".join(f"{p.modality}/{p.key}" for p in self.pairs).encode()).hexdigest()
@@ -219,7 +222,8 @@ class UniMoELoader:
     def __iter__(self):
         n = len(self.pairs)
         while True:
-            picks = [self._order((self._next + j) // n)[(self._next + j) % n] for j in range(self.batch_size)]
+            first = self._next + self.rank * self.batch_size
+            picks = [self._order((first + j) // n)[(first + j) % n] for j in range(self.batch_size)]
             batch = collate([self.example(i) for i in picks], self.cfg)
-            self._next += self.batch_size
+            self._next += self.batch_size * self.world
             yield batch

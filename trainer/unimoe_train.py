@@ -4,8 +4,8 @@ experts each modality's tokens prefer, per layer.
 
 A stage's run directory is laid out like any `mmtok train` run (config.json,
 metrics.jsonl, tb/, checkpoints/ with DCP files and the loader state; the same
-Checkpointer and Metrics), plus `stage.json`: what trained, what was frozen, and where
-the starting weights came from. It runs in one process (on the GPU when there is one, fp32).
+training loop, `trainer.train.run_job`), plus `stage.json`: what trained, what was frozen,
+and where the starting weights came from.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +20,8 @@ import torch
 
 from mmtok.shards import atomic_write
 from mmtok.trainer.config import TrainConfig
-from mmtok.trainer.model import expert_load, loss_terms
-from mmtok.trainer.train import CONFIG, Checkpointer, Metrics, TrainError, latest_checkpoint, lr_at
+from mmtok.trainer.model import loss_terms
+from mmtok.trainer.train import CONFIG, TrainError, latest_checkpoint, run_job
 from mmtok.trainer.unimoe import STAGES, UniMoE, UniMoEConfig
 
 FORMAT = "mmtok-unimoe-run/1"
@@ -108,90 +107,57 @@ def init_weights(model: UniMoE, cfg: UniMoERun) -> str:
     return f"{cfg.init} (dense decoder)"
 
 
-def _optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]  # frozen ones get no state and never move
-    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": tc.weight_decay},
-                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                             lr=tc.lr, betas=tc.betas, foreach=True)
-
-
 def modality_nll(logits: torch.Tensor, batch: dict, modalities) -> dict:
-    """Sum of NLL and count of predicted tokens per modality of the sample."""
+    """Per modality of the sample: (sum of NLL, count) of its predicted text tokens, on the device."""
     t = batch["targets"]
     valid = t != -100
     nll = torch.where(valid, torch.logsumexp(logits.float(), -1)
                       - logits.float().gather(-1, t.clamp(min=0)[..., None])[..., 0], 0.0)
     out = {}
     for i, m in enumerate(modalities):
-        rows = batch["modality"] == i
-        out[m] = (float(nll[rows].double().sum()), int(valid[rows].sum()))
+        rows = (batch["modality"] == i)[:, None]
+        out[m] = ((nll * rows).sum(), (valid & rows).sum())
     return out
 
 
-def train_stage(cfg: UniMoERun, run: str | Path, loader, *, resume: bool = False, stop_at_step: int | None = None,
-                log=None) -> dict:
-    """Train one stage into `run` from the batches of `loader` (UniMoELoader contract)."""
-    run, tc = Path(run), cfg.train
-    ckpt_path = latest_checkpoint(run) if resume else None
-    if resume:
-        if ckpt_path is None:
-            raise TrainError(f"{run}: nothing to resume (no checkpoint); run without --resume to start it")
-        if not is_unimoe_run(run) or UniMoERun.from_dict(json.loads((run / CONFIG).read_text())).as_dict() != cfg.as_dict():
-            raise TrainError(f"{run}: was started with other options; resume with the same command line")
-    elif (run / CONFIG).exists():
-        raise TrainError(f"{run} already holds a run; pass --resume to continue it, or use a new --out")
-    torch.manual_seed(tc.seed)
-    model = UniMoE(cfg.model)
-    source = init_weights(model, cfg)
-    parts = model.set_stage(cfg.stage)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).train()
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write(run / CONFIG, json.dumps(cfg.as_dict(), indent=1, sort_keys=True).encode())
-    atomic_write(run / STAGE_FILE, json.dumps({**parts, "init": source}, indent=1, sort_keys=True).encode())
-    optimizer = _optimizer(model, tc)
-    ckpt = Checkpointer(run, 0, 1)
-    step = ckpt.load(ckpt_path, model, optimizer, loader) if ckpt_path else 0
-    end = min(tc.steps, stop_at_step) if stop_at_step else tc.steps
-    metrics = Metrics(run, 0, step)
-    dcfg = cfg.model.decoder_config()
-    batches, last_saved, t0 = iter(loader), step if ckpt_path else -1, time.perf_counter()
-    while step < end:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, tc)
-        rec, per_mod = {"loss": 0.0, "ce": 0.0, "aux_loss": 0.0}, {}
-        for _ in range(tc.grad_accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-            logits, stats = model(batch)
-            terms = loss_terms(dcfg, logits, batch["targets"], stats)
-            (terms["loss"] / tc.grad_accum).backward()
-            for k in rec:
-                rec[k] += float(terms[k].detach()) / tc.grad_accum
-            for m, (s, n) in modality_nll(logits.detach(), batch, cfg.model.modalities).items():
-                a = per_mod.setdefault(m, [0.0, 0])
-                a[0], a[1] = a[0] + s, a[1] + n
-            load = expert_load(stats)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        rec.update(step=step, stage=cfg.stage, lr=lr_at(step - 1, tc), grad_norm=float(grad_norm),
-                   seconds=time.perf_counter() - t0, **{f"loss_{m}": s / n for m, (s, n) in per_mod.items() if n})
-        if "all" in load:
-            rec["expert_load"] = {"all": (load["all"]["load"] / load["all"]["load"].sum().clamp(min=1)).tolist()}
-        if step % tc.log_every == 0 or step == end:
-            metrics.write(rec)
-            if log:
-                log(rec)
-        if step % tc.ckpt_every == 0 and step < end:
-            ckpt.save(step, model, optimizer, loader, cfg)
-            last_saved = step
-    if step != last_saved:
-        ckpt.save(step, model, optimizer, loader, cfg)
-    metrics.close()
-    return {"run": str(run), "stage": cfg.stage, "status": "finished" if step >= tc.steps else "stopped",
-            "step": step, "steps": tc.steps, "init": source, "trained": parts["trained"], "frozen": parts["frozen"],
-            "checkpoint": str(latest_checkpoint(run))}
+class UniMoEJob:
+    """One Uni-MoE stage for the shared training loop (`trainer.train.run_job`): FSDP2 under
+    torchrun, bf16 on GPUs, checkpoints and resume as in any `mmtok train` run."""
+
+    def __init__(self, cfg: UniMoERun, make_loader):
+        self.cfg, self.make_loader = cfg, make_loader
+        self.source, self.parts = "", {}
+
+    def same_run(self, saved: dict, where: str) -> None:
+        if saved.get("format") != FORMAT or UniMoERun.from_dict(saved).as_dict() != self.cfg.as_dict():
+            raise TrainError(f"{where}: was started with other options; resume with the same command line")
+
+    def build(self, device: torch.device) -> UniMoE:
+        model = UniMoE(self.cfg.model)
+        self.source = init_weights(model, self.cfg)
+        self.parts = model.set_stage(self.cfg.stage)
+        return model
+
+    def files(self) -> dict:
+        return {STAGE_FILE: {**self.parts, "init": self.source}}
+
+    def forward(self, model, batch: dict) -> tuple[dict, list[dict], dict]:
+        logits, stats = model(batch)
+        terms = loss_terms(self.cfg.model.decoder_config(), logits, batch["targets"], stats)
+        groups = {f"text_given_{m}": v for m, v in modality_nll(logits.detach(), batch, self.cfg.model.modalities).items()}
+        return terms, stats, groups
+
+    def flops_per_token(self) -> None:
+        return None  # encoders and connectors are not in the decoder's estimate
+
+    def summary(self) -> dict:
+        return {"stage": self.cfg.stage, "init": self.source, "trained": self.parts["trained"],
+                "frozen": self.parts["frozen"]}
+
+
+def train_stage(cfg: UniMoERun, run: str | Path, make_loader, **kw) -> dict:
+    """Train one stage into `run`; `make_loader(rank, world)` gives a UniMoELoader."""
+    return run_job(UniMoEJob(cfg, make_loader), run, **kw)
 
 
 @torch.no_grad()
@@ -204,8 +170,8 @@ def score(model: UniMoE, batches) -> dict:
     for batch in batches:
         logits, stats = model(batch)
         for m, (s, n) in modality_nll(logits, batch, mods).items():
-            sums[m][0] += s
-            sums[m][1] += n
+            sums[m][0] += float(s)
+            sums[m][1] += int(n)
         sample_mod = batch["modality"][:, None].expand_as(batch["input_ids"]).reshape(-1)
         for layer, s in enumerate(stats):
             if "all" not in s or model.stage != "tune":
