@@ -249,3 +249,25 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_exact(data, tmp_path)
     assert cli("train", "--out", run, "--resume", *common).exit_code == 0
     assert cli("train", "--out", tmp_path / "U", *common).exit_code == 0
     assert curve(run) == curve(tmp_path / "U")
+
+
+def test_saving_a_step_again_never_leaves_latest_without_a_checkpoint(runs, data, tmp_path):
+    """The aux-router stage saves the newest step again. The old copy is set aside, not
+    deleted first; if the process dies between the two renames, the next reader restores it."""
+    import shutil
+
+    from mmtok.trainer.train import latest_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["A"], run)
+    ckpt = latest_checkpoint(run)
+    before = sorted(p.name for p in ckpt.iterdir())
+    aside = ckpt.parent / f".{ckpt.name}.old"
+    ckpt.rename(aside)  # the state after the first rename of a save that was killed
+    assert latest_checkpoint(run) == ckpt and not aside.exists()
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+    r = cli("train", "--stage", "aux-routers", "--out", run, "--plan", data["plan"], "--resume", "--steps", 2, "--json")
+    assert r.exit_code == 0, r.output
+    assert latest_checkpoint(run) == ckpt and not aside.exists()
+    r = cli("eval", "--checkpoint", run, "--data", data["text"], "--out", tmp_path / "eval", "--json")
+    assert r.exit_code == 0, r.output

@@ -83,7 +83,11 @@ def latest_checkpoint(run: Path) -> Path | None:
     p = run / CKPT_DIR / LATEST
     if not p.exists():
         return None
-    return run / CKPT_DIR / p.read_text().strip()
+    name = p.read_text().strip()
+    path, aside = run / CKPT_DIR / name, run / CKPT_DIR / f".{name}.old"
+    if not path.exists() and aside.exists():  # killed while a step was saved again: its previous copy is whole
+        os.replace(aside, path)
+    return path
 
 
 def check_same_model(saved: dict, current: dict, where: str) -> None:
@@ -120,9 +124,13 @@ class Checkpointer:
             atomic_write(tmp / "train_state.json", json.dumps(meta, indent=1).encode())
         self._barrier()
         if self.rank == 0:
-            shutil.rmtree(final, ignore_errors=True)
+            aside = self.dir / f".{name}.old"
+            if final.exists():  # the same step saved again (aux-router stage): set the old copy aside, never delete first
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(final, aside)
             os.replace(tmp, final)
             atomic_write(self.dir / LATEST, name.encode())
+            shutil.rmtree(aside, ignore_errors=True)
             for old in sorted(self.dir.glob("step-*"))[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         self._barrier()
