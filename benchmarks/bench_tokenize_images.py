@@ -12,6 +12,7 @@ and three numbers measured on this machine:
 
 Run: .venv/bin/python benchmarks/bench_tokenize_images.py                       # CPU, 256 px
      .venv/bin/python benchmarks/bench_tokenize_images.py --device cuda --resolutions 256 512 --images 512 --batch-size 64
+     (add --source-px 1024 for camera-sized JPEG sources, which load_image decodes at reduced scale)
 Writes benchmarks/results/tokenize_images-<device>.json.
 """
 
@@ -120,6 +121,8 @@ def main():
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--source-px", type=int, default=None,
+                    help="short side of the generated JPEGs (default: the resolution; >= 2x takes the draft-decoding path)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -132,7 +135,7 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             make_tokdir(tmp / "tok", cfg)
-            items = [Item(str(i), (i, jpeg(i, res))) for i in range(args.images)]
+            items = [Item(str(i), (i, jpeg(i, args.source_px or res))) for i in range(args.images)]
             run_stage("shard", items, _image_sample, tmp / "shards", config={"bench": res}, progress=False)
             tok = Tokenizer.load(tmp / "tok", args.device)
             flops = encoder_flops(tok.vq, res, args.device)
@@ -144,7 +147,8 @@ def main():
             sync(args.device)
             stage = s.samples / (time.perf_counter() - t0)
         floor = rate / flops
-        run = {"resolution": res, "codes_per_image": cfg.tokens_per_image, "images": args.images,
+        run = {"resolution": res, "source_px": args.source_px or res, "codes_per_image": cfg.tokens_per_image,
+               "images": args.images, "workers": args.workers,
                "batch_size": args.batch_size, "encoder_gflop_per_image": round(flops / 1e9, 2),
                "floor_images_per_s": round(floor, 2), "bare_images_per_s": round(bare, 2),
                "stage_images_per_s": round(stage, 2), "bare_fraction_of_floor": round(bare / floor, 3),

@@ -21,6 +21,22 @@ JSON_OUT = typer.Option(False, "--json", help="Print a machine-readable summary 
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 
 
+def _check_backend(value: str) -> str:
+    from mmtok.runner import BACKENDS
+
+    if value not in BACKENDS:
+        raise typer.BadParameter(f"{value!r}: use one of {', '.join(BACKENDS)}")
+    return value
+
+
+BACKEND = typer.Option("local", "--backend", callback=_check_backend, metavar="local|ray",
+                       help="Where the per-item work runs. local: processes or threads on this machine. "
+                       "ray: tasks on the Ray cluster named by RAY_ADDRESS, or on a local Ray instance "
+                       "(pip install 'mmtok[ray]'); every Ray node must see the input paths as this machine does "
+                       "(a shared filesystem), since items may be file paths; this process writes the output. "
+                       "Output bytes do not depend on it. See docs/DISTRIBUTED.md.")
+
+
 def check_inputs(inputs, shard_dirs: bool = False) -> None:
     """Name a missing input before any work starts."""
     from pathlib import Path
@@ -41,8 +57,10 @@ class Exit(IntEnum):
 
 def fail(message: str, code: Exit = Exit.USAGE) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    # escaped: messages quote paths and commands, and rich would eat "[ray]" or "[a].png" as markup
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(int(code))
 
 

@@ -9,7 +9,8 @@ from typing import List
 
 import typer
 
-from mmtok.cli.common import JSON_OUT, MAX_ERROR_RATE, OVERWRITE, QUIET, WORKERS, check_inputs, friendly_errors, report
+from mmtok.cli.common import (BACKEND, JSON_OUT, MAX_ERROR_RATE, OVERWRITE, QUIET, WORKERS, check_inputs,
+                              friendly_errors, report)
 
 
 
@@ -33,6 +34,7 @@ def shard(
     max_pixels: int = typer.Option(89_478_485, "--max-pixels", help="Images with more pixels are quarantined "
                                    "without being decoded (decompression bombs)."),
     workers: int = WORKERS,
+    backend: str = BACKEND,
     max_error_rate: float = MAX_ERROR_RATE,
     overwrite: bool = OVERWRITE,
     as_json: bool = JSON_OUT,
@@ -54,7 +56,7 @@ def shard(
     summary = run_stage(
         "shard", shard_items(list(inputs)), ShardFn(validate, max_pixels), out, config=config, workers=workers,
         max_count=max_count, max_size=_parse_size(max_size), max_error_rate=max_error_rate, dedup=dedup,
-        progress=not quiet and not as_json, overwrite=overwrite, task_size=8,
+        progress=not quiet and not as_json, overwrite=overwrite, task_size=8, backend=backend,
         threads=True)  # reading, hashing and decoding release the GIL: no bytes through pipes
     report(summary, as_json)
 

@@ -7,7 +7,7 @@ from typing import List
 
 import typer
 
-from mmtok.cli.common import (JSON_OUT, MAX_COUNT, MAX_ERROR_RATE, OVERWRITE, QUIET, WORKERS, check_inputs,
+from mmtok.cli.common import (BACKEND, JSON_OUT, MAX_COUNT, MAX_ERROR_RATE, OVERWRITE, QUIET, WORKERS, check_inputs,
                                friendly_errors, report)
 
 INPUTS = typer.Argument(..., help="Shard directories made by `mmtok shard`, directories of media files "
@@ -33,6 +33,7 @@ def extract_keyframes(
                                           "a frame starts a new scene (--mode scene)."),
     quality: int = typer.Option(95, "--quality", help="JPEG quality of the frames."),
     workers: int = WORKERS,
+    backend: str = BACKEND,
     max_count: int = MAX_COUNT,
     max_error_rate: float = MAX_ERROR_RATE,
     overwrite: bool = OVERWRITE,
@@ -52,8 +53,8 @@ def extract_keyframes(
     check_inputs(inputs)
     opts = FrameOptions(mode=mode, frames=frames, size=size, crop=crop, scene_threshold=scene_threshold,
                         quality=quality)
-    summary = run(list(inputs), str(out), opts, workers=workers, max_count=max_count, max_error_rate=max_error_rate,
-                  overwrite=overwrite, progress=not quiet and not as_json)
+    summary = run(list(inputs), str(out), opts, workers=workers, backend=backend, max_count=max_count,
+                  max_error_rate=max_error_rate, overwrite=overwrite, progress=not quiet and not as_json)
     report(summary, as_json)
 
 
@@ -66,6 +67,7 @@ def extract_audio(
     n_mels: int = typer.Option(80, "--n-mels", help="Whisper mel bins: 80, or 128 (large-v3)."),
     max_chunks: int = typer.Option(20, "--max-chunks", help="30 s chunks per input at most; the rest is dropped."),
     workers: int = WORKERS,
+    backend: str = BACKEND,
     max_count: int = MAX_COUNT,
     max_error_rate: float = MAX_ERROR_RATE,
     overwrite: bool = OVERWRITE,
@@ -85,6 +87,6 @@ def extract_audio(
     check_inputs(inputs)
     opts = AudioOptions(features=tuple(f.strip() for f in features.split(",") if f.strip()), n_mels=n_mels,
                         max_chunks=max_chunks)
-    summary = run(list(inputs), str(out), opts, workers=workers, max_count=max_count, max_error_rate=max_error_rate,
-                  overwrite=overwrite, progress=not quiet and not as_json)
+    summary = run(list(inputs), str(out), opts, workers=workers, backend=backend, max_count=max_count,
+                  max_error_rate=max_error_rate, overwrite=overwrite, progress=not quiet and not as_json)
     report(summary, as_json)

@@ -10,7 +10,8 @@ from typing import List, Optional
 
 import typer
 
-from mmtok.cli.common import JSON_OUT, MAX_ERROR_RATE, OVERWRITE, QUIET, WORKERS, check_inputs, friendly_errors, report
+from mmtok.cli.common import (BACKEND, JSON_OUT, MAX_ERROR_RATE, OVERWRITE, QUIET, WORKERS, check_inputs,
+                              friendly_errors, report)
 
 SHARDS = typer.Argument(..., help="Shard directories written by `mmtok shard`.")
 TOKENIZER = typer.Option(..., "--tokenizer", "-t", help="Tokenizer directory (train-bpe + train-vq output).")
@@ -126,6 +127,7 @@ def tokenize_images(
     batch_size: int = typer.Option(32, "--batch-size", help="Images per encoder batch."),
     device: Optional[str] = DEVICE,
     workers: int = WORKERS,
+    backend: str = BACKEND,
     max_error_rate: float = MAX_ERROR_RATE,
     overwrite: bool = OVERWRITE,
     as_json: bool = JSON_OUT,
@@ -140,8 +142,8 @@ def tokenize_images(
 
     check_inputs(inputs, shard_dirs=True)
     tok = Tokenizer.load(tokenizer, device)
-    summary = run(inputs, tok, out, batch_size=batch_size, workers=workers, max_error_rate=max_error_rate,
-                  progress=not quiet and not as_json, overwrite=overwrite)
+    summary = run(inputs, tok, out, batch_size=batch_size, workers=workers, backend=backend,
+                  max_error_rate=max_error_rate, progress=not quiet and not as_json, overwrite=overwrite)
     report(summary, as_json)
 
 
@@ -155,6 +157,7 @@ def tokenize(
     batch_size: int = typer.Option(32, "--batch-size", help="Documents per batch (their images are encoded together)."),
     device: Optional[str] = DEVICE,
     workers: int = WORKERS,
+    backend: str = BACKEND,
     max_error_rate: float = MAX_ERROR_RATE,
     overwrite: bool = OVERWRITE,
     as_json: bool = JSON_OUT,
@@ -175,7 +178,8 @@ def tokenize(
         raise FileNotFoundError(f"--codes {codes} is not a directory")
     tok = Tokenizer.load(tokenizer, device)
     summary, skipped = run(inputs, tok, out, codes_dir=codes, seed=seed, batch_size=batch_size, workers=workers,
-                           max_error_rate=max_error_rate, progress=not quiet and not as_json, overwrite=overwrite)
+                           backend=backend, max_error_rate=max_error_rate, progress=not quiet and not as_json,
+                           overwrite=overwrite)
     if skipped and not as_json:
         _log("left out (not text, pair, image or doc): " + ", ".join(f"{g} {n}" for g, n in sorted(skipped.items())))
     report(summary, as_json)

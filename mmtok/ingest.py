@@ -232,7 +232,9 @@ def _image_part(data: bytes, name: str, validate: bool, max_pixels: int, sniffed
         raise
     except Image.DecompressionBombError as e:
         raise Bad(f"{name}: decompression bomb refused ({e})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:  # its message holds a buffer's address: not the same on a rerun
+        raise Bad(f"{name}: image does not decode (not a known image format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise Bad(f"{name}: image does not decode ({e})") from None
     ext = IMAGE_EXTS.get(fmt)
     if ext is None:

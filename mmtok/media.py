@@ -32,7 +32,10 @@ def error_reason(stderr: bytes | str) -> str:
     usually the specific one, e.g. 'moov atom not found', the next its consequence)."""
     text = stderr.decode("utf-8", "replace") if isinstance(stderr, bytes) else stderr
     lines = [_LOG_PREFIX.sub("", l.strip()) for l in text.splitlines() if l.strip()]
-    errs = list(dict.fromkeys(l for l in lines if any(w in l.lower() for w in _ERROR_WORDS)))
+    # "Terminating thread ..." repeats a thread's error, racing with the other threads' lines:
+    # left out, so that the reason (and the quarantine log) is the same on every run
+    errs = list(dict.fromkeys(l for l in lines if any(w in l.lower() for w in _ERROR_WORDS)
+                              and not l.startswith("Terminating thread")))
     return "; ".join(errs[:2])[:300] if errs else (lines[-1][:300] if lines else "ffmpeg failed without a message")
 
 

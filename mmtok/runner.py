@@ -4,8 +4,8 @@ A stage is a function from one input item to output samples (or quarantine recor
 optionally followed by a batched function run in the main process (for model-backed
 stages on a GPU). The runner owns everything else:
 
-- workers: items go to a process pool in bounded windows; results come back in input
-  order, so the output bytes never depend on `--workers`;
+- workers: items go to a process pool (or Ray tasks) in bounded windows; results come
+  back in input order, so the output bytes never depend on `--workers` or `--backend`;
 - packing: samples are appended to one open shard per group (every sample of a group has
   the same member names, so stock readers open the group) and a shard closes at
   `max_count` samples or `max_size` bytes;
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import json
 import multiprocessing
 import multiprocessing.pool
@@ -40,6 +41,7 @@ from mmtok.shards import INDEX, MANIFEST, QUARANTINE, ShardWriter, atomic_write,
 STATS_DIR = "_stats"
 STAGE_FILE = "_stage.json"
 DUPLICATES = "duplicates.jsonl"
+BACKENDS = ("local", "ray")  # where stage functions run: this machine's pool, or Ray tasks
 
 
 @dataclass
@@ -123,29 +125,33 @@ def _apply_forked(items):
     return _apply(_FORKED_FN, items)
 
 
-def _ordered_map(fn, tasks: Iterator[list], workers: int, threads: bool = False) -> Iterator[list]:
+def _ordered_map(fn, tasks: Iterator[list], workers: int, threads: bool = False,
+                 backend: str = "local") -> Iterator[list]:
     """Map over tasks with a pool, in order, with a bounded number in flight.
 
     Processes by default. The pool is forked after `fn` is stored in a global, so stage
     functions may be closures: only the items travel to the workers. `threads=True` suits
     stages whose work releases the GIL (file reads, hashing, image and audio decoders,
-    ffmpeg subprocesses): no payload bytes cross a pipe.
+    ffmpeg subprocesses): no payload bytes cross a pipe. `backend="ray"` runs each task
+    as a Ray task instead (see `_ray_tasks`); results still come back in input order.
     """
     global _FORKED_FN
-    if workers <= 1:
+    if backend == "local" and workers <= 1:
         for t in tasks:
             yield _apply(fn, t)
         return
-    if threads:
-        pool = concurrent.futures.ThreadPoolExecutor(workers)
-        submit = lambda t: pool.submit(_apply, fn, t)  # noqa: E731
-        result = concurrent.futures.Future.result
-    else:
-        _FORKED_FN = fn
-        pool = multiprocessing.get_context("fork").Pool(workers)
-        submit = lambda t: pool.apply_async(_apply_forked, (t,))  # noqa: E731
-        result = multiprocessing.pool.AsyncResult.get
-    with pool:
+    with contextlib.ExitStack() as stack:
+        if backend == "ray":
+            submit, result = _ray_tasks(fn, workers, stack)
+        elif threads:
+            pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(workers))
+            submit = lambda t: pool.submit(_apply, fn, t)  # noqa: E731
+            result = concurrent.futures.Future.result
+        else:
+            _FORKED_FN = fn
+            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers))
+            submit = lambda t: pool.apply_async(_apply_forked, (t,))  # noqa: E731
+            result = multiprocessing.pool.AsyncResult.get
         pending: collections.deque = collections.deque()
         for t in tasks:
             pending.append(submit(t))
@@ -153,6 +159,34 @@ def _ordered_map(fn, tasks: Iterator[list], workers: int, threads: bool = False)
                 yield result(pending.popleft())
         while pending:
             yield result(pending.popleft())
+
+
+def _ray_tasks(fn, workers: int, stack: contextlib.ExitStack):
+    """(submit, result) for running `_apply(fn, task)` as Ray tasks.
+
+    Joins the cluster named by RAY_ADDRESS, or starts a local instance of `workers` CPUs,
+    unless Ray is already initialized (then it is the caller's, and left running). `fn` goes
+    to the object store once; Ray's cloudpickle carries closures.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise StageError("--backend ray needs Ray: pip install 'mmtok[ray]'") from None
+    if not ray.is_initialized():
+        local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": workers}
+        ray.init(include_dashboard=False, log_to_driver=False, **local)
+        stack.callback(ray.shutdown)
+    fn_ref = ray.put(fn)
+    apply = ray.remote(_apply)
+
+    def result(ref):
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayError as e:  # a worker died or a node was lost, not a bad item
+            raise StageError(f"a Ray task failed ({type(e).__name__}: {e}); "
+                             "rerun the same command to resume") from None
+
+    return (lambda t: apply.remote(fn_ref, t)), result
 
 
 def _tasks(items: Iterable[Item], start: int, size: int) -> Iterator[list[tuple[int, Item]]]:
@@ -336,6 +370,7 @@ def run_stage(
     batch_size: int = 32,
     task_size: int = 4,
     threads: bool = False,
+    backend: str = "local",
     total: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
@@ -345,9 +380,13 @@ def run_stage(
     `fn(payload)` returns a Sample, a Quarantined, or a list of them. With `batch_fn`,
     `fn` returns an intermediate value (or Quarantined) and `batch_fn(list_of_values)`
     returns, per value, a list of Sample/Quarantined; it runs in this process.
-    `config` names everything that decides the output (not `workers`). `threads` runs the
-    workers as threads instead of processes (see `_ordered_map`).
+    `config` names everything that decides the output (not `workers`, not `backend`).
+    `threads` runs the workers as threads instead of processes (see `_ordered_map`).
+    `backend="ray"` runs `fn` as Ray tasks (a cluster named by RAY_ADDRESS, or a local
+    instance); `batch_fn` and the writing stay in this process (docs/DISTRIBUTED.md).
     """
+    if backend not in BACKENDS:
+        raise StageError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     t0 = time.perf_counter()
     out = Path(out)
     _check_stage_file(out, stage, config, overwrite)
@@ -386,7 +425,7 @@ def run_stage(
 
     try:
         with bar:
-            for task_out in _ordered_map(fn, remember(_tasks(items, start, task_size)), workers, threads):
+            for task_out in _ordered_map(fn, remember(_tasks(items, start, task_size)), workers, threads, backend):
                 for i, res in task_out:
                     n_items = i + 1
                     if batch_fn is None or (res and isinstance(res[0], Quarantined)):

@@ -91,8 +91,11 @@ class Tokenizer:
         return self.vq.cfg.resolution
 
     def fingerprint(self) -> str:
-        """A hash of the files that decide the ids; output directories record it."""
-        h = hashlib.sha256()
+        """A hash of what decides the ids (the files, and the image preprocessing's version);
+        output directories record it."""
+        from mmtok.vq import PREPROCESSING
+
+        h = hashlib.sha256(f"preprocessing {PREPROCESSING}\0".encode())
         for name in (VOCAB_FILE, self.vocab.sp_model, "vq.json", "vq.safetensors"):
             p = self.dir / name
             if p.exists():
@@ -112,14 +115,18 @@ class Tokenizer:
     # ------------------------------------------------------------ images
 
     def preprocess(self, data: bytes) -> np.ndarray:
+        """Encoded image -> uint8 [3, R, R] (mmtok.vq.load_image); raises on bad or huge images."""
         from mmtok.vq import load_image
 
         return load_image(data, self.resolution)
 
     def encode_images(self, images: np.ndarray | list, batch_size: int = 32) -> np.ndarray:
         """Preprocessed images [N, 3, R, R] (or encoded image bytes) -> codes [N, tokens_per_image].
-        On CUDA the encoder runs under bf16 autocast."""
+        uint8 pixels from `preprocess` are scaled to [-1, 1] on the device; float images are
+        taken as already in [-1, 1]. On CUDA the encoder runs under bf16 autocast."""
         import torch
+
+        from mmtok.vq import to_unit
 
         if isinstance(images, list):
             images = np.stack([self.preprocess(b) if isinstance(b, bytes) else b for b in images])
@@ -127,6 +134,7 @@ class Tokenizer:
         out = []
         for i in range(0, len(images), batch_size):
             x = torch.from_numpy(images[i:i + batch_size]).to(dev)
+            x = to_unit(x) if x.dtype == torch.uint8 else x
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 out.append(self.vq.encode(x).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.vocab.image_tokens_per_image), np.int64)
@@ -215,7 +223,7 @@ def image_items(shard_dirs: list[str | Path]) -> Iterator[Item]:
 
 
 def tokenize_images(shard_dirs: list[str | Path], tok: Tokenizer, out: str | Path, *, batch_size: int = 32,
-                    workers: int = 1, max_error_rate: float = 0.05, progress: bool = True,
+                    workers: int = 1, backend: str = "local", max_error_rate: float = 0.05, progress: bool = True,
                     overwrite: bool = False) -> Summary:
     """Encode every image into its VQ codes: group `codes`, member `npy` (uint16 [tokens_per_image])."""
     res = tok.resolution
@@ -243,8 +251,8 @@ def tokenize_images(shard_dirs: list[str | Path], tok: Tokenizer, out: str | Pat
               "vocab": tok.vocab.to_dict()}
     total = sum(r["samples"] for d in shard_dirs for r in load_manifest(d)["shards"] if _group(r["name"]).startswith(("image-", "pair-")))
     return run_stage("tokenize-images", image_items(shard_dirs), load, out, config=config, workers=workers,
-                     batch_fn=encode, batch_size=batch_size, max_error_rate=max_error_rate, total=total,
-                     progress=progress, overwrite=overwrite)
+                     backend=backend, batch_fn=encode, batch_size=batch_size, max_error_rate=max_error_rate,
+                     total=total, progress=progress, overwrite=overwrite)
 
 
 @dataclass
@@ -312,8 +320,8 @@ def tokenize_items(shard_dirs: list[str | Path], skipped: dict) -> Iterator[Item
 
 
 def tokenize(shard_dirs: list[str | Path], tok: Tokenizer, out: str | Path, *, codes_dir: str | Path | None = None,
-             seed: int = 0, batch_size: int = 32, workers: int = 1, max_error_rate: float = 0.05,
-             progress: bool = True, overwrite: bool = False) -> tuple[Summary, dict]:
+             seed: int = 0, batch_size: int = 32, workers: int = 1, backend: str = "local",
+             max_error_rate: float = 0.05, progress: bool = True, overwrite: bool = False) -> tuple[Summary, dict]:
     """Write token shards (docs/FORMATS.md, "Token shards"); returns the summary and the
     count of samples of other modalities that were left out."""
     codes = _Codes(codes_dir, tok) if codes_dir else None
@@ -392,8 +400,8 @@ def tokenize(shard_dirs: list[str | Path], tok: Tokenizer, out: str | Path, *, c
     total = sum(s["samples"] for r in readers for s in r.manifest["shards"]
                 if _group(s["name"]) in ("text", "doc") or _group(s["name"]).startswith("pair-"))
     summary = run_stage("tokenize", tokenize_items(shard_dirs, skipped), prepare, out, config=config, workers=workers,
-                        batch_fn=assemble, batch_size=batch_size, max_error_rate=max_error_rate, total=total,
-                        progress=progress, overwrite=overwrite)
+                        backend=backend, batch_fn=assemble, batch_size=batch_size, max_error_rate=max_error_rate,
+                        total=total, progress=progress, overwrite=overwrite)
     return summary, skipped
 
 

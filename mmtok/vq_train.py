@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from mmtok.shards import ShardReader, atomic_write
 from mmtok.tokenize import image_member
 from mmtok.vocab import VOCAB_FILE, Vocab
-from mmtok.vq import PatchDiscriminator, PerceptualLoss, VQConfig, VQModel, load_image
+from mmtok.vq import PatchDiscriminator, PerceptualLoss, VQConfig, VQModel, load_image, to_unit
 
 CKPT = "vq_ckpt.safetensors"
 CKPT_META = "vq_ckpt.json"
@@ -67,7 +67,7 @@ def shuffled_images(shard_dirs, seed: int, rank: int = 0, world: int = 1, buffer
 
 
 class Batches:
-    """Decoded batches [batch, 3, R, R] from the image stream, decoded by a thread pool (PIL
+    """Decoded uint8 batches [batch, 3, R, R] from the image stream, decoded by a thread pool (PIL
     releases the GIL) in stream order. `consumed` counts the stream entries taken (bad
     ones too), so a resumed run skips exactly those without decoding."""
 
@@ -203,7 +203,7 @@ def train_vq(shard_dirs: list[str | Path], out: str | Path, cfg: VQConfig, *, st
     interval, metrics = fresh(), {}
     t0 = time.perf_counter()
     while step < steps:
-        x = next(batches).to(device, non_blocking=True)
+        x = to_unit(next(batches).to(device, non_blocking=True))
         use_disc = disc is not None and step >= disc_start
         with autocast:
             recon, idx, qloss, z = ddp_model(x)

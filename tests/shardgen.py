@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import random
 
+import numpy as np
+
 from mmtok.runner import Item, Sample, run_stage
 from mmtok.shards import content_hash, dumps_meta
 
@@ -71,3 +73,43 @@ def make_shards(out, texts=(), images=(), pairs=(), docs=()):
     items = [Item(e[1], e) for e in entries]
     run_stage("shard", items, _sample, out, config={"test": str(out)}, progress=False, max_count=7)
     return out
+
+
+def old_load_image(data: bytes, resolution: int) -> np.ndarray:
+    """The preprocessing before draft decoding and uint8 pixels, as a reference: float32 in [-1, 1]."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    return (np.asarray(img, dtype=np.float32) / 127.5 - 1.0).transpose(2, 0, 1).copy()
+
+
+def photo(seed: int, width: int, height: int, fmt: str = "JPEG") -> bytes:
+    """A photo-like picture: lit gradient, blurred shapes and lines, sensor noise."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    light = np.stack([xx / width * rng.uniform(60, 200) + yy / height * rng.uniform(0, 80) for _ in range(3)], -1)
+    img = Image.fromarray(light.clip(0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    for _ in range(30):
+        x, y, s = rng.integers(width), rng.integers(height), rng.integers(height // 40, height // 4)
+        d.ellipse((x, y, x + s, y + s * rng.uniform(0.5, 1.5)), fill=tuple(rng.integers(256, size=3).tolist()))
+    for _ in range(20):
+        d.line(tuple(rng.integers(width, size=4).tolist()), fill=tuple(rng.integers(256, size=3).tolist()),
+               width=int(rng.integers(1, max(2, height // 200))))
+    img = img.filter(ImageFilter.GaussianBlur(height / 1000))
+    noisy = np.asarray(img, np.float32) + rng.normal(0, 6, (height, width, 3))
+    buf = io.BytesIO()
+    Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(buf, format=fmt, quality=90)
+    return buf.getvalue()

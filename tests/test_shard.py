@@ -7,11 +7,9 @@ import hashlib
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import soundfile as sf
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import kill_midway
 from mmtok.cli.app import app
 from mmtok.demo import draw_shape
 from mmtok.ingest import ShardFn, shard_items
@@ -302,17 +301,7 @@ def test_killed_process_resumes(tmp_path: Path):
     cmd = [sys.executable, "-m", "mmtok.cli.app", "shard", str(d), "--max-count", "10", "--quiet"]
     subprocess.run(cmd + ["--out", str(tmp_path / "ref")], check=True)
     out = tmp_path / "out"
-    for attempt in range(5):
-        p = subprocess.Popen(cmd + ["--out", str(out)])
-        deadline = time.time() + 60
-        while time.time() < deadline and len(list((out / "_stats").glob("*.json")) if (out / "_stats").exists() else []) < 3:
-            time.sleep(0.01)
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        if not (out / "manifest.json").exists():
-            break
-        subprocess.run(["rm", "-rf", str(out)])
-    assert not (out / "manifest.json").exists(), "could not kill the run mid-way"
+    assert kill_midway(cmd, out) >= 3
     subprocess.run(cmd + ["--out", str(out)], check=True)
     assert _tree_bytes(out) == _tree_bytes(tmp_path / "ref")
 

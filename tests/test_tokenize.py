@@ -167,6 +167,46 @@ def test_same_output_with_workers_and_with_precomputed_codes(tok, inputs, tmp_pa
     assert shards[0] == shards[1] == shards[2]  # byte-identical shards
 
 
+def test_uint8_pixels_give_the_codes_of_the_old_float_preprocessing(tok):
+    from shardgen import old_load_image
+
+    from mmtok.vq import to_unit
+
+    images = [draw_image(i, size=s) for i, s in enumerate((20, 24, 31))] + [draw_image(3, size=30, mode="RGBA")]
+    pixels = np.stack([tok.preprocess(b) for b in images])  # sources under 2 x 16: the exact old resize
+    floats = np.stack([old_load_image(b, tok.resolution) for b in images])
+    assert pixels.dtype == np.uint8 and torch.equal(to_unit(torch.from_numpy(pixels)), torch.from_numpy(floats))
+    codes = tok.encode_images(pixels, batch_size=3)
+    assert np.array_equal(codes, tok.vq.encode(torch.from_numpy(floats)).numpy())
+    assert np.array_equal(codes, tok.encode_images(floats, batch_size=3))  # floats in [-1, 1] still work
+    assert np.array_equal(codes, tok.encode_images(images))  # and encoded bytes
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_big_jpegs_same_codes_everywhere_and_bombs_quarantined(tok, tmp_path):
+    from test_vq import bomb_png
+
+    big = draw_image(5, size=80, fmt="JPEG")  # short side 80 >= 2 x 16: libjpeg decodes it at 1/4 scale
+    shards = make_shards(tmp_path / "in", images=[big, draw_image(6), bomb_png()])
+    opts = dict(progress=False, max_error_rate=1.0)
+    codes = {}
+    for workers in (1, 2):
+        out = tmp_path / f"codes{workers}"
+        s = tokenize_images([shards], tok, out, workers=workers, **opts)
+        assert (s.samples, s.quarantined) == (2, 1)
+        q = json.loads((out / "quarantine.jsonl").read_text())
+        assert q["input"].endswith(":i0002") and "decompression bomb" in q["reason"]
+        codes[workers] = {c.key: load_npy(c.members["npy"]) for c in ShardReader(out)}
+    assert codes[1].keys() == codes[2].keys() == {"i0000", "i0001"}
+    assert all(np.array_equal(codes[1][k], codes[2][k]) for k in codes[1])
+    assert np.array_equal(codes[1]["i0000"], tok.encode_images([big])[0])
+    summary, _ = tokenize([shards], tok, tmp_path / "tokens", **opts)
+    assert (summary.samples, summary.quarantined) == (2, 1)
+    for s in ShardReader(tmp_path / "tokens"):
+        ids = load_npy(s.members["npy"])
+        assert np.array_equal(ids[1:1 + TPI] - tok.vocab.image_range[0], codes[1][s.key])
+
+
 def test_detokenize_reproduces_text_and_images(tok, inputs, tmp_path):
     tokenize([inputs], tok, tmp_path / "tokens", seed=3, progress=False, max_error_rate=1.0)
     info = detokenize(tmp_path / "tokens", tok, tmp_path / "out", progress=False)

@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from mmtok.vocab import Vocab
-from mmtok.vq import PerceptualLoss, Quantizer, VQConfig, VQModel, load_image
+from mmtok.vq import PerceptualLoss, Quantizer, VQConfig, VQModel, load_image, to_unit
 from mmtok.vq_train import CKPT, LOG, psnr, ssim, train_vq
-from shardgen import draw_image, make_shards
+from shardgen import draw_image, make_shards, old_load_image, photo
 
 TINY = dict(resolution=16, downsample=2, codebook_size=64, code_dim=8, channels=16, res_blocks=1)
 
@@ -32,15 +32,71 @@ def png(img):
 def test_preprocess_alpha_resize_crop():
     clear = Image.new("RGBA", (40, 20), (255, 0, 0, 0))  # fully transparent red -> white
     x = load_image(png(clear), 16)
-    assert x.shape == (3, 16, 16) and x.dtype == np.float32
-    assert np.allclose(x, 1.0)
+    assert x.shape == (3, 16, 16) and x.dtype == np.uint8
+    assert (x == 255).all()
     half = Image.new("RGB", (60, 20), (0, 0, 0))
     half.paste((255, 255, 255), (0, 0, 30, 20))  # left white, right black: centre crop keeps both
-    x = load_image(png(half), 16)
-    assert x.min() == -1.0 and x.max() == 1.0
-    assert np.allclose(x[:, :, 0], 1.0) and np.allclose(x[:, :, -1], -1.0)
+    x = to_unit(torch.from_numpy(load_image(png(half), 16)))
+    assert x.dtype == torch.float32 and x.min() == -1.0 and x.max() == 1.0
+    assert torch.allclose(x[:, :, 0], torch.tensor(1.0)) and torch.allclose(x[:, :, -1], torch.tensor(-1.0))
     with pytest.raises(Exception):
         load_image(b"not an image", 16)
+
+
+def unit(pixels: np.ndarray) -> np.ndarray:
+    return to_unit(torch.from_numpy(pixels)).numpy()
+
+
+def image_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return psnr(torch.from_numpy(a)[None], torch.from_numpy(b)[None]).item()
+
+
+def test_sources_under_twice_the_resolution_take_the_exact_old_path():
+    def encode(img, fmt):
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, **({"transparency": 0} if fmt == "GIF" else {}))
+        return buf.getvalue()
+
+    rgb = Image.open(io.BytesIO(photo(1, 62, 40, "PNG")))
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgb.size))
+    sources = [encode(rgb, "JPEG"), encode(rgb.resize((40, 31)), "JPEG"), encode(rgba, "PNG"),
+               encode(rgb.convert("L"), "JPEG"), encode(rgb.convert("P"), "GIF"), encode(rgb.resize((12, 9)), "PNG")]
+    for data in sources:  # short sides 40, 31, 40, 40, 40, 9: all under 2 x 21
+        new = load_image(data, 21)
+        assert new.dtype == np.uint8 and new.shape == (3, 21, 21)
+        assert np.array_equal(unit(new), old_load_image(data, 21))  # bit-identical after scaling
+
+
+def test_big_sources_decode_at_reduced_size_close_to_the_full_decode():
+    """The PSNR bound recorded in docs/TOKENIZERS.md (photo-like sources: 47 dB and up)."""
+    for data, resolutions in ((photo(2, 1024, 768), (128, 96)), (photo(3, 2048, 1536), (256,))):
+        for res in resolutions:  # JPEG drafts at 1/2, 1/4 and 1/2: never below twice the target
+            new, old = unit(load_image(data, res)), old_load_image(data, res)
+            assert 40 < image_psnr(new, old) < 80, (res, image_psnr(new, old))  # close, but not the old path
+    data = photo(4, 768, 576, "PNG")  # 9x: Pillow box-reduces by 3 first (reducing_gap)
+    new, old = unit(load_image(data, 64)), old_load_image(data, 64)
+    assert 45 < image_psnr(new, old) < 80
+
+
+def bomb_png() -> bytes:
+    """A PNG whose header claims 10000 x 10000 pixels (100 M) over 8 x 8 pixels of data."""
+    import zlib
+
+    data = bytearray(png(Image.new("RGB", (8, 8))))
+    data[16:24] = (10_000).to_bytes(4, "big") * 2  # IHDR width, height
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_decompression_bomb_is_refused_before_decoding():
+    with pytest.raises(ValueError, match="10000x10000 = 100,000,000 pixels is over the 89,478,485 limit"):
+        load_image(bomb_png(), 16)  # the pixel data is not there: decoding would fail differently
+    small = png(Image.new("RGB", (40, 30)))
+    assert load_image(small, 16).shape == (3, 16, 16)
+    with pytest.raises(ValueError, match="decompression bomb"):
+        load_image(small, 16, max_pixels=40 * 30 - 1)
 
 
 def test_config_validation():
@@ -100,7 +156,7 @@ def test_train_beats_constant_image_and_uses_codebook(tmp_path, images):
     rows = [json.loads(l) for l in (tmp_path / "tok" / LOG).read_text().splitlines()]
     assert [r["step"] for r in rows] == [50, 100, 150] and {"recon", "psnr", "ssim", "usage"} <= set(rows[0])
 
-    x = torch.from_numpy(np.stack([load_image(b, 16) for b in images]))
+    x = to_unit(torch.from_numpy(np.stack([load_image(b, 16) for b in images])))
     model = VQModel.load(tmp_path / "tok")
     vq_psnr = psnr(model.decode(model.encode(x)), x).mean().item()
     constant = psnr(x.mean(0, keepdim=True).expand_as(x), x).mean().item()  # the best constant image
