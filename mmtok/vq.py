@@ -33,6 +33,21 @@ MAX_PIXELS = 89_478_485  # PIL's own bomb-warning threshold, and `mmtok shard --
 REDUCING_GAP = 3.0  # Pillow: box-reduce first while the rest of the resize is >= 3x; 55 dB from the plain resize
 
 
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS):
+    """A PIL image of encoded bytes, header read, nothing decoded yet. Raises ValueError on
+    an unknown format and on an image over `max_pixels` (a decompression bomb)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # its message names a buffer's address, different on every run
+        raise ValueError("not a known image format") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ValueError(f"{w}x{h} = {w * h:,} pixels is over the {max_pixels:,} limit (possible decompression bomb)")
+    return img
+
+
 def load_image(data: bytes, resolution: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Chameleon's preprocessing: alpha onto white, resize the short side (bicubic), centre
     crop. Returns uint8 [3, resolution, resolution]; `to_unit` scales it to [-1, 1] (on the
@@ -45,10 +60,8 @@ def load_image(data: bytes, resolution: int, max_pixels: int = MAX_PIXELS) -> np
     decode is in docs/TOKENIZERS.md; smaller sources take the exact path."""
     from PIL import Image
 
-    img = Image.open(io.BytesIO(data))  # reads the header only
+    img = open_image(data, max_pixels)
     w, h = img.size
-    if w * h > max_pixels:
-        raise ValueError(f"{w}x{h} = {w * h:,} pixels is over the {max_pixels:,} limit (possible decompression bomb)")
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
     big = min(w, h) >= 2 * resolution

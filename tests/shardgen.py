@@ -113,3 +113,17 @@ def photo(seed: int, width: int, height: int, fmt: str = "JPEG") -> bytes:
     buf = io.BytesIO()
     Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(buf, format=fmt, quality=90)
     return buf.getvalue()
+
+
+def bomb_png() -> bytes:
+    """A PNG whose header claims 10000 x 10000 pixels (100 M) over 8 x 8 pixels of data."""
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = (10_000).to_bytes(4, "big") * 2  # IHDR width, height
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)

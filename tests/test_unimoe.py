@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmtok.trainer.unimoe import LoRAMoEFFN, UniMoE, UniMoEConfig
-from mmtok.trainer.unimoe_data import collate, sequence
+from mmtok.trainer.unimoe_data import Pair, collate, load_feature, sequence
 from mmtok.vocab import Vocab
 
 VOCAB = Vocab.layout(vocab_size=16 + 512 + 16, image_codes=16, image_tokens_per_image=4)
@@ -170,3 +170,18 @@ def test_stage_experts_sends_each_sample_to_its_modality_expert(model):
     _, stats = model(batch)
     chosen = stats[0]["all"]["expert"].view(4, -1)[:, 0]
     assert chosen.tolist() == [model.cfg.modalities.index(m) for m in ["speech", "image", "video", "audio"]]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_decompression_bomb_in_an_image_pair_is_refused_with_its_name():
+    from shardgen import bomb_png
+
+    class Reader:  # stands in for a ShardReader holding one bomb
+        directory = "shards/images"
+
+        def read_member(self, shard, offset, size):
+            return bomb_png()
+
+    pair = Pair("img-0007", "image", "a caption", [(Reader(), "shard-000000.tar", 0, 0)])
+    with pytest.raises(ValueError, match="shards/images img-0007: image image: .*decompression bomb"):
+        load_feature(pair, UniMoEConfig(vocab_size=600, image_range=(500, 600), modalities=("image",)))

@@ -9,7 +9,7 @@ from PIL import Image
 from mmtok.vocab import Vocab
 from mmtok.vq import PerceptualLoss, Quantizer, VQConfig, VQModel, load_image, to_unit
 from mmtok.vq_train import CKPT, LOG, psnr, ssim, train_vq
-from shardgen import draw_image, make_shards, old_load_image, photo
+from shardgen import bomb_png, draw_image, make_shards, old_load_image, photo
 
 TINY = dict(resolution=16, downsample=2, codebook_size=64, code_dim=8, channels=16, res_blocks=1)
 
@@ -77,16 +77,6 @@ def test_big_sources_decode_at_reduced_size_close_to_the_full_decode():
     data = photo(4, 768, 576, "PNG")  # 9x: Pillow box-reduces by 3 first (reducing_gap)
     new, old = unit(load_image(data, 64)), old_load_image(data, 64)
     assert 45 < image_psnr(new, old) < 80
-
-
-def bomb_png() -> bytes:
-    """A PNG whose header claims 10000 x 10000 pixels (100 M) over 8 x 8 pixels of data."""
-    import zlib
-
-    data = bytearray(png(Image.new("RGB", (8, 8))))
-    data[16:24] = (10_000).to_bytes(4, "big") * 2  # IHDR width, height
-    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
-    return bytes(data)
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")

@@ -20,7 +20,6 @@ are predicted (text given the modality).
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,10 +110,12 @@ def join_pairs(*, texts: list = (), speech: list = (), audio: list = (), video: 
 
 
 def image_array(data: bytes, size: int) -> np.ndarray:
-    """Encoded image -> float32 (3, size, size) in [-1, 1]."""
+    """Encoded image -> float32 (3, size, size) in [-1, 1]. Refuses decompression bombs."""
     from PIL import Image
 
-    im = Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.BILINEAR)
+    from mmtok.vq import open_image
+
+    im = open_image(data).convert("RGB").resize((size, size), Image.BILINEAR)
     return np.asarray(im, np.float32).transpose(2, 0, 1) / 127.5 - 1.0
 
 
@@ -128,10 +129,14 @@ def load_feature(pair: Pair, cfg: UniMoEConfig) -> np.ndarray:
                              f"shape {x.shape}, the model expects (..., {', '.join(map(str, want))}); extract them with "
                              "matching --n-mels or set the model's n_mels")
         return x
-    if pair.modality == "image":
-        return image_array(raw[0], cfg.image_size)
-    idx = np.linspace(0, len(raw) - 1, cfg.frames).round().astype(int)  # exactly cfg.frames frames
-    return np.stack([image_array(raw[i], cfg.image_size) for i in idx])
+    try:
+        if pair.modality == "image":
+            return image_array(raw[0], cfg.image_size)
+        idx = np.linspace(0, len(raw) - 1, cfg.frames).round().astype(int)  # exactly cfg.frames frames
+        return np.stack([image_array(raw[i], cfg.image_size) for i in idx])
+    except ValueError as e:
+        raise ValueError(f"{pair.members[0][0].directory} {pair.key}: {pair.modality} image: {e}; "
+                         "reshard it with validation (`mmtok shard`, the default) to quarantine such images") from None
 
 
 def sequence(text_ids: np.ndarray, modality: str, cfg: UniMoEConfig, specials: dict) -> tuple[np.ndarray, np.ndarray]:
