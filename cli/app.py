@@ -4,6 +4,8 @@ stays fast."""
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from mmtok.cli import data_cmds, media_cmds, mix_cmds, moma_cmds, token_cmds, train_cmds
@@ -29,6 +31,15 @@ def main() -> None:
     # torch.distributed.checkpoint warns when a single process loads a checkpoint, which
     # is exactly what eval, export and generate mean to do.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.startswith("mmtok."):  # ours are for users: no file and line
+            sys.stderr.write(f"warning: {message}\n")
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
     app()
 
 

@@ -271,3 +271,15 @@ def test_saving_a_step_again_never_leaves_latest_without_a_checkpoint(runs, data
     assert latest_checkpoint(run) == ckpt and not aside.exists()
     r = cli("eval", "--checkpoint", run, "--data", data["text"], "--out", tmp_path / "eval", "--json")
     assert r.exit_code == 0, r.output
+
+
+def test_resuming_with_another_global_batch_warns(data, tmp_path):
+    from mmtok.trainer.train import GlobalBatchChanged
+
+    common = ["--plan", data["plan"], "--out", tmp_path / "g", *MOMA, "--steps", 4, "--json"]
+    assert cli("train", *common, "--stop-at-step", 1).exit_code == 0
+    with pytest.warns(GlobalBatchChanged, match="trained with 1 micro-batches per step .* resumed with 1 x 2"):
+        r = cli("train", *common, "--grad-accum", 2, "--resume")
+    assert r.exit_code == 0, r.output
+    r = run_cli(["train", *common, "--resume", "--steps", 5])  # back to 1 x 1; the CLI shows it plainly
+    assert r.returncode == 0 and "warning: " in r.stderr and "Traceback" not in r.stderr, r.stderr

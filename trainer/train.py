@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -42,6 +43,10 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 
 class TrainError(ValueError):
     """A problem with the run's inputs (config, plan, checkpoint); nothing was trained."""
+
+
+class GlobalBatchChanged(UserWarning):
+    """A run resumed with another processes x --grad-accum than its checkpoint was trained with."""
 
 
 def lr_at(step: int, tc) -> float:
@@ -120,7 +125,8 @@ class Checkpointer:
         state = {"loader": loader.state_dict(), "rng": _rng_state()}
         atomic_write(tmp / f"rank-{self.rank}.json", json.dumps(state).encode())
         if self.rank == 0:
-            meta = {"step": step, "world_size": self.world, "model": cfg.as_dict()["model"], "plan": cfg.plan}
+            meta = {"step": step, "world_size": self.world, "global_batch": self.world * cfg.train.grad_accum,
+                    "model": cfg.as_dict()["model"], "plan": cfg.plan}
             atomic_write(tmp / "train_state.json", json.dumps(meta, indent=1).encode())
         self._barrier()
         if self.rank == 0:
@@ -277,8 +283,13 @@ def run_job(job, run: str | Path, *, resume: bool = False, stop_at_step: int | N
     # ranks stop together with the same message on bad input.
     _check_run_dir(run, job, resume, ckpt_path)
     loader = job.make_loader(rank, world)
-    start = json.loads((ckpt_path / "train_state.json").read_text())["step"] if ckpt_path else 0
+    saved = json.loads((ckpt_path / "train_state.json").read_text()) if ckpt_path else {}
+    start = saved.get("step", 0)
     end = min(tc.steps, stop_at_step) if stop_at_step else tc.steps
+    if saved.get("global_batch", world * tc.grad_accum) != world * tc.grad_accum and rank == 0:
+        warnings.warn(f"{ckpt_path}: trained with {saved['global_batch']} micro-batches per step (processes x "
+                      f"--grad-accum), resumed with {world} x {tc.grad_accum}: the data continues where it stopped, "
+                      "but each step now averages another number of micro-batches", GlobalBatchChanged, stacklevel=2)
     if ckpt_path:
         loader.load_state_dict(json.loads((ckpt_path / "rank-0.json").read_text())["loader"])
     if hasattr(loader, "__len__") and len(loader) < (end - start) * tc.grad_accum:  # endless loaders have no length
