@@ -453,8 +453,8 @@ class _live:
         self.task = self.progress.add_task("", total=self.total, completed=self.done)
 
         def update(step, rec):
-            groups = " ".join(f"{k[:-5]} {v:.3f}" for k, v in rec.items() if k.endswith("_loss") and k not in LOSSES
-                              and v is not None)
+            groups = " ".join(f"{k[:-5].removeprefix('text_given_')} {v:.3f}" for k, v in rec.items()
+                              if k.endswith("_loss") and k not in LOSSES and v is not None)
             desc = f"loss {rec['loss']:.3f} {groups} {rec['tokens_per_s']:.0f} tok/s"
             self.progress.update(self.task, completed=step, description=desc)
 
