@@ -15,11 +15,12 @@ Writes JSON and a markdown table to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
 
-from benchutil import machine, save
+from benchutil import device_waits, machine, save
 from mmtok.trainer.config import PRESETS, ModelConfig
 from mmtok.trainer.model import Decoder, flops_per_token, loss_terms
 from mmtok.trainer.train import PEAK_BF16_FLOPS
@@ -44,12 +45,13 @@ def make_step(cfg: ModelConfig, data: dict, device, optimizer: str = "foreach"):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **{optimizer: True})
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    def step() -> float:
+    def step(waits=None) -> float:
         t0 = time.perf_counter()
-        with amp:
-            logits, stats = model(data["input_ids"], data["positions"], data["doc_ids"])
-            loss = loss_terms(cfg, logits, data["targets"], stats)["loss"]
-        loss.backward()
+        with waits or contextlib.nullcontext():
+            with amp:
+                logits, stats = model(data["input_ids"], data["positions"], data["doc_ids"])
+                loss = loss_terms(cfg, logits, data["targets"], stats)["loss"]
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -114,8 +116,11 @@ def main(variants=VARIANTS, description: str = __doc__, default_out: str = "benc
                                 args.warmup)
     rows = []
     for name, cfg in cfgs.items():
+        waits = device_waits()  # one more step, untimed: how often it makes the host wait for the device
+        make_step(cfg, data, device, args.optimizer)(waits)
         tok_s = args.batch * args.seq_len / seconds[name]
-        row = {"model": name, "step_s": seconds[name], "tokens_per_s": tok_s, "flops_per_token": flops_per_token(cfg, args.seq_len)}
+        row = {"model": name, "step_s": seconds[name], "tokens_per_s": tok_s, "flops_per_token": flops_per_token(cfg, args.seq_len),
+               "host_waits": waits.total}
         if peak:
             row["mfu"] = tok_s * row["flops_per_token"] / peak
         rows.append(row | memory.get(name, {}))
@@ -124,10 +129,10 @@ def main(variants=VARIANTS, description: str = __doc__, default_out: str = "benc
     result = {"machine": machine(device),
               "size": size, "seq_len": args.seq_len, "batch": args.batch, "vocab": args.vocab,
               "image_share": args.image_share, "attention": args.attention, "optimizer": args.optimizer, "rows": rows}
-    lines = ["| model | ms/step | tokens/s | time vs dense |" + (" MFU | peak GiB | alloc retries |" if peak else ""),
-             "| --- | --- | --- | --- |" + (" --- | --- | --- |" if peak else "")]
+    lines = ["| model | ms/step | tokens/s | time vs dense | host waits/step |" + (" MFU | peak GiB | alloc retries |" if peak else ""),
+             "| --- | --- | --- | --- | --- |" + (" --- | --- | --- |" if peak else "")]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['step_s'] * 1000:.1f} | {r['tokens_per_s']:.0f} | {r['vs_dense']:.2f}x |"
+        lines.append(f"| {r['model']} | {r['step_s'] * 1000:.1f} | {r['tokens_per_s']:.0f} | {r['vs_dense']:.2f}x | {r['host_waits']} |"
                      + (f" {r['mfu']:.1%} | {r['peak_gib']:.1f} | {r['alloc_retries']} |" if peak else ""))
     save(args.out, result, lines)
 

@@ -38,3 +38,37 @@ def save(out: str | Path, result: dict, lines: list[str]) -> None:
     out.with_suffix(".json").write_text(json.dumps({**result, "date": time.strftime("%Y-%m-%d")}, indent=1) + "\n")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def device_waits():
+    """A context that counts the operations which make the host wait for a GPU: reading a
+    value back (`.item()`, `int(t)`) and ops whose output size depends on the data
+    (nonzero, boolean-mask indexing, bincount, unique, ...). It counts on the CPU too, so
+    the GPU cost of a code path can be checked without a GPU. (`.tolist()` on a CPU tensor
+    dispatches nothing and is not seen: on a GPU it follows one of the ops counted.)"""
+    import collections
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    data_dependent = {"_local_scalar_dense", "nonzero", "masked_select", "bincount", "unique", "_unique2",
+                      "unique_dim", "unique_consecutive", "repeat_interleave"}
+
+    class Waits(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split("::")[1]
+            if name in data_dependent:
+                self.count[name] += 1
+            elif name == "index" and any(t is not None and t.dtype == torch.bool for t in args[1]):
+                self.count["index(bool mask)"] += 1
+            return func(*args, **(kwargs or {}))
+
+        @property
+        def total(self) -> int:
+            return sum(self.count.values())
+
+    return Waits()

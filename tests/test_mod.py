@@ -126,3 +126,30 @@ def test_flops_per_token_count_only_the_tokens_that_pass_routed_blocks():
     per_capacity = [flops_per_token(tiny("mod-moma", "2t2i", mod_capacity=c), 64) for c in (0.25, 0.5, 1.0)]
     assert per_capacity[-1] == pytest.approx(full)  # everyone passes: the work of moma
     assert per_capacity[0] < per_capacity[1] < per_capacity[2]
+
+
+def test_batch_routing_waits_for_the_device_once_per_routed_layer():
+    """Host waits (counted on the CPU by the ops that cause them on a GPU) in a training
+    forward and backward: moma waits once, for its expert groups' sizes; a routed layer adds
+    one, for the groups of the tokens it passes. Choosing and packing those adds none."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from benchutil import device_waits
+
+    from mmtok.trainer.model import loss_terms
+
+    waits = {}
+    for model in ("moma", "mod-moma"):
+        torch.manual_seed(0)
+        cfg = tiny(model, "2t2i", n_layers=6)
+        m = Decoder(cfg).train()
+        ids, pos, docs = random_batch(0, b=3, t=24)
+        docs[2, 15:] = 0
+        with device_waits() as w:
+            logits, stats = m(ids, pos, docs)
+            loss_terms(cfg, logits, ids, stats)["loss"].backward()
+        waits[model] = dict(w.count)
+    assert waits["moma"] == {"bincount": 1}
+    assert waits["mod-moma"] == {"bincount": 1 + 3}  # routed layers 0, 2 and 4

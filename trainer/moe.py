@@ -80,26 +80,29 @@ def capacity(n_tokens: int, n_experts: int, factor: float) -> int:
     return min(n_tokens, max(1, math.ceil(n_tokens * factor / n_experts)))
 
 
-_last_rows: tuple = ()
+_recent_rows: list = []  # [(key, weakrefs to the masks, rows)], newest last
 
 
 def token_rows(real: torch.Tensor, is_image: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Flat indices of the real tokens ([all]), or of the real text and the real image
     tokens ([text, image]), ascending. Finding them waits for the GPU (data-dependent
-    sizes), and every layer of a forward asks with the same unchanged mask tensors, so the
-    last answer is reused while those tensors live and are not modified in place."""
-    global _last_rows
+    sizes). Every unrouted layer of a forward asks with the same unchanged mask tensors,
+    and Mixture-of-Depths layers in between ask with their own, so the last few answers
+    are kept while those tensors live and are not modified in place."""
     masks = (real,) if is_image is None else (real, is_image)
     key = tuple((id(m), m._version) for m in masks)
-    if _last_rows and _last_rows[0] == key and all(r() is m for r, m in zip(_last_rows[1], masks)):
-        return _last_rows[2]
+    for i, (k, refs, rows) in enumerate(_recent_rows):
+        if k == key and all(r() is m for r, m in zip(refs, masks)):
+            _recent_rows.append(_recent_rows.pop(i))  # least recently used goes first
+            return rows
     if is_image is None:
         rows = [real.reshape(-1).nonzero().squeeze(1)]
     else:  # one host sync for both groups: a stable sort by group (text 0, image 1, padding 2)
         group = torch.where(real, is_image.long(), 2).reshape(-1)
         counts = torch.bincount(group, minlength=3).tolist()
         rows = list(group.argsort(stable=True).split(counts)[:2])
-    _last_rows = (key, tuple(weakref.ref(m) for m in masks), rows)
+    _recent_rows.append((key, tuple(weakref.ref(m) for m in masks), rows))
+    del _recent_rows[:-2]  # the forward's own masks and the latest routed layer's
     return rows
 
 
