@@ -52,7 +52,7 @@ def train(
     loader_workers: int = typer.Option(0, "--loader-workers", min=0, help="Loader worker processes per rank."),
     stage: str = typer.Option("main", "--stage", help="uni-moe: align, experts or tune. Others: main, or "
                               "aux-routers: with --resume, train only the auxiliary "
-                              "routers of the run in --out (main weights frozen; one process)."),
+                              "routers of the run in --out (main weights frozen; --nproc works)."),
     aux_routers: Optional[str] = typer.Option(None, "--aux-routers", help="stage (default: train them later with "
                                               "--stage aux-routers) or joint (alongside, on detached inputs)."),
     mod_capacity: Optional[float] = typer.Option(None, "--mod-capacity", help="mod-moma: share of tokens through "
@@ -142,6 +142,8 @@ def _aux_stage(stage: str, plan: Path, out: Path, resume: bool, steps: Optional[
     if not resume:
         fail("--stage aux-routers trains the routers of an existing run: pass --resume with its --out")
     summary = train_aux_routers(out, plan, steps or 200, lr or 1e-2)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=1, sort_keys=True) + "\n")
         return

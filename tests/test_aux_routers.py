@@ -130,3 +130,28 @@ def test_aux_stage_errors_are_clear(data, tmp_path):
     assert cli("train", "--plan", data["plan"], "--out", dense, "--steps", 1, "--json").exit_code == 0
     r = cli("train", "--stage", "aux-routers", "--resume", "--plan", data["plan"], "--out", dense)
     assert r.exit_code == 2 and "routes causally already" in r.output
+
+
+@pytest.mark.slow
+def test_aux_router_stage_on_two_processes(data, tmp_path):
+    """`--stage aux-routers --nproc 2`: FSDP2 over two ranks that read their own micro-batches;
+    only the auxiliary routers move, and the checkpoint keeps the main run's step, world size
+    and global batch, so the main training resumes from it without a warning."""
+    from test_train import run_cli
+
+    run = tmp_path / "run"
+    assert cli("train", "--plan", data["plan"], "--out", run, *MOMA, "--steps", 10, "--json").exit_code == 0
+    w0 = _weights(run)
+    r = run_cli(["train", "--stage", "aux-routers", "--resume", "--plan", data["plan"], "--out", run, "--steps", 60,
+                 "--nproc", 2, "--json"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    stage = json.loads(r.stdout)
+    assert stage["world_size"] == 2 and stage["step"] == 10
+    assert stage["final"]["agreement_experts"] >= 0.85
+    w1 = _weights(run)
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]) != is_aux_param(k), k
+    state = json.loads((run / "checkpoints" / "step-00000010" / "train_state.json").read_text())
+    assert (state["step"], state["world_size"], state["global_batch"]) == (10, 1, 1)
+    r = run_cli(["train", "--plan", data["plan"], "--out", run, *MOMA, "--steps", 12, "--resume", "--json"])
+    assert r.returncode == 0 and json.loads(r.stdout)["step"] == 12 and "warning" not in r.stderr, r.stderr[-2000:]

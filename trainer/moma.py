@@ -3,9 +3,9 @@
 - `train_aux_routers`: after main training, freeze the model and train only the
   auxiliary routers (expert choice and Mixture-of-Depths) with binary cross-entropy
   against the batch routers' selections, so that the model can route causally at
-  inference. The run's newest checkpoint is rewritten in place with the trained
-  auxiliary routers; its step, optimizer state and loader position are unchanged, so the
-  main training could still continue from it.
+  inference. The run's newest checkpoint is saved again with the trained auxiliary
+  routers; its step, optimizer state and loader position are unchanged, so the main
+  training could still continue from it. One process or many under torchrun (FSDP2).
 - `upcycle`: turn a trained 1t1i (or dense) run into the first checkpoint (step 0) of an
   NtMi run: every expert of a group starts as a copy of that modality's FFN, expert
   routers start fresh, the learning-rate schedule restarts (step 0) and the loader
@@ -19,10 +19,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from mmtok.shards import atomic_write
 from mmtok.trainer.config import RunConfig, parse_layout
 from mmtok.trainer.model import Decoder, is_aux_param, loss_terms
+from mmtok.trainer.parallel import init_distributed, parallelize
 from mmtok.trainer.train import CONFIG, Checkpointer, TrainError, build_optimizer, latest_checkpoint
 
 AUX_REPORT = "aux_routers.json"
@@ -62,10 +64,13 @@ def aux_agreement(stats: list[dict]) -> dict:
 
 def train_aux_routers(run: str | Path, plan: str | Path, steps: int = 100, lr: float = 1e-2, log=None) -> dict:
     """Train the auxiliary routers of `run`'s newest checkpoint for `steps` micro-batches of
-    `plan` (from its start; the plan repeats if shorter), main weights frozen. One process."""
+    `plan` per process (from its start; the plan repeats if shorter), main weights frozen.
+    Under torchrun every process reads its own micro-batches and the model is sharded with
+    FSDP2, as in `mmtok train`; the checkpoint is saved again at its own step."""
     from mmtok.loader import PlanLoader
 
     run = Path(run)
+    rank, world, device = init_distributed()
     cfg = _run_config(run)
     ckpt = latest_checkpoint(run)
     if ckpt is None:
@@ -73,16 +78,19 @@ def train_aux_routers(run: str | Path, plan: str | Path, steps: int = 100, lr: f
     if cfg.model.model == "dense" or (cfg.model.model == "moe" and cfg.model.routing == "top2"):
         raise TrainError(f"{run}: a {cfg.model.model} model ({cfg.model.routing}) routes causally already; "
                          "auxiliary routers are for expert-choice models (moma, mod-moma, moe --routing expert-choice)")
-    model = Decoder(cfg.model)
-    main_opt = build_optimizer(model, cfg.train)
+    saved = json.loads((ckpt / "train_state.json").read_text())
+    tc = cfg.train
+    bf16 = tc.mixed_precision == "bf16" or (tc.mixed_precision == "auto" and device.type == "cuda")
+    model = parallelize(Decoder(cfg.model), world, device, bf16=bf16, act_ckpt=tc.act_ckpt, compile=False)
+    main_opt = build_optimizer(model, tc)
     position = _LoaderState()
-    ckptr = Checkpointer(run, 0, 1)
+    ckptr = Checkpointer(run, rank, world)
     step = ckptr.load(ckpt, model, main_opt, position)
     model.set_aux_trainable(True, rest=False)
     aux = [p for n, p in model.named_parameters() if is_aux_param(n)]
     opt = torch.optim.AdamW(aux, lr=lr, weight_decay=0.0)
     model.eval()  # no router noise: the targets are the routers' clean selections
-    loader = PlanLoader(plan, 0, 1)
+    loader = PlanLoader(plan, rank, world)
     batches, curve, t0 = iter(loader), [], time.perf_counter()
     for i in range(steps):
         try:
@@ -91,21 +99,41 @@ def train_aux_routers(run: str | Path, plan: str | Path, steps: int = 100, lr: f
             loader.load_state_dict({**loader.state_dict(), "next_microbatch": 0})
             batches = iter(loader)
             batch = next(batches)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         logits, stats = model(batch["input_ids"], batch["positions"], batch["doc_ids"])
         bce = loss_terms(cfg.model, logits, batch["targets"], stats)["aux_router_bce"]
         opt.zero_grad(set_to_none=True)
         bce.backward()
         opt.step()
-        agree = {k: h / max(n, 1) for k, (h, n) in aux_agreement(stats).items()}
-        curve.append({"step": i + 1, "bce": bce.item(), **{f"agreement_{k}": v for k, v in agree.items()}})
-        if log:
+        curve.append(_aux_record(i + 1, bce, stats, world, device))
+        if log and rank == 0:
             log(curve[-1])
     model.set_aux_trainable(cfg.model.aux_routers == "joint")  # as the main optimizer expects
-    path = ckptr.save(step, model, main_opt, position, cfg)
+    # the checkpoint keeps the main run's own world size and global batch: only its routers changed
+    path = ckptr.save(step, model, main_opt, position, cfg,
+                      keep={k: saved[k] for k in ("world_size", "global_batch") if k in saved})
     summary = {"run": str(run), "checkpoint": str(path), "step": step, "aux_steps": steps, "lr": lr,
-               "final": curve[-1] if curve else {}, "seconds": time.perf_counter() - t0}
-    atomic_write(run / AUX_REPORT, json.dumps({**summary, "curve": curve}, indent=1).encode())
+               "world_size": world, "final": curve[-1] if curve else {}, "seconds": time.perf_counter() - t0}
+    if rank == 0:
+        atomic_write(run / AUX_REPORT, json.dumps({**summary, "curve": curve}, indent=1).encode())
     return summary
+
+
+def _aux_record(step: int, bce: torch.Tensor, stats: list[dict], world: int, device) -> dict:
+    """BCE (mean over processes) and agreement with the batch routers (over all processes)."""
+    kinds = ("experts", "depth")
+    agree = aux_agreement(stats)
+    vals = torch.tensor([float(bce)] + [x for k in kinds for x in agree.get(k, (0.0, 0.0))], dtype=torch.float64,
+                        device=device)
+    if world > 1:
+        dist.all_reduce(vals)
+    vals = vals.tolist()
+    rec = {"step": step, "bce": vals[0] / world}
+    for j, k in enumerate(kinds):
+        hits, n = vals[1 + 2 * j], vals[2 + 2 * j]
+        if n:
+            rec[f"agreement_{k}"] = hits / n
+    return rec
 
 
 def upcycle(run: str | Path, experts: str, out: str | Path, *, router_noise: str = "gumbel", seed: int = 0) -> dict:
@@ -134,8 +162,10 @@ def upcycle(run: str | Path, experts: str, out: str | Path, *, router_noise: str
     position = json.loads((ckpt / "rank-0.json").read_text())["loader"]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / CONFIG, json.dumps(cfg.as_dict(), indent=1, sort_keys=True).encode())
-    path = Checkpointer(out, 0, 1).save(0, new, build_optimizer(new, cfg.train), _LoaderState(position), cfg)
-    parent_step = json.loads((ckpt / "train_state.json").read_text())["step"]
+    parent_state = json.loads((ckpt / "train_state.json").read_text())
+    keep = {k: parent_state[k] for k in ("world_size", "global_batch") if k in parent_state}  # as the parent trained
+    path = Checkpointer(out, 0, 1).save(0, new, build_optimizer(new, cfg.train), _LoaderState(position), cfg, keep)
+    parent_step = parent_state["step"]
     meta = {"parent": str(run.resolve()), "parent_step": parent_step, "experts": experts, "router_noise": router_noise}
     atomic_write(out / "upcycled_from.json", json.dumps(meta, indent=1).encode())
     return {"out": str(out), "checkpoint": str(path), "parent": str(run), "parent_step": parent_step,

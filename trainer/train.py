@@ -110,7 +110,9 @@ class Checkpointer:
         if self.world > 1:
             dist.barrier()
 
-    def save(self, step: int, model, optimizer, loader, cfg: RunConfig) -> Path:
+    def save(self, step: int, model, optimizer, loader, cfg: RunConfig, keep: dict | None = None) -> Path:
+        """`keep`: train_state fields carried over from the checkpoint a step is derived from
+        (the aux-router stage, upcycling) instead of this process group's."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -126,7 +128,7 @@ class Checkpointer:
         atomic_write(tmp / f"rank-{self.rank}.json", json.dumps(state).encode())
         if self.rank == 0:
             meta = {"step": step, "world_size": self.world, "global_batch": self.world * cfg.train.grad_accum,
-                    "model": cfg.as_dict()["model"], "plan": cfg.plan}
+                    "model": cfg.as_dict()["model"], "plan": cfg.plan, **(keep or {})}
             atomic_write(tmp / "train_state.json", json.dumps(meta, indent=1).encode())
         self._barrier()
         if self.rank == 0:
