@@ -185,3 +185,33 @@ def test_a_decompression_bomb_in_an_image_pair_is_refused_with_its_name():
     pair = Pair("img-0007", "image", "a caption", [(Reader(), "shard-000000.tar", 0, 0)])
     with pytest.raises(ValueError, match="shards/images img-0007: image image: .*decompression bomb"):
         load_feature(pair, UniMoEConfig(vocab_size=600, image_range=(500, 600), modalities=("image",)))
+
+
+def test_speech_comes_from_espeak_ng_when_it_is_on_the_path(tmp_path, monkeypatch):
+    """The demo's voice: espeak-ng's WAV (here a stand-in executable writing stereo 22.05 kHz,
+    one 0.1 s tone per word) is read, mixed to mono and resampled to 16 kHz; without it,
+    the procedural stand-in speaks."""
+    import sys
+
+    from mmtok.speech_standin import SAMPLE_RATE, speak, standin
+
+    fake = tmp_path / "espeak-ng"
+    fake.write_text(f"""#!{sys.executable}
+import io, sys
+import numpy as np, soundfile as sf
+words = sys.argv[-1].split()
+t = np.arange(int(0.1 * 22050 * len(words))) / 22050
+left = 0.5 * np.sin(2 * np.pi * 440 * t)
+buf = io.BytesIO()
+sf.write(buf, np.stack([left, 0 * left], 1), 22050, format="WAV")
+sys.stdout.buffer.write(buf.getvalue())
+""")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    wave, voice = speak("three short words")
+    assert voice == "espeak-ng" and wave.dtype == np.float32
+    assert abs(len(wave) - 0.3 * SAMPLE_RATE) <= 2  # resampled to 16 kHz
+    assert abs(float(np.abs(wave).max()) - 0.25) < 0.01  # the two channels averaged
+    monkeypatch.setenv("PATH", "/nonexistent")
+    wave, voice = speak("three short words")
+    assert voice == "standin" and np.array_equal(wave, standin("three short words"))
