@@ -72,14 +72,20 @@ def _parse_size(text: str) -> int:
 
 @friendly_errors
 def inspect(
-    directory: Path = typer.Argument(..., help="A shard directory written by any mmtok stage."),
+    directory: Path = typer.Argument(..., help="A shard directory written by any mmtok stage, or a training run."),
     samples: int = typer.Option(3, "--samples", help="How many sample keys to show per group."),
     as_json: bool = JSON_OUT,
 ) -> None:
-    """Show what a shard directory holds: counts, shards, bytes, quarantine reasons, sample keys."""
+    """Show what a shard directory holds: counts, shards, bytes, quarantine reasons, sample keys.
+    On a training run (`mmtok train --out`, upcycle, uni-moe): the model, its progress, the
+    newest checkpoint and the last metrics."""
     import collections
 
     from mmtok.shards import QUARANTINE, ShardReader
+
+    if (directory / "config.json").exists() and (directory / "checkpoints").is_dir():
+        _inspect_run(directory, as_json)
+        return
 
     reader = ShardReader(directory)
     m = reader.manifest
@@ -115,6 +121,39 @@ def inspect(
         c.print(f"  {n} x {r}")
 
 
+def _inspect_run(directory: Path, as_json: bool) -> None:
+    """A training run, from its JSON files alone (no torch): what it is and how far it got."""
+    cfg = json.loads((directory / "config.json").read_text())
+    latest = directory / "checkpoints" / "latest"
+    ckpt = directory / "checkpoints" / latest.read_text().strip() if latest.exists() else None
+    state = json.loads((ckpt / "train_state.json").read_text()) if ckpt and (ckpt / "train_state.json").exists() else {}
+    metrics = directory / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    last = json.loads(lines[-1]) if lines else {}
+    model = cfg["model"]
+    info = {"directory": str(directory), "model": model.get("model", "uni-moe"), "experts": model.get("experts"),
+            "stage": cfg.get("stage"), "n_layers": model.get("n_layers"), "d_model": model.get("d_model"),
+            "step": state.get("step"), "steps": cfg["train"]["steps"], "checkpoint": str(ckpt) if ckpt else None,
+            "world_size": state.get("world_size"), "global_batch": state.get("global_batch"),
+            "last_metrics": {k: v for k, v in sorted(last.items()) if isinstance(v, (int, float))}}
+    for name in ("aux_routers", "upcycled_from", "stage"):  # what the aux stage, upcycle and uni-moe add
+        p = directory / f"{name}.json"
+        if p.exists():
+            info[name] = {k: v for k, v in json.loads(p.read_text()).items() if k != "curve"}
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=1, sort_keys=True) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{directory} (training run)", show_header=False)
+    for k, v in info.items():
+        if k != "directory" and v not in (None, {}):
+            t.add_row(k, ", ".join(f"{a} {b:.4g}" if isinstance(b, float) else f"{a} {b}" for a, b in v.items())
+                      if isinstance(v, dict) else str(v))
+    Console().print(t)
+
+
 @friendly_errors
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where the corpus and every stage's output go."),
@@ -124,3 +163,4 @@ def demo(
     from mmtok.demo import run_demo
 
     run_demo(out, workers)
+

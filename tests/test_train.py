@@ -283,3 +283,21 @@ def test_resuming_with_another_global_batch_warns(data, tmp_path):
     assert r.exit_code == 0, r.output
     r = run_cli(["train", *common, "--resume", "--steps", 5])  # back to 1 x 1; the CLI shows it plainly
     assert r.returncode == 0 and "warning: " in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_inspect_shows_a_run_without_loading_torch(runs):
+    code = ("import json, sys\n"
+            "from typer.testing import CliRunner\n"
+            "from mmtok.cli.app import app\n"
+            f"r = CliRunner().invoke(app, ['inspect', {str(runs['A'])!r}, '--json'])\n"
+            "assert r.exit_code == 0, r.output\n"
+            "assert 'torch' not in sys.modules\n"
+            "print(r.stdout)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    info = json.loads(res.stdout)
+    assert (info["model"], info["experts"], info["step"], info["steps"]) == ("moma", "2t2i", 6, 6)
+    assert info["world_size"] == 1 and info["global_batch"] == 1 and info["checkpoint"].endswith("step-00000006")
+    assert info["last_metrics"]["step"] == 6 and info["last_metrics"]["loss"] == metrics(runs["A"])[-1]["loss"]
+    r = cli("inspect", runs["A"])
+    assert r.exit_code == 0 and "training run" in r.output
