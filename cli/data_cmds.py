@@ -72,19 +72,23 @@ def _parse_size(text: str) -> int:
 
 @friendly_errors
 def inspect(
-    directory: Path = typer.Argument(..., help="A shard directory written by any mmtok stage, or a training run."),
+    directory: Path = typer.Argument(..., help="A shard directory written by any mmtok stage, a balance-mix plan, or a training run."),
     samples: int = typer.Option(3, "--samples", help="How many sample keys to show per group."),
     as_json: bool = JSON_OUT,
 ) -> None:
     """Show what a shard directory holds: counts, shards, bytes, quarantine reasons, sample keys.
-    On a training run (`mmtok train --out`, upcycle, uni-moe): the model, its progress, the
-    newest checkpoint and the last metrics."""
+    On a balance-mix plan: its sources, shape and balance report. On a training run (`mmtok
+    train --out`, upcycle, uni-moe): the model, its progress, the newest checkpoint and the
+    last metrics."""
     import collections
 
     from mmtok.shards import QUARANTINE, ShardReader
 
     if (directory / "config.json").exists() and (directory / "checkpoints").is_dir():
         _inspect_run(directory, as_json)
+        return
+    if (directory / "plan.json").exists():
+        _inspect_plan(directory, as_json)
         return
 
     reader = ShardReader(directory)
@@ -121,6 +125,36 @@ def inspect(
         c.print(f"  {n} x {r}")
 
 
+def _inspect_plan(directory: Path, as_json: bool) -> None:
+    """A `balance-mix` plan: its sources, shape and balance report (plan.json alone)."""
+    meta = json.loads((directory / "plan.json").read_text())
+    info = {"directory": str(directory), **{k: meta[k] for k in ("ratio", "world_size", "seq_len", "micro_batch", "steps",
+                                                                 "microbatches", "seed")},
+            "sources": {s["name"]: {"documents": s["documents"], "weight": s["weight"]} for s in meta["sources"]},
+            "report": meta["report"]}
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=1, sort_keys=True) + "\n")
+        return
+    _key_value_table(f"{directory} (balance-mix plan)", {k: v for k, v in info.items() if k != "directory"})
+
+
+def _key_value_table(title: str, rows: dict) -> None:
+    """One row per field; a dict field on one line as `key value, ...`."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def show(v):
+        if isinstance(v, dict):
+            return ", ".join(f"{a} {show(b)}" for a, b in v.items())
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    t = Table(title=title, show_header=False)
+    for k, v in rows.items():
+        if v not in (None, {}):
+            t.add_row(k, show(v))
+    Console().print(t)
+
+
 def _inspect_run(directory: Path, as_json: bool) -> None:
     """A training run, from its JSON files alone (no torch): what it is and how far it got."""
     cfg = json.loads((directory / "config.json").read_text())
@@ -143,15 +177,7 @@ def _inspect_run(directory: Path, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(info, indent=1, sort_keys=True) + "\n")
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"{directory} (training run)", show_header=False)
-    for k, v in info.items():
-        if k != "directory" and v not in (None, {}):
-            t.add_row(k, ", ".join(f"{a} {b:.4g}" if isinstance(b, float) else f"{a} {b}" for a, b in v.items())
-                      if isinstance(v, dict) else str(v))
-    Console().print(t)
+    _key_value_table(f"{directory} (training run)", {k: v for k, v in info.items() if k != "directory"})
 
 
 @friendly_errors

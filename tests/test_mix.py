@@ -268,6 +268,13 @@ def test_cli_balance_mix_json_table_plot_and_errors(tmp_path):
     assert r["max_ratio_deviation"] <= 0.02 and r["microbatches"] == 10 and 0 <= r["padding_fraction"] < 0.2
     assert set(r["source_shares"]) == {str(t), str(i)} and set(r["epochs"]) == {str(t), str(i)}
     assert (tmp_path / "mix.png").read_bytes()[:4] == b"\x89PNG"
+    res = CliRunner().invoke(app, ["inspect", str(tmp_path / "p"), "--json"])  # what the plan holds, later
+    assert res.exit_code == 0, res.output
+    seen = json.loads(res.stdout)
+    assert (seen["world_size"], seen["steps"], seen["microbatches"], seen["ratio"]) == (2, 5, 10, [4, 4])
+    assert seen["report"] == r and set(seen["sources"]) == {str(t), str(i)}
+    res = CliRunner().invoke(app, ["inspect", str(tmp_path / "p")])
+    assert res.exit_code == 0 and "balance-mix" in res.output and "world_size" in res.output, res.output
     # --tokens: enough steps for the tokens; the table goes to stderr
     res = CliRunner().invoke(app, args[:9] + ["--tokens", "1000", "--ratio", "1:1", "--out", str(tmp_path / "q")])
     assert res.exit_code == 0, res.output
