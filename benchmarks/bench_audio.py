@@ -12,13 +12,13 @@ Writes benchmarks/results/audio.json.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchutil import save
 from mmtok.audio import CHUNK_SAMPLES, beats_fbank, whisper_log_mel
 
 
@@ -72,10 +72,7 @@ def main():
         "fbank_mmtok_s": round(f_ours, 4), "fbank_torchaudio_s": round(f_ref, 4),
         "fbank_speedup": round(f_ref / f_ours, 2),
     }
-    out = Path(__file__).parent / "results" / "audio.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    save(Path(__file__).parent / "results" / "audio.json", result)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Writes benchmarks/results/bpe.json.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import resource
@@ -26,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchutil import save
 from mmtok.bpe import memory_estimate, sp_options, train_bpe, training_lines
 from mmtok.runner import Item, Sample, run_stage
 from mmtok.vocab import Vocab
@@ -112,9 +112,7 @@ def main():
         "bare_peak_rss_mb": round(max(rss) / 2**20, 1),
         "estimate_mb": round(memory_estimate(stats["lines"], stats["bytes"], 10_000_000) / 2**20, 1),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    save(args.out, result)
     print(f"train-bpe {result['train_bpe_s']:.2f} s vs bare sentencepiece {result['bare_sentencepiece_s']:.2f} s: "
           f"overhead {result['overhead']:+.1%} (aim <= +10%)")
 

@@ -21,13 +21,12 @@ Writes benchmarks/results/keyframes.json.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from benchutil import best_of
+from benchutil import best_of, save
 from mmtok.media import ffmpeg_exe
 from mmtok.video import FrameOptions, extract_frames, extract_keyframes
 
@@ -112,10 +111,7 @@ def main():
         "scene8_ffmpeg_cli_s": round(t_ff_scene, 3), "scene8_mmtok_s": round(t_scene, 3),
         "scene8_ratio": round(t_scene / t_ff_scene, 3), "scene8_aim": "<= 1.2",
     }
-    out = Path(__file__).parent / "results" / "keyframes.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    save(Path(__file__).parent / "results" / "keyframes.json", result)
 
 
 if __name__ == "__main__":

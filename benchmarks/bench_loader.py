@@ -10,7 +10,6 @@ Usage: python benchmarks/bench_loader.py [--steps 30] [--out bench-out/loader]
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from benchutil import save  # noqa: E402
 from conftest import make_doc, make_token_shards, make_vocab  # noqa: E402  (the tests' shard writer)
 
 from mmtok.loader import PlanLoader  # noqa: E402
@@ -78,8 +78,7 @@ def main() -> None:
         "train_step_tokens_per_s": round(step_tps),
         "ratio_loader_over_step": round(loader_tps[0] / step_tps, 1),
     }
-    print(json.dumps(result, indent=1))
-    (a.out / "result.json").write_text(json.dumps(result, indent=1))
+    save(a.out / "result.json", result)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from benchutil import save
 from mmtok.mix import plan_mix, ratio_deviation
 
 VOCAB = {"format": "mmtok-vocab/1", "vocab_size": 65536, "specials": {"<pad>": 0, "<eod>": 1, "<boi>": 2, "<eoi>": 3},
@@ -89,8 +90,7 @@ def main() -> None:
         "planned_max_ratio_deviation": r["max_ratio_deviation"], "planned_padding_fraction": r["padding_fraction"],
         "baseline_p99_ratio_deviation": p99, "baseline_max_ratio_deviation": worst,
     }
-    print(json.dumps(result, indent=1))
-    (a.out / "result.json").write_text(json.dumps(result, indent=1))
+    save(a.out / "result.json", result)
 
 
 if __name__ == "__main__":

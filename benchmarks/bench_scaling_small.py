@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from benchutil import save  # noqa: E402
 from conftest import make_token_shards, make_vocab  # noqa: E402  (the tests' shard writer)
 
 from mmtok.loader import PlanLoader  # noqa: E402
@@ -107,11 +108,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['model']} | {r['loss']:.4f} | {r['text_loss']:.4f} | {r['image_loss']:.4f} | "
                      f"{r['image_to_text']:.4f} | {r['text_to_image']:.4f} | {r['train_s']:.0f} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"machine": platform.machine(), "args": vars(args), "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save(args.out, {"machine": platform.machine(), "args": vars(args), "rows": rows}, lines)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ contender's best of --repeat runs is kept. Usage: python benchmarks/bench_shard.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchutil import best_of, machine
+from benchutil import best_of, machine, save
 from mmtok.ingest import ShardFn, shard_items
 from mmtok.runner import run_stage
 
@@ -79,9 +78,7 @@ def main() -> None:
         res[f"validate_w{w}_time_vs_pil"] = round(res[f"shard_validate_w{w}_s"] / res["pil_decode_s"], 3)
     res["machine"] = machine()
     res["date"] = time.strftime("%Y-%m-%d")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(res, indent=1))
-    print(json.dumps(res, indent=1))
+    save(a.out, res)
     shutil.rmtree(work)
 
 

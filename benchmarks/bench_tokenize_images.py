@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import random
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from benchutil import save
 from mmtok.runner import Item, Sample, run_stage
 from mmtok.tokenize import Tokenizer, tokenize_images
 from mmtok.vocab import Vocab
@@ -157,9 +157,7 @@ def main():
         print(f"{res} px: encoder {run['encoder_gflop_per_image']} GFLOP/image; stage {stage:.2f} img/s, "
               f"bare encoder {bare:.2f} img/s, floor {floor:.2f} img/s -> stage at {stage / floor:.0%} of the floor, "
               f"{stage / bare:.0%} of the bare encoder")
-    out = Path(args.out or f"benchmarks/results/tokenize_images-{args.device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    save(args.out or f"benchmarks/results/tokenize_images-{args.device}.json", results)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from benchutil import save  # noqa: E402
 from conftest import make_doc, make_token_shards  # noqa: E402  (the test suite's token-shard writer)
 
 
@@ -74,12 +75,10 @@ def main() -> None:
 
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "seq_len": a.seq_len, "micro_batch": a.micro_batch, "steps": a.steps, "extra": a.extra, "rows": rows}
-    (a.out / "result.json").write_text(json.dumps(result, indent=1))
     lines = ["| preset | model | tokens/s | MFU | peak memory GiB | loss after run |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['preset']} | {r['model']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['memory_gb']:.1f} | "
               f"{r['final_loss']:.3f} |" for r in rows]
-    (a.out / "result.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save(a.out / "result", result, lines)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,12 @@ Writes JSON and a markdown table to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
-from pathlib import Path
 
 import torch
 
+from benchutil import save
 from mmtok.trainer.model import Decoder, loss_terms
 from mmtok.trainer.unimoe import UniMoE, UniMoEConfig
 
@@ -106,16 +105,12 @@ def main() -> None:
     result = {"benchmark": "unimoe_step", "device": str(device), "machine": platform.machine(),
               "threads": torch.get_num_threads(), "experts": len(cfg.modalities), "lora_rank": cfg.lora_rank,
               "capacity_factor": cfg.capacity_factor, **{k: v for k, v in vars(args).items() if k != "out"}, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"d_model {d}, {args.layers} layers, seq {args.seq_len} x batch {args.batch}, {len(cfg.modalities)} LoRA "
              f"experts (rank {cfg.lora_rank}), top-2, capacity factor {cfg.capacity_factor}, {device}", "",
              "| variant | median step (s) | vs dense | trainable params | tokens/s |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['variant']} | {r['median_step_s']:.4f} | {r['vs_dense']:.2f}x | {r['trainable_params']:,} | "
               f"{r['tokens_per_s']:.0f} |" for r in rows]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save(args.out, result, lines)
 
 
 if __name__ == "__main__":

@@ -31,11 +31,15 @@ def machine(device=None) -> str:
     return text
 
 
-def save(out: str | Path, result: dict, lines: list[str]) -> None:
-    """Write OUT.json (the figures) and OUT.md (the table), and print the table."""
+def save(out: str | Path, result: dict, lines: list[str] | None = None) -> None:
+    """Write OUT.json (the figures) and, given a table, OUT.md; print the table (or the figures)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({**result, "date": time.strftime("%Y-%m-%d")}, indent=1) + "\n")
+    figures = json.dumps({**result, "date": time.strftime("%Y-%m-%d")}, indent=1)
+    out.with_suffix(".json").write_text(figures + "\n")
+    if lines is None:
+        print(figures)
+        return
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -82,6 +82,23 @@ def friendly_errors(fn):
     return wrapper
 
 
+def eval_report(result: dict, out, title: str, columns: tuple[str, ...], rows: list[tuple], as_json: bool) -> None:
+    """`mmtok eval`'s output: the result as JSON on stdout, or a table and where the report is."""
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in columns:
+        t.add_column(col)
+    for row in rows:
+        t.add_row(*row)
+    Console(stderr=True).print(t)
+    Console(stderr=True).print(f"report: {out}/eval.md")
+
+
 def report(summary, as_json: bool) -> None:
     """Print a stage summary (a rich table, or JSON on stdout) and exit with its status."""
     d = summary.as_dict()

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from mmtok.cli.common import JSON_OUT, Exit, fail, friendly_errors
+from mmtok.cli.common import JSON_OUT, Exit, eval_report, fail, friendly_errors
 
 
 
@@ -203,19 +203,9 @@ def evaluate(
     result = run_eval(str(checkpoint), [str(d) for d in data], [str(p) for p in pairs], batch_size, max_docs, seq_len)
     out = out or checkpoint / "eval"
     result["files"] = write_report(result, out, checkpoint / "metrics.jsonl")
-    if as_json:
-        sys.stdout.write(json.dumps(result, indent=1, sort_keys=True) + "\n")
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"mmtok eval: {checkpoint}")
-    for col in ("measure", "tokens", "loss", "perplexity"):
-        t.add_column(col)
-    for label, m in summary_rows(result):
-        t.add_row(label, str(m["tokens"]), *("-" if m[k] is None else f"{m[k]:.3f}" for k in ("loss", "ppl")))
-    Console(stderr=True).print(t)
-    Console(stderr=True).print(f"report: {out}/eval.md")
+    rows = [(label, str(m["tokens"]), *("-" if m[k] is None else f"{m[k]:.3f}" for k in ("loss", "ppl")))
+            for label, m in summary_rows(result)]
+    eval_report(result, out, f"mmtok eval: {checkpoint}", ("measure", "tokens", "loss", "perplexity"), rows, as_json)
 
 
 @friendly_errors

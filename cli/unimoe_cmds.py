@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from mmtok.cli.common import fail
+from mmtok.cli.common import eval_report, fail
 
 STAGES = ("align", "experts", "tune")
 SOURCES = ("speech", "audio", "video", "image")
@@ -81,17 +81,7 @@ def eval_unimoe(checkpoint: Path, out: Path | None, batch_size: int, as_json: bo
     result = evaluate(checkpoint, loader.once())
     out = out or checkpoint / "eval"
     result["files"] = write_report(result, out)
-    if as_json:
-        sys.stdout.write(json.dumps(result, indent=1, sort_keys=True) + "\n")
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"mmtok eval: {checkpoint} (uni-moe, stage {result['stage']})")
-    for col in ("text given", "tokens", "loss", "perplexity"):
-        t.add_column(col)
-    for m, v in result["text_given"].items():
-        t.add_row(m, str(v["tokens"]), f"{v['loss']:.3f}", f"{v['ppl']:.3f}")
-    Console(stderr=True).print(t)
-    Console(stderr=True).print(f"report: {out}/eval.md")
+    rows = [(m, str(v["tokens"]), f"{v['loss']:.3f}", f"{v['ppl']:.3f}") for m, v in result["text_given"].items()]
+    eval_report(result, out, f"mmtok eval: {checkpoint} (uni-moe, stage {result['stage']})",
+                ("text given", "tokens", "loss", "perplexity"), rows, as_json)
 

@@ -189,12 +189,13 @@ def run_demo(out: Path, workers: int = 2) -> None:
                                                       "--world-size", "2", "--experts", "1t1i", "--seq-len", "256",
                                                       "--micro-batch", "2", "--steps", "40", "--seed", "0", "--plot",
                                                       str(out / "plan.png")], log)
+    _step("inspect the plan", ["inspect", str(out / "plan")], log)
     _step("train MoMa 1t1i with FSDP2 on 2 processes", ["train", "--plan", str(out / "plan"), "--out", str(out / "run"),
                                                          "--model", "moma", "--experts", "1t1i", "--preset", "tiny",
                                                          "--steps", "20", "--ckpt-every", "10", "--nproc", "2"], log)
-    _step("train MoMa's auxiliary routers (causal inference)", ["train", "--stage", "aux-routers", "--resume", "--plan",
-                                                                 str(out / "plan"), "--out", str(out / "run"),
-                                                                 "--steps", "60"], log)
+    _step("train MoMa's auxiliary routers (causal inference), 2 processes",
+          ["train", "--stage", "aux-routers", "--resume", "--plan", str(out / "plan"), "--out", str(out / "run"),
+           "--steps", "60", "--nproc", "2"], log)
     _step("evaluate (batch and causal routing)", ["eval", "--checkpoint", str(out / "run"), "--data",
                                                   str(out / "tokens"), "--pairs", str(out / "tokens"),
                                                   "--max-docs", "100"], log)
@@ -210,6 +211,7 @@ def run_demo(out: Path, workers: int = 2) -> None:
                                 "a red square", "--generate-image", "--max-tokens", "80", "--seed", "0", "--out",
                                 str(out / "generated-image")], log)
     _step("export to safetensors", ["export", str(out / "run"), "--to", str(out / "model")], log)
+    _step("inspect the training run", ["inspect", str(out / "run")], log)
     # Uni-MoE: speech, audio, video and image features through connectors into a LoRA-expert MoE
     _step("shard the speech corpus", ["shard", str(c / "speech"), "--out", str(out / "shards-speech"), *w], log)
     _step("Whisper features of the speech", ["extract-audio", str(out / "shards-speech"), "--out",
@@ -222,8 +224,9 @@ def run_demo(out: Path, workers: int = 2) -> None:
            "--connector-layers", "2", "--batch-size", "8", "--holdout", "0.3"]
     prev = str(out / "run-dense")
     for stage in ("align", "experts", "tune"):
+        nproc = ["--nproc", "2"] if stage == "tune" else []  # the same FSDP2 loop as every run
         _step(f"Uni-MoE stage {stage}", ["train", "--model", "uni-moe", "--stage", stage, "--out",
-                                         str(out / "unimoe" / stage), "--init", prev, *uni], log)
+                                         str(out / "unimoe" / stage), "--init", prev, *uni, *nproc], log)
         prev = str(out / "unimoe" / stage)
     _step("evaluate Uni-MoE (loss per modality, routing)", ["eval", "--checkpoint", prev], log)
     (out / "demo-steps.json").write_text(json.dumps(log, indent=1))

@@ -29,11 +29,6 @@ def image_alone(members: dict[str, bytes]) -> dict[str, bytes] | None:
     return next(({e: members[e]} for e in IMAGE_EXTS if e in members), None)
 
 
-def image_member(members: dict[str, bytes]) -> bytes | None:
-    image = image_alone(members)
-    return None if image is None else next(iter(image.values()))
-
-
 class Tokenizer:
     """A tokenizer directory loaded once: BPE + vocabulary (+ the VQ, loaded on first use)."""
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mmtok.shards import ShardReader, atomic_write
-from mmtok.tokenize import image_member
+from mmtok.tokenize import image_alone
 from mmtok.vocab import VOCAB_FILE, Vocab
 from mmtok.vq import PatchDiscriminator, PerceptualLoss, VQConfig, VQModel, load_image, to_unit
 
@@ -37,9 +37,9 @@ def iter_images(shard_dirs: list[str | Path]) -> Iterator[tuple[str, bytes]]:
     for d in shard_dirs:
         reader = ShardReader(d)
         for s in reader:
-            data = image_member(s.members)
-            if data is not None:
-                yield f"{d}/{s.shard}:{s.key}", data
+            image = image_alone(s.members)
+            if image is not None:
+                yield f"{d}/{s.shard}:{s.key}", next(iter(image.values()))
 
 
 def shuffled_images(shard_dirs, seed: int, rank: int = 0, world: int = 1, buffer: int = 1000) -> Iterator[tuple[str, bytes]]:

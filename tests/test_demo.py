@@ -38,6 +38,10 @@ def test_demo_runs_every_stage_end_to_end(tmp_path: Path):
     assert report["heldout"]["all"]["tokens"] > 0 and report["heldout"]["all"]["loss"] < math.log(vocab["vocab_size"])
     assert (out / "model" / "config.json").exists()
     assert (out / "unimoe" / "tune" / "eval" / "eval.json").exists()
+    assert "inspect" in commands
+    assert json.loads((out / "run" / "aux_routers.json").read_text())["world_size"] == 2  # the aux stage on 2 processes
+    tune = out / "unimoe" / "tune" / "checkpoints"
+    assert json.loads((tune / (tune / "latest").read_text() / "train_state.json").read_text())["world_size"] == 2
 
 
 def test_demo_refuses_a_directory_it_did_not_make(tmp_path: Path):

@@ -36,6 +36,18 @@ def cli(*args: str):
     return runner.invoke(app, [*args, "--quiet"])
 
 
+@pytest.fixture
+def ray_runs(monkeypatch):
+    """How many times the runner took its Ray path: a command that dropped `--backend` on
+    its way to `run_stage` would still give the local bytes, and only this would tell."""
+    import mmtok.runner
+
+    calls = []
+    real = mmtok.runner._ray_tasks
+    monkeypatch.setattr(mmtok.runner, "_ray_tasks", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 def test_closures_run_as_ray_tasks_and_come_back_in_order(tmp_path: Path, ray_cluster):
     offset = 7  # captured: the function travels to the workers with its closure
 
@@ -53,21 +65,23 @@ def test_closures_run_as_ray_tasks_and_come_back_in_order(tmp_path: Path, ray_cl
     assert os.getpid() not in pids and len(pids) >= 2  # ran in Ray's worker processes
 
 
-def test_shard_on_ray_equals_local(corpus: Path, tmp_path: Path, ray_cluster):  # noqa: F811 (the fixture)
+def test_shard_on_ray_equals_local(corpus: Path, tmp_path: Path, ray_cluster, ray_runs):  # noqa: F811 (the fixture)
     (corpus / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     (corpus / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     local, on_ray = tmp_path / "local", tmp_path / "ray"
     common = ["--max-count", "3", "--workers", "2", "--max-error-rate", "1"]
     assert cli("shard", str(corpus), "--out", str(local), *common).exit_code == 0
+    assert not ray_runs
     res = cli("shard", str(corpus), "--out", str(on_ray), *common, "--backend", "ray")
     assert res.exit_code == 0, res.output
+    assert ray_runs == [1]
     assert {q["input"].rsplit("/", 1)[-1] for q in quarantine(on_ray)} == {"broken", "latin1"}
     assert len(list(on_ray.glob("*.tar"))) > 3
     assert _tree_bytes(on_ray) == _tree_bytes(local)  # shards, index, manifest, quarantine log
     assert ray_cluster.is_initialized(), "the runner shut down a Ray instance it did not start"
 
 
-def test_extract_keyframes_on_ray_equals_local(tmp_path: Path, ray_cluster):
+def test_extract_keyframes_on_ray_equals_local(tmp_path: Path, ray_cluster, ray_runs):
     d = tmp_path / "in"
     d.mkdir()
     make_video(d / "a.mp4", src="testsrc")
@@ -80,6 +94,7 @@ def test_extract_keyframes_on_ray_equals_local(tmp_path: Path, ray_cluster):
                   "--max-error-rate", "1", "--backend", backend)
         assert res.exit_code == 0, res.output
         outs.append(out)
+    assert ray_runs == [1]  # the local run did not take the Ray path, the Ray run did
     assert json.loads((outs[1] / "manifest.json").read_text())["totals"]["samples"] == 6
     assert [q["input"].rsplit("/", 1)[-1] for q in quarantine(outs[1])] == ["c.mp4"]
     assert _tree_bytes(outs[1]) == _tree_bytes(outs[0])
