@@ -1,0 +1,46 @@
+"""One writer per output directory.
+
+Every stage and `train` hold an exclusive lock on their `--out` while they run, so a
+second job (or an `--overwrite` of a running one) is refused instead of racing it. The
+lock is an `flock` on `<out>/.mmtok.lock`, which the kernel releases when the process
+dies, so a killed job never leaves a stale lock behind; the file holds the holder's pid
+so the refusal can name it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+from typing import Iterator
+
+LOCK_FILE = ".mmtok.lock"
+
+
+class LockHeld(ValueError):
+    """Another live process writes to this directory; the message names its pid."""
+
+
+@contextlib.contextmanager
+def exclusive(directory: str | Path) -> Iterator[Path]:
+    """Hold `directory`'s lock (creating the directory) for the `with` block.
+
+    Raises LockHeld at once, without waiting, when another process holds it.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise LockHeld(f"{directory} is in use by another mmtok process (pid {holder}); "
+                           "wait for it to finish, or stop it, then rerun") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
