@@ -25,6 +25,20 @@ for module in (data_cmds, media_cmds, mix_cmds, token_cmds, train_cmds, moma_cmd
     module.register(app)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"mmtok {version('mmtok')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(_: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print mmtok's version and exit.")) -> None:
+    """Data, tokenization and training stack for early-fusion multimodal MoE models."""
+
+
 def main() -> None:
     import warnings
 
