@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast clean
+.PHONY: demo test test-fast test-ffmpeg clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ test: $(STAMP)
 # Everything but the slow end-to-end tests, for local iteration.
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
+
+# The tests that run ffmpeg, with the binary FFMPEG names (CI: the imageio-ffmpeg wheel's,
+# after `make test` ran them with the system one).
+FFMPEG_TESTS := tests/test_keyframes.py tests/test_audio_features.py tests/test_shard.py
+test-ffmpeg: $(STAMP)
+	@test -n "$(FFMPEG)" || { echo "usage: make test-ffmpeg FFMPEG=/path/to/ffmpeg"; exit 2; }
+	$(FFMPEG) -version | sed -n 1p
+	MMTOK_FFMPEG="$(FFMPEG)" $(BIN)/pytest -q -m "not slow" $(FFMPEG_TESTS)
 
 clean:
 	rm -rf $(VENV) demo-out

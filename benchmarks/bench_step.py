@@ -49,8 +49,9 @@ def make_step(cfg: ModelConfig, data: dict, device, optimizer: str = "foreach"):
         t0 = time.perf_counter()
         with waits or contextlib.nullcontext():
             with amp:
-                logits, stats = model(data["input_ids"], data["positions"], data["doc_ids"])
-                loss = loss_terms(cfg, logits, data["targets"], stats)["loss"]
+                # the trainer's path: the head fused with a chunked cross-entropy
+                out, stats = model(data["input_ids"], data["positions"], data["doc_ids"], targets=data["targets"])
+                loss = loss_terms(cfg, out, data["targets"], stats)["loss"]
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

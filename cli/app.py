@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from mmtok.cli import data_cmds, media_cmds, mix_cmds, moma_cmds, token_cmds, train_cmds
+from mmtok.cli import data_cmds, interop_cmds, media_cmds, mix_cmds, moma_cmds, token_cmds, train_cmds
 
 app = typer.Typer(
     name="mmtok",
@@ -21,7 +21,7 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
-for module in (data_cmds, media_cmds, mix_cmds, token_cmds, train_cmds, moma_cmds):
+for module in (data_cmds, media_cmds, mix_cmds, token_cmds, interop_cmds, train_cmds, moma_cmds):
     module.register(app)
 
 

@@ -16,7 +16,8 @@ WORKERS = typer.Option(1, "--workers", "-w", min=1, help="Workers (processes, or
 MAX_ERROR_RATE = typer.Option(0.05, "--max-error-rate", min=0.0, max=1.0,
                               help="Share of inputs that may be quarantined before the command exits with status 3.")
 MAX_COUNT = typer.Option(10_000, "--max-count", min=1, help="Samples per output shard at most.")
-OVERWRITE = typer.Option(False, "--overwrite", help="Discard OUT if it holds a different job.")
+OVERWRITE = typer.Option(False, "--overwrite", help="Start again if OUT holds a different job or its inputs "
+                         "changed: deletes only the files that job's records say it wrote.")
 JSON_OUT = typer.Option(False, "--json", help="Print a machine-readable summary on stdout.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 
@@ -37,15 +38,27 @@ BACKEND = typer.Option("local", "--backend", callback=_check_backend, metavar="l
                        "Output bytes do not depend on it. See docs/DISTRIBUTED.md.")
 
 
-def check_inputs(inputs, shard_dirs: bool = False) -> None:
-    """Name a missing input before any work starts."""
+def positive(value):
+    """Option callback for numbers that must be above 0 (typer's min= admits the bound itself)."""
+    if value is not None and value <= 0:
+        raise typer.BadParameter(f"{value} is not above 0")
+    return value
+
+
+def check_inputs(inputs, out=None, shard_dirs: bool = False) -> list:
+    """Name an empty or missing input, or an --out that overlaps an input, before any work
+    starts (the stage runner checks the overlap again). Returns the inputs as Paths."""
     from pathlib import Path
 
+    from mmtok.runner import check_paths
+
+    check_paths(inputs, out)
     for spec in inputs:
         if shard_dirs and not Path(spec).is_dir():
             raise FileNotFoundError(f"input {spec} is not a shard directory")
         if not Path(spec).exists():
             raise FileNotFoundError(f"input {spec} does not exist")
+    return [Path(spec) for spec in inputs]
 
 
 class Exit(IntEnum):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import List
@@ -24,15 +25,18 @@ def register(app: typer.Typer) -> None:
 def shard(
     inputs: List[str] = typer.Argument(..., help="Directories (walked recursively), files, manifests "
                                        "(.jsonl/.csv/.parquet) and tar archives / WebDataset shards, in any mix."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output shard directory."),
+    out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="Output shard directory."),
     max_count: int = typer.Option(10_000, "--max-count", min=1, help="Samples per shard at most."),
     max_size: str = typer.Option("1G", "--max-size", help="Bytes per shard at most (K/M/G suffixes)."),
     validate: bool = typer.Option(True, "--validate/--no-validate",
                                   help="Fully decode every image and audio file and probe every video. "
                                   "--no-validate copies bytes after sniffing their type."),
     dedup: bool = typer.Option(True, "--dedup/--no-dedup", help="Drop exact duplicates (same content hash)."),
-    max_pixels: int = typer.Option(89_478_485, "--max-pixels", help="Images with more pixels are quarantined "
+    max_pixels: int = typer.Option(89_478_485, "--max-pixels", min=1, help="Images with more pixels are quarantined "
                                    "without being decoded (decompression bombs)."),
+    max_member_bytes: str = typer.Option("4G", "--max-member-bytes",
+                                         help="Largest input file, archive member or file a manifest row names "
+                                         "(K/M/G suffixes); a bigger one is quarantined without being read."),
     workers: int = WORKERS,
     backend: str = BACKEND,
     max_error_rate: float = MAX_ERROR_RATE,
@@ -47,33 +51,40 @@ def shard(
 
     Example: mmtok shard images/ captions.jsonl old-shards/ --out shards/ --workers 8
     """
-    from mmtok.ingest import ShardFn, shard_items
+    from mmtok.ingest import MAX_MEMBER_BYTES, ShardFn, shard_items
     from mmtok.runner import run_stage
 
-    check_inputs(inputs)
+    check_inputs(inputs, out)
+    member_limit = _parse_size(max_member_bytes, "--max-member-bytes")
     config = {"inputs": list(inputs), "max_count": max_count, "max_size": _parse_size(max_size),
               "validate": validate, "dedup": dedup, "max_pixels": max_pixels}
+    if member_limit != MAX_MEMBER_BYTES:  # left out at its default, so earlier runs' output dirs still resume
+        config["max_member_bytes"] = member_limit
     summary = run_stage(
-        "shard", shard_items(list(inputs)), ShardFn(validate, max_pixels), out, config=config, workers=workers,
+        "shard", shard_items(list(inputs), member_limit), ShardFn(validate, max_pixels, member_limit), out,
+        config=config, workers=workers,
         max_count=max_count, max_size=_parse_size(max_size), max_error_rate=max_error_rate, dedup=dedup,
         progress=not quiet and not as_json, overwrite=overwrite, task_size=8, backend=backend,
         threads=True)  # reading, hashing and decoding release the GIL: no bytes through pipes
     report(summary, as_json)
 
 
-def _parse_size(text: str) -> int:
+def _parse_size(text: str, option: str = "--max-size") -> int:
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     t = text.strip().upper().removesuffix("B")
     try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except ValueError:
-        raise ValueError(f"--max-size {text!r}: expected a byte count such as 500M or 2G") from None
+        size = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except (ValueError, OverflowError):  # not a number, or inf
+        size = 0
+    if size < 1:
+        raise ValueError(f"{option} {text!r}: expected a positive byte count such as 500M or 2G")
+    return size
 
 
 @friendly_errors
 def inspect(
-    directory: Path = typer.Argument(..., help="A shard directory written by any mmtok stage, a balance-mix plan, or a training run."),
-    samples: int = typer.Option(3, "--samples", help="How many sample keys to show per group."),
+    directory: Path = typer.Argument(..., file_okay=False, help="A shard directory written by any mmtok stage, a balance-mix plan, or a training run."),
+    samples: int = typer.Option(3, "--samples", min=0, help="How many sample keys to show per group."),
     as_json: bool = JSON_OUT,
 ) -> None:
     """Show what a shard directory holds: counts, shards, bytes, quarantine reasons, sample keys.
@@ -82,7 +93,7 @@ def inspect(
     last metrics."""
     import collections
 
-    from mmtok.shards import QUARANTINE, ShardReader
+    from mmtok.shards import MANIFEST, QUARANTINE, ShardReader, read_jsonl, require_keys
 
     if (directory / "config.json").exists() and (directory / "checkpoints").is_dir():
         _inspect_run(directory, as_json)
@@ -93,11 +104,12 @@ def inspect(
 
     reader = ShardReader(directory)
     m = reader.manifest
+    require_keys(m["totals"], ("by_group", "by_modality", "duplicates", "quarantined"), f"{directory / MANIFEST} (totals)")
     reasons = collections.Counter()
     qpath = Path(directory) / QUARANTINE
     if qpath.exists():
-        for line in qpath.read_text(encoding="utf-8").splitlines():
-            r = json.loads(line)["reason"]
+        for rec in read_jsonl(qpath):
+            r = str(rec.get("reason", "(no reason recorded)"))
             reasons[r.split(": ", 1)[-1].split(" (")[0][:80]] += 1
     keys: dict[str, list[str]] = {}
     for row in reader.index().select(["key", "group"]).to_pylist():
@@ -127,7 +139,9 @@ def inspect(
 
 def _inspect_plan(directory: Path, as_json: bool) -> None:
     """A `balance-mix` plan: its sources, shape and balance report (plan.json alone)."""
-    meta = json.loads((directory / "plan.json").read_text())
+    from mmtok.loader import read_plan_meta
+
+    meta = read_plan_meta(directory)
     info = {"directory": str(directory), **{k: meta[k] for k in ("ratio", "world_size", "seq_len", "micro_batch", "steps",
                                                                  "microbatches", "seed")},
             "sources": {s["name"]: {"documents": s["documents"], "weight": s["weight"]} for s in meta["sources"]},
@@ -157,13 +171,20 @@ def _key_value_table(title: str, rows: dict) -> None:
 
 def _inspect_run(directory: Path, as_json: bool) -> None:
     """A training run, from its JSON files alone (no torch): what it is and how far it got."""
-    cfg = json.loads((directory / "config.json").read_text())
+    from mmtok.shards import ShardError, read_json, read_jsonl, require_keys
+
+    cfg = read_json(directory / "config.json")
+    require_keys(cfg, ("model", "train"), directory / "config.json")
+    require_keys(cfg["train"], ("steps",), f"{directory / 'config.json'} (train)")
     latest = directory / "checkpoints" / "latest"
-    ckpt = directory / "checkpoints" / latest.read_text().strip() if latest.exists() else None
-    state = json.loads((ckpt / "train_state.json").read_text()) if ckpt and (ckpt / "train_state.json").exists() else {}
+    name = latest.read_text().strip() if latest.exists() else None
+    if name is not None and not re.fullmatch(r"step-\d{8,}", name):  # as trainer.train.latest_checkpoint, without torch
+        raise ShardError(f"{latest} names {name!r}, not a checkpoint of this run (step-NNNNNNNN); the run was altered")
+    ckpt = directory / "checkpoints" / name if name else None
+    state = read_json(ckpt / "train_state.json") if ckpt and (ckpt / "train_state.json").exists() else {}
     metrics = directory / "metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.exists() else []
-    last = json.loads(lines[-1]) if lines else {}
+    records = read_jsonl(metrics) if metrics.exists() else []
+    last = records[-1] if records else {}
     model = cfg["model"]
     info = {"directory": str(directory), "model": model.get("model", "uni-moe"), "experts": model.get("experts"),
             "stage": cfg.get("stage"), "n_layers": model.get("n_layers"), "d_model": model.get("d_model"),
@@ -173,7 +194,7 @@ def _inspect_run(directory: Path, as_json: bool) -> None:
     for name in ("aux_routers", "upcycled_from", "stage"):  # what the aux stage, upcycle and uni-moe add
         p = directory / f"{name}.json"
         if p.exists():
-            info[name] = {k: v for k, v in json.loads(p.read_text()).items() if k != "curve"}
+            info[name] = {k: v for k, v in read_json(p).items() if k != "curve"}
     if as_json:
         sys.stdout.write(json.dumps(info, indent=1, sort_keys=True) + "\n")
         return
@@ -182,7 +203,7 @@ def _inspect_run(directory: Path, as_json: bool) -> None:
 
 @friendly_errors
 def demo(
-    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where the corpus and every stage's output go."),
+    out: Path = typer.Option(Path("demo-out"), "--out", "-o", file_okay=False, help="Where the corpus and every stage's output go."),
     workers: int = typer.Option(2, "--workers", "-w", min=1),
 ) -> None:
     """Run the whole pipeline end to end on a small corpus that mmtok generates itself."""

@@ -12,7 +12,7 @@ from mmtok.cli.common import (BACKEND, JSON_OUT, MAX_COUNT, MAX_ERROR_RATE, OVER
 
 INPUTS = typer.Argument(..., help="Shard directories made by `mmtok shard`, directories of media files "
                         "(walked recursively, by extension) or single files, in any mix.")
-OUT = typer.Option(..., "--out", "-o", help="Output shard directory.")
+OUT = typer.Option(..., "--out", "-o", file_okay=False, help="Output shard directory.")
 
 
 def register(app: typer.Typer) -> None:
@@ -26,12 +26,12 @@ def extract_keyframes(
     out: Path = OUT,
     mode: str = typer.Option("uniform", "--mode", help="uniform: N frames evenly spread over the duration; "
                              "keyframes: I-frames only (no full decode, fast); scene: the first frame and the N-1 strongest scene changes, in time order."),
-    frames: int = typer.Option(8, "--frames", "-n", help="Frames per video (uniform), or at most this many (keyframes, scene)."),
-    size: int = typer.Option(336, "--size", help="Output frames are SIZE x SIZE (short side resized, centre crop)."),
+    frames: int = typer.Option(8, "--frames", "-n", min=1, help="Frames per video (uniform), or at most this many (keyframes, scene)."),
+    size: int = typer.Option(336, "--size", min=1, help="Output frames are SIZE x SIZE (short side resized, centre crop)."),
     crop: bool = typer.Option(True, "--crop/--no-crop", help="--no-crop fits the whole frame inside SIZE x SIZE."),
-    scene_threshold: float = typer.Option(0.3, "--scene-threshold", help="Scene-change score (0-1) above which "
+    scene_threshold: float = typer.Option(0.3, "--scene-threshold", min=0.0, max=1.0, help="Scene-change score (0-1) above which "
                                           "a frame starts a new scene (--mode scene)."),
-    quality: int = typer.Option(95, "--quality", help="JPEG quality of the frames."),
+    quality: int = typer.Option(95, "--quality", min=1, max=100, help="JPEG quality of the frames."),
     workers: int = WORKERS,
     backend: str = BACKEND,
     max_count: int = MAX_COUNT,
@@ -50,7 +50,7 @@ def extract_keyframes(
     """
     from mmtok.video import FrameOptions, extract_keyframes as run
 
-    check_inputs(inputs)
+    check_inputs(inputs, out)
     opts = FrameOptions(mode=mode, frames=frames, size=size, crop=crop, scene_threshold=scene_threshold,
                         quality=quality)
     summary = run(list(inputs), str(out), opts, workers=workers, backend=backend, max_count=max_count,
@@ -65,7 +65,7 @@ def extract_audio(
     features: str = typer.Option("whisper,fbank", "--features", help="Comma-separated: whisper (log-mel, "
                                  "n_mels x 3000 per 30 s chunk), fbank (BEATs' Kaldi fbank, 128 bins)."),
     n_mels: int = typer.Option(80, "--n-mels", help="Whisper mel bins: 80, or 128 (large-v3)."),
-    max_chunks: int = typer.Option(20, "--max-chunks", help="30 s chunks per input at most; the rest is dropped."),
+    max_chunks: int = typer.Option(20, "--max-chunks", min=1, help="30 s chunks per input at most; the rest is dropped."),
     workers: int = WORKERS,
     backend: str = BACKEND,
     max_count: int = MAX_COUNT,
@@ -84,7 +84,7 @@ def extract_audio(
     """
     from mmtok.audio import AudioOptions, extract_audio as run
 
-    check_inputs(inputs)
+    check_inputs(inputs, out)
     opts = AudioOptions(features=tuple(f.strip() for f in features.split(",") if f.strip()), n_mels=n_mels,
                         max_chunks=max_chunks)
     summary = run(list(inputs), str(out), opts, workers=workers, backend=backend, max_count=max_count,

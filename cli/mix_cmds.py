@@ -18,8 +18,8 @@ def register(app: typer.Typer) -> None:
 
 @friendly_errors
 def balance_mix(
-    token_shards: List[Path] = typer.Argument(..., help="Token shard directories written by `mmtok tokenize`."),
-    out: Path = typer.Option(..., "--out", "-o", help="Plan directory to write (plan.json + arrays)."),
+    token_shards: List[Path] = typer.Argument(..., file_okay=False, help="Token shard directories written by `mmtok tokenize`."),
+    out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="Plan directory to write (plan.json + arrays)."),
     world_size: int = typer.Option(..., "--world-size", min=1, help="Ranks (GPUs) the plan is laid out for."),
     seq_len: int = typer.Option(4096, "--seq-len", min=1, help="Tokens per sequence."),
     micro_batch: int = typer.Option(..., "--micro-batch", min=1, help="Sequences per rank per step."),
@@ -31,7 +31,7 @@ def balance_mix(
                                           "(default: each source's share of the tokens)."),
     tolerance: float = typer.Option(0.02, "--tolerance", help="Allowed relative deviation of every rank-step's ratio."),
     seed: int = typer.Option(0, "--seed", help="Shuffling seed."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw per-step ratio and source shares to this PNG."),
+    plot: Optional[Path] = typer.Option(None, "--plot", dir_okay=False, help="Draw per-step ratio and source shares to this PNG."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Plan which documents (and token spans) every rank packs at every step, so that each

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from mmtok.cli.common import JSON_OUT, friendly_errors
+from mmtok.cli.common import JSON_OUT, friendly_errors, positive
 
 
 
@@ -21,9 +21,9 @@ def register(app: typer.Typer) -> None:
 
 @friendly_errors
 def upcycle(
-    run: Path = typer.Argument(..., help="A trained 1t1i MoMa (or dense) run directory."),
+    run: Path = typer.Argument(..., file_okay=False, help="A trained 1t1i MoMa (or dense) run directory."),
     experts: str = typer.Option(..., "--experts", help="The new expert layout, NtMi (for example 4t4i)."),
-    out: Path = typer.Option(..., "--out", "-o", help="The new run directory (a checkpoint at step 0)."),
+    out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="The new run directory (a checkpoint at step 0)."),
     router_noise: str = typer.Option("gumbel", "--router-noise", help="gumbel (MoMa's choice) or none, "
                                      "for the upcycled training."),
     seed: int = typer.Option(0, "--seed", help="Seed for the fresh routers."),
@@ -47,16 +47,16 @@ def upcycle(
 
 @friendly_errors
 def generate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="A run directory or an `mmtok export` directory."),
-    tokenizer: Path = typer.Option(..., "--tokenizer", help="The tokenizer directory the model was trained with."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", file_okay=False, help="A run directory or an `mmtok export` directory."),
+    tokenizer: Path = typer.Option(..., "--tokenizer", file_okay=False, help="The tokenizer directory the model was trained with."),
     prompt: str = typer.Option("", "--prompt", help="Text to continue."),
     image: Optional[Path] = typer.Option(None, "--image", help="An image placed before the prompt text."),
     generate_image: bool = typer.Option(False, "--generate-image", help="End the prompt with [begin-image]: "
                                         "the model draws an image next."),
-    out: Path = typer.Option(Path("generated"), "--out", "-o", help="Directory for generation.json and PNGs."),
+    out: Path = typer.Option(Path("generated"), "--out", "-o", file_okay=False, help="Directory for generation.json and PNGs."),
     max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Cap on new tokens."),
     temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="0 = greedy."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
+    top_p: float = typer.Option(1.0, "--top-p", callback=positive, max=1.0, help="Nucleus sampling mass."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     cache: bool = typer.Option(True, "--kv-cache/--no-kv-cache", help="Decode with a KV cache (one position per step)."),

@@ -11,10 +11,10 @@ from typing import List, Optional
 import typer
 
 from mmtok.cli.common import (BACKEND, JSON_OUT, MAX_ERROR_RATE, OVERWRITE, QUIET, WORKERS, check_inputs,
-                              friendly_errors, report)
+                              friendly_errors, positive, report)
 
-SHARDS = typer.Argument(..., help="Shard directories written by `mmtok shard`.")
-TOKENIZER = typer.Option(..., "--tokenizer", "-t", help="Tokenizer directory (train-bpe + train-vq output).")
+SHARDS = typer.Argument(..., file_okay=False, help="Shard directories written by `mmtok shard`.")
+TOKENIZER = typer.Option(..., "--tokenizer", "-t", file_okay=False, help="Tokenizer directory (train-bpe + train-vq output).")
 DEVICE = typer.Option(None, "--device", help="torch device for the VQ (default: cuda when present, else cpu).")
 
 
@@ -42,16 +42,16 @@ def _print(result: dict, as_json: bool, title: str) -> None:
 
 @friendly_errors
 def train_bpe(
-    inputs: List[Path] = SHARDS,
-    out: Path = typer.Option(..., "--out", "-o", help="Tokenizer directory to write (bpe.model, vocab.json)."),
-    vocab_size: int = typer.Option(65536, "--vocab-size", help="All ids: specials + text pieces + image codes."),
-    image_codes: int = typer.Option(8192, "--image-codes", help="Ids reserved for image codes (= VQ codebook size)."),
-    resolution: int = typer.Option(512, "--resolution", help="VQ input size, for codes per image (a trained VQ in OUT wins)."),
-    downsample: int = typer.Option(16, "--downsample", help="VQ downsampling factor, for codes per image."),
-    input_sentence_size: int = typer.Option(10_000_000, "--input-sentence-size",
+    inputs: List[str] = SHARDS,
+    out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="Tokenizer directory to write (bpe.model, vocab.json)."),
+    vocab_size: int = typer.Option(65536, "--vocab-size", min=1, help="All ids: specials + text pieces + image codes."),
+    image_codes: int = typer.Option(8192, "--image-codes", min=1, help="Ids reserved for image codes (= VQ codebook size)."),
+    resolution: int = typer.Option(512, "--resolution", min=1, help="VQ input size, for codes per image (a trained VQ in OUT wins)."),
+    downsample: int = typer.Option(16, "--downsample", min=1, help="VQ downsampling factor, for codes per image."),
+    input_sentence_size: int = typer.Option(10_000_000, "--input-sentence-size", min=1,
                                             help="Lines sampled for training (sentencepiece's sampling); bounds memory."),
     seed: int = typer.Option(0, "--seed", help="Seed of the line sampling."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Trainer threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Trainer threads (default: all cores)."),
     as_json: bool = JSON_OUT,
 ) -> None:
     """Train a SentencePiece BPE on the text in shards and lay out the unified vocabulary.
@@ -63,7 +63,7 @@ def train_bpe(
     """
     from mmtok.bpe import train_bpe as run
 
-    check_inputs(inputs, shard_dirs=True)
+    inputs = check_inputs(inputs, shard_dirs=True)
     result = run(inputs, out, vocab_size=vocab_size, image_codes=image_codes,
                  image_tokens_per_image=(resolution // downsample) ** 2, input_sentence_size=input_sentence_size,
                  seed=seed, threads=threads, log=_log)
@@ -72,25 +72,25 @@ def train_bpe(
 
 @friendly_errors
 def train_vq(
-    inputs: List[Path] = SHARDS,
-    out: Path = typer.Option(..., "--out", "-o", help="Tokenizer directory (vq.safetensors, vq.json, checkpoint, log)."),
+    inputs: List[str] = SHARDS,
+    out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="Tokenizer directory (vq.safetensors, vq.json, checkpoint, log)."),
     steps: int = typer.Option(..., "--steps", min=1, help="Total optimizer steps (a resumed run continues to it)."),
-    codebook_size: int = typer.Option(8192, "--codebook-size", help="Codes in the codebook."),
-    resolution: int = typer.Option(512, "--resolution", help="Images are resized and centre-cropped to this."),
-    downsample: int = typer.Option(16, "--downsample", help="Spatial downsampling (power of two): codes per image = (resolution/downsample)^2."),
-    code_dim: int = typer.Option(8, "--code-dim", help="Dimension of the l2-normalised codes."),
-    channels: int = typer.Option(128, "--channels", help="Base channels of encoder and decoder."),
-    res_blocks: int = typer.Option(2, "--res-blocks", help="Residual blocks per resolution level."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Images per step per process."),
-    lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate."),
-    log_every: int = typer.Option(100, "--log-every", help="Steps per logged interval."),
-    checkpoint_every: int = typer.Option(1000, "--checkpoint-every", help="Steps between checkpoints."),
-    restart_every: int = typer.Option(100, "--restart-every", help="Codes unused for this many steps are restarted."),
-    disc_weight: float = typer.Option(0.1, "--disc-weight", help="Patch discriminator weight (0 turns it off)."),
-    disc_start: int = typer.Option(10_000, "--disc-start", help="Step at which the discriminator is switched on."),
-    perceptual_weights: Optional[Path] = typer.Option(None, "--perceptual-weights",
+    codebook_size: int = typer.Option(8192, "--codebook-size", min=2, help="Codes in the codebook."),
+    resolution: int = typer.Option(512, "--resolution", min=1, help="Images are resized and centre-cropped to this."),
+    downsample: int = typer.Option(16, "--downsample", min=2, help="Spatial downsampling (power of two): codes per image = (resolution/downsample)^2."),
+    code_dim: int = typer.Option(8, "--code-dim", min=1, help="Dimension of the l2-normalised codes."),
+    channels: int = typer.Option(128, "--channels", min=1, help="Base channels of encoder and decoder."),
+    res_blocks: int = typer.Option(2, "--res-blocks", min=1, help="Residual blocks per resolution level."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per step per process."),
+    lr: float = typer.Option(1e-4, "--lr", callback=positive, help="Adam learning rate."),
+    log_every: int = typer.Option(100, "--log-every", min=1, help="Steps per logged interval."),
+    checkpoint_every: int = typer.Option(1000, "--checkpoint-every", min=1, help="Steps between checkpoints."),
+    restart_every: int = typer.Option(100, "--restart-every", min=1, help="Codes unused for this many steps are restarted."),
+    disc_weight: float = typer.Option(0.1, "--disc-weight", min=0.0, help="Patch discriminator weight (0 turns it off)."),
+    disc_start: int = typer.Option(10_000, "--disc-start", min=0, help="Step at which the discriminator is switched on."),
+    perceptual_weights: Optional[Path] = typer.Option(None, "--perceptual-weights", exists=True, dir_okay=False,
                                                       help="torchvision VGG16 weights (.safetensors or .pth) for a perceptual loss; off without them."),
-    perceptual_weight: float = typer.Option(1.0, "--perceptual-weight", help="Weight of the perceptual loss."),
+    perceptual_weight: float = typer.Option(1.0, "--perceptual-weight", min=0.0, help="Weight of the perceptual loss."),
     seed: int = typer.Option(0, "--seed"),
     device: Optional[str] = DEVICE,
     restart: bool = typer.Option(False, "--restart", help="Ignore a checkpoint in OUT and start again."),
@@ -106,9 +106,7 @@ def train_vq(
     from mmtok.vq import VQConfig
     from mmtok.vq_train import train_vq as run
 
-    check_inputs(inputs, shard_dirs=True)
-    if perceptual_weights is not None and not perceptual_weights.exists():
-        raise FileNotFoundError(f"--perceptual-weights {perceptual_weights} does not exist")
+    inputs = check_inputs(inputs, shard_dirs=True)
     cfg = VQConfig(resolution=resolution, downsample=downsample, codebook_size=codebook_size, code_dim=code_dim,
                    channels=channels, res_blocks=res_blocks)
     result = run(inputs, out, cfg, steps=steps, batch_size=batch_size, lr=lr, log_every=log_every,
@@ -121,10 +119,10 @@ def train_vq(
 
 @friendly_errors
 def tokenize_images(
-    inputs: List[Path] = SHARDS,
+    inputs: List[str] = SHARDS,
     tokenizer: Path = TOKENIZER,
-    out: Path = typer.Option(..., "--out", "-o", help="Output shard directory of codes."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per encoder batch."),
+    out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="Output shard directory of codes."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per encoder batch."),
     device: Optional[str] = DEVICE,
     workers: int = WORKERS,
     backend: str = BACKEND,
@@ -140,7 +138,7 @@ def tokenize_images(
     from mmtok.tokenize import Tokenizer
     from mmtok.tokenize import tokenize_images as run
 
-    check_inputs(inputs, shard_dirs=True)
+    inputs = check_inputs(inputs, out, shard_dirs=True)
     tok = Tokenizer.load(tokenizer, device)
     summary = run(inputs, tok, out, batch_size=batch_size, workers=workers, backend=backend,
                   max_error_rate=max_error_rate, progress=not quiet and not as_json, overwrite=overwrite)
@@ -149,12 +147,12 @@ def tokenize_images(
 
 @friendly_errors
 def tokenize(
-    inputs: List[Path] = SHARDS,
+    inputs: List[str] = SHARDS,
     tokenizer: Path = TOKENIZER,
-    out: Path = typer.Option(..., "--out", "-o", help="Output token shard directory."),
-    codes: Optional[Path] = typer.Option(None, "--codes", help="Reuse image codes written by `tokenize-images`."),
+    out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="Output token shard directory."),
+    codes: Optional[Path] = typer.Option(None, "--codes", file_okay=False, help="Reuse image codes written by `tokenize-images`."),
     seed: int = typer.Option(0, "--seed", help="Decides which pairs are image-first (half of them)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Documents per batch (their images are encoded together)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Documents per batch (their images are encoded together)."),
     device: Optional[str] = DEVICE,
     workers: int = WORKERS,
     backend: str = BACKEND,
@@ -173,7 +171,7 @@ def tokenize(
     from mmtok.tokenize import Tokenizer
     from mmtok.tokenize import tokenize as run
 
-    check_inputs(inputs, shard_dirs=True)
+    inputs = check_inputs(inputs, out, shard_dirs=True)
     if codes is not None and not codes.is_dir():
         raise FileNotFoundError(f"--codes {codes} is not a directory")
     tok = Tokenizer.load(tokenizer, device)
@@ -187,7 +185,7 @@ def tokenize(
 
 @friendly_errors
 def detokenize(
-    tokens: Path = typer.Argument(..., help="Token shard directory written by `mmtok tokenize`."),
+    tokens: str = typer.Argument(..., help="Token shard directory written by `mmtok tokenize`."),
     tokenizer: Path = TOKENIZER,
     out: Path = typer.Option(..., "--out", "-o", help="Directory for KEY.json, KEY.txt and KEY-N.png per document."),
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Decode only the first N documents."),
@@ -207,8 +205,7 @@ def detokenize(
     from mmtok.tokenize import Tokenizer
     from mmtok.tokenize import detokenize as run
 
-    if not tokens.is_dir():
-        raise FileNotFoundError(f"{tokens} is not a token shard directory")
+    tokens = check_inputs([tokens], out, shard_dirs=True)[0]
     result = run(tokens, Tokenizer.load(tokenizer, device), out, limit=limit, overwrite=overwrite,
                  progress=not quiet and not as_json)
     _print(result, as_json, "detokenize")

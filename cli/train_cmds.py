@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from mmtok.cli.common import JSON_OUT, Exit, eval_report, fail, friendly_errors
+from mmtok.cli.common import JSON_OUT, Exit, eval_report, fail, friendly_errors, positive
 
 
 
@@ -24,24 +24,24 @@ def register(app: typer.Typer) -> None:
 
 @friendly_errors
 def train(
-    plan: Optional[Path] = typer.Option(None, "--plan", help="Plan directory written by `mmtok balance-mix` "
+    plan: Optional[Path] = typer.Option(None, "--plan", file_okay=False, help="Plan directory written by `mmtok balance-mix` "
                                         "(not for --model uni-moe, which reads pairs: see --speech ... --image)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run directory: config, metrics, TensorBoard, checkpoints."),
+    out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="Run directory: config, metrics, TensorBoard, checkpoints."),
     model: str = typer.Option("dense", "--model", help="dense, moe, moma, mod-moma (MoMa + Mixture-of-Depths) or uni-moe."),
     experts: str = typer.Option("", "--experts", help="moma: NtMi layout (4t4i, 1t1i, ...); moe: number of experts."),
     routing: str = typer.Option("expert-choice", "--routing", help="moe routing: expert-choice or top2."),
     preset: str = typer.Option("tiny", "--preset", help="tiny, 90m, 435m or 1.4b (MoMa's Table 1 sizes)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with [model] and [train] tables; "
+    config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="TOML file with [model] and [train] tables; "
                                           "command-line options override it."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps in all (default 100)."),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per rank per optimizer step."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 3e-3)."),
-    warmup: Optional[int] = typer.Option(None, "--warmup", help="Warm-up steps (default 10)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps in all (default 100)."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", min=1, help="Micro-batches per rank per optimizer step."),
+    lr: Optional[float] = typer.Option(None, "--lr", callback=positive, help="Peak learning rate (default 3e-3)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", min=0, help="Warm-up steps (default 10)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the initial weights."),
-    ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", help="Checkpoint every N steps (default 50)."),
-    log_every: Optional[int] = typer.Option(None, "--log-every", help="Metrics every N steps (default 1)."),
-    capacity_factor: Optional[float] = typer.Option(None, "--capacity-factor", help="Expert-choice capacity factor."),
+    ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", min=1, help="Checkpoint every N steps (default 50)."),
+    log_every: Optional[int] = typer.Option(None, "--log-every", min=1, help="Metrics every N steps (default 1)."),
+    capacity_factor: Optional[float] = typer.Option(None, "--capacity-factor", callback=positive, help="Expert-choice capacity factor."),
     swin_norm: Optional[bool] = typer.Option(None, "--swin-norm/--no-swin-norm", help="Chameleon's norm reordering."),
     attention: Optional[str] = typer.Option(None, "--attention", help="sdpa (default) or flex (GPU only)."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile each block."),
@@ -55,26 +55,26 @@ def train(
                               "routers of the run in --out (main weights frozen; --nproc works)."),
     aux_routers: Optional[str] = typer.Option(None, "--aux-routers", help="stage (default: train them later with "
                                               "--stage aux-routers) or joint (alongside, on detached inputs)."),
-    mod_capacity: Optional[float] = typer.Option(None, "--mod-capacity", help="mod-moma: share of tokens through "
+    mod_capacity: Optional[float] = typer.Option(None, "--mod-capacity", callback=positive, max=1.0, help="mod-moma: share of tokens through "
                                                  "depth-routed layers (default 0.25)."),
     router_noise: Optional[str] = typer.Option(None, "--router-noise", help="none or gumbel (Gumbel-sigmoid noise on "
                                                "expert-choice router logits; for upcycled runs)."),
     # --- --model uni-moe (cli/unimoe_cmds.py; docs/UNIMOE.md) ---
-    speech: List[Path] = typer.Option([], "--speech", help="uni-moe: extract-audio output with whisper.npy (repeat)."),
-    audio: List[Path] = typer.Option([], "--audio", help="uni-moe: extract-audio output with fbank.npy (repeat)."),
-    video: List[Path] = typer.Option([], "--video", help="uni-moe: extract-keyframes output (repeat)."),
-    image: List[Path] = typer.Option([], "--image", help="uni-moe: `mmtok shard` output with image-caption pairs (repeat)."),
-    texts: List[Path] = typer.Option([], "--texts", help="uni-moe: shard directories with the transcripts/captions "
+    speech: List[Path] = typer.Option([], "--speech", file_okay=False, help="uni-moe: extract-audio output with whisper.npy (repeat)."),
+    audio: List[Path] = typer.Option([], "--audio", file_okay=False, help="uni-moe: extract-audio output with fbank.npy (repeat)."),
+    video: List[Path] = typer.Option([], "--video", file_okay=False, help="uni-moe: extract-keyframes output (repeat)."),
+    image: List[Path] = typer.Option([], "--image", file_okay=False, help="uni-moe: `mmtok shard` output with image-caption pairs (repeat)."),
+    texts: List[Path] = typer.Option([], "--texts", file_okay=False, help="uni-moe: shard directories with the transcripts/captions "
                                      "(default: the ones the features were extracted from)."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="uni-moe: `mmtok train-bpe` directory."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", file_okay=False, help="uni-moe: `mmtok train-bpe` directory."),
     init: Optional[Path] = typer.Option(None, "--init", help="uni-moe: the previous stage's run (experts, tune), or "
                                         "a dense run / export whose decoder stage align starts from."),
     speech_encoder: Optional[Path] = typer.Option(None, "--speech-encoder", help="uni-moe: Whisper encoder weights "
                                                   "(safetensors); loaded and frozen."),
-    queries: Optional[int] = typer.Option(None, "--queries", help="uni-moe: connector queries per input (default 8)."),
-    connector_layers: Optional[int] = typer.Option(None, "--connector-layers", help="uni-moe: default 4."),
-    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="uni-moe: LoRA rank of the experts (default 8)."),
-    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="uni-moe: LoRA alpha (default 16)."),
+    queries: Optional[int] = typer.Option(None, "--queries", min=1, help="uni-moe: connector queries per input (default 8)."),
+    connector_layers: Optional[int] = typer.Option(None, "--connector-layers", min=1, help="uni-moe: default 4."),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", min=1, help="uni-moe: LoRA rank of the experts (default 8)."),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", callback=positive, help="uni-moe: LoRA alpha (default 16)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="uni-moe: pairs per process per step."),
     holdout: float = typer.Option(0.1, "--holdout", min=0.0, max=0.9, help="uni-moe: share of pairs held out for eval."),
     # --- end uni-moe ---
@@ -116,7 +116,7 @@ def train(
     train_opts = dict(steps=steps, grad_accum=grad_accum, lr=lr, warmup=warmup, seed=seed, ckpt_every=ckpt_every,
                       log_every=log_every, compile=compile, act_ckpt=act_ckpt, mixed_precision=mixed_precision)
     cfg = resolve(preset, model_opts, train_opts, config, vocab=plan_meta["vocab"], seq_len=plan_meta["seq_len"],
-                  plan=str(plan.resolve()))
+                  plan=str(plan.resolve()), tokenizer=plan_meta.get("tokenizer"))
     summary = run_train(cfg, out, lambda rank, world: PlanLoader(plan, rank, world, num_workers=loader_workers),
                         resume=resume, stop_at_step=stop_at_step, live=not as_json)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -179,11 +179,11 @@ def _relaunch(nproc: int) -> None:
 
 @friendly_errors
 def evaluate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="A run directory (newest checkpoint) or an `mmtok export` directory."),
-    data: List[Path] = typer.Option([], "--data", help="Held-out token shard directories (repeat for several)."),
-    pairs: List[Path] = typer.Option([], "--pairs", help="Token shard directories of image-caption pairs, "
+    checkpoint: Path = typer.Option(..., "--checkpoint", file_okay=False, help="A run directory (newest checkpoint) or an `mmtok export` directory."),
+    data: List[Path] = typer.Option([], "--data", file_okay=False, help="Held-out token shard directories (repeat for several)."),
+    pairs: List[Path] = typer.Option([], "--pairs", file_okay=False, help="Token shard directories of image-caption pairs, "
                                      "for conditional perplexity (repeat for several)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report directory (default: CHECKPOINT/eval)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", file_okay=False, help="Report directory (default: CHECKPOINT/eval)."),
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="Sequences per forward pass."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", min=2, help="Window length (default: the model's)."),
     max_docs: Optional[int] = typer.Option(None, "--max-docs", min=1, help="Score at most this many documents per input."),
@@ -210,8 +210,8 @@ def evaluate(
 
 @friendly_errors
 def export(
-    run: Path = typer.Argument(..., help="Run directory of `mmtok train`."),
-    to: Path = typer.Option(..., "--to", help="Output directory: model.safetensors + config.json."),
+    run: Path = typer.Argument(..., file_okay=False, help="Run directory of `mmtok train`."),
+    to: Path = typer.Option(..., "--to", file_okay=False, help="Output directory: model.safetensors + config.json."),
     as_json: bool = JSON_OUT,
 ):
     """Write a run's newest checkpoint as safetensors plus a config, for single-process use."""

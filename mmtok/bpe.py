@@ -110,6 +110,8 @@ def train_bpe(shard_dirs: list[str | Path], out: str | Path, *, vocab_size: int 
     vq_config = out / "vq.json"
     if vq_config.exists():  # a VQ trained first decides the image side of the layout
         vq = json.loads(vq_config.read_text())
+        if vq.get("kind"):  # an imported tokenizer (mmtok import-tokenizer) keeps its own vocabulary
+            raise ValueError(f"{out} holds an imported tokenizer ({vq['kind']}); train into another --out")
         if vq["codebook_size"] != image_codes:
             raise ValueError(f"{out} holds a VQ with {vq['codebook_size']} codes; use --image-codes "
                              f"{vq['codebook_size']} or another --out")

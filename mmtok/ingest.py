@@ -8,17 +8,22 @@ records. Modality is decided from the bytes, not the file name.
 from __future__ import annotations
 
 import csv
+import datetime
+import decimal
 import io
 import json
 import os
+import stat
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from mmtok.runner import Item, Quarantined, Sample
-from mmtok.shards import PICKLE_EXTS, ShardError, content_hash, dumps_meta, group_samples, iter_tar
+from mmtok.runner import DUPLICATES, STAGE_FILE, STATS_DIR, Item, Quarantined, Sample
+from mmtok.shards import (INDEX, MANIFEST, PICKLE_EXTS, QUARANTINE, SHARD_RE, content_hash, dumps_meta, group_samples,
+                          iter_tar, printable)
 
 MANIFEST_EXTS = (".jsonl", ".csv", ".parquet")
 TAR_EXTS = (".tar", ".tar.gz", ".tgz")
@@ -33,76 +38,160 @@ class Bad(Exception):
 
 # ---------------------------------------------------------------- enumeration
 
+MAX_MEMBER_BYTES = 4 << 30  # `--max-member-bytes`' default: the largest payload held in memory
+# what an mmtok output directory holds besides its shards: bookkeeping, never input
+_OUTPUT_RECORDS = {MANIFEST, INDEX, QUARANTINE, DUPLICATES, STAGE_FILE, STATS_DIR}
+
+
 def _is_tar(path: Path) -> bool:
     return path.name.endswith(TAR_EXTS)
 
 
-def enumerate_inputs(inputs: list[str]) -> Iterator[Item]:
+def _file_kind(mode: int) -> str | None:
+    """What a non-regular file is, in words; None for a regular file."""
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return kind
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _not_regular(path: Path, mode: int) -> Item:
+    return _bad(str(path), f"{_file_kind(mode)}, not a regular file: skipped, never opened")
+
+
+def enumerate_inputs(inputs: list[str], max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[Item]:
     """Yield items in a fixed order: inputs as given, directories walked sorted."""
     for spec in inputs:
         path = Path(spec)
         if not path.exists():
             raise FileNotFoundError(f"input {spec} does not exist")
-        if path.is_dir():
-            yield from _walk_dir(path)
+        if printable(spec) != spec:
+            yield _bad(printable(spec), "name is not valid UTF-8: rename it to include it")
+        elif path.is_dir():
+            yield from _walk_dir(path, os.path.realpath(path), max_member_bytes)
         else:
-            yield from _file_items(path, [path])
+            yield from _file_items(path, max_member_bytes)
 
 
-def _walk_dir(root: Path) -> Iterator[Item]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        files = [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
-        plain = [f for f in files if not (_is_tar(f) or f.name.endswith(MANIFEST_EXTS))]
-        for f in files:
-            if _is_tar(f) or f.name.endswith(MANIFEST_EXTS):
-                yield from _file_items(f, [])
-        # files sharing a stem in one folder are one sample (image + caption), as in webdataset
-        by_stem: dict[str, list[Path]] = {}
-        for f in plain:
-            by_stem.setdefault(f.name.split(".")[0], []).append(f)
-        for stem in sorted(by_stem):
-            group = by_stem[stem]
-            yield Item(str(group[0].with_name(stem)), {"kind": "files", "paths": [str(p) for p in group]})
+def _walk_dir(d: Path, root: str, limit: int) -> Iterator[Item]:
+    """Walk `d` (inside the real input directory `root`): its files first, then its folders,
+    each sorted. Only regular files are read; anything else gets a record, as does a
+    symlink that leads outside `root`. A symlink inside `root` to a file is read like the
+    file; one to a folder is not descended (that folder is walked where it is)."""
+    try:
+        with os.scandir(d) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        yield _bad(printable(str(d)), f"cannot list this folder ({e.strerror})")
+        return
+    names = {e.name for e in entries}
+    # re-sharding mmtok's own output: its shards are tars like any other, its records are not input
+    own_output = STAGE_FILE in names or (MANIFEST in names and INDEX in names and any(map(SHARD_RE.match, names)))
+    files, folders = [], []
+    for e in entries:
+        if own_output and e.name in _OUTPUT_RECORDS:
+            continue
+        if e.name.startswith(".") and not e.is_dir(follow_symlinks=False):  # hidden files: never input
+            continue
+        path = Path(e.path)
+        if printable(e.path) != e.path:
+            yield _bad(printable(e.path), "name is not valid UTF-8: rename it to include it")
+            continue
+        if e.is_dir(follow_symlinks=False):
+            folders.append(path)
+            continue
+        if e.is_symlink():
+            target = os.path.realpath(e.path)
+            if os.path.commonpath([root, target]) != root:
+                yield _bad(e.path, f"symlink to {printable(target)}, outside the input tree: not followed")
+                continue
+            if e.is_dir():
+                continue
+        try:
+            if not e.is_file():  # the directory entry's type: no stat for a plain file
+                yield _not_regular(path, e.stat().st_mode)
+                continue
+        except OSError as err:  # a dangling symlink
+            yield _bad(e.path, f"cannot read ({err.strerror})")
+            continue
+        files.append(path)
+    plain = [f for f in files if not (_is_tar(f) or f.name.endswith(MANIFEST_EXTS))]
+    for f in files:
+        if _is_tar(f) or f.name.endswith(MANIFEST_EXTS):
+            yield from _file_items(f, limit)
+    # files sharing a stem in one folder are one sample (image + caption), as in webdataset
+    by_stem: dict[str, list[Path]] = {}
+    for f in plain:
+        by_stem.setdefault(f.name.split(".")[0], []).append(f)
+    for stem in sorted(by_stem):
+        group, dropped, kept = [], [], {}
+        for f in by_stem[stem]:  # sorted by name: of `x.PNG` and `x.png`, `x.PNG` comes first and is kept
+            ext = f.name.partition(".")[2].lower()
+            if ext in kept:
+                dropped.append(_bad(str(f), f"same stem and extension as {kept[ext].name} but for case; "
+                                            f"{kept[ext].name} is kept"))
+            else:
+                kept[ext] = f
+                group.append(f)
+        yield Item(str(group[0].with_name(stem)), {"kind": "files", "paths": [str(p) for p in group]})
+        yield from dropped
+    for folder in folders:
+        yield from _walk_dir(folder, root, limit)
 
 
-def _file_items(path: Path, group: list[Path]) -> Iterator[Item]:
+def _file_items(path: Path, limit: int) -> Iterator[Item]:
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        yield _bad(str(path), f"cannot read ({e.strerror})")
+        return
+    if not stat.S_ISREG(mode):  # a FIFO would block the open forever; a device may never end
+        yield _not_regular(path, mode)
+        return
     name = path.name.lower()
     if _is_tar(path):
-        yield from _tar_items(path)
+        yield from _tar_items(path, limit)
     elif name.endswith(".jsonl"):
         yield from _jsonl_items(path)
     elif name.endswith(".csv"):
-        yield from _csv_items(path)
+        yield from _csv_items(path, limit)
     elif name.endswith(".parquet"):
         yield from _parquet_items(path)
     else:
-        yield Item(str(path), {"kind": "files", "paths": [str(p) for p in group]})
+        yield Item(str(path), {"kind": "files", "paths": [str(path)]})
 
 
 def _bad(name: str, reason: str) -> Item:
     return Item(name, {"kind": "bad", "reason": reason})
 
 
-def _tar_items(path: Path) -> Iterator[Item]:
-    try:
-        for s in group_samples(iter_tar(path)):
-            if len(s) == 3:
-                yield _bad(f"{path}:{s[0]}", s[2])
-            else:
-                yield Item(f"{path}:{s[0]}", {"kind": "members", "members": s[1]})
-    except ShardError as e:
-        yield _bad(str(path), str(e).removeprefix(f"{path}: "))
+def _tar_items(path: Path, limit: int) -> Iterator[Item]:
+    for s in group_samples(iter_tar(path, max_member_bytes=limit, strict=False)):
+        name = f"{path}:{s[0]}" if s[0] else str(path)
+        if len(s) == 3:
+            yield _bad(name, s[2])
+        else:
+            yield Item(name, {"kind": "members", "members": s[1]})
 
 
 def _row_item(name: str, row, base: Path) -> Item:
     if not isinstance(row, dict):
         return _bad(name, "manifest row is not an object")
+    try:
+        dumps_meta(row)  # the row's fields become metadata: they must be JSON and valid Unicode
+    except (TypeError, ValueError, UnicodeEncodeError) as e:
+        return _bad(name, f"manifest row cannot be kept as JSON metadata ({e})")
     return Item(name, {"kind": "row", "row": row, "base": str(base)})
 
 
 def _jsonl_items(path: Path) -> Iterator[Item]:
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        yield _bad(str(path), f"cannot read ({e.strerror})")
+        return
+    with f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -114,9 +203,11 @@ def _jsonl_items(path: Path) -> Iterator[Item]:
             yield _row_item(f"{path}:{n}", row, path.parent)
 
 
-def _csv_items(path: Path) -> Iterator[Item]:
+def _csv_items(path: Path, limit: int) -> Iterator[Item]:
+    # a caption may be as long as any payload (csv refuses fields over 128 KiB by default)
+    csv.field_size_limit(min(limit, sys.maxsize))
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM must not rename the first column
             for n, row in enumerate(csv.DictReader(f), 2):
                 row = {k: v for k, v in row.items() if k and v not in (None, "")}
                 if "segments" in row:
@@ -126,8 +217,38 @@ def _csv_items(path: Path) -> Iterator[Item]:
                         yield _bad(f"{path}:{n}", f"segments column is not JSON: {e}")
                         continue
                 yield _row_item(f"{path}:{n}", row, path.parent)
-    except (UnicodeDecodeError, csv.Error) as e:
+    except (UnicodeDecodeError, csv.Error, OSError) as e:
         yield _bad(str(path), f"unreadable CSV manifest: {e}")
+
+
+def _json_value(v):
+    """A Parquet value as JSON: text from bytes (UnicodeDecodeError when they are not
+    UTF-8), decimals as exact strings, dates and times in ISO 8601, durations in seconds."""
+    if isinstance(v, bytes):
+        return v.decode("utf-8")
+    if isinstance(v, decimal.Decimal):
+        return str(v)
+    if isinstance(v, (datetime.date, datetime.time)):
+        return v.isoformat()
+    if isinstance(v, datetime.timedelta):
+        return v.total_seconds()
+    if isinstance(v, dict):
+        return {str(k): _json_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    return v
+
+
+def _parquet_row(name: str, row: dict, base: Path) -> Item:
+    out = {}
+    for k, v in row.items():
+        if v is None:
+            continue
+        try:
+            out[k] = _json_value(v)
+        except UnicodeDecodeError:
+            return _bad(name, f"column {k!r} holds binary data that is not UTF-8 text")
+    return _row_item(name, out, base)
 
 
 def _parquet_items(path: Path) -> Iterator[Item]:
@@ -139,10 +260,22 @@ def _parquet_items(path: Path) -> Iterator[Item]:
         yield _bad(str(path), f"unreadable Parquet manifest: {e}")
         return
     n = 0
-    for batch in pf.iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
-            n += 1
-            yield _row_item(f"{path}:{n}", {k: v for k, v in row.items() if v is not None}, path.parent)
+    try:
+        for batch in pf.iter_batches(batch_size=4096):
+            try:
+                rows = batch.to_pylist()
+            except Exception:  # a value Python cannot hold (a date out of range): find its row
+                rows = None
+            for i in range(batch.num_rows):
+                n += 1
+                try:
+                    row = rows[i] if rows is not None else batch.slice(i, 1).to_pylist()[0]
+                except Exception as e:
+                    yield _bad(f"{path}:{n}", f"a value in this row cannot be read ({e})")
+                    continue
+                yield _parquet_row(f"{path}:{n}", row, path.parent)
+    except Exception as e:  # a corrupt page further on: the rows before it are kept
+        yield _bad(str(path), f"unreadable Parquet manifest after row {n}: {e}")
 
 
 # ---------------------------------------------------------------- validation
@@ -283,11 +416,30 @@ def _video_part(data: bytes, name: str, ext: str, validate: bool, path: str | No
 
 # ---------------------------------------------------------------- samples
 
+def _read_file(path: str | Path, limit: int) -> bytes:
+    """A regular file's bytes. Anything else is refused without being opened (opening a
+    FIFO blocks; /dev/zero never ends), and so is a file over `limit` bytes: its size is
+    checked first, and the read stops at `limit + 1` in case it grows. OSError when it
+    cannot be read at all."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise Bad(f"{path}: {_file_kind(st.st_mode)}, not a regular file: never opened")
+    if st.st_size <= limit:
+        # O_NONBLOCK: a FIFO put in its place since the stat must not block the open
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise Bad(f"{path}: not a regular file: not read")
+            data = f.read(limit + 1)
+        if len(data) <= limit:
+            return data
+    raise Bad(f"{path}: over the --max-member-bytes limit of {limit:,} bytes: not read")
+
+
 class ShardFn:
     """The `shard` stage function: one item -> samples and/or quarantine records."""
 
-    def __init__(self, validate: bool = True, max_pixels: int = 89_478_485):
-        self.validate, self.max_pixels = validate, max_pixels
+    def __init__(self, validate: bool = True, max_pixels: int = 89_478_485, max_member_bytes: int = MAX_MEMBER_BYTES):
+        self.validate, self.max_pixels, self.max_member_bytes = validate, max_pixels, max_member_bytes
 
     def __call__(self, payload: dict) -> list:
         index, kind = payload["index"], payload["kind"]
@@ -310,7 +462,7 @@ class ShardFn:
         parts, extra = [], {}
         for p in paths:
             try:
-                data = Path(p).read_bytes()
+                data = _read_file(p, self.max_member_bytes)
             except OSError as e:
                 raise Bad(f"{p}: cannot read ({e.strerror})") from None
             if p.endswith(".json"):
@@ -338,7 +490,7 @@ class ShardFn:
             if field in row:
                 path = base / str(row[field])
                 try:
-                    data = path.read_bytes()
+                    data = _read_file(path, self.max_member_bytes)
                 except OSError:
                     raise Bad(f"row points to a missing or unreadable file: {row[field]}") from None
                 part = self._sniff(data, str(path), str(path))
@@ -368,7 +520,7 @@ class ShardFn:
                     continue
                 path = base / seg["image"]
                 try:
-                    data = path.read_bytes()
+                    data = _read_file(path, self.max_member_bytes)
                 except OSError:
                     raise Bad(f"segment {j} points to a missing or unreadable image: {seg['image']}") from None
                 part = self._sniff(data, str(path), str(path))
@@ -425,9 +577,9 @@ def _json_extra(data: bytes, name: str) -> dict:
     return {"source_meta": obj}
 
 
-def shard_items(inputs: list[str]) -> Iterator[Item]:
+def shard_items(inputs: list[str], max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[Item]:
     """Items for the runner, each payload carrying its position (the sample key) and source."""
-    for i, item in enumerate(enumerate_inputs(inputs)):
+    for i, item in enumerate(enumerate_inputs(inputs, max_member_bytes)):
         item.payload["index"] = i
         item.payload["source"] = item.name
         yield item

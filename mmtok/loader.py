@@ -21,11 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mmtok.shards import INDEX, MANIFEST, ShardError, ShardReader, load_manifest, load_npy
+from mmtok.shards import INDEX, MANIFEST, ShardError, ShardReader, load_manifest, load_npy, require_keys
 
 STATE_FORMAT = "mmtok-planloader/1"
 PLAN_FILE = "plan.json"
 PLAN_ARRAYS = ("mb_ptr", "piece_doc", "piece_start", "piece_len", "piece_seq", "mb_text", "mb_image")
+PLAN_KEYS = ("format", "sources", "ratio", "world_size", "seq_len", "micro_batch", "steps", "microbatches", "seed",
+             "order_sha256", "vocab", "report")
+PLAN_SOURCE_KEYS = ("name", "path", "manifest_sha256", "documents", "weight")
 IGNORE_INDEX = -100
 
 
@@ -39,16 +42,26 @@ class TokenCorpus:
         if not self.dirs:
             raise ValueError("no token shard directories given")
         self.vocab = None
+        # the full fingerprint of the tokenizer (BPE model and VQ included, Tokenizer.fingerprint);
+        # None where no source records one (shards from before it was recorded)
+        self.tokenizer, first_fp = None, None
         self.manifest_sha256, counts, n_image = [], [], []
         for d in self.dirs:
             manifest = load_manifest(d)
-            vocab = manifest.get("config", {}).get("vocab")
-            if not vocab or "image_range" not in vocab:
+            config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+            vocab = config.get("vocab")
+            if not isinstance(vocab, dict) or "image_range" not in vocab:
                 raise ShardError(f"{d}: its manifest has no vocab; is it the output of `mmtok tokenize`?")
             if self.vocab is None:
                 self.vocab = vocab
             elif vocab != self.vocab:
                 raise ShardError(f"{d}: tokenized with another vocabulary than {self.dirs[0]}; tokenize all sources with one TOKDIR")
+            fp = config.get("tokenizer")
+            if fp and self.tokenizer is None:
+                self.tokenizer, first_fp = fp, d
+            elif fp and fp != self.tokenizer:
+                raise ShardError(f"{d}: tokenized with another tokenizer than {first_fp} (same vocabulary, but another "
+                                 "BPE model or VQ); tokenize all sources with one TOKDIR")
             self.manifest_sha256.append(hashlib.sha256((d / MANIFEST).read_bytes()).hexdigest())
             try:
                 t = pq.read_table(d / INDEX, columns=["n_tokens", "n_image"])
@@ -162,15 +175,31 @@ class _MicroBatches:
                 "positions": torch.from_numpy(positions)}
 
 
-def read_plan(plan_dir: str | Path) -> tuple[dict, dict]:
-    """plan.json and its arrays (memory-mapped). A plan without plan.json is unfinished."""
+def read_plan_meta(plan_dir: str | Path) -> dict:
+    """plan.json, checked for the keys readers use. A plan without plan.json is unfinished."""
     plan_dir = Path(plan_dir)
+    path = plan_dir / PLAN_FILE
     try:
-        plan = json.loads((plan_dir / PLAN_FILE).read_text())
+        plan = json.loads(path.read_text())
     except FileNotFoundError:
         raise ShardError(f"{plan_dir}: no {PLAN_FILE}; run `mmtok balance-mix` to make a plan") from None
+    except NotADirectoryError:
+        raise ShardError(f"{plan_dir}: a file, not a plan directory (`mmtok balance-mix --out`)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ShardError(f"{plan_dir / PLAN_FILE}: corrupt plan ({e})") from None
+        raise ShardError(f"{path}: corrupt plan ({e})") from None
+    require_keys(plan, PLAN_KEYS, path)
+    require_keys(plan["vocab"], ("vocab_size", "image_range", "specials"), f"{path} (vocab)")
+    if not isinstance(plan["sources"], list):
+        raise ShardError(f"{path}: `sources` is not a list; run `mmtok balance-mix` again")
+    for i, s in enumerate(plan["sources"]):
+        require_keys(s, PLAN_SOURCE_KEYS, f"{path} (sources[{i}])")
+    return plan
+
+
+def read_plan(plan_dir: str | Path) -> tuple[dict, dict]:
+    """plan.json and its arrays (memory-mapped)."""
+    plan_dir = Path(plan_dir)
+    plan = read_plan_meta(plan_dir)
     arrays = {}
     for name in PLAN_ARRAYS:
         try:
@@ -178,6 +207,44 @@ def read_plan(plan_dir: str | Path) -> tuple[dict, dict]:
         except (OSError, ValueError) as e:
             raise ShardError(f"{plan_dir / (name + '.npy')}: missing or corrupt plan array ({e})") from None
     return plan, arrays
+
+
+def check_plan_arrays(plan: dict, arrays: dict, corpus: TokenCorpus, plan_dir: Path) -> None:
+    """Refuse plan arrays whose values do not fit the plan and its sources (an edited or
+    damaged plan), naming the array, before a loader worker trips over them."""
+    a = {k: np.asarray(v) for k, v in arrays.items()}
+    n_mb, mb, seq_len = int(plan["microbatches"]), int(plan["micro_batch"]), int(plan["seq_len"])
+    n_pieces = len(a["piece_doc"])
+
+    def bad(name: str, what: str):
+        raise ShardError(f"{plan_dir / (name + '.npy')}: {what}; the plan is damaged: run `mmtok balance-mix` again")
+
+    for name in PLAN_ARRAYS:
+        if a[name].ndim != 1 or a[name].dtype.kind not in "iu":
+            bad(name, f"expected a 1-D integer array, found {a[name].dtype} {a[name].shape}")
+    for name, n in (("mb_ptr", n_mb + 1), ("mb_text", n_mb), ("mb_image", n_mb), ("piece_start", n_pieces),
+                    ("piece_len", n_pieces), ("piece_seq", n_pieces)):
+        if len(a[name]) != n:
+            bad(name, f"{len(a[name])} entries, expected {n}")
+    ptr = a["mb_ptr"].astype(np.int64)
+    if ptr[0] != 0 or ptr[-1] != n_pieces or (np.diff(ptr) < 0).any():
+        bad("mb_ptr", f"not a non-decreasing run from 0 to {n_pieces}")
+    doc, start, length, seq = (a[k].astype(np.int64) for k in ("piece_doc", "piece_start", "piece_len", "piece_seq"))
+    for name, values, lo, hi in (("piece_doc", doc, 0, len(corpus.n_tokens)), ("piece_seq", seq, 0, mb),
+                                 ("piece_start", start, 0, None), ("piece_len", length, 1, seq_len + 1)):
+        out = (values < lo) | (values >= hi if hi is not None else False)
+        if out.any():
+            i = int(np.argmax(out))
+            bad(name, f"value {int(values[i])} at position {i} is outside [{lo}, {hi if hi is not None else 'inf'})")
+    past = start + length > corpus.n_tokens[doc]
+    if past.any():
+        i = int(np.argmax(past))
+        bad("piece_len", f"piece {i} ends at token {int(start[i] + length[i])} of document {int(doc[i])}, "
+                         f"which has {int(corpus.n_tokens[doc[i]])}")
+    fill = np.bincount(np.repeat(np.arange(n_mb), np.diff(ptr)) * mb + seq, weights=length, minlength=n_mb * mb)
+    if (fill > seq_len).any():
+        i = int(np.argmax(fill > seq_len))
+        bad("piece_len", f"micro-batch {i // mb} sequence {i % mb} holds {int(fill[i])} tokens, over --seq-len {seq_len}")
 
 
 class PlanLoader:
@@ -205,6 +272,7 @@ class PlanLoader:
             if sha != s["manifest_sha256"]:
                 raise ShardError(f"{d}: its manifest changed since the plan was made; run `mmtok balance-mix` again")
         self.corpus.check()
+        check_plan_arrays(self.plan, self.arrays, self.corpus, self.plan_dir)
         self._next = 0  # global index of the next step's first micro-batch
 
     def __len__(self) -> int:

@@ -1,22 +1,49 @@
-"""ffmpeg access: the system binary when present, else the one the imageio-ffmpeg wheel
-carries. Commands are built with ffmpeg-python and run as argument lists, never
-through a shell."""
+"""ffmpeg access: `$MMTOK_FFMPEG` when set, else the system binary when present, else the
+one the imageio-ffmpeg wheel carries; ffmpeg 5.1 or newer. Commands are built with
+ffmpeg-python and run as argument lists, never through a shell."""
 
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shutil
+import subprocess
+
+# -fps_mode, which every frame extraction passes, first came in ffmpeg 5.1
+MIN_FFMPEG = (5, 1)
+_VERSION = re.compile(r"ffmpeg version n?(\d+)\.(\d+)")
 
 
 @functools.lru_cache(maxsize=1)
 def ffmpeg_exe() -> str:
-    exe = shutil.which("ffmpeg")
+    """The ffmpeg binary to run. Raises ValueError (a one-line message) when $MMTOK_FFMPEG
+    names no executable, or the binary is not ffmpeg or is older than MIN_FFMPEG."""
+    exe = os.environ.get("MMTOK_FFMPEG")
     if exe:
-        return exe
-    import imageio_ffmpeg
+        found = shutil.which(exe)
+        if not found:
+            raise ValueError(f"MMTOK_FFMPEG={exe}: no such executable; set it to an ffmpeg binary or unset it")
+        exe = found
+    else:
+        exe = shutil.which("ffmpeg")
+        if not exe:
+            import imageio_ffmpeg
 
-    return imageio_ffmpeg.get_ffmpeg_exe()
+            exe = imageio_ffmpeg.get_ffmpeg_exe()
+    try:
+        first = subprocess.run([exe, "-version"], capture_output=True, timeout=30).stdout.decode("utf-8", "replace")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ValueError(f"{exe}: cannot run it as ffmpeg ({e}); set MMTOK_FFMPEG to an ffmpeg binary") from None
+    if not first.startswith("ffmpeg version"):
+        raise ValueError(f"{exe}: not an ffmpeg binary (its -version says {first[:60]!r}); "
+                         "set MMTOK_FFMPEG to an ffmpeg binary")
+    m = _VERSION.match(first)
+    # development builds name a commit ("ffmpeg version N-1234-g..."), not a release: let them run
+    if m and (int(m[1]), int(m[2])) < MIN_FFMPEG:
+        raise ValueError(f"{exe} is ffmpeg {m[1]}.{m[2]}; mmtok needs ffmpeg {MIN_FFMPEG[0]}.{MIN_FFMPEG[1]} "
+                         "or newer: install one, or set MMTOK_FFMPEG to one (pip's imageio-ffmpeg carries one)")
+    return exe
 
 
 class MediaError(Exception):
@@ -70,12 +97,16 @@ def probe_video(path: str) -> dict:
     d = _DURATION.search(text)
     fps = _FPS.search(text[m.start():])
     rot = _ROTATION.search(text)
+    duration = round(int(d.group(1)) * 3600 + int(d.group(2)) * 60 + float(d.group(3)), 3) if d else None
+    fps = float(fps.group(1)) if fps else None
+    if duration is None:  # no header states it: ffmpeg's own guesses differ by version
+        duration, fps = packet_timing(path)
     return {
         "codec": m.group(1),
         "width": int(m.group(2)),
         "height": int(m.group(3)),
-        "duration": round(int(d.group(1)) * 3600 + int(d.group(2)) * 60 + float(d.group(3)), 3) if d else None,
-        "fps": float(fps.group(1)) if fps else None,
+        "duration": duration,
+        "fps": fps,
         "rotation": float(rot.group(1)) if rot else 0.0,
         "has_audio": bool(_AUDIO.search(text)),
     }
@@ -95,24 +126,35 @@ def run_ffmpeg(stream) -> tuple[bytes, str]:
     return out, err.decode("utf-8", "replace")
 
 
-_TIME = re.compile(r"time=(\d+):(\d+):(\d+(?:\.\d+)?)")
-_FRAMES = re.compile(r"frame=\s*(\d+)")
+_TIME_BASE = re.compile(r"^#tb 0: (\d+)/(\d+)$", re.M)
+_NO_PTS = -(2**63)  # AV_NOPTS_VALUE, as the framecrc listing prints a missing timestamp
 
 
-def stream_duration(path: str, fps: float | None = None) -> float | None:
-    """Duration of the first video stream found by reading its packets without decoding
-    them, for containers whose header states none (streamed webm/mkv, raw h264). Packets
-    without timestamps (raw streams) give frame count / fps, as ffmpeg itself assumes."""
+def packet_timing(path: str) -> tuple[float | None, float | None]:
+    """(duration, mean frame rate) of the first video stream, from its packets (listed, not
+    decoded), for inputs whose header states no duration: streamed webm/mkv, raw h264.
+
+    ffmpeg's own estimate for these depends on its version (a raw .h264 of 3 s: 5.1 says
+    2.7 s, 9.0 assumes 25 fps and says 1.2 s), while the packets agree in both, and with
+    the frame times the decoder gives: the span of the presentation times (each packet's
+    end included), or, in raw streams whose packets carry none, the sum of their durations."""
     import ffmpeg
 
-    cmd = ffmpeg.input(path).output("-", format="null", map="0:v:0", c="copy").global_args("-stats")
-    _, err = run_ffmpeg(cmd)
-    times = _TIME.findall(err)
-    if times:
-        h, m, s = times[-1]
-        return int(h) * 3600 + int(m) * 60 + float(s)
-    frames = _FRAMES.findall(err)
-    return int(frames[-1]) / fps if frames and fps else None
+    listing, _ = run_ffmpeg(ffmpeg.input(path).output("pipe:", format="framecrc", map="0:v:0", c="copy"))
+    text = listing.decode("utf-8", "replace")
+    tb = _TIME_BASE.search(text)
+    # one line per packet: stream, dts, pts, duration, size, checksum
+    packets = [[int(f) for f in line.split(",")[1:4]] for line in text.splitlines() if line and line[0] != "#"]
+    if not tb or not packets:
+        return None, None
+    if any(pts == _NO_PTS for _, pts, _ in packets):
+        ticks = sum(d for _, _, d in packets)
+    else:
+        ticks = max(pts + d for _, pts, d in packets) - min(pts for _, pts, _ in packets)
+    seconds = ticks * int(tb[1]) / int(tb[2])
+    if seconds <= 0:
+        return None, None
+    return round(seconds, 3), round(len(packets) / seconds, 3)
 
 
 # --- inputs: shard directories made by `mmtok shard`, or plain files -------------------

@@ -314,6 +314,7 @@ def plan_mix(dirs: list[str | Path], *, out: str | Path, ratio: tuple[int, int],
         "micro_batch": micro_batch, "steps": steps, "microbatches": n_mb, "seed": seed,
         "order_sha256": hashlib.sha256(json.dumps(order_inputs, sort_keys=True).encode()).hexdigest(),
         "vocab": corpus.vocab,
+        "tokenizer": corpus.tokenizer,  # its full fingerprint: train records it, eval and generate compare it
         "report": report,
     }
     return Plan(meta, arrays)

@@ -9,12 +9,17 @@ stages on a GPU). The runner owns everything else:
 - packing: samples are appended to one open shard per group (every sample of a group has
   the same member names, so stock readers open the group) and a shard closes at
   `max_count` samples or `max_size` bytes;
-- atomic writes and resume: a shard is written under a temporary name, fsynced and
-  renamed, then its stats record is written the same way. A shard with a stats record
-  is finished and never redone. Each stats record carries a frontier: every item before
-  it was fully resolved when the shard closed. A rerun replays from the newest frontier,
-  dropping outputs already in finished shards, which rebuilds exactly the open shards
-  of the killed run;
+- atomic writes and resume: a shard streams to a temporary name as its samples come
+  (memory never holds a shard), is fsynced, its stats record (size, sha256) is written,
+  then it is renamed. A shard whose record checks out (size and sha256) is finished and
+  never redone. Each stats record carries a frontier: every item before it was fully
+  resolved when the shard closed. A rerun replays from the newest frontier, dropping
+  outputs already in finished shards, which rebuilds exactly the open shards of the
+  killed run; a missing or damaged shard drops it and the shards closed after it, and
+  the replay starts from the frontier before it;
+- safety: one job per OUT (`mmtok.locks`); an OUT that overlaps an input is refused; the
+  input listing is fingerprinted and a rerun over changed inputs is refused; --overwrite
+  and the sweep of temporary files delete only what this stage's records name;
 - quarantine: a bad item becomes a record (input, stage, reason); an exception inside a
   stage function is turned into one too. `max_error_rate` decides the exit status;
 - dedup (optional): samples whose content hash was already written are dropped and logged;
@@ -26,6 +31,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import json
 import multiprocessing
 import multiprocessing.pool
@@ -36,7 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from mmtok.shards import INDEX, MANIFEST, QUARANTINE, ShardWriter, atomic_write, dumps_meta
+from mmtok.locks import exclusive
+from mmtok.shards import (INDEX, MANIFEST, QUARANTINE, SHARD_RE, ShardWriter, atomic_write, dumps_meta, naming,
+                          remove_temps, temp_path)
 
 STATS_DIR = "_stats"
 STAGE_FILE = "_stage.json"
@@ -211,8 +219,9 @@ class _Log:
         self._f = open(path, "a", encoding="utf-8")
 
     def add(self, record: dict) -> None:
-        self._f.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
-        self._f.flush()
+        with naming(self.path):
+            self._f.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
+            self._f.flush()
 
     def finish(self) -> list[dict]:
         self._f.close()
@@ -227,22 +236,63 @@ class _Log:
 
 
 class _OpenShard:
-    def __init__(self, group: str, number: int):
+    """A shard being written: its members go to a temporary file as they come, so memory
+    holds its index rows, never its payloads (a shard may be `--max-size` 1 GiB)."""
+
+    def __init__(self, out: Path, group: str, number: int):
         self.group, self.number = group, number
-        self.samples: list[tuple[int, int, Sample, bytes]] = []  # (item, sub, sample, json)
+        self.path = out / self.name
+        self.tmp = temp_path(self.path)
+        self.file = open(self.tmp, "wb")
+        self.writer = ShardWriter(self.file)
+        self.index: list[dict] = []
+        self.first_item: int | None = None
         self.bytes = 0
 
     @property
     def name(self) -> str:
         return f"{self.group}-{self.number:06d}.tar"
 
+    def add(self, item_index: int, sub: int, s: Sample, meta_bytes: bytes) -> None:
+        with naming(self.path):
+            locs = self.writer.add(s.key, {**s.members, "json": meta_bytes})
+        if self.first_item is None:
+            self.first_item = item_index
+        self.index.append({
+            "key": s.key,
+            "shard": self.name,
+            "group": self.group,
+            "modality": s.meta.get("modality"),
+            "sha256": s.meta.get("sha256"),
+            "members": [{"ext": e, "offset": l.offset, "size": l.size} for e, l in sorted(locs.items())],
+            "_item": [item_index, sub],
+            **s.index,
+        })
+
+    def discard(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
 
 def _sample_bytes(members: dict[str, bytes]) -> int:
     return sum(512 + (len(v) + 511) // 512 * 512 for v in members.values())
 
 
+def _intact(path: Path, st: dict) -> bool:
+    """The finished shard is on disk with the size and sha256 its stats record wrote down."""
+    import hashlib
+
+    try:
+        if path.stat().st_size != st["bytes"]:
+            return False
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest() == st["sha256"]
+    except FileNotFoundError:
+        return False
+
+
 class _Writer:
-    def __init__(self, out: Path, max_count: int, max_size: int, dedup: bool):
+    def __init__(self, out: Path, max_count: int, max_size: int, dedup: bool, workers: int = 1):
         self.out = out
         self.max_count, self.max_size, self.dedup = max_count, max_size, dedup
         self.stats_dir = out / STATS_DIR
@@ -252,22 +302,38 @@ class _Writer:
         self.seen: dict[str, str] = {}
         self.next_number: dict[str, int] = collections.Counter()
         self.frontier = 0
-        self.finished = self._load_finished()
+        self.finished = self._load_finished(workers)
 
-    def _load_finished(self) -> list[dict]:
-        finished = []
-        for p in sorted(self.stats_dir.glob("*.json")):
-            st = json.loads(p.read_text())
-            if not (self.out / st["name"]).exists():
-                continue  # stats without its shard: redo it
-            finished.append(st)
+    def _load_finished(self, workers: int) -> list[dict]:
+        """Trust finished shards only as far as they check out. From the first one that is
+        missing, truncated or altered (in closing order), it and every later shard are
+        dropped, which is the state right after the shard before it closed: the replay from
+        that shard's frontier rebuilds them, byte for byte."""
+        records = []
+        for p in self.stats_dir.glob("*.json"):
+            try:
+                st = json.loads(p.read_text())
+                if f"{st['name']}.json" != p.name or not SHARD_RE.match(st["name"]):
+                    raise ValueError("names another file")  # it must name a shard here, never a path
+                records.append((int(st["seq"]), st))
+            except (ValueError, KeyError, TypeError):
+                raise StageError(f"{p}: unreadable resume record; rerun with --overwrite to start this job again, "
+                                 "or use a new --out") from None
+        records = [st for _, st in sorted(records, key=lambda r: r[0])]
+        with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:  # hashing releases the GIL
+            ok = list(pool.map(lambda st: _intact(self.out / st["name"], st), records))
+        keep = records[:ok.index(False)] if False in ok else records
+        for st in records[len(keep):]:
+            (self.out / st["name"]).unlink(missing_ok=True)  # named by our own record: ours to delete
+            (self.stats_dir / f"{st['name']}.json").unlink()
+        for st in keep:
             self.frontier = max(self.frontier, st["frontier"])
             self.next_number[st["group"]] = max(self.next_number[st["group"]], st["number"] + 1)
             for row in st["index"]:
                 self.done.add(tuple(row["_item"]))
                 if self.dedup and row.get("sha256"):
                     self.seen[row["sha256"]] = row["key"]
-        return finished
+        return keep
 
     def add(self, item_index: int, sub: int, sample: Sample, dup_log: _Log, name: str) -> bool:
         if (item_index, sub) in self.done:
@@ -281,77 +347,187 @@ class _Writer:
         meta_bytes = dumps_meta(sample.meta)
         size = _sample_bytes(sample.members) + 512 + len(meta_bytes)
         shard = self.open.get(sample.group)
-        if shard and shard.samples and (len(shard.samples) >= self.max_count or shard.bytes + size > self.max_size):
+        if shard and shard.index and (len(shard.index) >= self.max_count or shard.bytes + size > self.max_size):
             self._flush(shard, item_index)
             shard = None
         if shard is None:
-            shard = self.open[sample.group] = _OpenShard(sample.group, self.next_number[sample.group])
+            shard = self.open[sample.group] = _OpenShard(self.out, sample.group, self.next_number[sample.group])
             self.next_number[sample.group] += 1
-        shard.samples.append((item_index, sub, sample, meta_bytes))
+        shard.add(item_index, sub, sample, meta_bytes)
         shard.bytes += size
         return True
 
     def _flush(self, shard: _OpenShard, current_item: int) -> None:
         del self.open[shard.group]
-        tmp = self.out / f".{shard.name}.tmp-{os.getpid()}"
-        index = []
-        with open(tmp, "wb") as f:
-            w = ShardWriter(f)
-            for item_index, sub, s, meta_bytes in shard.samples:
-                locs = w.add(s.key, {**s.members, "json": meta_bytes})
-                row = {
-                    "key": s.key,
-                    "shard": shard.name,
-                    "group": shard.group,
-                    "modality": s.meta.get("modality"),
-                    "sha256": s.meta.get("sha256"),
-                    "members": [{"ext": e, "offset": l.offset, "size": l.size} for e, l in sorted(locs.items())],
-                    "_item": [item_index, sub],
-                    **s.index,
-                }
-                index.append(row)
-            w.close()
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.out / shard.name)
-        frontier = min([current_item] + [min(x[0] for x in o.samples) for o in self.open.values() if o.samples])
+        target = shard.path
+        with naming(target):
+            shard.writer.close()
+            shard.file.flush()
+            os.fsync(shard.file.fileno())
+        shard.file.close()
+        if target.exists():  # no record of ours names it (those are gone by now): a user's file
+            shard.tmp.unlink()
+            raise StageError(f"{target} is in the way: this job did not write it and will not replace it; "
+                             "move it elsewhere, or use a new --out")
+        index = shard.index
+        frontier = min([current_item] + [o.first_item for o in self.open.values() if o.first_item is not None])
         stats = {
             "name": shard.name,
             "group": shard.group,
             "number": shard.number,
-            "samples": len(shard.samples),
-            "bytes": w.offset,
-            "sha256": w.sha256.hexdigest(),
+            "seq": len(self.finished),
+            "samples": len(index),
+            "bytes": shard.writer.offset,
+            "sha256": shard.writer.sha256.hexdigest(),
             "by_modality": dict(collections.Counter(r["modality"] for r in index)),
             "frontier": frontier,
             "index": index,
         }
+        # the record first, then the rename: a shard file under its name always has a record,
+        # so whatever in OUT has none was not written here (a record without its shard is redone)
         atomic_write(self.stats_dir / f"{shard.name}.json", json.dumps(stats, sort_keys=True).encode())
+        os.replace(shard.tmp, target)
         self.finished.append(stats)
 
     def close(self, end: int) -> None:
         for shard in sorted(self.open.values(), key=lambda s: s.group):
             self._flush(shard, end)
 
+    def abort(self) -> None:
+        """A failed run: free the open shards' temporary files (the disk may be full)."""
+        for shard in self.open.values():
+            shard.discard()
+        self.open.clear()
 
-def _check_stage_file(out: Path, stage: str, config: dict, overwrite: bool) -> None:
-    want = {"stage": stage, "config": config}
+
+_RECORDS = (MANIFEST, INDEX, QUARANTINE, DUPLICATES, STAGE_FILE)  # the fixed names a stage writes in OUT
+
+
+def check_paths(inputs: Iterable[str | Path], out: str | Path | None = None) -> None:
+    """Refuse an empty input path (Path("") would mean the current directory), and an OUT
+    that is, holds or sits inside an input: a stage would read its own output (and a walk
+    of OUT would never end). Every stage runs this (run_stage, and the CLI before it)."""
+    inputs = list(inputs)
+    if any(not str(spec).strip() for spec in inputs):
+        raise StageError("an input path is empty (\"\"); name a file or directory")
+    if out is None:
+        return
+    out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise StageError(f"--out {out} is a file, not a directory")
+    for spec in inputs:
+        p = Path(spec).resolve()
+        if p == out or p in out.parents:
+            raise StageError(f"--out {out} is inside input {spec}: the stage would read its own output; "
+                             "choose an --out outside the inputs")
+        if out in p.parents:
+            raise StageError(f"input {spec} is inside --out {out}; choose an --out that holds no inputs")
+
+
+def input_listing(inputs: Iterable[str | Path]) -> list[dict]:
+    """A fingerprint of what the inputs hold, per input: file count, bytes and a sha256 of
+    (path, size, mtime) rows. An mmtok output directory is fingerprinted by the bytes of its
+    manifest and index and its shards' sizes and mtimes, since a rerun of the stage that
+    wrote it rewrites those two with the same bytes. Dot files are skipped, as the input
+    walkers skip them."""
+    import hashlib
+
+    listing = []
+    for spec in inputs:
+        root = Path(spec)
+        rows = []
+        if (root / STAGE_FILE).is_file() and (root / MANIFEST).is_file():  # an mmtok stage's output
+            for name in (MANIFEST, INDEX):
+                data = (root / name).read_bytes() if (root / name).is_file() else b""
+                rows.append([name, len(data), hashlib.sha256(data).hexdigest()])
+            files = [p for p in root.iterdir() if SHARD_RE.match(p.name)]
+        elif root.is_dir():
+            files = [p for p in root.rglob("*") if not p.name.startswith(".") and p.is_file()]
+        else:
+            files = [root] if root.exists() else []
+        for p in files:
+            st = p.stat()
+            rows.append([p.relative_to(root).as_posix() if p != root else "", st.st_size, st.st_mtime_ns])
+        rows.sort()
+        listing.append({"input": str(spec), "files": len(rows), "bytes": sum(r[1] for r in rows),
+                        "sha256": hashlib.sha256(json.dumps(rows).encode()).hexdigest()})
+    return listing
+
+
+def _changed_inputs(have: list[dict], want: list[dict]) -> str:
+    then = {d["input"]: d for d in have}
+    parts = []
+    for d in want:
+        old = then.get(d["input"])
+        if old is None:
+            parts.append(f"{d['input']} is new")
+        elif old["sha256"] != d["sha256"]:
+            parts.append(f"{d['input']} changed ({old['files']} files, {old['bytes']:,} bytes then; "
+                         f"{d['files']} files, {d['bytes']:,} bytes now; or files were modified)")
+    return "; ".join(parts) or "the inputs changed"
+
+
+def _remove_own_output(out: Path) -> None:
+    """--overwrite: delete what this stage's records say it wrote, and nothing else."""
+    stats_dir = out / STATS_DIR
+    for p in stats_dir.glob("*.json") if stats_dir.is_dir() else []:
+        try:
+            name = json.loads(p.read_text())["name"]
+        except (ValueError, KeyError, TypeError):
+            name = None  # a torn record names nothing we can trust
+        if isinstance(name, str) and SHARD_RE.match(name) and p.name == f"{name}.json":
+            (out / name).unlink(missing_ok=True)
+        p.unlink()
+    for name in _RECORDS:
+        (out / name).unlink(missing_ok=True)
+
+
+def _own_name(name: str) -> bool:
+    return name in _RECORDS or bool(SHARD_RE.match(name))
+
+
+def _check_stage_file(out: Path, stage: str, config: dict, inputs: list[dict], overwrite: bool) -> None:
+    want = {"stage": stage, "config": config, "inputs": inputs}
     path = out / STAGE_FILE
     if path.exists():
-        have = json.loads(path.read_text())
-        if have != want:
-            if not overwrite:
+        try:
+            have = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            have = {}
+        if not overwrite:
+            if {k: have.get(k) for k in ("stage", "config")} != {"stage": stage, "config": config}:
                 raise StageError(
                     f"{out} holds output of a different job ({have.get('stage')} with other inputs or options); "
                     "use a new --out directory, or --overwrite to start it again"
                 )
-            for p in list(out.glob("*.tar")) + list((out / STATS_DIR).glob("*.json")) + [
-                out / MANIFEST, out / INDEX, out / QUARANTINE, out / DUPLICATES]:
-                p.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    for p in out.glob(".*.tmp-*"):  # leftovers of a killed run
-        p.unlink()
+            if have.get("inputs") != inputs:
+                raise StageError(f"the inputs of the job in {out} changed since it started: "
+                                 f"{_changed_inputs(have.get('inputs') or [], inputs)}; resuming would mix old and "
+                                 "new inputs: rerun with --overwrite to start it again, or use a new --out")
+        elif have != want:
+            _remove_own_output(out)
+    else:
+        theirs = [n for n in _RECORDS + (STATS_DIR,) if (out / n).exists()]
+        if theirs:
+            raise StageError(f"{out} holds {', '.join(theirs)} that no mmtok stage recorded writing there; "
+                             "use a new --out (mmtok never deletes files it did not write)")
+    remove_temps(out, _own_name)  # leftovers of a killed run
+    if (out / STATS_DIR).is_dir():
+        remove_temps(out / STATS_DIR, lambda n: n.endswith(".json") and bool(SHARD_RE.match(n[:-5])))
     atomic_write(path, json.dumps(want, sort_keys=True, indent=1).encode())
+
+
+@contextlib.contextmanager
+def disk_full_resumes(out: Path) -> Iterator[None]:
+    """A full disk (or quota) becomes a one-line StageError naming the file: the work done so
+    far is kept, and rerunning the same command resumes it."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise StageError(f"{e.filename or out}: no space left on device; free some space, then rerun the same "
+                         "command: it resumes where it stopped") from None
 
 
 def run_stage(
@@ -389,69 +565,75 @@ def run_stage(
         raise StageError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     t0 = time.perf_counter()
     out = Path(out)
-    _check_stage_file(out, stage, config, overwrite)
-    writer = _Writer(out, max_count, max_size, dedup)
-    qlog, dlog = _Log(out / QUARANTINE), _Log(out / DUPLICATES)
-    summary = Summary(stage=stage, out=str(out), max_error_rate=max_error_rate, resumed_shards=len(writer.finished))
-    start = writer.frontier
-    n_items = start
-    bar = progress_bar(stage, total, start, progress)
+    check_paths(config.get("inputs", ()), out)
+    # the lock comes first: an --overwrite must not delete under a running job
+    with disk_full_resumes(out), exclusive(out):
+        _check_stage_file(out, stage, config, input_listing(config.get("inputs", ())), overwrite)
+        writer = _Writer(out, max_count, max_size, dedup, workers)
+        qlog, dlog = _Log(out / QUARANTINE), _Log(out / DUPLICATES)
+        summary = Summary(stage=stage, out=str(out), max_error_rate=max_error_rate, resumed_shards=len(writer.finished))
+        start = writer.frontier
+        n_items = start
+        bar = progress_bar(stage, total, start, progress)
 
-    def emit(i: int, name: str, results: list) -> None:
-        sub = 0
-        for r in results:
-            if isinstance(r, Quarantined):
-                qlog.add({"index": i, "input": r.input or name, "stage": stage, "reason": r.reason})
-            else:
-                writer.add(i, sub, r, dlog, name)
-                sub += 1
+        def emit(i: int, name: str, results: list) -> None:
+            sub = 0
+            for r in results:
+                if isinstance(r, Quarantined):
+                    qlog.add({"index": i, "input": r.input or name, "stage": stage, "reason": r.reason})
+                else:
+                    writer.add(i, sub, r, dlog, name)
+                    sub += 1
 
-    names: dict[int, str] = {}
+        names: dict[int, str] = {}
 
-    def remember(tasks):
-        for t in tasks:
-            for i, item in t:
-                names[i] = item.name
-            yield t
+        def remember(tasks):
+            for t in tasks:
+                for i, item in t:
+                    names[i] = item.name
+                yield t
 
-    pending: list[tuple[int, Any]] = []
+        pending: list[tuple[int, Any]] = []
 
-    def run_batch():
-        values = [v for _, v in pending]
-        outs = batch_fn(values)
-        for (i, _), res in zip(pending, outs):
-            emit(i, names.pop(i), res)
-        pending.clear()
+        def run_batch():
+            values = [v for _, v in pending]
+            outs = batch_fn(values)
+            for (i, _), res in zip(pending, outs):
+                emit(i, names.pop(i), res)
+            pending.clear()
 
-    try:
-        with bar:
-            for task_out in _ordered_map(fn, remember(_tasks(items, start, task_size)), workers, threads, backend):
-                for i, res in task_out:
-                    n_items = i + 1
-                    if batch_fn is None or (res and isinstance(res[0], Quarantined)):
-                        if batch_fn is not None and pending:
-                            run_batch()  # keep output order: flush earlier items first
-                        emit(i, names.pop(i), res)
-                    else:
-                        pending.append((i, res[0]))
-                        if len(pending) >= batch_size:
-                            run_batch()
-                    bar.advance()
-            if pending:
-                run_batch()
-        writer.close(n_items)
-    finally:
-        q_rows, d_rows = qlog.finish(), dlog.finish()
+        try:
+            with bar:
+                for task_out in _ordered_map(fn, remember(_tasks(items, start, task_size)), workers, threads, backend):
+                    for i, res in task_out:
+                        n_items = i + 1
+                        if batch_fn is None or (res and isinstance(res[0], Quarantined)):
+                            if batch_fn is not None and pending:
+                                run_batch()  # keep output order: flush earlier items first
+                            emit(i, names.pop(i), res)
+                        else:
+                            pending.append((i, res[0]))
+                            if len(pending) >= batch_size:
+                                run_batch()
+                        bar.advance()
+                if pending:
+                    run_batch()
+            writer.close(n_items)
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            q_rows, d_rows = qlog.finish(), dlog.finish()
 
-    n_items = max(n_items, max((r["index"] + 1 for r in q_rows), default=0))
-    summary.items = n_items if total is None else max(total, n_items)
-    bad_items = {r["index"] for r in q_rows}
-    summary.quarantined = len(q_rows)
-    summary.duplicates = len(d_rows)
-    summary.error_rate = len(bad_items) / summary.items if summary.items else 0.0
-    _finish(out, stage, config, writer.finished, summary)
-    summary.seconds = round(time.perf_counter() - t0, 3)
-    return summary
+        n_items = max(n_items, max((r["index"] + 1 for r in q_rows), default=0))
+        summary.items = n_items if total is None else max(total, n_items)
+        bad_items = {r["index"] for r in q_rows}
+        summary.quarantined = len(q_rows)
+        summary.duplicates = len(d_rows)
+        summary.error_rate = len(bad_items) / summary.items if summary.items else 0.0
+        _finish(out, stage, config, writer.finished, summary)
+        summary.seconds = round(time.perf_counter() - t0, 3)
+        return summary
 
 
 def _finish(out: Path, stage: str, config: dict, finished: list[dict], summary: Summary) -> None:

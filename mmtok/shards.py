@@ -10,9 +10,13 @@ raw bytes keyed by their extension.
 
 from __future__ import annotations
 
+import bz2
+import contextlib
+import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import queue
 import re
@@ -21,12 +25,13 @@ import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
 QUARANTINE = "quarantine.jsonl"
 SHARD_RE = re.compile(r"^(?P<group>[a-z0-9_-]+?)-(?P<num>\d{6})\.tar$")
+TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-\d+$")  # what `temp_path` names
 # Extensions a reader must never hand to a decoder that unpickles.
 PICKLE_EXTS = {"pyd", "pickle", "pkl", "pth", "pt", "ckpt"}
 
@@ -75,6 +80,16 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return "/".join(parts[:-1] + [stem]), ext
 
 
+def printable(name: str) -> str:
+    """A file or member name as valid UTF-8 text: bytes that are not UTF-8 (which Python
+    keeps as surrogates) become `\\xNN`. Equal to `name` exactly when `name` is valid UTF-8,
+    so it is also the test for one."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file system byte made
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass
 class MemberLoc:
     offset: int  # byte offset of the member's data in the tar file
@@ -86,14 +101,17 @@ class ShardWriter:
 
     Headers come from tarfile; data is written directly (one write per member) and the
     file's sha256 is computed on the way, so the shard is never read back. The hashing
-    runs in a thread (hashlib releases the GIL), beside the writing.
+    runs in a thread (hashlib releases the GIL), beside the writing; its queue is bounded,
+    so a slow hash never makes the writer hold more than a few members in memory.
     """
+
+    QUEUED = 8  # chunks waiting for the hasher at most
 
     def __init__(self, fileobj):
         self._f = fileobj
         self.offset = 0
         self.sha256 = hashlib.sha256()
-        self._chunks: queue.SimpleQueue = queue.SimpleQueue()
+        self._chunks: queue.Queue = queue.Queue(self.QUEUED)
         self._hasher = threading.Thread(target=self._hash, daemon=True)
         self._hasher.start()
 
@@ -143,44 +161,122 @@ class ShardSample:
         return json.loads(raw) if raw else {}
 
 
-def iter_tar(path: str | Path, fileobj=None) -> Iterator[tuple[str, str, bytes] | tuple[str, None, str]]:
-    """Yield (key, ext, data) per regular member, in archive order.
+class _HeaderReads:
+    """The file tarfile reads from, keeping its last block-sized read (tarfile reads each
+    header as one block). When iteration stops, that read is the block that stopped it, and
+    it must be the end-of-archive marker: tarfile also stops, silently, at a cut or garbled
+    header."""
 
-    Unsafe or extension-less member names yield (name, None, reason) instead, so callers can
-    quarantine them; their data is never read. A truncated archive raises ShardError.
+    def __init__(self, f):
+        self._f, self.last_block = f, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        if n == tarfile.BLOCKSIZE:
+            self.last_block = data
+        return data
+
+    def seek(self, *args) -> int:
+        return self._f.seek(*args)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
+def _decompressed(raw):
+    """A tar file's bytes, decompressed here rather than by tarfile, so `_HeaderReads` sees
+    them. Seeking forward (past a member that is not read) decompresses and drops; it ends
+    at the end of the data, whatever size a header claims."""
+    start = raw.tell()
+    head = raw.read(6)
+    raw.seek(start)
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=raw)
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(raw)
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(raw)
+    return raw
+
+
+def iter_tar(path: str | Path, fileobj=None, *, max_member_bytes: int | None = None,
+             strict: bool = True) -> Iterator[tuple[str, str, bytes] | tuple[str, None, str]]:
+    """Yield (key, ext, data) per regular member of the tar at `path` (or in `fileobj`, a
+    seekable binary file), plain or gzip/bzip2/xz-compressed, in archive order.
+
+    A member that cannot be a sample yields (name, None, reason) instead, so callers can
+    quarantine it, and its data is never read: an unsafe, extension-less or non-UTF-8 name
+    (`name` is then `printable`), a link or device, a member over `max_member_bytes`.
+    A damaged archive (cut inside a member or between members, a garbled header, no
+    end-of-archive marker) raises ShardError; with `strict=False` it yields one last
+    (name, None, reason) instead, naming the member it cut ("" when the damage lies between
+    members), so that every complete member before it is kept.
     """
+    member, tar = "", None  # the member whose data is being read
     try:
-        tar = tarfile.open(path if fileobj is None else None, mode="r|*", fileobj=fileobj)
-        for info in tar:
-            if not info.isfile():
-                if info.isdir():
+        with contextlib.ExitStack() as stack:
+            raw = fileobj if fileobj is not None else stack.enter_context(open(path, "rb"))
+            data_stream = _decompressed(raw)
+            if data_stream is not raw:
+                stack.callback(data_stream.close)
+            stream = _HeaderReads(data_stream)
+            # random-access mode: a member that is not read is seeked over, not looped over
+            tar = tarfile.open(fileobj=stream, mode="r:")
+            for info in tar:
+                if not info.isfile():
+                    if info.isdir():
+                        continue
+                    yield printable(info.name), None, "not a regular file (link or device)"
                     continue
-                yield info.name, None, "not a regular file (link or device)"
-                continue
-            parsed = split_member_name(info.name)
-            if parsed is None:
-                yield info.name, None, "unsafe or unnamed archive member path"
-                continue
-            f = tar.extractfile(info)
-            yield parsed[0], parsed[1], f.read() if f else b""
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise ShardError(f"{path}: unreadable tar archive ({e})") from e
+                if printable(info.name) != info.name:
+                    yield printable(info.name), None, "member name is not valid UTF-8"
+                    continue
+                parsed = split_member_name(info.name)
+                if parsed is None:
+                    yield info.name, None, "unsafe or unnamed archive member path"
+                    continue
+                if max_member_bytes is not None and info.size > max_member_bytes:
+                    yield info.name, None, (f"{info.size:,} bytes, over the --max-member-bytes limit of "
+                                            f"{max_member_bytes:,}; not read")
+                    continue
+                member = info.name
+                data = tar.extractfile(info).read()
+                member = ""
+                yield parsed[0], parsed[1], data
+            if stream.last_block != bytes(tarfile.BLOCKSIZE):
+                raise tarfile.ReadError("it ends without its end-of-archive marker: cut short?")
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
+        if strict:
+            raise ShardError(f"{path}: unreadable tar archive ({e})") from e
+        if member:
+            yield member, None, (f"the archive is cut short or corrupt inside this member ({e}); "
+                                 "the members before it are kept")
+        else:
+            kept = "; the members before this point are kept" if tar is not None else ""
+            yield "", None, f"unreadable tar archive ({e}){kept}"
 
 
 def group_samples(members: Iterator) -> Iterator[tuple[str, dict[str, bytes]] | tuple[str, None, str]]:
-    """Group consecutive members with one key into samples (webdataset's rule)."""
+    """Group consecutive members with one key into samples (webdataset's rule).
+
+    Records (name, None, reason) pass through. A member name seen before in the archive
+    yields a record instead: the first copy is kept (stock readers would fail on repeats).
+    """
     cur_key, cur = None, {}
+    seen = set()
     for item in members:
         key, ext, data = item
         if ext is None:
             yield key, None, data
             continue
+        if (key, ext) in seen:
+            yield f"{key}.{ext}", None, "duplicate member name in the archive; the first copy is kept"
+            continue
+        seen.add((key, ext))
         if key != cur_key and cur:
             yield cur_key, cur
             cur = {}
         cur_key = key
-        if ext in cur:  # a repeated member name: keep the first, as stock readers would fail
-            continue
         cur[ext] = data
     if cur:
         yield cur_key, cur
@@ -193,14 +289,60 @@ def list_shards(directory: str | Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if SHARD_RE.match(p.name))
 
 
+def require_keys(obj, keys, where) -> None:
+    """Refuse a (hand-edited) JSON object that lacks a key mmtok reads, naming the file and key."""
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise ShardError(f"{where}: missing key {missing[0]!r}; restore the file, or rerun the command that wrote it")
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON object file (a run's config.json, train_state.json, ...); a damaged one is
+    refused naming the file."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path}: corrupt JSON ({e}); restore it, or rerun the command that wrote it") from None
+    if not isinstance(obj, dict):
+        raise ShardError(f"{path}: not a JSON object; restore it, or rerun the command that wrote it")
+    return obj
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines log (metrics.jsonl, quarantine.jsonl); a line that is not a
+    JSON object is refused naming the file and line."""
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ShardError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno}); "
+                                 "fix or delete that line") from None
+            if not isinstance(rec, dict):
+                raise ShardError(f"{path} line {n}: not a JSON object; fix or delete that line")
+            out.append(rec)
+    return out
+
+
 def load_manifest(directory: str | Path) -> dict:
     path = Path(directory) / MANIFEST
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise ShardError(f"{directory}: no {MANIFEST}; is this a finished mmtok shard directory?") from None
+    except NotADirectoryError:
+        raise ShardError(f"{directory}: a file, not a shard directory") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{path}: corrupt manifest ({e})") from e
+    require_keys(manifest, ("stage", "shards", "totals"), path)
+    if not isinstance(manifest["shards"], list):
+        raise ShardError(f"{path}: `shards` is not a list; restore the file, or rerun the command that wrote it")
+    for i, s in enumerate(manifest["shards"]):
+        require_keys(s, ("name", "group", "samples", "bytes"), f"{path} (shards[{i}])")
+    return manifest
 
 
 @dataclass
@@ -286,11 +428,42 @@ def load_npy(data: bytes):
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def temp_path(path: Path) -> Path:
+    """The temporary name a file is written under before its rename (matches TEMP_RE)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def remove_temps(directory: Path, ours: Callable[[str], bool]) -> None:
+    """Delete a killed run's leftovers: only `temp_path` names of files that `ours(name)`
+    says this job writes, so a user's file is never taken for one."""
+    for p in directory.iterdir():
+        m = TEMP_RE.match(p.name)
+        if m and ours(m["name"]) and p.is_file():
+            p.unlink()
+
+
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Give an OSError raised inside the block the file name `path` when it has none (a
+    failed write() names no file), so the error message can say where it happened."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name, fsync, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write to a temporary name, fsync, then rename: readers never see half a file.
+    On failure (a full disk) the temporary file is removed."""
+    tmp = temp_path(path)
+    try:
+        with naming(path), open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)

@@ -10,14 +10,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from mmtok.runner import Item, Quarantined, Sample, StageError, Summary, progress_bar, run_stage
-from mmtok.shards import MANIFEST, ShardReader, atomic_write, content_hash, load_manifest, load_npy, npy_bytes
+from mmtok.locks import exclusive
+from mmtok.runner import (Item, Quarantined, Sample, StageError, Summary, check_paths, disk_full_resumes, progress_bar,
+                          run_stage)
+from mmtok.shards import MANIFEST, ShardError, ShardReader, atomic_write, content_hash, load_manifest, load_npy, npy_bytes
+from mmtok.shards import naming, remove_temps
 from mmtok.vocab import VOCAB_FILE, Vocab, VocabError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff")
@@ -39,9 +44,19 @@ class Tokenizer:
         if not self.dir.is_dir():
             raise FileNotFoundError(f"{tokdir}: tokenizer directory not found; make one with `mmtok train-bpe`")
         self.vocab = Vocab.load(self.dir)
-        model = self.dir / self.vocab.sp_model
+        model = self.dir / self.vocab.text_model
         if not model.exists():
-            raise VocabError(f"{self.dir}: {VOCAB_FILE} names {self.vocab.sp_model}, which is missing")
+            raise VocabError(f"{self.dir}: {VOCAB_FILE} names {self.vocab.text_model}, which is missing")
+        self.device = device
+        self._vq = None
+        v = self.vocab
+        self.boi, self.eoi, self.eod = v["<boi>"], v["<eoi>"], v["<eod>"]
+        self.sp = self.hf = None
+        if v.text_tokenizer:  # an imported tokenizer's own text model (mmtok.chameleon)
+            from mmtok.chameleon import HFText
+
+            self.hf = HFText(model, v)
+            return
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(model))
         except (RuntimeError, OSError) as e:
@@ -49,10 +64,6 @@ class Tokenizer:
         if self.sp.get_piece_size() != self.vocab.n_text:
             raise VocabError(f"{model} has {self.sp.get_piece_size()} pieces but {VOCAB_FILE} reserves "
                              f"{self.vocab.n_text} text ids: the files come from different vocabularies")
-        self.device = device
-        self._vq = None
-        v = self.vocab
-        self.boi, self.eoi, self.eod = v["<boi>"], v["<eoi>"], v["<eod>"]
 
     @classmethod
     def load(cls, tokdir: str | Path, device: str | None = None) -> "Tokenizer":
@@ -70,10 +81,10 @@ class Tokenizer:
         if self._vq is None:
             import torch
 
-            from mmtok.vq import VQModel
+            from mmtok.vq import load_vq
 
             device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            vq = VQModel.load(self.dir, device)
+            vq = load_vq(self.dir, device)
             if vq.cfg.codebook_size != self.vocab.n_image_codes or vq.cfg.tokens_per_image != self.vocab.image_tokens_per_image:
                 raise VocabError(f"{self.dir}: the VQ (codebook {vq.cfg.codebook_size}, {vq.cfg.tokens_per_image} codes "
                                  f"per image) does not match {VOCAB_FILE} ({self.vocab.n_image_codes} image codes, "
@@ -91,7 +102,7 @@ class Tokenizer:
         from mmtok.vq import PREPROCESSING
 
         h = hashlib.sha256(f"preprocessing {PREPROCESSING}\0".encode())
-        for name in (VOCAB_FILE, self.vocab.sp_model, "vq.json", "vq.safetensors"):
+        for name in (VOCAB_FILE, self.vocab.text_model, "vq.json", "vq.safetensors"):
             p = self.dir / name
             if p.exists():
                 h.update(name.encode() + b"\0" + p.read_bytes())
@@ -100,28 +111,30 @@ class Tokenizer:
     # ------------------------------------------------------------ text
 
     def encode_text(self, text: str) -> np.ndarray:
+        if self.hf is not None:
+            return self.hf.encode(text)
         return np.asarray(self.sp.encode(text), dtype=np.uint32) + self.vocab.n_specials
 
     def decode_text(self, ids) -> str:
         """Text ids back to a string; ids outside the text range are skipped."""
         lo, hi = self.vocab.text_range
+        if self.hf is not None:
+            return self.hf.decode([i for i in ids if lo <= i < hi])
         return self.sp.decode([int(i) - lo for i in ids if lo <= i < hi])
 
     # ------------------------------------------------------------ images
 
     def preprocess(self, data: bytes) -> np.ndarray:
-        """Encoded image -> uint8 [3, R, R] (mmtok.vq.load_image); raises on bad or huge images."""
-        from mmtok.vq import load_image
-
-        return load_image(data, self.resolution)
+        """Encoded image -> uint8 [3, R, R] (the VQ's own preprocessing: mmtok.vq.load_image, or
+        an imported VQ's); raises on bad or huge images."""
+        return self.vq.preprocess(data)
 
     def encode_images(self, images: np.ndarray | list, batch_size: int = 32) -> np.ndarray:
         """Preprocessed images [N, 3, R, R] (or encoded image bytes) -> codes [N, tokens_per_image].
-        uint8 pixels from `preprocess` are scaled to [-1, 1] on the device; float images are
-        taken as already in [-1, 1]. On CUDA the encoder runs under bf16 autocast."""
+        uint8 pixels from `preprocess` are scaled on the device (the VQ's `scale`: to [-1, 1]
+        for mmtok's); float images are taken as already scaled. On CUDA the encoder runs under
+        bf16 autocast."""
         import torch
-
-        from mmtok.vq import to_unit
 
         if isinstance(images, list):
             images = np.stack([self.preprocess(b) if isinstance(b, bytes) else b for b in images])
@@ -129,7 +142,7 @@ class Tokenizer:
         out = []
         for i in range(0, len(images), batch_size):
             x = torch.from_numpy(images[i:i + batch_size]).to(dev)
-            x = to_unit(x) if x.dtype == torch.uint8 else x
+            x = self.vq.scale(x) if x.dtype == torch.uint8 else x
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 out.append(self.vq.encode(x).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.vocab.image_tokens_per_image), np.int64)
@@ -272,13 +285,28 @@ class _Codes:
         index = self.reader.index()
         rows = index.select(["image_sha256", "shard", "members"]).to_pylist() if index.num_rows else []
         self.where = {r["image_sha256"]: (r["shard"], next(m for m in r["members"] if m["ext"] == "npy")) for r in rows}
+        self.n_codes, self.per_image = tok.vocab.n_image_codes, tok.vocab.image_tokens_per_image
 
     def get(self, image_sha: str) -> np.ndarray | None:
+        """The image's codes; raises _Bad (a quarantine record naming the codes shard) on codes
+        that do not fit the codebook: an edited or damaged codes directory, never silently used."""
         hit = self.where.get(image_sha)
         if hit is None:
             return None
         shard, m = hit
-        return load_npy(self.reader.read_member(shard, m["offset"], m["size"])).astype(np.int64)
+        where = f"--codes {self.reader.directory / shard}"
+        try:
+            codes = load_npy(self.reader.read_member(shard, m["offset"], m["size"]))
+        except (ValueError, ShardError) as e:
+            raise _Bad(f"{where}: unreadable codes of image {image_sha[:12]} ({e}); rerun tokenize-images") from None
+        if codes.shape != (self.per_image,) or codes.dtype.kind not in "iu":
+            raise _Bad(f"{where}: codes of image {image_sha[:12]} are {codes.dtype} {codes.shape}, expected "
+                       f"{self.per_image} integer codes; rerun tokenize-images")
+        codes = codes.astype(np.int64)
+        if len(codes) and (codes.min() < 0 or codes.max() >= self.n_codes):
+            raise _Bad(f"{where}: codes of image {image_sha[:12]} outside the codebook [0, {self.n_codes}) "
+                       f"(found {codes.min()}..{codes.max()}); rerun tokenize-images")
+        return codes
 
 
 def _doc_images(reader: ShardReader) -> dict[str, tuple[str, int, int]]:
@@ -411,11 +439,27 @@ def _segments(segments) -> list[dict]:
 
 
 DETOKENIZE_FILE = "detokenize.json"
+DETOKENIZE_LOG = "detokenize-files.jsonl"  # each document's file names, logged before they are written
+_DOC_FILE = re.compile(r"^[^./][^/]*\.(json|txt|png)$")
 
 
-def _detokenize_job(out: Path, job: dict, overwrite: bool) -> None:
+def _written(out: Path) -> set[str]:
+    """The files detokenize's log says it wrote in `out`: only these are ever replaced or
+    deleted. A line cut short by a crash, or a name that is not a document file, is ignored."""
+    path, names = out / DETOKENIZE_LOG, set()
+    if path.exists():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                names.update(n for n in json.loads(line)["files"] if isinstance(n, str) and _DOC_FILE.match(n))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return names
+
+
+def _detokenize_job(out: Path, job: dict, overwrite: bool) -> set[str]:
     """Refuse an --out that holds a detokenize output of other tokens or another tokenizer
-    (unless `overwrite`, which clears it); record this job there."""
+    (unless `overwrite`, which deletes the files that job logged, nothing else); record this
+    job there. Returns the names of the files this job wrote before."""
     path, have = out / DETOKENIZE_FILE, None
     if path.exists():
         try:
@@ -429,22 +473,25 @@ def _detokenize_job(out: Path, job: dict, overwrite: bool) -> None:
                                      "tokenizer": "another tokenizer"}[k] for k in differs)
                 raise StageError(f"{out} holds a detokenize output made from {what}; "
                                  "use a new --out directory, or --overwrite to redo it")
-            for p in out.iterdir():  # the other job's documents
-                if p.suffix in (".json", ".txt", ".png") and p.is_file():
-                    p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    for p in out.glob(".*.tmp-*"):  # leftovers of a killed run
-        p.unlink()
+            for name in _written(out):  # the other job's documents
+                (out / name).unlink(missing_ok=True)
+            (out / DETOKENIZE_LOG).unlink(missing_ok=True)
+    written = _written(out)
+    remove_temps(out, lambda n: n in written or n == DETOKENIZE_FILE)  # leftovers of a killed run
     if have != job:
         atomic_write(path, json.dumps(job, sort_keys=True, indent=1).encode())
+    return written
 
 
 def detokenize(token_dir: str | Path, tok: Tokenizer, out: str | Path, *, limit: int | None = None,
                overwrite: bool = False, progress: bool = True) -> dict:
     """Token shards -> per document `<key>-<n>.png` (its images, through the VQ decoder),
-    `<key>.txt` (its text) and, last, `<key>.json` (segments). Every file is written
-    atomically and `<key>.json` only after the others, so its presence marks a finished
-    document: a rerun into the same `out` skips those (`overwrite` redoes them)."""
+    `<key>.txt` (its text) and, last, `<key>.json` (segments). A document's file names are
+    logged (DETOKENIZE_LOG) before its files are written, each atomically, `<key>.json`
+    last: a logged `<key>.json` marks a finished document, which a rerun into the same
+    `out` skips (`overwrite` redoes them). A file in the way that the log does not name is
+    someone else's: the run stops rather than replace it."""
+    check_paths([token_dir], out)
     reader = ShardReader(token_dir)
     have = reader.manifest.get("config", {}).get("vocab")
     if reader.manifest.get("stage") != "tokenize" or have is None:
@@ -455,33 +502,50 @@ def detokenize(token_dir: str | Path, tok: Tokenizer, out: str | Path, *, limit:
     job = {"format": "mmtok-detokenize/1", "tokens": str(Path(token_dir).resolve()),
            "tokens_manifest_sha256": hashlib.sha256((Path(token_dir) / MANIFEST).read_bytes()).hexdigest(),
            "tokenizer": tok.fingerprint()}
-    _detokenize_job(out, job, overwrite)
+    with disk_full_resumes(out), exclusive(out):
+        return _detokenize_docs(reader, tok, out, _detokenize_job(out, job, overwrite), limit, overwrite, progress)
+
+
+def _detokenize_docs(reader: ShardReader, tok: Tokenizer, out: Path, written: set[str], limit: int | None,
+                     overwrite: bool, progress: bool) -> dict:
     total = sum(s["samples"] for s in reader.manifest["shards"])
     total = total if limit is None else min(total, limit)
     docs = images = skipped = 0
-    with progress_bar("detokenize", total, 0, progress) as bar:
+    with progress_bar("detokenize", total, 0, progress) as bar, open(out / DETOKENIZE_LOG, "a") as log:
         for s in reader:
             if docs + skipped >= total:
                 break
-            if not overwrite and (out / f"{s.key}.json").exists():
+            if not overwrite and f"{s.key}.json" in written and (out / f"{s.key}.json").exists():
                 skipped += 1
                 bar.advance()
                 continue
-            segments, n = [], 0
+            segments, pngs = [], {}
             for part in tok.decode(load_npy(s.members["npy"])):
                 if isinstance(part, str):
                     segments.append({"text": part})
                 else:
-                    name = f"{s.key}-{n}.png"
+                    name = f"{s.key}-{len(pngs)}.png"
                     buf = io.BytesIO()
                     part.save(buf, format="PNG")
-                    atomic_write(out / name, buf.getvalue())
+                    pngs[name] = buf.getvalue()
                     segments.append({"image": name})
-                    n += 1
+            names = [*pngs, f"{s.key}.txt", f"{s.key}.json"]
+            theirs = [n for n in names if n not in written and (out / n).exists()]
+            if theirs:
+                raise StageError(f"{out / theirs[0]} is in the way: detokenize did not write it and will not "
+                                 "replace it; move it elsewhere, or use a new --out")
+            if not written.issuperset(names):
+                with naming(out / DETOKENIZE_LOG):
+                    log.write(json.dumps({"files": names}) + "\n")
+                    log.flush()
+                    os.fsync(log.fileno())
+                written.update(names)
+            for name, data in pngs.items():
+                atomic_write(out / name, data)
             # bytes, not text mode, so "\r\n" and other control characters come back exactly
             atomic_write(out / f"{s.key}.txt", "".join(p.get("text", "") for p in segments).encode("utf-8"))
             atomic_write(out / f"{s.key}.json",
                          json.dumps({"segments": segments}, ensure_ascii=False, indent=1).encode("utf-8"))
-            docs, images = docs + 1, images + n
+            docs, images = docs + 1, images + len(pngs)
             bar.advance()
     return {"out": str(out), "documents": docs, "images": images, "skipped": skipped}

@@ -2,7 +2,8 @@
 
 One ffmpeg process decodes each video and streams back only the chosen frames, already
 resized, as raw RGB on a pipe (a second, much cheaper one first reads the header:
-duration; skipped for shard inputs, whose duration `mmtok shard` recorded). Modes:
+duration, or where the header states none, the packets' timestamps; skipped for shard
+inputs, whose duration `mmtok shard` recorded). Modes:
 
 - `uniform`: N frames, the frame shown at the centre of each of N equal segments of the
   duration (the `fps` filter with rate N/duration, offset half a segment, rounding up:
@@ -31,7 +32,7 @@ import threading
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from mmtok.media import MediaError, MediaSource, error_reason, ffmpeg_exe, probe_video, stream_duration
+from mmtok.media import MediaError, MediaSource, error_reason, ffmpeg_exe, probe_video
 from mmtok.runner import Quarantined, Sample
 from mmtok.shards import content_hash
 
@@ -187,10 +188,9 @@ def keyframes_stage(payload, opts: FrameOptions) -> list:
             # `mmtok shard` has already probed shard inputs; plain files are probed here
             duration = src.parent_meta.get("duration")
             if not duration and opts.mode != "scene":
-                info = probe_video(src.path)
-                duration = info["duration"] or stream_duration(src.path, info["fps"])
+                duration = probe_video(src.path)["duration"]
                 if not duration or duration <= 0:
-                    return Quarantined("", "video duration is unknown and its packets carry no timestamps")
+                    return Quarantined("", "video duration is unknown: neither its header nor its packets give one")
             frames = extract_frames(src.path, opts, duration)
     except MediaError as e:
         return Quarantined("", f"ffmpeg: {e}")
@@ -227,6 +227,7 @@ def extract_keyframes(inputs: list[str], out: str, opts: FrameOptions, **run_kw)
     from mmtok.media import VIDEO_EXTS, media_items
     from mmtok.runner import run_stage
 
+    ffmpeg_exe()  # a missing or too old ffmpeg stops the command here, not each video
     items, total = media_items(inputs, ("video",), VIDEO_EXTS)
     config = {"inputs": [str(i) for i in inputs], **opts.__dict__}
     return run_stage("extract-keyframes", items, functools.partial(keyframes_stage, opts=opts), out,

@@ -7,6 +7,11 @@ Layout (half-open ranges), written to `vocab.json` in a tokenizer directory:
     [vocab_size - image_codes, vocab_size) image codes: image_range[0] + code
 
 A token is an image token iff its id is in `image_range`; every other id counts as text.
+
+That layout is mmtok's own (format `mmtok-vocab/1`, what `train-bpe` writes). An imported
+tokenizer keeps its model's ids as they are (format `mmtok-vocab/2`, `mmtok.chameleon`):
+image range at any offset, the named specials at whatever ids the model gives them, text
+ids those of its own text tokenizer (a Hugging Face `tokenizers` file, `text_tokenizer`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-FORMAT = "mmtok-vocab/1"
+FORMAT = "mmtok-vocab/1"  # mmtok's own layout: specials, text, image codes, contiguous
+FORMAT_ANY = "mmtok-vocab/2"  # any layout, e.g. an imported model's (the checks below say which)
 VOCAB_FILE = "vocab.json"
 N_SPECIALS = 16
 # Named specials first; the rest of the block is reserved for later modalities, so
@@ -36,8 +42,12 @@ class Vocab:
     text_range: tuple[int, int]
     image_range: tuple[int, int]
     image_tokens_per_image: int
-    sp_model: str = "bpe.model"
+    sp_model: str | None = "bpe.model"
     format: str = field(default=FORMAT)
+    # only in FORMAT_ANY: a Hugging Face tokenizers file whose ids are the text ids as they are,
+    # and each special's own name in the imported vocabulary (e.g. "<boi>": "<racm3:break>")
+    text_tokenizer: str | None = None
+    names: dict[str, str] | None = None
 
     @classmethod
     def layout(cls, vocab_size: int = 65536, image_codes: int = 8192, image_tokens_per_image: int = 1024,
@@ -74,13 +84,22 @@ class Vocab:
         """Elementwise: works on ints and numpy/torch arrays."""
         return (ids >= self.image_range[0]) & (ids < self.image_range[1])
 
+    @property
+    def text_model(self) -> str:
+        """The text tokenizer's file name (SentencePiece model or Hugging Face tokenizers JSON)."""
+        return self.text_tokenizer or self.sp_model
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["text_range"], d["image_range"] = list(self.text_range), list(self.image_range)
+        if self.format == FORMAT:  # mmtok's own layout: the same bytes as before FORMAT_ANY existed
+            del d["text_tokenizer"], d["names"]
         return d
 
     def check(self) -> None:
         """The layout invariants; raises VocabError naming the first one broken."""
+        if self.format == FORMAT_ANY:
+            return self._check_any()
         s = self.specials
         problems = []
         if sorted(s.values()) != list(range(self.n_specials)):
@@ -95,6 +114,26 @@ class Vocab:
         if problems:
             raise VocabError("; ".join(problems))
 
+    def _check_any(self) -> None:
+        """FORMAT_ANY: ranges inside the id space and apart, specials distinct and in neither
+        range (so an id's modality and role stay functions of the id alone)."""
+        problems = [f"missing special {n}" for n in ("<pad>", "<eod>", "<boi>", "<eoi>") if n not in self.specials]
+        ids = list(self.specials.values())
+        (tlo, thi), (ilo, ihi) = self.text_range, self.image_range
+        if len(set(ids)) != len(ids) or len(ids) != self.n_specials:
+            problems.append("special ids must be distinct and n_specials their number")
+        if not (0 <= tlo < thi <= self.vocab_size and 0 <= ilo < ihi <= self.vocab_size) or self.image_tokens_per_image <= 0:
+            problems.append("text_range and image_range must be non-empty and inside [0, vocab_size)")
+        if tlo < ihi and ilo < thi:
+            problems.append("text_range and image_range overlap")
+        inside = [i for i in ids if not 0 <= i < self.vocab_size or tlo <= i < thi or ilo <= i < ihi]
+        if inside:
+            problems.append(f"special ids {inside} are outside the id space or inside the text or image range")
+        if bool(self.text_tokenizer) == bool(self.sp_model):
+            problems.append("exactly one of sp_model and text_tokenizer names the text model")
+        if problems:
+            raise VocabError("; ".join(problems))
+
     def save(self, tokdir: str | Path) -> None:
         from mmtok.shards import atomic_write
 
@@ -103,13 +142,18 @@ class Vocab:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "vocab") -> "Vocab":
-        if d.get("format") != FORMAT:
-            raise VocabError(f"{where}: format {d.get('format')!r}, expected {FORMAT!r}")
+        if d.get("format") not in (FORMAT, FORMAT_ANY):
+            raise VocabError(f"{where}: format {d.get('format')!r}, expected {FORMAT!r} or {FORMAT_ANY!r}")
         try:
+            extra = {}
+            if d["format"] == FORMAT_ANY:
+                extra = {"format": FORMAT_ANY, "sp_model": d.get("sp_model") and str(d["sp_model"]),
+                         "text_tokenizer": d.get("text_tokenizer") and str(d["text_tokenizer"]),
+                         "names": {str(k): str(n) for k, n in (d.get("names") or {}).items()}}
             v = cls(vocab_size=int(d["vocab_size"]), specials={str(k): int(i) for k, i in d["specials"].items()},
-                    n_specials=int(d["n_specials"]), text_range=tuple(d["text_range"]),
-                    image_range=tuple(d["image_range"]), image_tokens_per_image=int(d["image_tokens_per_image"]),
-                    sp_model=str(d.get("sp_model", "bpe.model")))
+                    n_specials=int(d["n_specials"]), text_range=tuple(int(i) for i in d["text_range"]),
+                    image_range=tuple(int(i) for i in d["image_range"]), image_tokens_per_image=int(d["image_tokens_per_image"]),
+                    **{"sp_model": str(d.get("sp_model", "bpe.model")), **extra})
         except (KeyError, TypeError, ValueError) as e:
             raise VocabError(f"{where}: malformed vocabulary ({type(e).__name__}: {e})") from None
         try:

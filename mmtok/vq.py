@@ -30,12 +30,19 @@ PREPROCESSING = 2  # 2: reduced-scale JPEG decoding (to >= 2x the target) for so
 # ---------------------------------------------------------------- preprocessing
 
 MAX_PIXELS = 89_478_485  # PIL's own bomb-warning threshold, and `mmtok shard --max-pixels`'s default
+# Longest side over shortest side at most: resizing the short side of a 1 x 300,000 strip to
+# 512 would allocate 512 x 153,600,000 pixels (230 GB); 50:1 caps that at 40 MB at 512.
+MAX_ASPECT = 50
 REDUCING_GAP = 3.0  # Pillow: box-reduce first while the rest of the resize is >= 3x; 55 dB from the plain resize
+# EXIF Orientation tag (0x0112) -> the transposition that makes the picture upright (as ImageOps.exif_transpose)
+_ORIENTATION = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
+                7: "TRANSVERSE", 8: "ROTATE_90"}
 
 
-def open_image(data: bytes, max_pixels: int = MAX_PIXELS):
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS, max_aspect: float = MAX_ASPECT):
     """A PIL image of encoded bytes, header read, nothing decoded yet. Raises ValueError on
-    an unknown format and on an image over `max_pixels` (a decompression bomb)."""
+    an unknown format, on an image over `max_pixels` (a decompression bomb) and on one whose
+    sides differ by more than `max_aspect` times (resizing it would take gigabytes)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -45,14 +52,53 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS):
     w, h = img.size
     if w * h > max_pixels:
         raise ValueError(f"{w}x{h} = {w * h:,} pixels is over the {max_pixels:,} limit (possible decompression bomb)")
+    if min(w, h) < 1 or max(w, h) > max_aspect * min(w, h):
+        raise ValueError(f"{w}x{h}: aspect ratio over the {max_aspect:g}:1 limit (resizing it to a square "
+                         "would take too much memory); crop it to tiles first")
     return img
 
 
+def _upright(img):
+    """The transposition that the EXIF Orientation tag asks for (None when upright). Read
+    after `load()`: a PNG keeps its EXIF after the pixels."""
+    from PIL import Image
+
+    name = _ORIENTATION.get(img.getexif().get(0x0112))
+    return getattr(Image.Transpose, name) if name else None
+
+
+def _to_rgb(img):
+    """A loaded image as 8-bit RGB: 16-bit (I;16*, I) and float (F, taken as 0..1) greys
+    scaled to 0..255 rather than clipped, alpha composited onto white."""
+    from PIL import Image
+
+    if img.mode.startswith("I") or img.mode == "F":
+        scale = 255.0 if img.mode == "F" else 255.0 / 65535.0
+        grey = np.asarray(img, dtype=np.float32) * scale
+        img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img)
+    return img.convert("RGB")
+
+
+def rgb_image(data: bytes, max_pixels: int = MAX_PIXELS):
+    """Encoded bytes -> upright 8-bit RGB PIL image, with `open_image`'s guards; for callers
+    that do their own resizing (the Uni-MoE image connector)."""
+    img = open_image(data, max_pixels)
+    img.load()
+    turn = _upright(img)
+    img = _to_rgb(img)
+    return img.transpose(turn) if turn is not None else img
+
+
 def load_image(data: bytes, resolution: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Chameleon's preprocessing: alpha onto white, resize the short side (bicubic), centre
-    crop. Returns uint8 [3, resolution, resolution]; `to_unit` scales it to [-1, 1] (on the
-    device, so workers ship a quarter of the bytes). Raises on bad bytes and on images over
-    `max_pixels` (decompression bombs), before decoding them.
+    """Chameleon's preprocessing: alpha onto white, resize the short side (bicubic), turn
+    upright by the EXIF orientation, centre crop. Returns uint8 [3, resolution, resolution];
+    `to_unit` scales it to [-1, 1] (on the device, so workers ship a quarter of the bytes).
+    16-bit and float greys are scaled to 8 bits (`_to_rgb`). Raises on bad bytes, on images
+    over `max_pixels` (decompression bombs) and over `MAX_ASPECT`, before decoding them.
 
     A source at least twice the resolution (short side) takes a faster path: a JPEG is
     decoded by libjpeg at 1/2, 1/4 or 1/8 scale (never below twice the target size) before
@@ -70,13 +116,15 @@ def load_image(data: bytes, resolution: int, max_pixels: int = MAX_PIXELS) -> np
     # cost up to 25 dB on line art)
     drafted = img.draft("RGB", (2 * nw, 2 * nh)) if big else None  # None unless a JPEG
     img.load()
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, img)
-    img = img.convert("RGB")
+    turn = _upright(img)
+    img = _to_rgb(img)
     img = img.resize((nw, nh), Image.Resampling.BICUBIC, box=drafted[1] if drafted else None,
                      reducing_gap=REDUCING_GAP if big else None)
+    # turned after the resize, so the draft box stays in the decoded image's own axes; the
+    # short side's scale is the same either way
+    if turn is not None:
+        img = img.transpose(turn)
+        nw, nh = img.size
     left, top = (nw - resolution) // 2, (nh - resolution) // 2
     img = img.crop((left, top, left + resolution, top + resolution))
     return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
@@ -252,6 +300,12 @@ class VQModel(nn.Module):
         q, idx, qloss = self.quantizer(z)
         return self.decoder(q), idx, qloss, z
 
+    def preprocess(self, data: bytes) -> np.ndarray:
+        """Encoded image -> uint8 [3, R, R] (`load_image`); an imported VQ brings its own."""
+        return load_image(data, self.cfg.resolution)
+
+    scale = staticmethod(to_unit)  # uint8 pixels -> the encoder's input, on the device
+
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, R, R] in [-1, 1] -> code ids [B, (R/downsample)^2] (row-major)."""
@@ -287,6 +341,19 @@ class VQModel(nn.Module):
         except Exception as e:  # malformed config, truncated or foreign weights: name the files
             raise ValueError(f"{tokdir}: unreadable VQ ({WEIGHTS} / {CONFIG}: {type(e).__name__}: {e})") from None
         return model.to(device).eval()
+
+
+def load_vq(tokdir: str | Path, device: str = "cpu"):
+    """A tokenizer directory's VQ: mmtok's own, or an imported one (`kind` in vq.json)."""
+    try:
+        kind = json.loads((Path(tokdir) / CONFIG).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None  # VQModel.load names what is missing or malformed
+    if kind == "chameleon-vqgan":
+        from mmtok.chameleon import ChameleonVQ
+
+        return ChameleonVQ.load(tokdir, device)
+    return VQModel.load(tokdir, device)
 
 
 # ---------------------------------------------------------------- training-only parts

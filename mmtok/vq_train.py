@@ -151,6 +151,8 @@ def train_vq(shard_dirs: list[str | Path], out: str | Path, cfg: VQConfig, *, st
     out.mkdir(parents=True, exist_ok=True)
     if (out / VOCAB_FILE).exists():
         vocab = Vocab.load(out)
+        if vocab.text_tokenizer:  # an imported tokenizer (mmtok import-tokenizer): its VQ is not replaced
+            raise ValueError(f"{out} holds an imported tokenizer; train into another --out")
         if vocab.n_image_codes != cfg.codebook_size:
             raise ValueError(f"{out}/{VOCAB_FILE} reserves {vocab.n_image_codes} image codes but --codebook-size is "
                              f"{cfg.codebook_size}; use --codebook-size {vocab.n_image_codes} or another --out")

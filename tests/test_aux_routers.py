@@ -54,9 +54,12 @@ def test_changing_a_later_token_changes_no_earlier_logit_with_causal_routing(mod
         b, _ = m(later, pos, docs, "causal")
         batch_a, _ = m(ids, pos, docs)
         batch_b, _ = m(later, pos, docs)
-    assert torch.equal(a[:, :16], b[:, :16])
-    # expert choice over the batch does look ahead: the same edit moves earlier logits
-    assert not torch.allclose(batch_a[:, :16], batch_b[:, :16])
+    # Each expert sees a batch of another size once later tokens change, and kernels differ
+    # with batch size and CPU (~1e-7 apart on AVX-512): "unchanged" is within 1e-5.
+    torch.testing.assert_close(a[:, :16], b[:, :16], atol=1e-5, rtol=0)
+    # expert choice over the batch does look ahead: the same edit moves earlier logits by
+    # ~2e-2 (measured on all three models), far beyond that tolerance
+    assert (batch_a[:, :16] - batch_b[:, :16]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("model", ["dense", "moma", "mod-moma"])
@@ -116,7 +119,9 @@ def test_joint_aux_routers_learn_without_changing_the_main_training(data, tmp_pa
         r = cli("train", "--plan", data["plan"], "--out", runs[mode], *MOMA, "--aux-routers", mode, "--steps", 8, "--json")
         assert r.exit_code == 0, r.output
     stage, joint = metrics(runs["stage"]), metrics(runs["joint"])
-    assert [r["ce"] for r in stage] == [r["ce"] for r in joint]  # detached inputs: identical model updates
+    # detached inputs: the same model updates. Were the BCE to reach the main weights, ce
+    # would move by 4e-4 at step 2 and 1e-2 after (measured); 1e-5 leaves room for kernels.
+    assert [r["ce"] for r in joint] == pytest.approx([r["ce"] for r in stage], rel=0, abs=1e-5)
     assert joint[-1]["aux_router_bce"] < joint[0]["aux_router_bce"] - 0.05
     assert joint[-1]["loss"] > joint[-1]["ce"] + joint[-1]["z_loss"]  # the BCE is part of the joint loss
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmtok.media import ffmpeg_exe
+from mmtok.media import ffmpeg_exe, packet_timing, probe_video
 from mmtok.shards import ShardReader
 from mmtok.video import FrameOptions, _strongest_cuts, extract_frames, extract_keyframes, uniform_times
 
@@ -172,7 +172,11 @@ def test_rotation_metadata_is_applied(tmp_path):
     ffmpeg("-f", "lavfi", "-i", "nullsrc=s=64x48:r=10:d=1,format=gray,geq=lum='if(lt(X,32),255,0)'",
            "-c:v", "libx264", "-pix_fmt", "yuv420p", str(flat))
     rot = tmp_path / "rot.mp4"
-    ffmpeg("-display_rotation:v", "90", "-i", str(flat), "-c", "copy", str(rot))
+    try:  # a display matrix: newer ffmpeg sets it so and ignores a `rotate` tag; 5.1 has only the tag
+        ffmpeg("-display_rotation:v", "90", "-i", str(flat), "-c", "copy", str(rot))
+    except subprocess.CalledProcessError:
+        ffmpeg("-i", str(flat), "-c", "copy", "-metadata:s:v", "rotate=90", str(rot))
+    assert probe_video(str(rot))["rotation"] == 90.0
     im = extract_frames(str(rot), FrameOptions(size=32, crop=False, frames=1), duration=1.0)[0].image
     a = np.asarray(im.convert("L"), dtype=float)
     assert im.size == (24, 32)  # portrait once rotated
@@ -215,13 +219,75 @@ def test_stage_writes_image_shards_and_quarantines_bad_inputs(tmp_path):
     frames = _frames_of(out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert [sh["group"] for sh in manifest["shards"]] == ["image-jpg"]
-    by_parent = {}
+    by_parent, jpgs = {}, {}
     for key, meta, jpg in frames:
         assert meta["modality"] == "image" and meta["mode"] == "uniform" and key == f"{meta['parent']}_f{meta['frame_index']:03d}"
         assert Image.open(io.BytesIO(jpg)).size == (32, 32)
         by_parent.setdefault(meta["source"].split("/")[-1], []).append(meta["timestamp"])
+        jpgs.setdefault(meta["source"].split("/")[-1], []).append(jpg)
     assert by_parent["good.mp4"] == [round(t, 4) for t in uniform_times(3.0, 8)]
-    assert by_parent["raw.h264"] == [round(t, 4) for t in uniform_times(30 / 25, 8)]  # ffmpeg assumes 25 fps
+    # the raw stream holds the same 30 frames at 10 fps: the same times, the same frames
+    assert by_parent["raw.h264"] == by_parent["good.mp4"] and jpgs["raw.h264"] == jpgs["good.mp4"]
+
+
+def test_duration_without_a_header_comes_from_the_packets(tmp_path):
+    # ffmpeg's own guess for these differs by version (raw h264 of 3 s: 5.1 says 2.7 s,
+    # 9.0 assumes 25 fps and says 1.2 s); the packet listing gives 3 s with both
+    good = counter_video(tmp_path / "good.mp4", seconds=3, fps=10)
+    raw = tmp_path / "raw.h264"
+    ffmpeg("-i", str(good), "-c", "copy", "-f", "h264", str(raw))
+    streamed = tmp_path / "streamed.webm"  # written to a pipe: no duration in its header
+    with streamed.open("wb") as f:
+        subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin", "-f", "lavfi", "-i",
+                        "nullsrc=s=64x48:r=10:d=3", "-c:v", "libvpx", "-f", "webm", "pipe:"], stdout=f, check=True)
+    for v in (raw, streamed):
+        assert packet_timing(str(v)) == (3.0, 10.0)
+        info = probe_video(str(v))
+        assert (info["duration"], info["fps"]) == (3.0, 10.0)
+    assert probe_video(str(good))["duration"] == 3.0  # from the header
+
+
+@pytest.fixture
+def chosen_ffmpeg(monkeypatch):
+    """Set MMTOK_FFMPEG for one test; the binary is looked up once per process, so the
+    lookup is redone before and after."""
+    def choose(value):
+        monkeypatch.setenv("MMTOK_FFMPEG", str(value))
+        ffmpeg_exe.cache_clear()
+
+    yield choose
+    monkeypatch.undo()
+    ffmpeg_exe.cache_clear()
+
+
+def fake_ffmpeg(path, version_line):
+    path.write_text(f"#!/bin/sh\necho '{version_line}'\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_mmtok_ffmpeg_picks_the_binary_and_old_or_missing_ones_are_refused(tmp_path, chosen_ffmpeg):
+    from typer.testing import CliRunner
+
+    from mmtok.cli.app import app
+
+    real = ffmpeg_exe()
+    chosen_ffmpeg(fake_ffmpeg(tmp_path / "ffmpeg-dev", "ffmpeg version N-118000-g0123abcd Copyright (c) 2000-2025"))
+    assert ffmpeg_exe() == str(tmp_path / "ffmpeg-dev")  # a development build is let through
+    chosen_ffmpeg(real)
+    assert ffmpeg_exe() == real
+
+    v = counter_video(tmp_path / "v.mp4", seconds=1)
+    for value, words in [(fake_ffmpeg(tmp_path / "ffmpeg44", "ffmpeg version 4.4.2-0ubuntu0.22.04.1 Copyright"),
+                          ["is ffmpeg 4.4", "needs ffmpeg 5.1 or newer"]),
+                         (tmp_path / "nowhere" / "ffmpeg", ["MMTOK_FFMPEG=", "no such executable"]),
+                         (fake_ffmpeg(tmp_path / "other", "something else 1.0"), ["not an ffmpeg binary"])]:
+        chosen_ffmpeg(value)
+        with pytest.raises(ValueError, match=words[-1]):
+            ffmpeg_exe()
+        res = CliRunner().invoke(app, ["extract-keyframes", str(v), "--out", str(tmp_path / "o")])
+        assert res.exit_code == 2 and all(w in res.output for w in words) and "Traceback" not in res.output, res.output
+        assert not (tmp_path / "o").exists()  # refused before any video is touched
 
 
 def test_output_is_identical_whatever_the_worker_count(tmp_path):

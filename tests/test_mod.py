@@ -118,7 +118,7 @@ def test_bad_mod_capacity_is_refused(tmp_path):
     data = make_plan(tmp_path, steps=4)
     r = cli("train", "--plan", data["plan"], "--out", tmp_path / "r", "--model", "mod-moma", "--experts", "2t2i",
             "--mod-capacity", "1.5", "--steps", 1)
-    assert r.exit_code == 2 and "mod_capacity" in r.output
+    assert r.exit_code == 2 and "--mod-capacity" in r.output and "less than or equal to 1" in r.output
 
 
 def test_flops_per_token_count_only_the_tokens_that_pass_routed_blocks():
@@ -128,10 +128,10 @@ def test_flops_per_token_count_only_the_tokens_that_pass_routed_blocks():
     assert per_capacity[0] < per_capacity[1] < per_capacity[2]
 
 
-def test_batch_routing_waits_for_the_device_once_per_routed_layer():
+def test_batch_routing_never_waits_for_the_device():
     """Host waits (counted on the CPU by the ops that cause them on a GPU) in a training
-    forward and backward: moma waits once, for its expert groups' sizes; a routed layer adds
-    one, for the groups of the tokens it passes. Choosing and packing those adds none."""
+    forward and backward: none. Expert groups' sizes stay on the device (static shapes),
+    and so do Mixture-of-Depths' choice and packing."""
     import sys
     from pathlib import Path
 
@@ -151,5 +151,4 @@ def test_batch_routing_waits_for_the_device_once_per_routed_layer():
             logits, stats = m(ids, pos, docs)
             loss_terms(cfg, logits, ids, stats)["loss"].backward()
         waits[model] = dict(w.count)
-    assert waits["moma"] == {"bincount": 1}
-    assert waits["mod-moma"] == {"bincount": 1 + 3}  # routed layers 0, 2 and 4
+    assert waits == {"moma": {}, "mod-moma": {}}

@@ -195,7 +195,8 @@ def test_perceptual_loss_uses_supplied_weights_only(tmp_path, images):
     save_file({k: v.contiguous() for k, v in vgg16(weights=None).features.state_dict().items()}, str(tmp_path / "vgg.safetensors"))
     loss = PerceptualLoss(tmp_path / "vgg.safetensors")
     x = torch.rand(2, 3, 16, 16) * 2 - 1
-    assert loss(x, x).item() == 0 and loss(x, -x).item() > 0
+    # x and x share one batch: 0 up to rounding; 1% noise on x already gives ~7e-4
+    assert loss(x, x).item() < 1e-6 and loss(x, -x).item() > 0.1
     save_file({"features.0.weight": torch.zeros(64, 3, 3, 3)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="not torchvision VGG16"):
         PerceptualLoss(tmp_path / "bad.safetensors")

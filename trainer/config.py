@@ -24,6 +24,40 @@ MODELS = ("dense", "moe", "moma", "mod-moma")  # mod-moma: MoMa + Mixture-of-Dep
 ROUTINGS = ("expert-choice", "top2")
 ATTENTIONS = ("sdpa", "flex")
 LAYOUT_RE = re.compile(r"^(\d+)t(\d+)i$")
+# Allowed ranges of the numeric settings: (low, high, low excluded); None = unbounded. Their
+# types come from the defaults, so a TOML `lr = "fast"` or `n_layers = 2.5` is refused by name.
+RANGES = {
+    "vocab_size": (1, None), "n_layers": (1, None), "d_model": (1, None), "n_heads": (1, None),
+    "ffn_hidden": (1, None), "max_seq_len": (1, None), "capacity_factor": (0, None, True),
+    "rope_theta": (0, None, True), "z_loss": (0, None), "balance_loss": (0, None), "router_z_loss": (0, None),
+    "steps": (1, None), "grad_accum": (1, None), "ckpt_every": (1, None), "log_every": (1, None),
+    "lr": (0, None, True), "min_lr_ratio": (0, 1), "warmup": (0, None), "weight_decay": (0, None),
+    "grad_clip": (0, None, True),
+}
+
+
+def check_values(cls, values: dict, where: str = "") -> None:
+    """Refuse a setting of the wrong type or out of its range (RANGES), naming the key;
+    `where` (e.g. "run.toml [model] ") says where the value came from."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(default, float):
+            ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        else:
+            continue
+        lo, hi, lo_open = (*RANGES.get(key, (None, None)), False)[:3]
+        if ok and lo is not None:
+            ok = value > lo if lo_open else value >= lo
+        if ok and hi is not None:
+            ok = value <= hi
+        if not ok:
+            bounds = [f"{'>' if lo_open else '>='} {lo}"] * (lo is not None) + [f"<= {hi}"] * (hi is not None)
+            raise ValueError(f"{where}{key} = {value!r}: expected {kind}{' ' + ' and '.join(bounds) if bounds else ''}")
 
 
 def parse_layout(layout: str) -> tuple[int, int]:
@@ -59,8 +93,12 @@ class ModelConfig:
     mod_capacity: float = 0.25
     router_noise: str = "none"  # none | gumbel
     aux_routers: str = "stage"  # stage | joint
+    # Fingerprint of the tokenizer whose ids the model reads (mmtok.tokenize.Tokenizer.fingerprint,
+    # from the plan); eval and generate refuse data or a tokenizer with another. "" = not recorded.
+    tokenizer: str = ""
 
     def __post_init__(self):
+        check_values(ModelConfig, self.__dict__)
         self.image_range = tuple(self.image_range)
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
@@ -114,7 +152,10 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
 
     def __post_init__(self):
+        check_values(TrainConfig, self.__dict__)
         self.betas = tuple(self.betas)
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas = {list(self.betas)!r}: expected two numbers in [0, 1), e.g. [0.9, 0.95]")
         if self.mixed_precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"mixed_precision must be auto, bf16 or fp32 (got {self.mixed_precision!r})")
         for name in ("steps", "grad_accum", "ckpt_every", "log_every"):
@@ -133,9 +174,19 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
-        return cls(model=ModelConfig(**d["model"]), train=TrainConfig(**d["train"]), plan=d.get("plan", ""),
-                   preset=d.get("preset", ""))
+    def from_dict(cls, d: dict, where: str = "the run's config.json") -> "RunConfig":
+        """A saved config back; a hand-edited one that lacks a key or holds a bad value is
+        refused with ValueError naming `where` and the key."""
+        for part in ("model", "train"):
+            if not isinstance(d, dict) or not isinstance(d.get(part), dict):
+                raise ValueError(f"{where}: missing the {part!r} table; restore it or start a new run")
+        try:
+            return cls(model=ModelConfig(**d["model"]), train=TrainConfig(**d["train"]), plan=d.get("plan", ""),
+                       preset=d.get("preset", ""))
+        except TypeError as e:  # an unknown or missing key: the dataclass names it
+            raise ValueError(f"{where}: {e}; restore it or start a new run") from None
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
 
 def _known(cls, section: dict, where: str) -> dict:
@@ -147,11 +198,12 @@ def _known(cls, section: dict, where: str) -> dict:
 
 
 def resolve(preset: str, model_overrides: dict, train_overrides: dict, toml_path: str | Path | None = None,
-            vocab: dict | None = None, seq_len: int | None = None, plan: str = "") -> RunConfig:
+            vocab: dict | None = None, seq_len: int | None = None, plan: str = "",
+            tokenizer: str | None = None) -> RunConfig:
     """Preset < TOML file (`[model]`, `[train]`) < command-line overrides (None = not given).
 
-    `vocab` (from the plan) fixes the vocabulary size and image range; `seq_len` sets the
-    rotary table length.
+    `vocab` (from the plan) fixes the vocabulary size and image range, `tokenizer` (the
+    plan's tokenizer fingerprint) the model's; `seq_len` sets the rotary table length.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -162,8 +214,12 @@ def resolve(preset: str, model_overrides: dict, train_overrides: dict, toml_path
             data = tomllib.loads(Path(toml_path).read_text())
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{toml_path}: not valid TOML ({e})") from None
-        model.update(_known(ModelConfig, data.get("model", {}), f"{toml_path} [model]"))
-        train.update(_known(TrainConfig, data.get("train", {}), f"{toml_path} [train]"))
+        for table, cls, into in (("model", ModelConfig, model), ("train", TrainConfig, train)):
+            section = data.get(table, {})
+            if not isinstance(section, dict):
+                raise ValueError(f"{toml_path}: `{table}` must be a table ([{table}])")
+            check_values(cls, _known(cls, section, f"{toml_path} [{table}]"), f"{toml_path} [{table}] ")
+            into.update(section)
     model.update({k: v for k, v in model_overrides.items() if v is not None})
     train.update({k: v for k, v in train_overrides.items() if v is not None})
     if vocab is not None:
@@ -174,6 +230,8 @@ def resolve(preset: str, model_overrides: dict, train_overrides: dict, toml_path
                 raise ValueError(f"the plan {plan} was made for {key} {want}, the config asks for {have}; "
                                  "use a plan tokenized with the model's vocabulary, or drop the setting")
             model[key] = want
+    if tokenizer:
+        model["tokenizer"] = tokenizer
     if seq_len is not None:
         if model.get("max_seq_len", seq_len) < seq_len:
             raise ValueError(f"the plan {plan} has sequences of {seq_len} tokens, longer than max_seq_len "

@@ -32,6 +32,16 @@ def check_vocab(corpus_vocab: dict, model_cfg, where: str) -> None:
                          f"vocab_size {want[0]}, image_range {list(want[1])}; evaluate on data from the model's tokenizer")
 
 
+def check_tokenizer(fingerprint: str | None, model_cfg, where: str) -> None:
+    """Refuse data or a tokenizer whose full fingerprint (BPE model and VQ included) differs from
+    the one the model was trained with; an equal vocabulary layout is not enough. Skipped
+    where either side did not record one."""
+    if fingerprint and model_cfg.tokenizer and fingerprint != model_cfg.tokenizer:
+        raise TrainError(f"{where}: made with another tokenizer than the model was trained with (fingerprint "
+                         f"{fingerprint[:12]}, the model's {model_cfg.tokenizer[:12]}; same vocabulary layout, but another "
+                         "BPE model or VQ); use the model's tokenizer directory")
+
+
 def pair_roles(tokens: np.ndarray, vocab: dict) -> np.ndarray:
     """For each target position i (predicting tokens[i+1]): 1 = caption given image,
     2 = image code given caption, 0 = neither."""
@@ -140,6 +150,7 @@ def evaluate(model_path: str, data: list[str], pairs: list[str], batch_size: int
         if dirs:
             corpus = TokenCorpus(dirs)
             check_vocab(corpus.vocab, cfg, ", ".join(dirs))
+            check_tokenizer(corpus.tokenizer, cfg, ", ".join(dirs))
             corpus.check()
             corpora[kind] = corpus
 
@@ -167,7 +178,7 @@ def write_report(result: dict, out: str | Path, metrics_jsonl: Path | None) -> l
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mmtok.shards import atomic_write
+    from mmtok.shards import atomic_write, read_jsonl
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -194,10 +205,10 @@ def write_report(result: dict, out: str | Path, metrics_jsonl: Path | None) -> l
         fig.tight_layout(), fig.savefig(out / "expert_load.png"), plt.close(fig)
         files.append(out / "expert_load.png")
     if metrics_jsonl and metrics_jsonl.exists():
-        recs = [json.loads(x) for x in metrics_jsonl.read_text().splitlines() if x.strip()]
+        recs = [r for r in read_jsonl(metrics_jsonl) if "step" in r]
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for key in ("loss", "text_loss", "image_loss"):
-            ax.plot([r["step"] for r in recs], [r[key] for r in recs], label=key)
+            ax.plot([r["step"] for r in recs], [r.get(key) for r in recs], label=key)
         ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend()
         fig.tight_layout(), fig.savefig(out / "training_curves.png"), plt.close(fig)
         files.append(out / "training_curves.png")

@@ -6,31 +6,42 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mmtok.shards import atomic_write
+import torch
+
+from mmtok.shards import atomic_write, read_json
+from mmtok.trainer import checkpoint_io
 from mmtok.trainer.config import ModelConfig, RunConfig
 from mmtok.trainer.model import Decoder
-from mmtok.trainer.train import CONFIG, TrainError, latest_checkpoint
+from mmtok.trainer.train import CONFIG, TrainError, intact_checkpoint
 
 EXPORT_FORMAT = "mmtok-model/1"
 WEIGHTS = "model.safetensors"
 
 
-def load_from_run(run: str | Path) -> tuple[Decoder, RunConfig, int]:
-    """The model of a run's newest checkpoint, on CPU, in one process."""
-    import torch.distributed.checkpoint as dcp
-
-    run = Path(run)
+def read_run_config(run: Path) -> RunConfig:
+    """A run's saved configuration; a folder that is not a run is refused naming it."""
     if not (run / CONFIG).exists():
         raise TrainError(f"{run}: not a training run (no {CONFIG}); pass the --out directory of `mmtok train`")
-    cfg = RunConfig.from_dict(json.loads((run / CONFIG).read_text()))
-    ckpt = latest_checkpoint(run)
+    return RunConfig.from_dict(read_json(run / CONFIG), where=str(run / CONFIG))
+
+
+def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    """Fill `model` from checkpoint `ckpt` in this process, never unpickling (checkpoint_io)."""
+    state = {"model": model.state_dict()}
+    checkpoint_io.load(state, ckpt, no_dist=True)
+    model.load_state_dict(state["model"])
+
+
+def load_from_run(run: str | Path) -> tuple[Decoder, RunConfig, int]:
+    """The model of a run's newest checkpoint, on CPU, in one process (refused if damaged)."""
+    run = Path(run)
+    cfg = read_run_config(run)
+    ckpt = intact_checkpoint(run)
     if ckpt is None:
         raise TrainError(f"{run}: has no checkpoint yet")
-    saved = json.loads((ckpt / "train_state.json").read_text())
+    saved = read_json(ckpt / "train_state.json")
     model = Decoder(cfg.model)
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
-    model.load_state_dict(state["model"])
+    load_weights(model, ckpt)
     return model.eval(), cfg, int(saved["step"])
 
 

@@ -118,13 +118,14 @@ def generate_to_files(checkpoint: str, tokdir: str, out: str, prompt: str = "", 
 
     from mmtok.shards import atomic_write
     from mmtok.tokenize import Tokenizer
-    from mmtok.trainer.evaluate import check_vocab
+    from mmtok.trainer.evaluate import check_tokenizer, check_vocab
     from mmtok.trainer.export import load_model
 
     tok = Tokenizer.load(tokdir, device=device)
     model, cfg = load_model(checkpoint)
     vocab = tok.vocab.to_dict()
     check_vocab(vocab, cfg, f"tokenizer {tokdir}")
+    check_tokenizer(tok.fingerprint(), cfg, f"tokenizer {tokdir}")
     segments = ([Path(image).read_bytes()] if image else []) + ([prompt] if prompt else [])
     if not segments and not generate_image:
         raise ValueError("give --prompt, --image or --generate-image")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmtok.trainer.config import ModelConfig
+from mmtok.trainer.kernels import linear_cross_entropy
 from mmtok.trainer.moe import AuxRouter, MoEFFN, MoMaFFN, aux_stats
 
 
@@ -198,7 +199,7 @@ class Block(nn.Module):
         stats = {"passed": passed.sum().float(), "candidates": n_real.float()}
         if use_aux:
             take = torch.zeros_like(real).index_copy_(0, idx, passed)
-            stats |= aux_stats(aux[real], take[real])
+            stats |= aux_stats(aux.unsqueeze(1), take.unsqueeze(1), real)
         if idx.numel() == 0:
             return x, {"mod": stats}
         if cache is not None and b > 1:
@@ -247,10 +248,14 @@ class Decoder(nn.Module):
         lo, hi = self.cfg.image_range
         return (ids >= lo) & (ids < hi)
 
-    def forward(self, input_ids, positions, doc_ids, routing: str = "batch", cache: list | None = None) -> tuple[torch.Tensor, list[dict]]:
+    def forward(self, input_ids, positions, doc_ids, routing: str = "batch", cache: list | None = None,
+                targets: torch.Tensor | None = None) -> tuple[torch.Tensor | dict, list[dict]]:
         """Logits [B, T, V] and, per MoE layer, routing statistics. `routing`: "batch"
         (expert choice over the batch, as trained) or "causal" (auxiliary routers). `cache`
-        (a list of one dict per layer, empty at first) makes the call incremental."""
+        (a list of one dict per layer, empty at first) makes the call incremental. With
+        `targets` [B, T] the head runs fused with the loss (trainer/kernels.py: the full
+        logits never exist) and the first result is {"loss": cross-entropy + z-loss, "nll",
+        "lse" per token}, which `loss_terms` takes in place of logits (the training path)."""
         if routing not in ("batch", "causal"):
             raise ValueError(f"unknown routing mode {routing!r}; choose batch or causal")
         is_image, real = self.is_image(input_ids), doc_ids > 0
@@ -261,7 +266,11 @@ class Decoder(nn.Module):
             x, s = layer(x, self.rope, positions, doc_ids, mask, is_image, real, routing == "causal",
                          None if cache is None else cache[i])
             stats.append(s)
-        return self.head(self.norm(x)), stats
+        if targets is None:
+            return self.head(self.norm(x)), stats
+        h = self.norm(x)
+        loss, nll, lse = linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.flatten(), self.cfg.z_loss)
+        return {"loss": loss, "nll": nll.view_as(targets), "lse": lse.view_as(targets)}, stats
 
 
 def is_aux_param(name: str) -> bool:
@@ -269,22 +278,27 @@ def is_aux_param(name: str) -> bool:
     return ".aux." in name or ".mod_aux." in name
 
 
-def loss_terms(model_cfg: ModelConfig, logits: torch.Tensor, targets: torch.Tensor, stats: list[dict]) -> dict:
+def loss_terms(model_cfg: ModelConfig, logits: torch.Tensor | dict, targets: torch.Tensor, stats: list[dict]) -> dict:
     """Training loss and its parts. `loss` = mean cross-entropy over targets + z-loss
     (+ top-2 balance and router z-losses). Sums and counts by the modality of the
-    predicted token are returned so that callers can average over ranks and steps."""
+    predicted token are returned so that callers can average over ranks and steps.
+    `logits` is the logits tensor or the fused head's result (`Decoder.forward(targets=)`)."""
     valid = targets != -100
-    lse = torch.logsumexp(logits.float(), -1)
-    picked = logits.float().gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    nll = torch.where(valid, lse - picked, 0.0)
     n = valid.sum().clamp(min=1)
+    if isinstance(logits, dict):  # fused head: its loss carries the gradient, nll and lse are statistics
+        nll, lse = logits["nll"], logits["lse"]
+    else:
+        lse = torch.logsumexp(logits.float(), -1)
+        picked = logits.float().gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        nll = torch.where(valid, lse - picked, 0.0)
     ce = nll.sum() / n
     z = model_cfg.z_loss * torch.where(valid, lse.pow(2), 0.0).sum() / n
+    lm = logits["loss"] if isinstance(logits, dict) else ce + z
     lo, hi = model_cfg.image_range
     image = valid & (targets >= lo) & (targets < hi)
     text = valid & ~image
-    aux = logits.new_zeros((), dtype=torch.float32)
-    aux_bce = logits.new_zeros((), dtype=torch.float32)
+    aux = nll.new_zeros((), dtype=torch.float32)
+    aux_bce = nll.new_zeros((), dtype=torch.float32)
     for layer in stats:
         for s in layer.values():
             if "balance" in s:
@@ -294,7 +308,7 @@ def loss_terms(model_cfg: ModelConfig, logits: torch.Tensor, targets: torch.Tens
     # Auxiliary routers see detached inputs, so adding their BCE trains them and nothing else.
     joint = aux_bce if model_cfg.aux_routers == "joint" else 0.0
     return {
-        "loss": ce + z + aux + joint, "ce": ce.detach(), "z_loss": z.detach(), "aux_loss": aux.detach(),
+        "loss": lm + aux + joint, "ce": ce.detach(), "z_loss": z.detach(), "aux_loss": aux.detach(),
         "aux_router_bce": aux_bce,
         "text_nll": (nll * text).sum().detach(), "text_n": text.sum(),
         "image_nll": (nll * image).sum().detach(), "image_n": image.sum(),

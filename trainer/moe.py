@@ -1,7 +1,12 @@
 """Mixture-of-experts feed-forward layers.
 
-Experts are stacked weights run with one batched matmul (`bmm`) per projection, never a
-per-token loop. Three routers:
+Experts are stacked weights, never a per-token loop: expert choice runs them as one grouped
+GEMM per projection (`torch._grouped_mm`: each expert's rows follow the previous
+expert's, so only chosen tokens are computed) where the build and dtype allow it, else as a
+padded batched matmul (`bmm`). Expert choice keeps static shapes and never waits for the
+device (no `.item()`, no `nonzero`): a group's capacity is a tensor, the top-k runs at the
+largest capacity the batch shape allows, and only its first k rows count. That makes the
+blocks compile-clean (`torch.compile(fullgraph=True)`). Three routers:
 
 - `ExpertChoice`: each expert picks its top-k tokens by a sigmoid gate (Zhou et al. 2022;
   MoMa inside each modality group). k = ceil(tokens * capacity_factor / experts), so the
@@ -29,8 +34,29 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` can run the experts: the build has it, the compute dtype
+    is bf16 or fp16 (fp32 too on CPU, eager only: the compiler's shape rules refuse it), and
+    rows are 16-byte aligned (its stride rule)."""
+    if not hasattr(torch, "_grouped_mm") or x.device.type not in ("cpu", "cuda"):
+        return False
+    dt = compute_dtype(x)
+    fp32 = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    if dt not in (torch.bfloat16, torch.float16) and not (fp32 and dt == torch.float32):
+        return False
+    size = torch.empty((), dtype=dt).element_size()
+    return all(n * size % 16 == 0 for n in w.shape[1:])
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: autocast's when it is on (benchmarks), else the input's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 class Experts(nn.Module):
-    """E SwiGLU feed-forward networks as stacked weights: x [E, C, d] -> [E, C, d]."""
+    """E SwiGLU feed-forward networks as stacked weights: x [E, C, d] -> [E, C, d] (padded
+    batched matmul), or x [S, d] with `counts` [E] -> [S, d] (grouped GEMM)."""
 
     def __init__(self, n: int, d: int, hidden: int):
         super().__init__()
@@ -38,8 +64,21 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n, d, hidden))
         self.w2 = nn.Parameter(torch.empty(n, hidden, d))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(F.silu(torch.bmm(x, self.w1)) * torch.bmm(x, self.w3), self.w2)
+    def forward(self, x: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+        if counts is None:
+            return torch.bmm(F.silu(torch.bmm(x, self.w1)) * torch.bmm(x, self.w3), self.w2)
+        # x [S, d]: expert e's counts[e] rows follow expert e-1's. The grouped GEMM leaves rows
+        # past the last group unwritten, so each output is masked: the rest come back as zeros
+        # and no stray value reaches a gradient (the caller zeroes those input rows too).
+        dt = compute_dtype(x)
+        offs = counts.cumsum(0).to(torch.int32)
+        keep = (torch.arange(x.shape[0], device=x.device) < offs[-1]).unsqueeze(-1)
+        x = x.to(dt)
+
+        def mm(a, w):
+            return torch.where(keep, torch._grouped_mm(a, w.to(dt), offs), 0)
+
+        return mm(F.silu(mm(x, self.w1)) * mm(x, self.w3), self.w2)
 
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e alone on x [N, d]."""
@@ -59,12 +98,14 @@ class AuxRouter(nn.Module):
         return self.out(F.silu(self.up(x))).float()
 
 
-def aux_stats(logits: torch.Tensor, chosen: torch.Tensor) -> dict:
-    """BCE of auxiliary logits [N, n] against the batch router's selections, and hits."""
-    n = max(chosen.numel(), 1)
-    bce = F.binary_cross_entropy_with_logits(logits, chosen.float(), reduction="sum") / n
-    return {"aux_bce": bce, "aux_hits": ((logits > 0) == chosen).sum().float(),
-            "aux_n": logits.new_full((), float(chosen.numel()), dtype=torch.float32)}
+def aux_stats(logits: torch.Tensor, chosen: torch.Tensor, rows: torch.Tensor | None = None) -> dict:
+    """BCE of auxiliary logits [N, n] against the batch router's selections, and hits, over
+    the rows where the mask `rows` [N] is set (all if None): a mask, not a selection, keeps
+    the shapes static."""
+    keep = torch.ones_like(chosen) if rows is None else rows.unsqueeze(-1).expand_as(chosen)
+    n = keep.sum().float()
+    bce = F.binary_cross_entropy_with_logits(logits, chosen.float(), weight=keep.float(), reduction="sum") / n.clamp(min=1)
+    return {"aux_bce": bce, "aux_hits": (((logits > 0) == chosen) & keep).sum().float(), "aux_n": n}
 
 
 def gumbel_sigmoid_noise(logits: torch.Tensor) -> torch.Tensor:
@@ -73,36 +114,33 @@ def gumbel_sigmoid_noise(logits: torch.Tensor) -> torch.Tensor:
     return torch.log(u) - torch.log1p(-u)
 
 
-def capacity(n_tokens: int, n_experts: int, factor: float) -> int:
-    """Tokens each expert takes: tokens / experts (times the factor), at least 1, at most all."""
+def capacity(n_tokens, n_experts: int, factor: float):
+    """Tokens each expert takes: tokens / experts (times the factor), at least 1, at most all.
+    `n_tokens` may be a tensor (a count on the device): then so is the answer, with no sync."""
+    if isinstance(n_tokens, torch.Tensor):
+        k = torch.ceil(n_tokens.double() * factor / n_experts).clamp(min=1).long()
+        return torch.minimum(k, n_tokens.long())  # 0 when there are no tokens
     if n_tokens == 0:
         return 0
     return min(n_tokens, max(1, math.ceil(n_tokens * factor / n_experts)))
 
 
-_recent_rows: list = []  # [(key, weakrefs to the masks, rows)], newest last
+_recent_rows: list = []  # [(key, weakref to the mask, rows)], newest last
 
 
-def token_rows(real: torch.Tensor, is_image: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Flat indices of the real tokens ([all]), or of the real text and the real image
-    tokens ([text, image]), ascending. Finding them waits for the GPU (data-dependent
-    sizes). Every unrouted layer of a forward asks with the same unchanged mask tensors,
-    and Mixture-of-Depths layers in between ask with their own, so the last few answers
-    are kept while those tensors live and are not modified in place."""
-    masks = (real,) if is_image is None else (real, is_image)
-    key = tuple((id(m), m._version) for m in masks)
-    for i, (k, refs, rows) in enumerate(_recent_rows):
-        if k == key and all(r() is m for r, m in zip(refs, masks)):
+def token_rows(real: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the real tokens, ascending (for top-2 routing, whose expert loads are
+    data-dependent anyway). Finding them waits for the GPU; every layer of a forward asks
+    with the same unchanged mask tensor, so the last answers are kept while it lives and is
+    not modified in place."""
+    key = (id(real), real._version)
+    for i, (k, ref, rows) in enumerate(_recent_rows):
+        if k == key and ref() is real:
             _recent_rows.append(_recent_rows.pop(i))  # least recently used goes first
             return rows
-    if is_image is None:
-        rows = [real.reshape(-1).nonzero().squeeze(1)]
-    else:  # one host sync for both groups: a stable sort by group (text 0, image 1, padding 2)
-        group = torch.where(real, is_image.long(), 2).reshape(-1)
-        counts = torch.bincount(group, minlength=3).tolist()
-        rows = list(group.argsort(stable=True).split(counts)[:2])
-    _recent_rows.append((key, tuple(weakref.ref(m) for m in masks), rows))
-    del _recent_rows[:-2]  # the forward's own masks and the latest routed layer's
+    rows = real.reshape(-1).nonzero().squeeze(1)
+    _recent_rows.append((key, weakref.ref(real), rows))
+    del _recent_rows[:-2]
     return rows
 
 
@@ -114,52 +152,68 @@ class ExpertChoice(nn.Module):
         self.experts = Experts(n_experts, d, hidden)
         self.aux = AuxRouter(d, n_experts)
 
-    def route(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sigmoid gates [k, E] and chosen token indices [k, E] (into rows) for the tokens
-        x[rows] (all of x [N, d] if rows is None)."""
-        logits = self.router(x).float()  # [N, E]: cheaper to score every token than to gather
-        if rows is not None:
-            logits = logits.index_select(0, rows)
+    def route(self, x: torch.Tensor, member: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gates [E, K] and token indices [E, K] of x [N, d], best first per expert, and each
+        expert's capacity k (a tensor): its first k are its choice among the tokens where
+        `member` [N] is set (all if None). K = the capacity at N members, so the shapes depend
+        on the batch shape alone."""
+        logits = self.router(x).float()  # [N, E]
         if self.noise and self.training:  # upcycled training: Gumbel-sigmoid exploration
             logits = logits + gumbel_sigmoid_noise(logits)
         gates = torch.sigmoid(logits)
-        n = logits.shape[0]
-        k = capacity(n, self.n_experts, self.capacity_factor)
-        if k == n:  # every expert takes every token (e.g. one expert per group): nothing to select
-            return gates, torch.arange(n, device=x.device).unsqueeze(1).expand(n, self.n_experts)
-        # topk along the contiguous token axis, unsorted: the same set, without a full sort
-        gate, idx = gates.T.topk(k, dim=1, sorted=False)
-        return gate.T, idx.T
+        n_all, n_e = x.shape[0], self.n_experts
+        n = x.new_full((), n_all, dtype=torch.long) if member is None else member.sum()
+        k = capacity(n, n_e, self.capacity_factor)
+        if self.capacity_factor >= n_e:  # every expert takes every member (e.g. one expert per group)
+            order = torch.arange(n_all, device=x.device) if member is None else (~member).byte().argsort(stable=True)
+            return gates.index_select(0, order).T, order.expand(n_e, n_all), k
+        # sigmoid gates lie in (0, 1): non-members, scored -1, rank after every member
+        scores = gates if member is None else gates.masked_fill(~member.unsqueeze(1), -1.0)
+        gate, idx = scores.T.topk(capacity(n_all, n_e, self.capacity_factor), dim=1)
+        return gate, idx, k
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> tuple[torch.Tensor, dict]:
         out = torch.zeros_like(x)
         return out, self.add_into(out, x, None, causal)
 
-    def add_into(self, out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None, causal: bool = False) -> dict:
-        """Adds this layer's output for the tokens x[rows] (all of x if rows is None) into
-        out[rows], gathering from and scattering into the caller's tensors directly (no
-        per-group copies); returns the routing statistics."""
+    def add_into(self, out: torch.Tensor, x: torch.Tensor, member: torch.Tensor | None, causal: bool = False) -> dict:
+        """Adds this layer's output for the tokens where `member` [N] is set (all of x [N, d]
+        if None) into out, gathering from and scattering into the caller's tensors directly;
+        returns the routing statistics."""
         if causal:
-            return self.add_causal(out, x, rows)
-        gate, idx = self.route(x, rows)
-        n, k, d = x.shape[0] if rows is None else rows.shape[0], idx.shape[0], x.shape[-1]
-        pick = idx.T.reshape(-1) if rows is None else rows[idx.T.reshape(-1)]  # [E*k] rows of x
+            return self.add_causal(out, x, member)
+        gate, idx, k = self.route(x, member)
+        n_e, cap, d = *idx.shape, x.shape[-1]
+        if grouped_mm_ok(x, self.experts.w1):
+            # packed: expert e's k choices at rows [e*k, (e+1)*k); rows from E*k on are unused
+            s = torch.arange(n_e * cap, device=x.device)
+            e = (s // k.clamp(min=1)).clamp(max=n_e - 1)
+            j = (s - e * k).clamp(max=cap - 1)
+            used, pick, g = s < n_e * k, idx[e, j], gate[e, j]
+            counts = k.expand(n_e)
+        else:  # padded [E, K]: each expert's rows past its k are unused
+            used = (torch.arange(cap, device=x.device) < k).expand(n_e, cap).reshape(-1)
+            pick, g, counts = idx.reshape(-1), gate.reshape(-1), None
+        used = used.unsqueeze(-1)
         # index_select/index_add_ rather than x[idx] and index_put_: their backward passes
         # are a plain scatter-add and gather, with no sort of the indices.
-        y = self.experts(x.index_select(0, pick).view(self.n_experts, k, d)) * gate.T.unsqueeze(-1).to(x.dtype)
-        out.index_add_(0, pick, y.reshape(-1, d))
-        chosen = torch.zeros(n, self.n_experts, dtype=torch.bool, device=x.device).scatter_(0, idx, True)
-        # Counts are filled on the device: torch.tensor(n, device=cuda) would sync the host.
-        stats = {"load": x.new_full((self.n_experts,), float(k), dtype=torch.float32),
-                 "unrouted": (~chosen.any(1)).sum().float(), "tokens": x.new_full((), float(n), dtype=torch.float32)}
+        xs = torch.where(used, x.index_select(0, pick), 0)
+        y = self.experts(xs if counts is not None else xs.view(n_e, cap, d), counts).reshape(-1, d)
+        out.index_add_(0, pick, torch.where(used, y * g.unsqueeze(-1).to(y.dtype), 0).to(out.dtype))
+        chosen = torch.zeros(n_e, x.shape[0], dtype=torch.bool, device=x.device).scatter_(
+            1, idx, (torch.arange(cap, device=x.device) < k).expand(n_e, cap)).T  # [N, E]: each expert's row of idx has no repeats
+        unrouted = ~chosen.any(1) if member is None else member & ~chosen.any(1)
+        stats = {"load": k.float().expand(n_e), "unrouted": unrouted.sum().float(),
+                 "tokens": (x.new_full((), x.shape[0], dtype=torch.long) if member is None else member.sum()).float()}
         if self.training and not self.aux.out.weight.requires_grad:
             return stats  # a frozen auxiliary router's predictions would only be thrown away
-        mine = x.detach() if rows is None else x.detach().index_select(0, rows)
         # The auxiliary router learns on detached inputs: its loss never reaches the main weights.
-        return stats | aux_stats(self.aux(mine), chosen)
+        return stats | aux_stats(self.aux(x.detach()), chosen, member)
 
-    def add_causal(self, out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None) -> dict:
-        """Each token alone: experts whose auxiliary score passes 0.5, weighted by the main gates."""
+    def add_causal(self, out: torch.Tensor, x: torch.Tensor, member: torch.Tensor | None) -> dict:
+        """Each token alone: experts whose auxiliary score passes 0.5, weighted by the main gates
+        (data-dependent shapes: decoding waits for the device anyway)."""
+        rows = None if member is None else member.nonzero().squeeze(1)
         mine = x if rows is None else x.index_select(0, rows)
         gates = torch.sigmoid(self.router(mine).float())
         take = self.aux(mine) > 0
@@ -218,9 +272,9 @@ class MoMaFFN(nn.Module):
     def forward(self, x: torch.Tensor, is_image: torch.Tensor, real: torch.Tensor, causal: bool = False) -> tuple[torch.Tensor, dict]:
         flat = x.reshape(-1, x.shape[-1])
         out = torch.zeros_like(flat)
-        text_rows, image_rows = token_rows(real, is_image)
-        stats = {"text": self.text.add_into(out, flat, text_rows, causal),
-                 "image": self.image.add_into(out, flat, image_rows, causal)}
+        real, is_image = real.reshape(-1), is_image.reshape(-1)
+        stats = {"text": self.text.add_into(out, flat, real & ~is_image, causal),
+                 "image": self.image.add_into(out, flat, real & is_image, causal)}
         return out.view_as(x), stats
 
 
@@ -233,11 +287,11 @@ class MoEFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, is_image: torch.Tensor, real: torch.Tensor, causal: bool = False) -> tuple[torch.Tensor, dict]:
         flat = x.reshape(-1, x.shape[-1])
-        (rows,) = token_rows(real)
         out = torch.zeros_like(flat)
         if isinstance(self.all, ExpertChoice):
-            stats = self.all.add_into(out, flat, rows, causal)
+            stats = self.all.add_into(out, flat, real.reshape(-1), causal)
         else:
+            rows = token_rows(real)
             y, stats = self.all(flat.index_select(0, rows), causal)
             out.index_add_(0, rows, y)
         return out.view_as(x), {"all": stats}

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -21,11 +22,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mmtok.shards import atomic_write
+from mmtok.locks import exclusive
+from mmtok.shards import atomic_write, read_json
 from mmtok.trainer.config import RunConfig, parse_layout
+from mmtok.trainer.export import load_weights, read_run_config
 from mmtok.trainer.model import Decoder, is_aux_param, loss_terms
 from mmtok.trainer.parallel import init_distributed, parallelize
-from mmtok.trainer.train import CONFIG, Checkpointer, TrainError, build_optimizer, latest_checkpoint
+from mmtok.trainer.train import CONFIG, Checkpointer, TrainError, build_optimizer, from_rank0, intact_checkpoint
 
 AUX_REPORT = "aux_routers.json"
 
@@ -41,12 +44,6 @@ class _LoaderState:
 
     def load_state_dict(self, state: dict) -> None:
         self.state = state
-
-
-def _run_config(run: Path) -> RunConfig:
-    if not (run / CONFIG).exists():
-        raise TrainError(f"{run}: not a training run (no {CONFIG}); pass the --out directory of `mmtok train`")
-    return RunConfig.from_dict(json.loads((run / CONFIG).read_text()))
 
 
 def aux_agreement(stats: list[dict]) -> dict:
@@ -67,12 +64,21 @@ def train_aux_routers(run: str | Path, plan: str | Path, steps: int = 100, lr: f
     `plan` per process (from its start; the plan repeats if shorter), main weights frozen.
     Under torchrun every process reads its own micro-batches and the model is sharded with
     FSDP2, as in `mmtok train`; the checkpoint is saved again at its own step."""
-    from mmtok.loader import PlanLoader
-
     run = Path(run)
     rank, world, device = init_distributed()
-    cfg = _run_config(run)
-    ckpt = latest_checkpoint(run)
+    with contextlib.ExitStack() as held:
+        def claim() -> Path | None:  # rank 0 locks the run for the whole stage, as train does
+            held.enter_context(exclusive(run))
+            return intact_checkpoint(run)
+
+        ckpt = from_rank0(claim, rank, world)
+        return _train_aux(run, plan, steps, lr, log, rank, world, device, ckpt)
+
+
+def _train_aux(run: Path, plan, steps: int, lr: float, log, rank: int, world: int, device, ckpt: Path | None) -> dict:
+    from mmtok.loader import PlanLoader
+
+    cfg = read_run_config(run)
     if ckpt is None:
         raise TrainError(f"{run}: has no checkpoint yet; train it first")
     if cfg.model.model == "dense" or (cfg.model.model == "moe" and cfg.model.routing == "top2"):
@@ -140,18 +146,24 @@ def upcycle(run: str | Path, experts: str, out: str | Path, *, router_noise: str
     """Write `out` as a run at step 0 whose model is `run`'s newest checkpoint upcycled to
     `experts` (NtMi). Continue it with `mmtok train --resume --out OUT` and the same model options."""
     run, out = Path(run), Path(out)
-    parent = _run_config(run)
-    ckpt = latest_checkpoint(run)
+    parent = read_run_config(run)
+    ckpt = intact_checkpoint(run)
     if ckpt is None:
         raise TrainError(f"{run}: has no checkpoint yet; train it first")
     kind = parent.model.model
     if not (kind == "dense" or (kind in ("moma", "mod-moma") and parse_layout(parent.model.experts) == (1, 1))):
         raise TrainError(f"{run}: upcycling starts from a dense or a 1t1i model, this one is {kind} {parent.model.experts}")
     parse_layout(experts)
-    if (out / CONFIG).exists():
-        raise TrainError(f"{out} already holds a run; choose a new --out")
+    with exclusive(out):
+        if (out / CONFIG).exists():
+            raise TrainError(f"{out} already holds a run; choose a new --out")
+        return _upcycle(run, parent, ckpt, experts, out, router_noise, seed)
+
+
+def _upcycle(run: Path, parent: RunConfig, ckpt: Path, experts: str, out: Path, router_noise: str, seed: int) -> dict:
+    kind = parent.model.model
     old = Decoder(parent.model)
-    _load_weights(old, ckpt)
+    load_weights(old, ckpt)
     cfg = RunConfig.from_dict(parent.as_dict())
     cfg.model.model = "moma" if kind == "dense" else kind
     cfg.model.experts, cfg.model.router_noise = experts, router_noise
@@ -170,14 +182,6 @@ def upcycle(run: str | Path, experts: str, out: str | Path, *, router_noise: str
     atomic_write(out / "upcycled_from.json", json.dumps(meta, indent=1).encode())
     return {"out": str(out), "checkpoint": str(path), "parent": str(run), "parent_step": parent_step,
             "model": cfg.model.model, "experts": experts, "copied_tensors": copied, "loader": position}
-
-
-def _load_weights(model: Decoder, ckpt: Path) -> None:
-    import torch.distributed.checkpoint as dcp
-
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
-    model.load_state_dict(state["model"])
 
 
 def upcycle_weights(old: Decoder, new: Decoder, from_dense: bool) -> int:

@@ -29,6 +29,13 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def reshard_after_forward(i: int, last: int, world: int) -> bool:
+    """Whether block i frees its gathered parameters after forward. One process holds every
+    shard anyway: keeping the bf16 copies saves recasting them in backward. The last block's
+    are needed again right away by backward: kept too."""
+    return world > 1 and i < last
+
+
 def parallelize(model: torch.nn.Module, world: int, device: torch.device, *, bf16: bool, act_ckpt: bool,
                 compile: bool) -> torch.nn.Module:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -47,7 +54,6 @@ def parallelize(model: torch.nn.Module, world: int, device: torch.device, *, bf1
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     last = len(model.layers) - 1
     for i, block in enumerate(model.layers):
-        # The last block's parameters are needed again right away by backward: keep them.
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < last)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward(i, last, world))
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model

@@ -8,9 +8,12 @@ A run directory holds:
                          train_state.json (step, schedule, model config) and
                          rank-R.json (that rank's loader position and RNG state)
   checkpoints/latest     name of the newest complete checkpoint
+  .mmtok.lock            held by rank 0 while the run trains: one trainer per run directory
 
 Checkpoints are written into a temporary directory and renamed when every rank has
-finished, so `latest` always names a complete one. The loop saves every `ckpt_every`
+finished, so `latest` always names a complete one. Each lists its files' sha256 in
+checksums.json and is read through `checkpoint_io` (nothing in it is unpickled freely);
+`--resume` skips a damaged one for the newest intact one. The loop saves every `ckpt_every`
 steps, at the end, and when SIGINT/SIGTERM arrives (after the step in flight). Resuming
 restores model, optimizer, schedule, data position and RNG, so the losses continue
 exactly as in an uninterrupted run.
@@ -19,9 +22,11 @@ exactly as in an uninterrupted run.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -32,13 +37,16 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from mmtok.locks import LOCK_FILE, exclusive
 from mmtok.shards import atomic_write
+from mmtok.trainer import checkpoint_io
 from mmtok.trainer.config import RunConfig
 from mmtok.trainer.model import Decoder, expert_load, flops_per_token, is_aux_param, loss_terms
 from mmtok.trainer.parallel import init_distributed, parallelize
 
 CONFIG, METRICS, CKPT_DIR, LATEST = "config.json", "metrics.jsonl", "checkpoints", "latest"
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peak
+STEP_NAME = re.compile(r"step-\d{8,}")
 
 
 class TrainError(ValueError):
@@ -47,6 +55,10 @@ class TrainError(ValueError):
 
 class GlobalBatchChanged(UserWarning):
     """A run resumed with another processes x --grad-accum than its checkpoint was trained with."""
+
+
+class SkippedCheckpoint(UserWarning):
+    """--resume passed over a damaged checkpoint for an older intact one."""
 
 
 def lr_at(step: int, tc) -> float:
@@ -85,14 +97,61 @@ def _set_rng_state(state: dict) -> None:
 
 
 def latest_checkpoint(run: Path) -> Path | None:
+    """The checkpoint `latest` names; refused unless it is a step directory of this run."""
     p = run / CKPT_DIR / LATEST
     if not p.exists():
         return None
     name = p.read_text().strip()
+    if not STEP_NAME.fullmatch(name):  # never a path: a shared run must not make us read elsewhere
+        raise TrainError(f"{p} names {name!r}, not a checkpoint of this run (step-NNNNNNNN); the run was altered")
     path, aside = run / CKPT_DIR / name, run / CKPT_DIR / f".{name}.old"
     if not path.exists() and aside.exists():  # killed while a step was saved again: its previous copy is whole
         os.replace(aside, path)
+    if path.is_symlink():
+        raise TrainError(f"{path} is a link; a checkpoint must be a directory inside its run")
     return path
+
+
+def intact_checkpoint(run: Path, fallback: bool = False) -> Path | None:
+    """The newest checkpoint whose files match their checksums. Without `fallback` a damaged
+    newest one is an error (CheckpointError); with it (--resume), older ones are tried in
+    turn, each skip a SkippedCheckpoint warning naming the checkpoint and the damage."""
+    newest = latest_checkpoint(run)
+    if newest is None:
+        return None
+    step = lambda p: int(p.name[5:])  # noqa: E731
+    older = [p for p in (run / CKPT_DIR).glob("step-*") if STEP_NAME.fullmatch(p.name) and step(p) < step(newest)
+             and p.is_dir() and not p.is_symlink()] if fallback else []
+    damage = []
+    for path in [newest, *sorted(older, key=step, reverse=True)]:
+        try:
+            checkpoint_io.verify(path)
+            return path
+        except checkpoint_io.CheckpointError as e:
+            if not fallback:
+                raise
+            damage.append(str(e))
+            warnings.warn(f"skipping checkpoint {path.name}: {e}", SkippedCheckpoint, stacklevel=2)
+    raise TrainError(f"{run}: no intact checkpoint to resume from ({'; '.join(damage)}); start again in a new --out")
+
+
+def from_rank0(fn: Callable, rank: int, world: int):
+    """`fn()` on rank 0 only (it takes the lock, hashes files, checks the run), its result or
+    its refusal shared with every rank, so that all ranks go on or stop together."""
+    if world == 1:
+        return fn()
+    box = [None, None]
+    if rank == 0:
+        try:
+            box[0] = fn()
+        except BaseException as e:
+            box[1] = str(e)
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise TrainError(f"rank 0: {box[1]}")
+    return box[0]
 
 
 def check_same_model(saved: dict, current: dict, where: str) -> None:
@@ -132,6 +191,7 @@ class Checkpointer:
             atomic_write(tmp / "train_state.json", json.dumps(meta, indent=1).encode())
         self._barrier()
         if self.rank == 0:
+            checkpoint_io.write_checksums(tmp)  # last: a checkpoint with its list is whole
             aside = self.dir / f".{name}.old"
             if final.exists():  # the same step saved again (aux-router stage): set the old copy aside, never delete first
                 shutil.rmtree(aside, ignore_errors=True)
@@ -145,12 +205,12 @@ class Checkpointer:
         return final
 
     def load(self, path: Path, model, optimizer, loader) -> int:
-        import torch.distributed.checkpoint as dcp
+        """Restore `path` (verified by the caller: intact_checkpoint)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=str(path))
+        checkpoint_io.load(state, path)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         meta = json.loads((path / "train_state.json").read_text())
         # The loader state is a position in the plan's global order, the same on every rank,
@@ -254,7 +314,8 @@ class DecoderJob:
 
     def forward(self, model, batch: dict) -> tuple[dict, list[dict], dict]:
         """Loss terms, routing statistics, and (NLL sum, token count) per reported group."""
-        logits, stats = model(batch["input_ids"], batch["positions"], batch["doc_ids"])
+        # the fused head (chunked cross-entropy): the full logits never exist
+        logits, stats = model(batch["input_ids"], batch["positions"], batch["doc_ids"], targets=batch["targets"])
         terms = loss_terms(self.cfg.model, logits, batch["targets"], stats)
         groups = {"text": (terms["text_nll"], terms["text_n"]), "image": (terms["image_nll"], terms["image_n"])}
         return terms, stats, groups
@@ -277,13 +338,24 @@ def run_job(job, run: str | Path, *, resume: bool = False, stop_at_step: int | N
     """The training loop shared by every model: FSDP2 under torchrun, gradient accumulation,
     clipping, the schedule, metrics, checkpoints, resume and SIGTERM."""
     run = Path(run)
+    rank, world, device = init_distributed()
+    with contextlib.ExitStack() as held:
+        def claim() -> Path | None:
+            # All ranks share the run directory, so rank 0 alone locks it, until the run ends
+            # (a `--nproc` launcher trains nothing and takes no lock).
+            held.enter_context(exclusive(run))
+            ckpt = intact_checkpoint(run, fallback=True) if resume else None
+            _check_run_dir(run, job, resume, ckpt)
+            return ckpt
+
+        # Checked before anything is written or trained; every rank stops with rank 0's message.
+        ckpt_path = from_rank0(claim, rank, world)
+        return _train(job, run, rank, world, device, ckpt_path, stop_at_step, live)
+
+
+def _train(job, run: Path, rank: int, world: int, device, ckpt_path: Path | None, stop_at_step, live) -> dict:
     cfg = job.cfg
     tc = cfg.train
-    rank, world, device = init_distributed()
-    ckpt_path = latest_checkpoint(run) if resume else None
-    # Check everything on every rank before anything is written or trained, so that all
-    # ranks stop together with the same message on bad input.
-    _check_run_dir(run, job, resume, ckpt_path)
     loader = job.make_loader(rank, world)
     saved = json.loads((ckpt_path / "train_state.json").read_text()) if ckpt_path else {}
     start = saved.get("step", 0)
@@ -379,8 +451,28 @@ def _check_run_dir(run: Path, job, resume: bool, ckpt_path: Path | None) -> None
         if ckpt_path is None:
             raise TrainError(f"{run}: nothing to resume (no checkpoint); run without --resume to start it")
         job.same_run(json.loads(cfg_path.read_text()), str(ckpt_path))
-    elif cfg_path.exists():
+        return
+    ckpts = run / CKPT_DIR
+    if (ckpts / LATEST).exists() or any(ckpts.glob("step-*")):
         raise TrainError(f"{run} already holds a run; pass --resume to continue it, or use a new --out")
+    # A run stopped before its first checkpoint left only what the trainer writes (config,
+    # metrics and TensorBoard files are replaced; a half-saved checkpoint is never read):
+    # start it again there. Anything else is a user's: refuse rather than mix in with it.
+    ours = {CONFIG, METRICS, CKPT_DIR, "tb", LOCK_FILE, *job.files()}
+    foreign = sorted(p.name for p in run.iterdir() if p.name not in ours) if run.is_dir() else []
+    if not foreign and cfg_path.exists() and not _is_run_config(cfg_path):
+        foreign = [CONFIG]
+    if foreign:
+        raise TrainError(f"{run} holds files that `mmtok train` did not write ({', '.join(foreign[:5])}); "
+                         "use a new or empty --out")
+
+
+def _is_run_config(path: Path) -> bool:
+    try:
+        d = json.loads(path.read_text())
+    except ValueError:
+        return False
+    return isinstance(d, dict) and isinstance(d.get("model"), dict) and isinstance(d.get("train"), dict)
 
 
 LOSSES = ("loss", "ce", "z_loss", "aux_loss", "aux_router_bce")

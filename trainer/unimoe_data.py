@@ -110,12 +110,13 @@ def join_pairs(*, texts: list = (), speech: list = (), audio: list = (), video: 
 
 
 def image_array(data: bytes, size: int) -> np.ndarray:
-    """Encoded image -> float32 (3, size, size) in [-1, 1]. Refuses decompression bombs."""
+    """Encoded image -> float32 (3, size, size) in [-1, 1], upright (EXIF), 16-bit greys scaled.
+    Refuses decompression bombs and extreme aspect ratios."""
     from PIL import Image
 
-    from mmtok.vq import open_image
+    from mmtok.vq import rgb_image
 
-    im = open_image(data).convert("RGB").resize((size, size), Image.BILINEAR)
+    im = rgb_image(data).resize((size, size), Image.BILINEAR)
     return np.asarray(im, np.float32).transpose(2, 0, 1) / 127.5 - 1.0
 
 

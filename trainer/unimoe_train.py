@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from mmtok.shards import atomic_write
+from mmtok.shards import atomic_write, read_json
 from mmtok.trainer.config import TrainConfig
+from mmtok.trainer.export import load_weights
 from mmtok.trainer.model import loss_terms
-from mmtok.trainer.train import CONFIG, TrainError, latest_checkpoint, run_job
+from mmtok.trainer.train import CONFIG, TrainError, intact_checkpoint, run_job
 from mmtok.trainer.unimoe import STAGES, UniMoE, UniMoEConfig
 
 FORMAT = "mmtok-unimoe-run/1"
@@ -54,22 +55,18 @@ def is_unimoe_run(path: str | Path) -> bool:
 
 def load_run(run: str | Path) -> tuple[UniMoE, UniMoERun, int]:
     """A uni-moe run's newest checkpoint as a model (CPU, eval mode, set to its stage)."""
-    import torch.distributed.checkpoint as dcp
-
     run = Path(run)
     if not is_unimoe_run(run):
         raise TrainError(f"{run}: not a uni-moe run (no {CONFIG} of format {FORMAT}); pass the --out of "
                          "`mmtok train --model uni-moe`")
-    cfg = UniMoERun.from_dict(json.loads((run / CONFIG).read_text()))
-    ckpt = latest_checkpoint(run)
+    cfg = UniMoERun.from_dict(read_json(run / CONFIG))
+    ckpt = intact_checkpoint(run)
     if ckpt is None:
         raise TrainError(f"{run}: has no checkpoint yet")
     model = UniMoE(cfg.model)
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
-    model.load_state_dict(state["model"])
+    load_weights(model, ckpt)
     model.set_stage(cfg.stage)
-    return model.eval(), cfg, int(json.loads((ckpt / "train_state.json").read_text())["step"])
+    return model.eval(), cfg, int(read_json(ckpt / "train_state.json")["step"])
 
 
 def init_weights(model: UniMoE, cfg: UniMoERun) -> str:
