@@ -4,6 +4,8 @@ stays fast."""
 
 from __future__ import annotations
 
+import inspect
+import re
 import sys
 
 import typer
@@ -23,6 +25,24 @@ app = typer.Typer(
 
 for module in (data_cmds, media_cmds, mix_cmds, token_cmds, interop_cmds, train_cmds, moma_cmds):
     module.register(app)
+
+
+def _keep_angle_brackets(text: str | None) -> str | None:
+    """Markdown help (rich_markup_mode) drops `<boi>` as an HTML tag: escape every `<` outside
+    code spans (where a backslash would show). Idempotent: shared options are seen twice."""
+    if not text:
+        return text
+    parts = text.split("`")
+    parts[::2] = [re.sub(r"(?<!\\)<", r"\\<", p) for p in parts[::2]]
+    return "`".join(parts)
+
+
+for _cmd in app.registered_commands:
+    _cmd.callback.__doc__ = _keep_angle_brackets(_cmd.callback.__doc__)
+    _cmd.help = _keep_angle_brackets(_cmd.help)
+    for _p in inspect.signature(_cmd.callback).parameters.values():
+        if isinstance(_p.default, typer.models.ParameterInfo):
+            _p.default.help = _keep_angle_brackets(_p.default.help)
 
 
 def _version(value: bool) -> None:

@@ -141,3 +141,16 @@ def report(summary, as_json: bool) -> None:
             fail(f"{summary.error_rate:.1%} of inputs were quarantined, over --max-error-rate {summary.max_error_rate:.1%}",
                  Exit.ERROR_BUDGET)
         raise typer.Exit(int(Exit.ERROR_BUDGET))
+
+
+def renamed(value, old_value, new: str, old: str):
+    """The value of an option or argument that had another spelling: `old` still works for
+    one release (hidden from --help), with a warning on stderr."""
+    if old_value is None:
+        return value
+    if value is not None:
+        fail(f"give {new} or {old} (its old spelling), not both")
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(f"warning: {old} is deprecated; use {new}", highlight=False, markup=False)
+    return old_value

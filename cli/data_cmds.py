@@ -6,7 +6,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import typer
 
@@ -37,6 +37,14 @@ def shard(
     max_member_bytes: str = typer.Option("4G", "--max-member-bytes",
                                          help="Largest input file, archive member or file a manifest row names "
                                          "(K/M/G suffixes); a bigger one is quarantined without being read."),
+    image_col: Optional[str] = typer.Option(None, "--image-col", help="Manifest column holding the image path "
+                                            "(or bytes, in Parquet). Default: image, else jpg/png/webp."),
+    text_col: Optional[str] = typer.Option(None, "--text-col", help="Manifest column holding the text or caption. "
+                                           "Default: text, else caption, else transcript."),
+    audio_col: Optional[str] = typer.Option(None, "--audio-col", help="Manifest column holding the audio path. Default: audio."),
+    video_col: Optional[str] = typer.Option(None, "--video-col", help="Manifest column holding the video path. Default: video."),
+    key_col: Optional[str] = typer.Option(None, "--key-col", help="Manifest column that names a row in `source` and "
+                                          "quarantine records (default: its row number)."),
     workers: int = WORKERS,
     backend: str = BACKEND,
     max_error_rate: float = MAX_ERROR_RATE,
@@ -46,25 +54,36 @@ def shard(
 ) -> None:
     """Validate raw corpora and write WebDataset shards with a manifest and a quarantine log.
 
+    Manifests: --image-col/--text-col/... map their columns (LAION: --image-col url, but a
+    URL is quarantined: fetch it with img2dataset first, then shard img2dataset's output
+    folder as it is).
+
     Rerun the same command after a crash or Ctrl-C: finished shards are kept and the job
     picks up where it stopped. Exit status: 0 ok, 2 bad usage, 3 too many bad inputs.
 
     Example: mmtok shard images/ captions.jsonl old-shards/ --out shards/ --workers 8
     """
-    from mmtok.ingest import MAX_MEMBER_BYTES, ShardFn, shard_items
+    from mmtok.ingest import MAX_MEMBER_BYTES, Columns, ShardFn, check_manifest, shard_items
     from mmtok.runner import run_stage
 
     check_inputs(inputs, out)
+    columns = Columns(image=image_col, audio=audio_col, video=video_col, text=text_col, key=key_col)
+    for spec in inputs:  # a manifest given by name is checked before any work (those in folders when reached)
+        check_manifest(spec, columns)
     member_limit = _parse_size(max_member_bytes, "--max-member-bytes")
     config = {"inputs": list(inputs), "max_count": max_count, "max_size": _parse_size(max_size),
               "validate": validate, "dedup": dedup, "max_pixels": max_pixels}
     if member_limit != MAX_MEMBER_BYTES:  # left out at its default, so earlier runs' output dirs still resume
         config["max_member_bytes"] = member_limit
+    named = {k: v for k, v in columns.__dict__.items() if v}
+    if named:  # likewise: only when given
+        config["columns"] = named
     summary = run_stage(
-        "shard", shard_items(list(inputs), member_limit), ShardFn(validate, max_pixels, member_limit), out,
+        "shard", shard_items(list(inputs), member_limit, columns), ShardFn(validate, max_pixels, member_limit), out,
         config=config, workers=workers,
         max_count=max_count, max_size=_parse_size(max_size), max_error_rate=max_error_rate, dedup=dedup,
         progress=not quiet and not as_json, overwrite=overwrite, task_size=8, backend=backend,
+        count=shard_items(list(inputs), member_limit, columns),  # the bar's total: a second listing, in a thread
         threads=True)  # reading, hashing and decoding release the GIL: no bytes through pipes
     report(summary, as_json)
 
@@ -83,23 +102,34 @@ def _parse_size(text: str, option: str = "--max-size") -> int:
 
 @friendly_errors
 def inspect(
-    directory: Path = typer.Argument(..., file_okay=False, help="A shard directory written by any mmtok stage, a balance-mix plan, or a training run."),
+    directory: Path = typer.Argument(..., file_okay=False, help="Any directory mmtok writes: shards, frames, audio "
+                                     "features, codes or tokens (any stage's --out), a tokenizer, a balance-mix plan, a "
+                                     "training run or an export."),
     samples: int = typer.Option(3, "--samples", min=0, help="How many sample keys to show per group."),
     as_json: bool = JSON_OUT,
 ) -> None:
-    """Show what a shard directory holds: counts, shards, bytes, quarantine reasons, sample keys.
-    On a balance-mix plan: its sources, shape and balance report. On a training run (`mmtok
-    train --out`, upcycle, uni-moe): the model, its progress, the newest checkpoint and the
-    last metrics."""
+    """Show what an mmtok directory is and holds. A stage's output (shards, frames, audio
+    features, codes, tokens): counts, shards, bytes, quarantine reasons, sample keys and the
+    stage's own facts. A tokenizer: its vocabulary layout and VQ. A balance-mix plan: its
+    sources, shape and balance report. A training run (`mmtok train --out`, upcycle,
+    uni-moe): the model, its progress, the newest checkpoint and the last metrics. An
+    export: the model and its parameter count. Reads JSON and headers only (no torch)."""
     import collections
 
     from mmtok.shards import MANIFEST, QUARANTINE, ShardReader, read_jsonl, require_keys
+    from mmtok.vocab import VOCAB_FILE
 
     if (directory / "config.json").exists() and (directory / "checkpoints").is_dir():
         _inspect_run(directory, as_json)
         return
     if (directory / "plan.json").exists():
         _inspect_plan(directory, as_json)
+        return
+    if (directory / "config.json").exists() and (directory / "model.safetensors").exists():
+        _inspect_export(directory, as_json)
+        return
+    if not (directory / MANIFEST).exists() and ((directory / VOCAB_FILE).exists() or (directory / "vq.json").exists()):
+        _inspect_tokenizer(directory, as_json)
         return
 
     reader = ShardReader(directory)
@@ -115,7 +145,8 @@ def inspect(
     for row in reader.index().select(["key", "group"]).to_pylist():
         if len(keys.setdefault(row["group"], [])) < samples:
             keys[row["group"]].append(row["key"])
-    info = {"directory": str(directory), "stage": m["stage"], **m["totals"],
+    kind, facts = _stage_facts(m, reader.index())
+    info = {"directory": str(directory), "kind": kind, "stage": m["stage"], **m["totals"], "facts": facts,
             "quarantine_reasons": dict(reasons.most_common(10)), "sample_keys": keys}
     if as_json:
         sys.stdout.write(json.dumps(info, indent=1, sort_keys=True) + "\n")
@@ -133,8 +164,135 @@ def inspect(
     c.print(t)
     c.print(f"by modality: {m['totals']['by_modality']}; duplicates dropped: {m['totals']['duplicates']}; "
             f"quarantined: {m['totals']['quarantined']}")
+    c.print(f"{kind}: " + ", ".join(f"{k} {_show(v)}" for k, v in facts.items() if v is not None), highlight=False)
     for r, n in reasons.most_common(10):
         c.print(f"  {n} x {r}")
+
+
+# what each stage's output is called, as the README names them
+_KINDS = {"shard": "shards", "extract-keyframes": "frames", "extract-audio": "features",
+          "tokenize-images": "codes", "tokenize": "tokens"}
+
+
+def _column_sum(index, name: str):
+    """The sum of an index column (None when the stage wrote none, or wrote no numbers)."""
+    if name not in index.column_names:
+        return None
+    values = [v for v in index.column(name).to_pylist() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return round(sum(values), 3) if values else None
+
+
+def _stage_facts(m: dict, index) -> tuple[str, dict]:
+    """(what the directory is, the facts its stage's config and index give). The manifest may
+    come from elsewhere: its fields are shown, never trusted as types."""
+    stage = m.get("stage")
+    cfg = m.get("config") if isinstance(m.get("config"), dict) else {}
+    kind = _KINDS.get(stage, str(stage))
+    facts: dict = {}
+    if stage == "shard":
+        facts = {k: cfg.get(k) for k in ("inputs", "validate", "dedup", "max_pixels")}
+    elif stage == "extract-keyframes":
+        parents = set(index.column("parent").to_pylist()) if "parent" in index.column_names else set()
+        facts = {"mode": cfg.get("mode"), "frames_per_video": cfg.get("frames"), "size": cfg.get("size"),
+                 "videos": len(parents), "frames": index.num_rows, "inputs": cfg.get("inputs")}
+    elif stage == "extract-audio":
+        facts = {"features": cfg.get("features"), "n_mels": cfg.get("n_mels"), "max_chunks": cfg.get("max_chunks"),
+                 "clips": index.num_rows, "seconds": _column_sum(index, "duration"), "inputs": cfg.get("inputs")}
+    elif stage in ("tokenize-images", "tokenize"):
+        vocab = cfg.get("vocab") if isinstance(cfg.get("vocab"), dict) else {}
+        image_range = vocab.get("image_range")
+        fp = cfg.get("tokenizer")
+        facts = {"tokenizer": fp[:16] if isinstance(fp, str) else None, "vocab_size": vocab.get("vocab_size"),
+                 "image_codes": image_range[1] - image_range[0] if isinstance(image_range, list) and len(image_range) == 2
+                 and all(isinstance(x, int) for x in image_range) else None,
+                 "codes_per_image": vocab.get("image_tokens_per_image"), "inputs": cfg.get("inputs")}
+        if stage == "tokenize-images":
+            facts.update({"resolution": cfg.get("resolution"), "images": index.num_rows})
+        else:
+            facts.update({"documents": index.num_rows, "tokens": _column_sum(index, "n_tokens"),
+                          "text_tokens": _column_sum(index, "n_text"), "image_tokens": _column_sum(index, "n_image"),
+                          "codes": cfg.get("codes")})
+    return kind, facts
+
+
+def _safetensors_params(path: Path) -> dict:
+    """Tensor and parameter counts and dtypes from a safetensors file's JSON header, read
+    without loading a tensor (the header is bounded: a stranger's file may lie about it)."""
+    from mmtok.shards import ShardError
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= 100 << 20:
+            raise ShardError(f"{path}: not a safetensors file (header length {n})")
+        try:
+            header = json.loads(f.read(n))
+            tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+            params = sum(_prod(v["shape"]) for v in tensors.values())
+            dtypes = sorted({str(v["dtype"]) for v in tensors.values()})
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ShardError(f"{path}: unreadable safetensors header ({e})") from None
+    return {"tensors": len(tensors), "parameters": params, "dtypes": dtypes, "bytes": path.stat().st_size}
+
+
+def _prod(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= int(d)
+    return out
+
+
+def _inspect_tokenizer(directory: Path, as_json: bool) -> None:
+    """A tokenizer directory (`train-bpe`, `train-vq`, `import-tokenizer`): its vocabulary
+    layout, text model and VQ, from JSON and headers alone."""
+    from mmtok.shards import read_json, read_jsonl
+    from mmtok.vocab import VOCAB_FILE, Vocab
+
+    info: dict = {"directory": str(directory), "kind": "tokenizer"}
+    if (directory / VOCAB_FILE).exists():
+        v = Vocab.load(directory)
+        info.update({"format": v.format, "vocab_size": v.vocab_size, "specials": v.n_specials, "text_ids": v.n_text,
+                     "text_range": list(v.text_range), "image_codes": v.n_image_codes,
+                     "image_range": list(v.image_range), "codes_per_image": v.image_tokens_per_image,
+                     "text_model": v.text_model, "text_model_present": (directory / v.text_model).exists()})
+    else:
+        info["vocab"] = f"no {VOCAB_FILE} yet: run `mmtok train-bpe --out {directory}` to add the text side"
+    if (directory / "vq.json").exists():
+        vq = read_json(directory / "vq.json")
+        info["vq"] = {k: vq.get(k) for k in ("resolution", "downsample", "codebook_size", "channels", "code_dim")}
+        if (directory / "vq.safetensors").exists():
+            info["vq"]["parameters"] = _safetensors_params(directory / "vq.safetensors")["parameters"]
+        log = read_jsonl(directory / "vq_log.jsonl") if (directory / "vq_log.jsonl").exists() else []
+        if log:  # how far training got and how well it reconstructs
+            info["vq"]["last_log"] = {k: v for k, v in log[-1].items() if isinstance(v, (int, float))}
+    else:
+        info["vq"] = f"no VQ yet: run `mmtok train-vq --out {directory}` to add image codes"
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=1, sort_keys=True) + "\n")
+        return
+    _key_value_table(f"{directory} (tokenizer)", {k: v for k, v in info.items() if k != "directory"})
+
+
+def _inspect_export(directory: Path, as_json: bool) -> None:
+    """An `mmtok export` directory: the model config, its step and source, the weights' size."""
+    from mmtok.shards import ShardError, read_json
+
+    meta = read_json(directory / "config.json")
+    if meta.get("format") != "mmtok-model/1" or not isinstance(meta.get("model"), dict):
+        raise ShardError(f"{directory / 'config.json'}: not an mmtok export (format {meta.get('format')!r}); "
+                         "`mmtok export RUN --out DIR` writes one")
+    model = meta["model"]
+    info = {"directory": str(directory), "kind": "export", "format": meta["format"], "step": meta.get("step"),
+            "source_run": meta.get("source_run"),
+            **{k: model.get(k) for k in ("model", "experts", "n_layers", "d_model", "n_heads", "vocab_size",
+                                         "max_seq_len", "tokenizer")},
+            "weights": _safetensors_params(directory / "model.safetensors")}
+    if isinstance(info["tokenizer"], str):
+        info["tokenizer"] = info["tokenizer"][:16]
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=1, sort_keys=True) + "\n")
+        return
+    _key_value_table(f"{directory} (export)", {k: v for k, v in info.items() if k != "directory"})
 
 
 def _inspect_plan(directory: Path, as_json: bool) -> None:
@@ -142,7 +300,7 @@ def _inspect_plan(directory: Path, as_json: bool) -> None:
     from mmtok.loader import read_plan_meta
 
     meta = read_plan_meta(directory)
-    info = {"directory": str(directory), **{k: meta[k] for k in ("ratio", "world_size", "seq_len", "micro_batch", "steps",
+    info = {"directory": str(directory), "kind": "plan", **{k: meta[k] for k in ("ratio", "world_size", "seq_len", "micro_batch", "steps",
                                                                  "microbatches", "seed")},
             "sources": {s["name"]: {"documents": s["documents"], "weight": s["weight"]} for s in meta["sources"]},
             "report": meta["report"]}
@@ -157,16 +315,18 @@ def _key_value_table(title: str, rows: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    def show(v):
-        if isinstance(v, dict):
-            return ", ".join(f"{a} {show(b)}" for a, b in v.items())
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
     t = Table(title=title, show_header=False)
     for k, v in rows.items():
         if v not in (None, {}):
-            t.add_row(k, show(v))
+            t.add_row(k, _show(v))
     Console().print(t)
+
+
+def _show(v) -> str:
+    """A value on one line: a dict as `key value, ...`, floats to 4 significant digits."""
+    if isinstance(v, dict):
+        return ", ".join(f"{a} {_show(b)}" for a, b in v.items())
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _inspect_run(directory: Path, as_json: bool) -> None:
@@ -186,7 +346,7 @@ def _inspect_run(directory: Path, as_json: bool) -> None:
     records = read_jsonl(metrics) if metrics.exists() else []
     last = records[-1] if records else {}
     model = cfg["model"]
-    info = {"directory": str(directory), "model": model.get("model", "uni-moe"), "experts": model.get("experts"),
+    info = {"directory": str(directory), "kind": "run", "model": model.get("model", "uni-moe"), "experts": model.get("experts"),
             "stage": cfg.get("stage"), "n_layers": model.get("n_layers"), "d_model": model.get("d_model"),
             "step": state.get("step"), "steps": cfg["train"]["steps"], "checkpoint": str(ckpt) if ckpt else None,
             "world_size": state.get("world_size"), "global_batch": state.get("global_batch"),

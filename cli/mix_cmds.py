@@ -18,11 +18,15 @@ def register(app: typer.Typer) -> None:
 
 @friendly_errors
 def balance_mix(
-    token_shards: List[Path] = typer.Argument(..., file_okay=False, help="Token shard directories written by `mmtok tokenize`."),
-    out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="Plan directory to write (plan.json + arrays)."),
-    world_size: int = typer.Option(..., "--world-size", min=1, help="Ranks (GPUs) the plan is laid out for."),
+    # the required ones default to None so that every missing one is named in one message
+    token_shards: Optional[List[Path]] = typer.Argument(None, file_okay=False, help="Token shard directories written by "
+                                                        "`mmtok tokenize`."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", file_okay=False, help="Plan directory to write (plan.json + "
+                                       "arrays). Required."),
+    world_size: Optional[int] = typer.Option(None, "--world-size", min=1, help="Ranks (GPUs) the plan is laid out for. "
+                                             "Required."),
     seq_len: int = typer.Option(4096, "--seq-len", min=1, help="Tokens per sequence."),
-    micro_batch: int = typer.Option(..., "--micro-batch", min=1, help="Sequences per rank per step."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, help="Sequences per rank per step. Required."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Plan steps (one micro-batch per rank each)."),
     tokens: Optional[int] = typer.Option(None, "--tokens", min=1, help="Or: plan at least this many tokens."),
     ratio: Optional[str] = typer.Option(None, "--ratio", help="Target text:image token ratio, e.g. 1:1."),
@@ -31,6 +35,9 @@ def balance_mix(
                                           "(default: each source's share of the tokens)."),
     tolerance: float = typer.Option(0.02, "--tolerance", help="Allowed relative deviation of every rank-step's ratio."),
     seed: int = typer.Option(0, "--seed", help="Shuffling seed."),
+    holdout: float = typer.Option(0.0, "--holdout", min=0.0, max=0.5, help="Hold out this share of every source's "
+                                  "documents (chosen by a hash of the document key: the same ones every time) and "
+                                  "write them as token shards under OUT/holdout/ for `mmtok eval --data`."),
     plot: Optional[Path] = typer.Option(None, "--plot", dir_okay=False, help="Draw per-step ratio and source shares to this PNG."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
@@ -46,10 +53,20 @@ def balance_mix(
     """
     from mmtok.mix import parse_ratio, plan_mix, ratio_from_experts, write_plan
 
-    if (ratio is None) == (experts is None):
-        fail("give exactly one of --ratio (e.g. 1:1) or --experts (e.g. 4t4i)")
-    if (steps is None) == (tokens is None):
-        fail("give exactly one of --steps or --tokens")
+    missing = [name for name, value in (("TOKEN_SHARDS...", token_shards), ("--out", out), ("--world-size", world_size),
+                                        ("--micro-batch", micro_batch)) if not value]
+    missing += ["--ratio or --experts"] * (ratio is None and experts is None)
+    missing += ["--steps or --tokens"] * (steps is None and tokens is None)
+    if missing:
+        mix = f"--experts {experts}" if experts else f"--ratio {ratio or '1:1'}"
+        length = f"--tokens {tokens}" if tokens else f"--steps {steps or 100}"
+        inputs = " ".join(map(str, token_shards or ["tok/text", "tok/pairs"]))
+        fail(f"missing {', '.join(missing)}; for example: mmtok balance-mix {inputs} --out {out or 'plan'} "
+             f"--world-size {world_size or 1} {mix} --seq-len {seq_len} --micro-batch {micro_batch or 4} {length}")
+    if ratio is not None and experts is not None:
+        fail("give exactly one of --ratio (e.g. 1:1) or --experts (e.g. 4t4i), not both")
+    if steps is not None and tokens is not None:
+        fail("give exactly one of --steps or --tokens, not both")
     target = parse_ratio(ratio) if ratio is not None else ratio_from_experts(experts)
     if tokens is not None:
         steps = -(-tokens // (world_size * micro_batch * seq_len))
@@ -60,7 +77,7 @@ def balance_mix(
         except ValueError:
             fail(f"--weights {weights!r}: expected comma-separated numbers, one per source")
     plan = plan_mix(token_shards, out=out, ratio=target, world_size=world_size, seq_len=seq_len,
-                    micro_batch=micro_batch, steps=steps, seed=seed, weights=w, tolerance=tolerance)
+                    micro_batch=micro_batch, steps=steps, seed=seed, weights=w, tolerance=tolerance, holdout=holdout)
     write_plan(plan, out)
     if plot is not None:
         draw(plan, plot)
@@ -82,6 +99,9 @@ def balance_mix(
     console.print(f"ratio {target[0]}:{target[1]} over {r['microbatches']} rank-steps ({world_size} ranks x {steps} "
                   f"steps): max deviation {'n/a' if dev is None else f'{dev:.2%}'}, "
                   f"{r['off_target_microbatches']} off target; padding {r['padding_fraction']:.2%}")
+    for h in plan.meta.get("holdout", {}).get("sources", []):
+        console.print(f"held out {h['documents']} documents of {h['name']}"
+                      + (f": {out / h['path']} (for `mmtok eval --data`)" if h["path"] else ""), highlight=False)
     for note in r["notes"]:
         console.print(f"[bold yellow]note:[/] {note}", highlight=False)
 

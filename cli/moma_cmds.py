@@ -10,7 +10,8 @@ from typing import Optional
 
 import typer
 
-from mmtok.cli.common import JSON_OUT, friendly_errors, positive
+from mmtok.cli.common import JSON_OUT, QUIET, fail, friendly_errors, positive, renamed
+from mmtok.cli.token_cmds import DEVICE
 
 
 
@@ -47,8 +48,11 @@ def upcycle(
 
 @friendly_errors
 def generate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", file_okay=False, help="A run directory or an `mmtok export` directory."),
-    tokenizer: Path = typer.Option(..., "--tokenizer", file_okay=False, help="The tokenizer directory the model was trained with."),
+    run: Optional[Path] = typer.Argument(None, file_okay=False, metavar="RUN", help="A run directory or an `mmtok export` directory."),
+    old_checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", file_okay=False, hidden=True,
+                                                  help="Old spelling of the RUN argument."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", file_okay=False, help="The tokenizer directory the model "
+                                             "was trained with (default: the one `mmtok export --tokenizer` bundled)."),
     prompt: str = typer.Option("", "--prompt", help="Text to continue."),
     image: Optional[Path] = typer.Option(None, "--image", help="An image placed before the prompt text."),
     generate_image: bool = typer.Option(False, "--generate-image", help="End the prompt with [begin-image]: "
@@ -58,24 +62,38 @@ def generate(
     temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", callback=positive, max=1.0, help="Nucleus sampling mass."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: Optional[str] = DEVICE,
     cache: bool = typer.Option(True, "--kv-cache/--no-kv-cache", help="Decode with a KV cache (one position per step)."),
     as_json: bool = JSON_OUT,
+    quiet: bool = QUIET,
 ):
     """Sample text and images from a trained model with causal routing; images are decoded
-    through the tokenizer's VQ decoder to PNG."""
+    through the tokenizer's VQ decoder to PNG.
+
+    Example: mmtok generate run/ --tokenizer tok/ --prompt "a red square" --generate-image --out gen/
+    """
     from mmtok.trainer.generate import Sampling, generate_to_files
 
+    checkpoint = renamed(run, old_checkpoint, "RUN", "--checkpoint")
+    if checkpoint is None:
+        fail("give RUN, the run (or `mmtok export`) directory to sample from")
+    if tokenizer is None:  # an export that bundled its tokenizer needs none beside it
+        tokenizer = checkpoint / "tokenizer"
+        if not (tokenizer / "vocab.json").exists():
+            fail(f"give --tokenizer: {checkpoint} bundles none (`mmtok export --tokenizer TOKDIR` bundles it)")
     if image is not None and not image.is_file():
         raise FileNotFoundError(f"--image {image}: no such file")
     result = generate_to_files(str(checkpoint), str(tokenizer), str(out), prompt, str(image) if image else None,
-                               Sampling(max_tokens, temperature, top_p, seed), generate_image, device, cache)
-    if as_json:
-        sys.stdout.write(json.dumps(result, indent=1, sort_keys=True) + "\n")
-        return
+                               Sampling(max_tokens, temperature, top_p, seed), generate_image, device, cache,
+                               progress=not quiet and not as_json)
     from rich.console import Console
 
     c = Console(stderr=True)
+    for note in result["notes"]:  # stderr, even with --json: stdout stays the JSON alone
+        c.print(f"warning: {note}", markup=False, highlight=False)
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        return
     c.print(result["text"], markup=False, highlight=False)
     c.print(f"{result['new_tokens']} tokens ({result['tokens_per_s']:.1f}/s), stopped at {result['stopped']}; "
             f"images: {', '.join(result['images']) or 'none'}; {out}/generation.json")

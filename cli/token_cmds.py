@@ -11,11 +11,36 @@ from typing import List, Optional
 import typer
 
 from mmtok.cli.common import (BACKEND, JSON_OUT, MAX_ERROR_RATE, OVERWRITE, QUIET, WORKERS, check_inputs,
-                              friendly_errors, positive, report)
+                              fail, friendly_errors, positive, report)
 
 SHARDS = typer.Argument(..., file_okay=False, help="Shard directories written by `mmtok shard`.")
 TOKENIZER = typer.Option(..., "--tokenizer", "-t", file_okay=False, help="Tokenizer directory (train-bpe + train-vq output).")
-DEVICE = typer.Option(None, "--device", help="torch device for the VQ (default: cuda when present, else cpu).")
+DEVICE = typer.Option("auto", "--device", callback=lambda v: None if v == "auto" else v,
+                      help="torch device: auto (cuda when present, else cpu), cpu, cuda or cuda:N.")
+NPROC = typer.Option(1, "--nproc", min=1, help="Processes on this machine (torchrun), each on its share of the input "
+                     "shards (and its own GPU); the output is byte for byte one process's. Or launch `torchrun ... "
+                     "mmtok tokenize...` yourself for several machines (OUT on a shared filesystem).")
+
+
+def _ranks(nproc: int, backend: str, device: Optional[str]) -> tuple[bool, int, int, Optional[str]]:
+    """(relaunched, rank, world size, device): with --nproc > 1 outside torchrun, this command
+    was rerun under torchrun and is done; under torchrun each rank takes GPU LOCAL_RANK."""
+    from mmtok.tokenize import world
+
+    rank, world_size = world()
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        if backend != "local":
+            fail("--nproc runs processes on this machine; with --backend ray leave it out")
+        from mmtok.cli.train_cmds import _relaunch
+
+        _relaunch(nproc)
+        return True, 0, 1, device
+    if world_size > 1 and device in (None, "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return False, rank, world_size, device
 
 
 def register(app: typer.Typer) -> None:
@@ -94,7 +119,11 @@ def train_vq(
     seed: int = typer.Option(0, "--seed"),
     device: Optional[str] = DEVICE,
     restart: bool = typer.Option(False, "--restart", help="Ignore a checkpoint in OUT and start again."),
+    memory_check: bool = typer.Option(True, "--memory-check/--no-memory-check",
+                                      help="Refuse to start when the memory estimate (printed first) is over the "
+                                      "memory available (RAM on CPU, free GPU memory on CUDA)."),
     as_json: bool = JSON_OUT,
+    quiet: bool = QUIET,
 ) -> None:
     """Train the VQ image tokenizer on the images and pairs in shards.
 
@@ -112,7 +141,8 @@ def train_vq(
     result = run(inputs, out, cfg, steps=steps, batch_size=batch_size, lr=lr, log_every=log_every,
                  checkpoint_every=checkpoint_every, restart_every=restart_every, disc_weight=disc_weight,
                  disc_start=disc_start, perceptual_weights=str(perceptual_weights) if perceptual_weights else None,
-                 perceptual_weight=perceptual_weight, seed=seed, device=device, restart=restart, log=_log)
+                 perceptual_weight=perceptual_weight, seed=seed, device=device, restart=restart,
+                 memory_check=memory_check, progress=not quiet and not as_json, log=_log)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
         _print(result, as_json, "train-vq")
 
@@ -126,6 +156,7 @@ def tokenize_images(
     device: Optional[str] = DEVICE,
     workers: int = WORKERS,
     backend: str = BACKEND,
+    nproc: int = NPROC,
     max_error_rate: float = MAX_ERROR_RATE,
     overwrite: bool = OVERWRITE,
     as_json: bool = JSON_OUT,
@@ -133,16 +164,21 @@ def tokenize_images(
 ) -> None:
     """Encode the images and pairs of shards into VQ codes (bf16 on CUDA), for `tokenize --codes`.
 
-    Example: mmtok tokenize-images shards/ --tokenizer tok/ --out codes/ --batch-size 64
+    Example: mmtok tokenize-images shards/ --tokenizer tok/ --out codes/ --batch-size 64 --nproc 8
     """
     from mmtok.tokenize import Tokenizer
     from mmtok.tokenize import tokenize_images as run
 
     inputs = check_inputs(inputs, out, shard_dirs=True)
+    relaunched, rank, world_size, device = _ranks(nproc, backend, device)
+    if relaunched:
+        return
     tok = Tokenizer.load(tokenizer, device)
     summary = run(inputs, tok, out, batch_size=batch_size, workers=workers, backend=backend,
-                  max_error_rate=max_error_rate, progress=not quiet and not as_json, overwrite=overwrite)
-    report(summary, as_json)
+                  max_error_rate=max_error_rate, progress=not quiet and not as_json, overwrite=overwrite,
+                  rank=rank, world_size=world_size)
+    if summary is not None:  # rank 0 joined the shares and reports; the other ranks are done
+        report(summary, as_json)
 
 
 @friendly_errors
@@ -150,12 +186,14 @@ def tokenize(
     inputs: List[str] = SHARDS,
     tokenizer: Path = TOKENIZER,
     out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="Output token shard directory."),
-    codes: Optional[Path] = typer.Option(None, "--codes", file_okay=False, help="Reuse image codes written by `tokenize-images`."),
+    codes: List[Path] = typer.Option([], "--codes", file_okay=False, help="Reuse image codes written by "
+                                     "`tokenize-images` (repeat for several directories; read in place)."),
     seed: int = typer.Option(0, "--seed", help="Decides which pairs are image-first (half of them)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Documents per batch (their images are encoded together)."),
     device: Optional[str] = DEVICE,
     workers: int = WORKERS,
     backend: str = BACKEND,
+    nproc: int = NPROC,
     max_error_rate: float = MAX_ERROR_RATE,
     overwrite: bool = OVERWRITE,
     as_json: bool = JSON_OUT,
@@ -172,12 +210,18 @@ def tokenize(
     from mmtok.tokenize import tokenize as run
 
     inputs = check_inputs(inputs, out, shard_dirs=True)
-    if codes is not None and not codes.is_dir():
-        raise FileNotFoundError(f"--codes {codes} is not a directory")
+    for c in codes:
+        if not c.is_dir():
+            raise FileNotFoundError(f"--codes {c} is not a directory")
+    relaunched, rank, world_size, device = _ranks(nproc, backend, device)
+    if relaunched:
+        return
     tok = Tokenizer.load(tokenizer, device)
     summary, skipped = run(inputs, tok, out, codes_dir=codes, seed=seed, batch_size=batch_size, workers=workers,
                            backend=backend, max_error_rate=max_error_rate, progress=not quiet and not as_json,
-                           overwrite=overwrite)
+                           overwrite=overwrite, rank=rank, world_size=world_size)
+    if summary is None:
+        return
     if skipped and not as_json:
         _log("left out (not text, pair, image or doc): " + ", ".join(f"{g} {n}" for g, n in sorted(skipped.items())))
     report(summary, as_json)

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from mmtok.cli.common import JSON_OUT, Exit, eval_report, fail, friendly_errors, positive
+from mmtok.cli.common import JSON_OUT, QUIET, Exit, eval_report, fail, friendly_errors, positive, renamed
 
 
 
@@ -25,16 +25,25 @@ def register(app: typer.Typer) -> None:
 @friendly_errors
 def train(
     plan: Optional[Path] = typer.Option(None, "--plan", file_okay=False, help="Plan directory written by `mmtok balance-mix` "
-                                        "(not for --model uni-moe, which reads pairs: see --speech ... --image)."),
+                                        "(default with --resume: the run's own; not for --model uni-moe, which "
+                                        "reads pairs: see --speech ... --image)."),
     out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="Run directory: config, metrics, TensorBoard, checkpoints."),
-    model: str = typer.Option("dense", "--model", help="dense, moe, moma, mod-moma (MoMa + Mixture-of-Depths) or uni-moe."),
-    experts: str = typer.Option("", "--experts", help="moma: NtMi layout (4t4i, 1t1i, ...); moe: number of experts."),
-    routing: str = typer.Option("expert-choice", "--routing", help="moe routing: expert-choice or top2."),
-    preset: str = typer.Option("tiny", "--preset", help="tiny, 90m, 435m or 1.4b (MoMa's Table 1 sizes)."),
-    config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="TOML file with [model] and [train] tables; "
-                                          "command-line options override it."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps in all (default 100)."),
+    model: Optional[str] = typer.Option(None, "--model", help="dense (default), moe, moma, mod-moma (MoMa + "
+                                        "Mixture-of-Depths) or uni-moe."),
+    experts: Optional[str] = typer.Option(None, "--experts", help="moma: NtMi layout (4t4i, 1t1i, ...); moe: number of experts."),
+    routing: Optional[str] = typer.Option(None, "--routing", help="moe routing: expert-choice (default) or top2."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="tiny (default), 90m, 435m or 1.4b (MoMa's Table 1 sizes)."),
+    config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="TOML file with [model] and [train] "
+                                          "tables (a run's config.toml is one); command-line options override it."),
+    set_: List[str] = typer.Option([], "--set", help="Override one setting, e.g. --set train.lr=3e-4 or --set "
+                                   "model.z_loss=0 (repeat); applied last, over --config and the options."),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="hf:DIR: start from a Hugging Face Chameleon "
+                                            "checkpoint (dense; --model moma/mod-moma upcycles it). The plan must be "
+                                            "tokenized with its tokenizer (`mmtok import-tokenizer chameleon DIR`)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint, with its "
+                                "saved model and training settings (options given override the training ones)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps in all (default 100; with --resume, "
+                                        "more than the run's extends it)."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", min=1, help="Micro-batches per rank per optimizer step."),
     lr: Optional[float] = typer.Option(None, "--lr", callback=positive, help="Peak learning rate (default 3e-3)."),
     warmup: Optional[int] = typer.Option(None, "--warmup", min=0, help="Warm-up steps (default 10)."),
@@ -47,6 +56,8 @@ def train(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile each block."),
     act_ckpt: Optional[bool] = typer.Option(None, "--act-ckpt/--no-act-ckpt", help="Activation checkpointing per block."),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="auto (bf16 on GPU), bf16 or fp32."),
+    loop_plan: Optional[bool] = typer.Option(None, "--loop-plan/--no-loop-plan", help="At the plan's end, go through it "
+                                             "again (default: refuse to start a run longer than the plan)."),
     stop_at_step: Optional[int] = typer.Option(None, "--stop-at-step", min=1,
                                                help="Checkpoint and stop after this step (continue later with --resume)."),
     loader_workers: int = typer.Option(0, "--loader-workers", min=0, help="Loader worker processes per rank."),
@@ -83,15 +94,25 @@ def train(
     as_json: bool = JSON_OUT,
 ):
     """Train a dense, MoE or MoMa decoder on a balance-mix plan (FSDP2 under torchrun), or a stage of Uni-MoE."""
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+    if init_from is not None and ("WORLD_SIZE" in os.environ or resume or model == "uni-moe" or stage != "main"):
+        fail("--init-from starts a new run (stage main, not uni-moe, without --resume) and writes its first checkpoint "
+             "before the processes start: use --nproc N rather than your own torchrun")
+    if nproc > 1 and "WORLD_SIZE" not in os.environ and init_from is None:
         _relaunch(nproc)
         return
+    if model is None and resume:  # a Uni-MoE run resumes as one without --model repeated
+        from mmtok.trainer.unimoe_train import is_unimoe_run
+
+        model = "uni-moe" if is_unimoe_run(out) else None
     if model == "uni-moe":
         from mmtok.cli.unimoe_cmds import train_unimoe
 
+        if set_ or loop_plan is not None:
+            fail("--set and --loop-plan are for runs on a plan (dense, moe, moma, mod-moma), not --model uni-moe")
+
         train_unimoe(out=out, stage=stage, tokenizer=tokenizer, init=init, texts=texts, speech_encoder=speech_encoder,
                      sources=dict(speech=speech, audio=audio, video=video, image=image),
-                     model_opts=dict(preset=preset, queries=queries, connector_layers=connector_layers,
+                     model_opts=dict(preset=preset or "tiny", queries=queries, connector_layers=connector_layers,
                                      lora_rank=lora_rank, lora_alpha=lora_alpha, swin_norm=swin_norm,
                                      capacity_factor=capacity_factor),
                      train_opts=dict(steps=steps, grad_accum=grad_accum, lr=lr, warmup=warmup, seed=seed,
@@ -99,12 +120,19 @@ def train(
                                      mixed_precision=mixed_precision),
                      batch_size=batch_size, holdout=holdout, resume=resume, stop_at_step=stop_at_step, as_json=as_json)
         return
+    from mmtok.loader import PlanLoader, read_plan
+    from mmtok.trainer.config import RunConfig, resolve
+    from mmtok.trainer.train import CONFIG, train as run_train
+
+    # resuming (or extending with --steps) takes the run's own settings and plan: no option to repeat
+    base = None
+    if resume and (out / CONFIG).exists():
+        from mmtok.shards import read_json
+
+        base = RunConfig.from_dict(read_json(out / CONFIG), where=str(out / CONFIG))
+        plan = plan or (Path(base.plan) if base.plan else None)
     if plan is None:
         fail("give --plan (a `mmtok balance-mix` directory)")
-    from mmtok.loader import PlanLoader, read_plan
-    from mmtok.trainer.config import resolve
-    from mmtok.trainer.train import train as run_train
-
     if stage != "main":
         _aux_stage(stage, plan, out, resume, steps, lr, as_json)
         return
@@ -114,10 +142,28 @@ def train(
                       swin_norm=swin_norm, attention=attention, aux_routers=aux_routers, mod_capacity=mod_capacity,
                       router_noise=router_noise)
     train_opts = dict(steps=steps, grad_accum=grad_accum, lr=lr, warmup=warmup, seed=seed, ckpt_every=ckpt_every,
-                      log_every=log_every, compile=compile, act_ckpt=act_ckpt, mixed_precision=mixed_precision)
-    cfg = resolve(preset, model_opts, train_opts, config, vocab=plan_meta["vocab"], seq_len=plan_meta["seq_len"],
-                  plan=str(plan.resolve()), tokenizer=plan_meta.get("tokenizer"))
-    summary = run_train(cfg, out, lambda rank, world: PlanLoader(plan, rank, world, num_workers=loader_workers),
+                      log_every=log_every, compile=compile, act_ckpt=act_ckpt, mixed_precision=mixed_precision,
+                      loop_plan=loop_plan)
+    hf_opts = {}
+    if init_from is not None:
+        from mmtok.trainer.hf_export import HF_PREFIX, chameleon_options
+
+        if not init_from.startswith(HF_PREFIX):
+            fail(f"--init-from {init_from!r}: expected hf:DIR (a Hugging Face Chameleon checkpoint directory)")
+        hf_opts = {k: v for k, v in chameleon_options(init_from[len(HF_PREFIX):]).items() if k != "model"}
+    cfg = resolve(preset, {**model_opts, **hf_opts}, train_opts, config, vocab=plan_meta["vocab"],
+                  seq_len=plan_meta["seq_len"], plan=str(plan.resolve()), tokenizer=plan_meta.get("tokenizer"), base=base,
+                  sets=set_)
+    if init_from is not None:
+        _init_from(Path(init_from[len(HF_PREFIX):]), cfg, plan, out, nproc)
+        if nproc > 1:  # the processes continue the run just written
+            i = sys.argv.index("--init-from") if "--init-from" in sys.argv else None
+            args = sys.argv[1:i] + sys.argv[i + 2:] if i else [a for a in sys.argv[1:] if not a.startswith("--init-from=")]
+            _relaunch(nproc, args + ["--resume"])
+            return
+        resume = True
+    summary = run_train(cfg, out, lambda rank, world: PlanLoader(plan, rank, world, num_workers=loader_workers,
+                                                                 loop=cfg.train.loop_plan),
                         resume=resume, stop_at_step=stop_at_step, live=not as_json)
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -130,6 +176,19 @@ def train(
                                    f" on {summary['world_size']} process(es); checkpoint {summary['checkpoint']}")
     if summary["status"] == "interrupted":
         fail(f"interrupted at step {summary['step']}; checkpoint saved; continue with --resume", Exit.FAILED)
+
+
+def _init_from(src: Path, cfg, plan: Path, out: Path, nproc: int) -> None:
+    """Write `out` at step 0 from the checkpoint in `src` (trainer/hf_export.py)."""
+    from mmtok.loader import PlanLoader
+    from mmtok.trainer.hf_export import image_range_of, init_run
+    from mmtok.shards import read_json
+
+    have = image_range_of(read_json(src / "config.json").get("vocabulary_map") or {})
+    if have is not None and tuple(have) != tuple(cfg.model.image_range):
+        fail(f"{src} has its image tokens at ids {have[0]}..{have[1] - 1}, the plan {plan} at "
+             f"{cfg.model.image_range[0]}..{cfg.model.image_range[1] - 1}: tokenize with `mmtok import-tokenizer chameleon {src}`")
+    init_run(src, cfg, out, PlanLoader(plan, 0, 1).state_dict(), nproc * cfg.train.grad_accum, cfg.train.seed)
 
 
 def _aux_stage(stage: str, plan: Path, out: Path, resume: bool, steps: Optional[int], lr: Optional[float],
@@ -156,9 +215,9 @@ def _aux_stage(stage: str, plan: Path, out: Path, resume: bool, steps: Optional[
                                f"checkpoint {summary['checkpoint']}")
 
 
-def _relaunch(nproc: int) -> None:
-    """Run this same command under torchrun with `nproc` processes on this machine."""
-    args = sys.argv[1:]
+def _relaunch(nproc: int, args: list[str] | None = None) -> None:
+    """Run this same command (or `args`) under torchrun with `nproc` processes on this machine."""
+    args = sys.argv[1:] if args is None else args
     i = args.index("--nproc") if "--nproc" in args else None
     if i is None:
         args = [a for a in args if not a.startswith("--nproc=")]
@@ -179,45 +238,112 @@ def _relaunch(nproc: int) -> None:
 
 @friendly_errors
 def evaluate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", file_okay=False, help="A run directory (newest checkpoint) or an `mmtok export` directory."),
+    run: Optional[Path] = typer.Argument(None, file_okay=False, metavar="RUN", help="A run directory (newest checkpoint) or an `mmtok export` directory."),
+    old_checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", file_okay=False, hidden=True,
+                                                  help="Old spelling of the RUN argument."),
     data: List[Path] = typer.Option([], "--data", file_okay=False, help="Held-out token shard directories (repeat for several)."),
     pairs: List[Path] = typer.Option([], "--pairs", file_okay=False, help="Token shard directories of image-caption pairs, "
                                      "for conditional perplexity (repeat for several)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", file_okay=False, help="Report directory (default: CHECKPOINT/eval)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", file_okay=False, help="Report directory (default: RUN/eval)."),
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="Sequences per forward pass."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", min=2, help="Window length (default: the model's)."),
     max_docs: Optional[int] = typer.Option(None, "--max-docs", min=1, help="Score at most this many documents per input."),
+    lm_eval_tasks: Optional[str] = typer.Option(None, "--lm-eval", help="lm-evaluation-harness tasks (comma-separated) "
+                                                "through its stock `hf` model type; results in OUT/lm_eval.json. RUN is an "
+                                                "`mmtok export --format hf` directory, or a run exported to OUT/hf first "
+                                                "(give --tokenizer). Needs pip install 'mmtok[eval]'."),
+    lm_eval_include: Optional[Path] = typer.Option(None, "--lm-eval-tasks", exists=True, file_okay=False,
+                                                   help="A directory of your own task YAML files for --lm-eval."),
+    lm_eval_limit: Optional[int] = typer.Option(None, "--lm-eval-limit", min=1, help="At most this many documents per task."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", file_okay=False, help="--lm-eval on a run: the "
+                                             "tokenizer directory it was trained with (bundled into the export)."),
     as_json: bool = JSON_OUT,
+    quiet: bool = QUIET,
 ):
-    """Held-out perplexity (all, text, image), conditional pair perplexity and expert load."""
+    """Held-out perplexity (all, text, image), conditional pair perplexity and expert load.
+
+    Example: mmtok eval run/ --data heldout-tokens/ --pairs pair-tokens/
+    """
     from mmtok.trainer.evaluate import evaluate as run_eval, summary_rows, write_report
     from mmtok.trainer.unimoe_train import is_unimoe_run
+
+    checkpoint = renamed(run, old_checkpoint, "RUN", "--checkpoint")
+    if checkpoint is None:
+        fail("give RUN, the run (or `mmtok export`) directory to evaluate")
 
     if is_unimoe_run(checkpoint):  # held-out pairs of the run's own data (cli/unimoe_cmds.py)
         from mmtok.cli.unimoe_cmds import eval_unimoe
 
         eval_unimoe(checkpoint, out, batch_size, as_json)
         return
-    if not data and not pairs:
-        fail("give --data and/or --pairs token shard directories to evaluate on")
-    result = run_eval(str(checkpoint), [str(d) for d in data], [str(p) for p in pairs], batch_size, max_docs, seq_len)
+    if not data and not pairs and not lm_eval_tasks:
+        fail("give --data and/or --pairs token shard directories to evaluate on (or --lm-eval TASKS)")
+    if lm_eval_tasks:
+        from mmtok.trainer.hf_export import run_lm_eval
+
+        harness = run_lm_eval(checkpoint, [t.strip() for t in lm_eval_tasks.split(",") if t.strip()],
+                              out or checkpoint / "eval", lm_eval_include, lm_eval_limit, tokenizer)
+        if not data and not pairs:
+            _harness_report(harness, out or checkpoint / "eval", as_json)
+            return
+    result = run_eval(str(checkpoint), [str(d) for d in data], [str(p) for p in pairs], batch_size, max_docs, seq_len,
+                      progress=not quiet and not as_json)
     out = out or checkpoint / "eval"
     result["files"] = write_report(result, out, checkpoint / "metrics.jsonl")
+    if lm_eval_tasks:
+        result["lm_eval"] = harness
     rows = [(label, str(m["tokens"]), *("-" if m[k] is None else f"{m[k]:.3f}" for k in ("loss", "ppl")))
             for label, m in summary_rows(result)]
     eval_report(result, out, f"mmtok eval: {checkpoint}", ("measure", "tokens", "loss", "perplexity"), rows, as_json)
+    if not as_json:
+        from rich.console import Console
+        from rich.markup import escape
+
+        for note in result.get("notes", []):
+            Console(stderr=True).print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False)
+
+
+def _harness_report(results: dict, out: Path, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps({"lm_eval": results}, indent=1, sort_keys=True, default=str) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="lm-evaluation-harness")
+    for col in ("task", "metric", "value"):
+        t.add_column(col)
+    for task, metrics in results.items():
+        for k, v in metrics.items():
+            if isinstance(v, float):
+                t.add_row(task, k, f"{v:.4f}")
+    Console(stderr=True).print(t)
+    Console(stderr=True).print(f"results: {out}/lm_eval.json")
 
 
 @friendly_errors
 def export(
-    run: Path = typer.Argument(..., file_okay=False, help="Run directory of `mmtok train`."),
-    to: Path = typer.Option(..., "--to", file_okay=False, help="Output directory: model.safetensors + config.json."),
+    run: Path = typer.Argument(..., file_okay=False, metavar="RUN", help="Run directory of `mmtok train`."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", file_okay=False, help="Output directory: model.safetensors + config.json."),
+    old_to: Optional[Path] = typer.Option(None, "--to", file_okay=False, hidden=True, help="Old spelling of --out."),
+    fmt: str = typer.Option("mmtok", "--format", help="mmtok (safetensors + config.json, for mmtok) or hf (a Hugging "
+                            "Face model directory: transformers' Chameleon for dense models with Chameleon's QK-norm, "
+                            "else its own modelling code, trust_remote_code=True)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", file_okay=False, help="The tokenizer directory the model "
+                                             "was trained with, bundled into the export (required for --format hf)."),
     as_json: bool = JSON_OUT,
+    quiet: bool = QUIET,
 ):
-    """Write a run's newest checkpoint as safetensors plus a config, for single-process use."""
+    """Write a run's newest checkpoint as safetensors plus a config, for single-process use.
+
+    Example: mmtok export run/ --out model/
+    """
     from mmtok.trainer.export import export as run_export
 
-    summary = run_export(run, to)
+    to = renamed(out, old_to, "--out", "--to")
+    if to is None:
+        fail("give --out, the directory to export to")
+    summary = run_export(run, to, fmt, tokenizer, progress=not quiet and not as_json)
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     else:

@@ -73,6 +73,18 @@ def decode_audio(path: str, max_seconds: float | None = None):
     return np.frombuffer(raw, np.float32).copy(), duration  # writable, for torch
 
 
+def wave_problem(wave) -> str | None:
+    """Why a decoded waveform cannot become features, or None; `mmtok shard` asks the same,
+    so that an audio file it keeps is one this stage reads."""
+    import numpy as np
+
+    if len(wave) == 0:
+        return "no audio samples could be decoded (empty or truncated stream)"
+    if not np.isfinite(wave).all():
+        return "decoded audio contains NaN or infinite samples"
+    return None
+
+
 # --- Whisper log-mel --------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
@@ -173,8 +185,6 @@ def audio_features(wave, opts: AudioOptions) -> tuple[dict[str, bytes], dict]:
 
 def audio_stage(payload, opts: AudioOptions):
     """Stage function: one audio file (or a video's audio track) -> one feature sample."""
-    import numpy as np
-
     src = MediaSource(payload)
     try:
         with src:
@@ -183,10 +193,9 @@ def audio_stage(payload, opts: AudioOptions):
         if "matches no streams" in str(e) and src.ext in VIDEO_EXTS:
             return []  # a silent video: nothing to extract, nothing wrong with it
         return Quarantined("", f"ffmpeg: {e}")
-    if len(wave) == 0:
-        return Quarantined("", "no audio samples could be decoded (empty or truncated stream)")
-    if not np.isfinite(wave).all():
-        return Quarantined("", "decoded audio contains NaN or infinite samples")
+    problem = wave_problem(wave)
+    if problem:
+        return Quarantined("", problem)
     members, meta = audio_features(wave, opts)
     meta.update({
         "modality": GROUP,

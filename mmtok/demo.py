@@ -134,6 +134,83 @@ def make_corpus(root: Path, n_images: int = 48, n_texts: int = 60, n_docs: int =
     return root
 
 
+def make_chameleon_checkpoint(out: Path, texts: list[str], seed: int = 0) -> Path:
+    """A tiny random-weight Chameleon in Hugging Face's layout (config.json, model.safetensors,
+    tokenizer.json), written with safetensors and tokenizers alone, so that the demo needs no
+    transformers: a byte-level BPE laid out as Chameleon's (<s> <pad> </s> <unk>, image tokens
+    IMGIMG...Z for 256 codes, <eoss> <racm3:break> <image>, text), mmtok's decoder with
+    Chameleon's options in transformers' names (trainer/hf_export.py), and a 64 px VQ-GAN."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from mmtok.chameleon import ChameleonVQ, ChameleonVQConfig, image_token_name
+    from mmtok.trainer.config import ModelConfig
+    from mmtok.trainer.hf_export import VQ_PREFIX, to_hf_state
+    from mmtok.trainer.model import Decoder
+
+    codes = 256
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", *(image_token_name(c) for c in range(codes)), "<eoss>", "<racm3:break>",
+                "<image>"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1024, special_tokens=specials, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    vocab = tok.get_vocab()
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), image_range=(4, 4 + codes), n_layers=2, d_model=64, n_heads=4,
+                      ffn_hidden=128, qk_norm="chameleon", max_seq_len=4096)
+    vq = ChameleonVQ(ChameleonVQConfig(resolution=64, codebook_size=codes, embed_dim=16, latent_channels=16,
+                                       base_channels=32, channel_multiplier=(1, 2, 2, 4), num_res_blocks=1,
+                                       attn_resolutions=(8,), decoder=False))
+    tensors = {**to_hf_state(Decoder(cfg).state_dict(), cfg),
+               **{VQ_PREFIX + k: v.contiguous() for k, v in vq.state_dict().items()}}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tok.save(str(out / "tokenizer.json"))
+    c = vq.cfg
+    config = {"architectures": ["ChameleonForConditionalGeneration"], "model_type": "chameleon",
+              "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden,
+              "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_heads,
+              "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "vocabulary_map": vocab,
+              "image_token_id": vocab["<image>"], "bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2,
+              "vq_config": {"embed_dim": c.embed_dim, "num_embeddings": c.codebook_size, "latent_channels": c.latent_channels,
+                            "resolution": c.resolution, "base_channels": c.base_channels,
+                            "channel_multiplier": list(c.channel_multiplier), "num_res_blocks": c.num_res_blocks,
+                            "attn_resolutions": list(c.attn_resolutions)}}
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+                                                           "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}))
+    return out
+
+
+def check_hf_export(export: Path, run: Path, tokdir: Path) -> dict:
+    """Load the export back through transformers (when installed) and compare its logits
+    with mmtok's own on a sentence: the export's worth, in one number."""
+    try:
+        from transformers import ChameleonForConditionalGeneration
+    except ImportError:
+        return {"loaded": False, "why": "transformers is not installed (pip install 'mmtok[hf]')"}
+    import torch
+
+    from mmtok.tokenize import Tokenizer
+    from mmtok.trainer.export import load_from_run
+
+    ids = torch.as_tensor(Tokenizer.load(tokdir).encode_text("The red circle sits on a blue background.").astype("int64"))[None]
+    model, run_cfg, _ = load_from_run(run)
+    cfg = run_cfg.model
+    theirs = ChameleonForConditionalGeneration.from_pretrained(export).eval()
+    with torch.no_grad():
+        ours = model(ids, torch.arange(ids.shape[1])[None], torch.ones_like(ids))[0]
+        hf = theirs(input_ids=ids).logits
+    text = torch.ones(cfg.vocab_size, dtype=torch.bool)
+    text[slice(*cfg.image_range)] = False  # transformers' Chameleon never predicts image tokens
+    return {"loaded": True, "max_logit_difference": float((ours - hf)[..., text].abs().max())}
+
+
 def _step(title: str, args: list[str], log) -> None:
     from rich.console import Console
 
@@ -196,7 +273,7 @@ def run_demo(out: Path, workers: int = 2) -> None:
     _step("train MoMa's auxiliary routers (causal inference), 2 processes",
           ["train", "--stage", "aux-routers", "--resume", "--plan", str(out / "plan"), "--out", str(out / "run"),
            "--steps", "60", "--nproc", "2"], log)
-    _step("evaluate (batch and causal routing)", ["eval", "--checkpoint", str(out / "run"), "--data",
+    _step("evaluate (batch and causal routing)", ["eval", str(out / "run"), "--data",
                                                   str(out / "tokens"), "--pairs", str(out / "tokens"),
                                                   "--max-docs", "100"], log)
     _step("upcycle 1t1i into 2t2i", ["upcycle", str(out / "run"), "--experts", "2t2i", "--out",
@@ -205,13 +282,33 @@ def run_demo(out: Path, workers: int = 2) -> None:
                                                    str(out / "run-2t2i"), "--model", "moma", "--experts", "2t2i",
                                                    "--router-noise", "gumbel", "--preset", "tiny", "--steps", "10",
                                                    "--ckpt-every", "10", "--nproc", "2", "--resume"], log)
-    _step("generate text", ["generate", "--checkpoint", str(out / "run"), "--tokenizer", tok, "--prompt",
+    _step("generate text", ["generate", str(out / "run"), "--tokenizer", tok, "--prompt",
                             "a red square", "--max-tokens", "60", "--seed", "0", "--out", str(out / "generated")], log)
-    _step("generate an image", ["generate", "--checkpoint", str(out / "run"), "--tokenizer", tok, "--prompt",
+    _step("generate an image", ["generate", str(out / "run"), "--tokenizer", tok, "--prompt",
                                 "a red square", "--generate-image", "--max-tokens", "80", "--seed", "0", "--out",
                                 str(out / "generated-image")], log)
-    _step("export to safetensors", ["export", str(out / "run"), "--to", str(out / "model")], log)
+    _step("export to safetensors", ["export", str(out / "run"), "--out", str(out / "model")], log)
     _step("inspect the training run", ["inspect", str(out / "run")], log)
+    # Chameleon: a checkpoint's tokenizer in, its weights as a run's start, the model out in HF format
+    texts = [p.read_text() for p in sorted((c / "texts").glob("*.txt"))]
+    hf = make_chameleon_checkpoint(out / "chameleon-hf", texts)
+    tc = str(out / "tokenizer-chameleon")
+    _step("import Chameleon's tokenizer (a tiny random checkpoint made here)",
+          ["import-tokenizer", "chameleon", str(hf), "--out", tc], log)
+    _step("encode images with Chameleon's VQ-GAN", ["tokenize-images", str(out / "shards"), "--tokenizer", tc, "--out",
+                                                    str(out / "codes-chameleon"), *w], log)
+    _step("tokenize with Chameleon's ids", ["tokenize", str(out / "shards"), "--tokenizer", tc, "--codes",
+                                            str(out / "codes-chameleon"), "--out", str(out / "tokens-chameleon"), *w], log)
+    _step("plan for the Chameleon model", ["balance-mix", str(out / "tokens-chameleon"), "--out", str(out / "plan-chameleon"),
+                                           "--world-size", "1", "--ratio", "1:1", "--seq-len", "256", "--micro-batch", "2",
+                                           "--steps", "10", "--seed", "0"], log)
+    _step("train from the Chameleon checkpoint", ["train", "--init-from", f"hf:{hf}", "--plan", str(out / "plan-chameleon"),
+                                                  "--out", str(out / "run-chameleon"), "--steps", "10"], log)
+    _step("export to Hugging Face format", ["export", str(out / "run-chameleon"), "--out", str(out / "model-hf"),
+                                            "--format", "hf", "--tokenizer", tc], log)
+    check = check_hf_export(out / "model-hf", out / "run-chameleon", Path(tc))
+    log.append({"step": "load the export back through transformers", "command": "python: from_pretrained", **check,
+                "exit": 0})
     # Uni-MoE: speech, audio, video and image features through connectors into a LoRA-expert MoE
     _step("shard the speech corpus", ["shard", str(c / "speech"), "--out", str(out / "shards-speech"), *w], log)
     _step("Whisper features of the speech", ["extract-audio", str(out / "shards-speech"), "--out",
@@ -228,7 +325,7 @@ def run_demo(out: Path, workers: int = 2) -> None:
         _step(f"Uni-MoE stage {stage}", ["train", "--model", "uni-moe", "--stage", stage, "--out",
                                          str(out / "unimoe" / stage), "--init", prev, *uni, *nproc], log)
         prev = str(out / "unimoe" / stage)
-    _step("evaluate Uni-MoE (loss per modality, routing)", ["eval", "--checkpoint", prev], log)
+    _step("evaluate Uni-MoE (loss per modality, routing)", ["eval", prev], log)
     (out / "demo-steps.json").write_text(json.dumps(log, indent=1))
     con = Console(stderr=True)
     con.rule("[bold green]demo finished")
@@ -239,5 +336,7 @@ def run_demo(out: Path, workers: int = 2) -> None:
     con.print(f"mixture plan: {out / 'plan'} (plot {out / 'plan.png'});  training run: {out / 'run'};  "
               f"exported model: {out / 'model'}")
     con.print(f"upcycled run: {out / 'run-2t2i'};  samples: {out / 'generated'}, {out / 'generated-image'}")
+    con.print(f"Chameleon: checkpoint {hf}, tokenizer {tc}, run {out / 'run-chameleon'}, HF export {out / 'model-hf'} "
+              f"(loaded back: {check})")
     con.print(f"Uni-MoE stages: {out / 'unimoe'} (align, experts, tune; eval report in tune/eval)")
     con.print(f"steps and timings: {out / 'demo-steps.json'}")

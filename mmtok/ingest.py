@@ -13,6 +13,7 @@ import decimal
 import io
 import json
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -21,14 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from mmtok.runner import DUPLICATES, STAGE_FILE, STATS_DIR, Item, Quarantined, Sample
+from mmtok.media import AUDIO_EXTS as MEDIA_AUDIO_EXTS
+from mmtok.runner import DUPLICATES, STAGE_FILE, STATS_DIR, Item, Quarantined, Sample, StageError
 from mmtok.shards import (INDEX, MANIFEST, PICKLE_EXTS, QUARANTINE, SHARD_RE, content_hash, dumps_meta, group_samples,
                           iter_tar, printable)
 
 MANIFEST_EXTS = (".jsonl", ".csv", ".parquet")
 TAR_EXTS = (".tar", ".tar.gz", ".tgz")
 IMAGE_EXTS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
-AUDIO_EXTS = {"wav", "flac", "mp3", "ogg"}
+AUDIO_EXTS = set(MEDIA_AUDIO_EXTS)  # the member names extract-audio reads
+# what other names and sniffed types mean: opus and vorbis share the ogg container
+_AUDIO_ALIASES = {"x-wav": "wav", "aif": "aiff", "aifc": "aiff", "x-aiff": "aiff", "snd": "au",
+                  "opus": "ogg", "oga": "ogg"}
 VIDEO_EXTS = {"mp4": "mp4", "webm": "webm", "mkv": "mkv", "avi": "avi", "mov": "mov", "m4v": "mp4"}
 
 
@@ -60,8 +65,10 @@ def _not_regular(path: Path, mode: int) -> Item:
     return _bad(str(path), f"{_file_kind(mode)}, not a regular file: skipped, never opened")
 
 
-def enumerate_inputs(inputs: list[str], max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[Item]:
+def enumerate_inputs(inputs: list[str], max_member_bytes: int = MAX_MEMBER_BYTES,
+                     columns: "Columns | None" = None) -> Iterator[Item]:
     """Yield items in a fixed order: inputs as given, directories walked sorted."""
+    columns = columns or Columns()
     for spec in inputs:
         path = Path(spec)
         if not path.exists():
@@ -69,12 +76,12 @@ def enumerate_inputs(inputs: list[str], max_member_bytes: int = MAX_MEMBER_BYTES
         if printable(spec) != spec:
             yield _bad(printable(spec), "name is not valid UTF-8: rename it to include it")
         elif path.is_dir():
-            yield from _walk_dir(path, os.path.realpath(path), max_member_bytes)
+            yield from _walk_dir(path, os.path.realpath(path), max_member_bytes, columns)
         else:
-            yield from _file_items(path, max_member_bytes)
+            yield from _file_items(path, max_member_bytes, columns)
 
 
-def _walk_dir(d: Path, root: str, limit: int) -> Iterator[Item]:
+def _walk_dir(d: Path, root: str, limit: int, cols: "Columns") -> Iterator[Item]:
     """Walk `d` (inside the real input directory `root`): its files first, then its folders,
     each sorted. Only regular files are read; anything else gets a record, as does a
     symlink that leads outside `root`. A symlink inside `root` to a file is read like the
@@ -116,10 +123,16 @@ def _walk_dir(d: Path, root: str, limit: int) -> Iterator[Item]:
             yield _bad(e.path, f"cannot read ({err.strerror})")
             continue
         files.append(path)
+    i2d = _img2dataset_shards(names)
+    if i2d:  # img2dataset's output folder: its per-shard counters are not input
+        files = [f for f in files if f.name not in {f"{s}_stats.json" for s in i2d}]
     plain = [f for f in files if not (_is_tar(f) or f.name.endswith(MANIFEST_EXTS))]
     for f in files:
-        if _is_tar(f) or f.name.endswith(MANIFEST_EXTS):
-            yield from _file_items(f, limit)
+        stem = f.name.removesuffix(".parquet")
+        if stem in i2d and f"{stem}.parquet" == f.name and (f"{stem}.tar" in names or f"{stem}" in names):
+            yield from _img2dataset_stats(f)  # its samples are in the tar (or folder) beside it
+        elif _is_tar(f) or f.name.endswith(MANIFEST_EXTS):
+            yield from _file_items(f, limit, cols)
     # files sharing a stem in one folder are one sample (image + caption), as in webdataset
     by_stem: dict[str, list[Path]] = {}
     for f in plain:
@@ -137,10 +150,10 @@ def _walk_dir(d: Path, root: str, limit: int) -> Iterator[Item]:
         yield Item(str(group[0].with_name(stem)), {"kind": "files", "paths": [str(p) for p in group]})
         yield from dropped
     for folder in folders:
-        yield from _walk_dir(folder, root, limit)
+        yield from _walk_dir(folder, root, limit, cols)
 
 
-def _file_items(path: Path, limit: int) -> Iterator[Item]:
+def _file_items(path: Path, limit: int, cols: "Columns") -> Iterator[Item]:
     try:
         mode = path.stat().st_mode
     except OSError as e:
@@ -153,11 +166,11 @@ def _file_items(path: Path, limit: int) -> Iterator[Item]:
     if _is_tar(path):
         yield from _tar_items(path, limit)
     elif name.endswith(".jsonl"):
-        yield from _jsonl_items(path)
+        yield from _jsonl_items(path, cols)
     elif name.endswith(".csv"):
-        yield from _csv_items(path, limit)
+        yield from _csv_items(path, limit, cols)
     elif name.endswith(".parquet"):
-        yield from _parquet_items(path)
+        yield from _parquet_items(path, cols)
     else:
         yield Item(str(path), {"kind": "files", "paths": [str(path)]})
 
@@ -175,22 +188,118 @@ def _tar_items(path: Path, limit: int) -> Iterator[Item]:
             yield Item(name, {"kind": "members", "members": s[1]})
 
 
-def _row_item(name: str, row, base: Path) -> Item:
+MEDIA_FIELDS = ("image", "audio", "video")
+# the manifest columns read as each field when no --<field>-col option names one: the
+# first one a row has wins (`jpg` and friends: img2dataset's Parquet output, image bytes)
+DEFAULT_COLUMNS = {"image": ("image", "jpg", "png", "webp"), "audio": ("audio",), "video": ("video",),
+                   "text": ("text", "caption", "transcript")}
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_FETCH = "URL: fetch it first (img2dataset), then shard the folder it writes"
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which manifest column holds each field (`mmtok shard --image-col url` ...); None
+    means DEFAULT_COLUMNS. `key` names a row (`source`, quarantine records) by that column's
+    value instead of its row number."""
+
+    image: str | None = None
+    audio: str | None = None
+    video: str | None = None
+    text: str | None = None
+    key: str | None = None
+
+    def of(self, field: str) -> tuple[str, ...]:
+        col = getattr(self, field)
+        return (col,) if col else DEFAULT_COLUMNS[field]
+
+    def check(self, path: Path, columns: list[str]) -> None:
+        """Refuse a manifest that lacks a column an option names, or whose columns hold no
+        field at all: row by row it would give nothing but quarantine records."""
+        have = set(columns)
+        listed = ", ".join(columns) or "none"
+        for field in (*DEFAULT_COLUMNS, "key"):
+            col = getattr(self, field)
+            if col and col not in have:
+                raise StageError(f"{path}: --{field}-col {col} is not a column of this manifest (columns: {listed})")
+        if "segments" not in have and not any(c in have for f in DEFAULT_COLUMNS for c in self.of(f)):
+            raise StageError(f"{path}: no column holds a field mmtok reads (columns: {listed}); name them with "
+                             "--image-col, --text-col, --audio-col or --video-col (a document is a `segments` column)")
+
+
+def check_manifest(path: str | Path, cols: Columns) -> None:
+    """`Columns.check` on a manifest file's header (the CLI's check before any work)."""
+    path = Path(path)
+    name = path.name.lower()
+    if not path.is_file() or not name.endswith(MANIFEST_EXTS):
+        return
+    try:
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            columns = pq.ParquetFile(path).schema_arrow.names
+        elif name.endswith(".csv"):
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                columns = next(csv.reader(f), [])
+        else:
+            with open(path, "rb") as f:
+                row = next((json.loads(line) for line in f if line.strip()), {})
+            columns = list(row) if isinstance(row, dict) else []
+    except Exception:  # unreadable: the reader quarantines it with the reason
+        return
+    cols.check(path, columns)
+
+
+def _row_item(path: Path, n: int, row, cols: Columns, blobs: dict[str, bytes] | None = None) -> Item:
+    """A manifest row as an item: its columns mapped to the fields `ShardFn` reads; a URL
+    where a file should be, or a row img2dataset did not fetch, never becomes a sample.
+    `blobs`: media held in the row itself (bytes columns), by field."""
+    name = f"{path}:{n}"
     if not isinstance(row, dict):
         return _bad(name, "manifest row is not an object")
+    if cols.key and row.get(cols.key) not in (None, ""):
+        name = f"{path}:{row[cols.key]}"
+    if row.get("status") not in (None, "success") and "error_message" in row:  # img2dataset's failed rows
+        return _not_fetched(name, row)
+    row = dict(row)
+    for field in (*MEDIA_FIELDS, "text"):
+        col = next((c for c in cols.of(field) if c in row), None)
+        if (col is None and field == "image" and cols.image is None and "url" in row and "caption" in row
+                and not blobs and not any(f in row for f in MEDIA_FIELDS)):
+            col = "url"  # LAION's layout: the caption describes the image at the URL, which is not here
+        if col is not None and col != field:
+            row[field] = row.pop(col)
+    refs = [row.get(f) for f in MEDIA_FIELDS]
+    if isinstance(row.get("segments"), list):
+        refs += [s.get("image") for s in row["segments"] if isinstance(s, dict)]
+    url = next((r for r in refs if isinstance(r, str) and _URL.match(r)), None)
+    if url is not None:
+        return _bad(name, f"{_FETCH} ({url})")
     try:
         dumps_meta(row)  # the row's fields become metadata: they must be JSON and valid Unicode
     except (TypeError, ValueError, UnicodeEncodeError) as e:
         return _bad(name, f"manifest row cannot be kept as JSON metadata ({e})")
-    return Item(name, {"kind": "row", "row": row, "base": str(base)})
+    if blobs:  # the media are in the row: an item like a tar sample's members
+        members = dict(blobs)
+        text = row.pop("text", None)
+        if text is not None:
+            if not isinstance(text, str):
+                return _bad(name, "text field is not a string")
+            members["txt"] = text.encode()
+        extra = {k: v for k, v in row.items() if k not in (*MEDIA_FIELDS, "caption", "transcript")}
+        if extra:
+            members["json"] = dumps_meta(extra)  # kept as source_meta, as a row's other columns are
+        return Item(name, {"kind": "members", "members": members})
+    return Item(name, {"kind": "row", "row": row, "base": str(path.parent)})
 
 
-def _jsonl_items(path: Path) -> Iterator[Item]:
+def _jsonl_items(path: Path, cols: Columns) -> Iterator[Item]:
     try:
         f = open(path, "rb")
     except OSError as e:
         yield _bad(str(path), f"cannot read ({e.strerror})")
         return
+    checked = False
     with f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -200,15 +309,20 @@ def _jsonl_items(path: Path) -> Iterator[Item]:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 yield _bad(f"{path}:{n}", f"malformed manifest line: {e}")
                 continue
-            yield _row_item(f"{path}:{n}", row, path.parent)
+            if not checked and isinstance(row, dict):  # rows may differ: the first one stands for the file
+                cols.check(path, list(row))
+                checked = True
+            yield _row_item(path, n, row, cols)
 
 
-def _csv_items(path: Path, limit: int) -> Iterator[Item]:
+def _csv_items(path: Path, limit: int, cols: Columns) -> Iterator[Item]:
     # a caption may be as long as any payload (csv refuses fields over 128 KiB by default)
     csv.field_size_limit(min(limit, sys.maxsize))
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM must not rename the first column
-            for n, row in enumerate(csv.DictReader(f), 2):
+            reader = csv.DictReader(f)
+            cols.check(path, [c for c in reader.fieldnames or [] if c])
+            for n, row in enumerate(reader, 2):
                 row = {k: v for k, v in row.items() if k and v not in (None, "")}
                 if "segments" in row:
                     try:
@@ -216,7 +330,7 @@ def _csv_items(path: Path, limit: int) -> Iterator[Item]:
                     except json.JSONDecodeError as e:
                         yield _bad(f"{path}:{n}", f"segments column is not JSON: {e}")
                         continue
-                yield _row_item(f"{path}:{n}", row, path.parent)
+                yield _row_item(path, n, row, cols)
     except (UnicodeDecodeError, csv.Error, OSError) as e:
         yield _bad(str(path), f"unreadable CSV manifest: {e}")
 
@@ -239,7 +353,12 @@ def _json_value(v):
     return v
 
 
-def _parquet_row(name: str, row: dict, base: Path) -> Item:
+def _parquet_row(path: Path, n: int, row: dict, cols: Columns) -> Item:
+    blobs = {}
+    for field in MEDIA_FIELDS:  # a bytes column named as a media field holds the file itself
+        col = next((c for c in cols.of(field) if isinstance(row.get(c), bytes)), None)
+        if col is not None:
+            blobs[field] = row.pop(col)
     out = {}
     for k, v in row.items():
         if v is None:
@@ -247,11 +366,11 @@ def _parquet_row(name: str, row: dict, base: Path) -> Item:
         try:
             out[k] = _json_value(v)
         except UnicodeDecodeError:
-            return _bad(name, f"column {k!r} holds binary data that is not UTF-8 text")
-    return _row_item(name, out, base)
+            return _bad(f"{path}:{n}", f"column {k!r} holds binary data that is not UTF-8 text")
+    return _row_item(path, n, out, cols, blobs)
 
 
-def _parquet_items(path: Path) -> Iterator[Item]:
+def _parquet_items(path: Path, cols: Columns) -> Iterator[Item]:
     import pyarrow.parquet as pq
 
     try:
@@ -259,6 +378,7 @@ def _parquet_items(path: Path) -> Iterator[Item]:
     except Exception as e:  # pyarrow raises several types for a corrupt file
         yield _bad(str(path), f"unreadable Parquet manifest: {e}")
         return
+    cols.check(path, pf.schema_arrow.names)
     n = 0
     try:
         for batch in pf.iter_batches(batch_size=4096):
@@ -273,9 +393,42 @@ def _parquet_items(path: Path) -> Iterator[Item]:
                 except Exception as e:
                     yield _bad(f"{path}:{n}", f"a value in this row cannot be read ({e})")
                     continue
-                yield _parquet_row(f"{path}:{n}", row, path.parent)
+                yield _parquet_row(path, n, row, cols)
     except Exception as e:  # a corrupt page further on: the rows before it are kept
         yield _bad(str(path), f"unreadable Parquet manifest after row {n}: {e}")
+
+
+def _img2dataset_shards(names: set[str]) -> set[str]:
+    """The shards of an img2dataset output folder: NNNNN_stats.json beside NNNNN.tar,
+    NNNNN.parquet or a NNNNN/ folder (its webdataset, parquet and files formats)."""
+    out = set()
+    for name in names:
+        stem = name.removesuffix("_stats.json")
+        if stem != name and stem.isdigit() and {f"{stem}.tar", f"{stem}.parquet", stem} & names:
+            out.add(stem)
+    return out
+
+
+def _img2dataset_stats(path: Path) -> Iterator[Item]:
+    """img2dataset's table of every row it tried for one shard. The rows it fetched are in
+    the tar (or folder) beside it; each other one gets a record, not counted as a bad input
+    (there never was a file)."""
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:
+        yield _bad(str(path), f"unreadable img2dataset stats table: {e}")
+        return
+    for n, row in enumerate(rows, 1):
+        if row.get("status") != "success":
+            yield _not_fetched(f"{path}:{row.get('key', n)}", row)
+
+
+def _not_fetched(name: str, row: dict) -> Item:
+    """A row img2dataset failed to download: recorded, but no bad input (nothing to read)."""
+    return Item(name, {"kind": "skip", "reason": f"img2dataset did not fetch it ({row.get('status')}: "
+                                                f"{row.get('error_message')}): {row.get('url')}"})
 
 
 # ---------------------------------------------------------------- validation
@@ -304,20 +457,30 @@ def sniff(data: bytes, name: str, validate: bool, max_pixels: int, path: str | N
     if not data:
         raise Bad(f"{name}: empty")
     kind = filetype.guess(data[:8192])
-    mime = kind.mime if kind else ""
+    mime, sniffed = (kind.mime, kind.extension) if kind else _audio_signature(data)
     claimed = _claimed_kind(ext_hint)
     found = mime.split("/")[0] if mime else "text"
     if claimed and claimed != found and not (claimed == "video" and mime == "audio/mp4"):
         raise Bad(f"{name}: the name says {claimed} but the content is not ({mime or 'no known media signature'})")
     if mime.startswith("image/"):
-        return _image_part(data, name, validate, max_pixels, kind.extension)
+        return _image_part(data, name, validate, max_pixels, sniffed)
     if mime.startswith("video/") or (mime == "audio/mp4" and ext_hint in VIDEO_EXTS):
-        return _video_part(data, name, kind.extension, validate, path)
+        return _video_part(data, name, sniffed, validate, path)
     if mime.startswith("audio/"):
-        return _audio_part(data, name, kind.extension, validate)
-    if kind is not None:
+        return _audio_part(data, name, sniffed, validate, path)
+    if mime:
         raise Bad(f"{name}: unsupported content type {mime}")
     return _text_part(data, name)
+
+
+# audio containers that libsndfile and ffmpeg read but `filetype` does not know
+_AUDIO_SIGNATURES = ((b".snd", "au"), (b"caff", "caf"), (b"riff\x2e\x91\xcf\x11", "w64"))
+
+
+def _audio_signature(data: bytes) -> tuple[str, str | None]:
+    """(mime, extension) of the audio formats `filetype` misses; ("", None) for anything else."""
+    ext = next((e for magic, e in _AUDIO_SIGNATURES if data.startswith(magic)), None)
+    return (f"audio/{ext}", ext) if ext else ("", None)
 
 
 _SNIFFED_IMAGE_EXTS = {"jpg": "jpg", "png": "png", "webp": "webp", "gif": "gif", "bmp": "bmp", "tif": "tiff"}
@@ -326,7 +489,7 @@ _SNIFFED_IMAGE_EXTS = {"jpg": "jpg", "png": "png", "webp": "webp", "gif": "gif",
 def _claimed_kind(ext: str) -> str | None:
     if ext in ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"):
         return "image"
-    if ext in AUDIO_EXTS:
+    if ext in AUDIO_EXTS or ext in _AUDIO_ALIASES:
         return "audio"
     if ext in VIDEO_EXTS:
         return "video"
@@ -346,6 +509,8 @@ def _text_part(data: bytes, name: str) -> Part:
 def _image_part(data: bytes, name: str, validate: bool, max_pixels: int, sniffed_ext: str) -> Part:
     from PIL import Image, UnidentifiedImageError
 
+    from mmtok.images import rgb_image
+
     if not validate:  # sniffed only: nothing is decoded here, so there is no bomb to defuse
         if sniffed_ext not in _SNIFFED_IMAGE_EXTS:
             raise Bad(f"{name}: unsupported image format {sniffed_ext}")
@@ -359,8 +524,9 @@ def _image_part(data: bytes, name: str, validate: bool, max_pixels: int, sniffed
                 raise Bad(f"{name}: {w}x{h} = {w * h:,} pixels is over the {max_pixels:,} limit "
                           "(possible decompression bomb; raise --max-pixels to accept it)")
             fmt = im.format
-            if validate:
-                im.load()
+            # decoded as tokenize-images decodes it (aspect-ratio limit, EXIF turn, 16-bit and
+            # alpha to RGB), so that an image kept here is one every image stage reads
+            rgb_image(data, max_pixels)
     except Bad:
         raise
     except Image.DecompressionBombError as e:
@@ -375,42 +541,63 @@ def _image_part(data: bytes, name: str, validate: bool, max_pixels: int, sniffed
     return Part("image", ext, data, {"width": w, "height": h, "format": ext})
 
 
-def _audio_part(data: bytes, name: str, ext: str, validate: bool) -> Part:
+def _audio_part(data: bytes, name: str, ext: str, validate: bool, path: str | None) -> Part:
     import soundfile as sf
 
-    ext = {"x-wav": "wav"}.get(ext, ext)
+    ext = _AUDIO_ALIASES.get(ext, ext)
     if ext not in AUDIO_EXTS:
         raise Bad(f"{name}: unsupported audio format {ext}")
     try:
-        info = sf.info(io.BytesIO(data))
-        if validate:
-            sf.read(io.BytesIO(data), dtype="float32", frames=-1)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise Bad(f"{name}: audio does not decode ({e})") from None
-    if info.frames <= 0:
+        info = sf.info(io.BytesIO(data))  # the header's facts, where libsndfile reads the format
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+        info = None  # m4a, or a broken header: ffmpeg decides below
+    if info is not None and info.frames <= 0:
         raise Bad(f"{name}: audio has no samples")
-    return Part("audio", ext, data, {"duration": round(info.frames / info.samplerate, 4),
-                                     "sample_rate": info.samplerate, "channels": info.channels})
+    meta = {} if info is None else {"duration": round(info.frames / info.samplerate, 4),
+                                    "sample_rate": info.samplerate, "channels": info.channels}
+    if validate:  # decoded as extract-audio decodes it (ffmpeg, 16 kHz mono, as many seconds), with its checks
+        from mmtok.audio import CHUNK_SECONDS, SAMPLE_RATE, AudioOptions, decode_audio, wave_problem
+
+        wave, _ = _ffmpeg(lambda f: decode_audio(f, AudioOptions().max_chunks * CHUNK_SECONDS), data, ext, path,
+                          f"{name}: audio does not decode")
+        problem = wave_problem(wave)
+        if problem:
+            raise Bad(f"{name}: {problem}")
+        meta = meta or {"duration": round(len(wave) / SAMPLE_RATE, 4)}
+    return Part("audio", ext, data, meta)
+
+
+def _ffmpeg(fn, data: bytes, ext: str, path: str | None, failure: str):
+    """`fn(file)` on the input file, or on a temporary copy of an archive member (ffmpeg needs
+    a seekable file: an mp4 index may sit at the end). A MediaError becomes Bad(failure + reason),
+    without the temporary file's name, so that the record is the same on a rerun."""
+    from mmtok.media import MediaError
+
+    if path is not None:
+        try:
+            return fn(path)
+        except MediaError as e:
+            raise Bad(f"{failure} (ffmpeg: {e})") from None
+    with tempfile.NamedTemporaryFile(suffix=f".{ext}") as tmp:
+        tmp.write(data)
+        tmp.flush()
+        try:
+            return fn(tmp.name)
+        except MediaError as e:
+            raise Bad(f"{failure} (ffmpeg: {str(e).replace(tmp.name, 'the member')})") from None
 
 
 def _video_part(data: bytes, name: str, ext: str, validate: bool, path: str | None) -> Part:
-    from mmtok.media import MediaError, probe_video
+    from mmtok.media import probe_video
 
     ext = VIDEO_EXTS.get(ext, ext)
     if ext not in VIDEO_EXTS.values():
         raise Bad(f"{name}: unsupported video container {ext}")
     meta = {}
     if validate:
-        try:
-            if path is None:  # ffmpeg needs a seekable file (mp4 index may sit at the end)
-                with tempfile.NamedTemporaryFile(suffix=f".{ext}") as tmp:
-                    tmp.write(data)
-                    tmp.flush()
-                    meta = probe_video(tmp.name)
-            else:
-                meta = probe_video(path)
-        except MediaError as e:
-            raise Bad(f"{name}: video does not decode (ffmpeg: {e})") from None
+        meta = _ffmpeg(probe_video, data, ext, path, f"{name}: video does not decode")
+        if not meta.get("duration"):  # extract-keyframes places its frames by the duration
+            raise Bad(f"{name}: video duration is unknown: neither its header nor its packets give one")
     return Part("video", ext, data, meta)
 
 
@@ -446,9 +633,11 @@ class ShardFn:
         try:
             if kind == "bad":
                 raise Bad(payload["reason"])
+            if kind == "skip":
+                return [Quarantined(payload["source"], payload["reason"], counts=False)]
             if kind == "files":
-                parts, extra = self._file_parts(payload["paths"])
-                return self._build(index, payload["source"], parts, extra)
+                parts, extra, dropped = self._file_parts(payload["paths"])
+                return self._build(index, payload["source"], parts, extra) + dropped
             if kind == "members":
                 return self._members(index, payload["source"], payload["members"])
             return self._row(index, payload["source"], payload["row"], Path(payload["base"]))
@@ -458,18 +647,24 @@ class ShardFn:
     def _sniff(self, data: bytes, name: str, path: str | None = None) -> Part:
         return sniff(data, name, self.validate, self.max_pixels, path)
 
-    def _file_parts(self, paths: list[str]) -> tuple[list[Part], dict]:
-        parts, extra = [], {}
+    def _file_parts(self, paths: list[str]) -> tuple[list[Part], dict, list[Quarantined]]:
+        """The payloads of files sharing a stem, the sidecar JSON's fields, and a record for
+        each payload file left out as bad (`_left_out`)."""
+        parts, extra, bad = [], {}, []
         for p in paths:
             try:
                 data = _read_file(p, self.max_member_bytes)
             except OSError as e:
-                raise Bad(f"{p}: cannot read ({e.strerror})") from None
-            if p.endswith(".json"):
+                bad.append((p, Bad(f"{p}: cannot read ({e.strerror})")))
+                continue
+            if p.endswith(".json"):  # the sidecar describes the whole sample: a bad one quarantines it
                 extra.update(_json_extra(data, p))
                 continue
-            parts.append(self._sniff(data, p, p))
-        return parts, extra
+            try:
+                parts.append(self._sniff(data, p, p))
+            except Bad as e:
+                bad.append((p, e))
+        return parts, extra, _left_out(parts, bad)
 
     def _members(self, index: int, source: str, members: dict[str, bytes]) -> list:
         extra = {}
@@ -477,10 +672,16 @@ class ShardFn:
             extra = _json_extra(members.pop("json"), f"{source}.json")
             if extra.get("modality") == "doc" and "segments" in extra:  # re-sharding an mmtok doc
                 return self._doc(index, source, extra["segments"], {}, resolve_by_hash=True)
-        parts = [self._sniff(data, f"{source}.{ext}") for ext, data in sorted(members.items())]
-        for p, ext in zip(parts, sorted(members)):
-            p.meta["member"] = ext
-        return self._build(index, source, parts, {k: v for k, v in extra.items() if k == "source_meta"})
+        parts, bad = [], []
+        for ext, data in sorted(members.items()):
+            try:
+                parts.append(self._sniff(data, f"{source}.{ext}"))
+            except Bad as e:
+                bad.append((f"{source}.{ext}", e))
+            else:
+                parts[-1].meta["member"] = ext
+        dropped = _left_out(parts, bad)
+        return self._build(index, source, parts, {k: v for k, v in extra.items() if k == "source_meta"}) + dropped
 
     def _row(self, index: int, source: str, row: dict, base: Path) -> list:
         if "segments" in row:
@@ -565,6 +766,18 @@ class ShardFn:
         return Sample(key=key, group=group, members=members, meta=meta)
 
 
+def _left_out(parts: list[Part], bad: list[tuple[str, Bad]]) -> list[Quarantined]:
+    """Quarantine records for the bad members of a sample whose other members are kept.
+
+    A bad member costs only itself while a media payload is left (a broken `x.aiff` beside
+    a good `x.wav` and its caption `x.txt`: the audio-caption pair is kept); a caption whose
+    image or audio is bad is no sample on its own, so then the whole sample is quarantined
+    (raises the first member's Bad)."""
+    if bad and not any(p.kind != "text" for p in parts):
+        raise bad[0][1]
+    return [Quarantined(name, str(e)) for name, e in bad]
+
+
 def _json_extra(data: bytes, name: str) -> dict:
     try:
         obj = json.loads(data)
@@ -577,9 +790,10 @@ def _json_extra(data: bytes, name: str) -> dict:
     return {"source_meta": obj}
 
 
-def shard_items(inputs: list[str], max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[Item]:
+def shard_items(inputs: list[str], max_member_bytes: int = MAX_MEMBER_BYTES,
+                columns: Columns | None = None) -> Iterator[Item]:
     """Items for the runner, each payload carrying its position (the sample key) and source."""
-    for i, item in enumerate(enumerate_inputs(inputs, max_member_bytes)):
+    for i, item in enumerate(enumerate_inputs(inputs, max_member_bytes, columns)):
         item.payload["index"] = i
         item.payload["source"] = item.name
         yield item

@@ -136,6 +136,7 @@ class _MicroBatches:
 
     def __init__(self, plan: dict, arrays: dict, corpus: TokenCorpus, indices: range):
         self.arrays, self.corpus, self.indices = arrays, corpus, indices
+        self.n_microbatches = plan["microbatches"]
         self.seq_len, self.micro_batch = plan["seq_len"], plan["micro_batch"]
         self.image_range = plan["vocab"]["image_range"]
         self.pad_id = plan["vocab"]["specials"].get("<pad>", 0)
@@ -146,7 +147,7 @@ class _MicroBatches:
     def __getitem__(self, i: int) -> dict:
         import torch
 
-        m = self.indices[i]
+        m = self.indices[i] % self.n_microbatches
         a = self.arrays
         p0, p1 = int(a["mb_ptr"][m]), int(a["mb_ptr"][m + 1])
         shape = (self.micro_batch, self.seq_len)
@@ -254,16 +255,18 @@ class PlanLoader:
     `modality` (uint8, 1 for image codes), `doc_ids` (int32 segment id from 1, 0 for
     padding) and `positions` (int32, position inside the segment). `num_workers` > 0 reads
     in torch DataLoader worker processes; the state counts only batches already yielded.
+    With `loop`, the plan starts again after its last micro-batch (the position keeps
+    counting, so micro-batch m of the plan is read at positions m, m + N, m + 2N, ...).
     """
 
     def __init__(self, plan_dir: str | Path, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 prefetch_factor: int = 2):
+                 prefetch_factor: int = 2, loop: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.plan_dir = Path(plan_dir)
         self.plan, self.arrays = read_plan(self.plan_dir)
         self.rank, self.world_size = rank, world_size
-        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.num_workers, self.prefetch_factor, self.loop = num_workers, prefetch_factor, loop
         self.vocab = self.plan["vocab"]
         self.seq_len, self.micro_batch = self.plan["seq_len"], self.plan["micro_batch"]
         self.n_microbatches = self.plan["microbatches"]
@@ -279,6 +282,26 @@ class PlanLoader:
         """Steps left (every rank gets the same number)."""
         return max(0, (self.n_microbatches - self._next) // self.world_size)
 
+    def describe(self, world: int, grad_accum: int, start: int, end: int) -> str:
+        """One line: how the plan's ranks and steps map to this run's processes, gradient
+        accumulation and steps (any world size reads the plan's micro-batches in order)."""
+        W, steps, n = self.plan["world_size"], self.plan["steps"], self.n_microbatches
+        need = (end - start) * world * grad_accum
+        line = (f"plan {self.plan_dir}: {W} rank(s) x {steps} steps = {n} micro-batches of {self.micro_batch} x "
+                f"{self.seq_len} tokens; this run: {world} process(es) x grad-accum {grad_accum} x steps {start}..{end} "
+                f"= {need} micro-batches from position {self._next}")
+        left = n - self._next
+        if self.loop and need > left:
+            line += f", going through the plan again (--loop-plan) {(self._next + need) / n:.2f} times in all"
+        elif need < left:
+            line += f" ({left - need} left unread at the end)"
+        if world * grad_accum != W:
+            hint = (f"; pass --grad-accum {W // world} to match it" if W % world == 0 else
+                    f"; no --grad-accum matches it on {world} process(es)")
+            line += (f". Each step here averages {world * grad_accum} micro-batch(es), each step of the plan "
+                     f"holds {W} (one per rank){hint}")
+        return line
+
     def state_dict(self) -> dict:
         return {"format": STATE_FORMAT, "order": self.plan["order_sha256"], "next_microbatch": self._next}
 
@@ -291,7 +314,10 @@ class PlanLoader:
         self._next = int(state["next_microbatch"])
 
     def __iter__(self):
-        indices = range(self._next + self.rank, self.n_microbatches - self.world_size + self.rank + 1, self.world_size)
+        # looping: a range far past the plan (positions are taken modulo its length); a range,
+        # not an endless iterator, so that DataLoader workers can split it
+        stop = self._next + self.world_size * 2**40 if self.loop else self.n_microbatches - self.world_size + 1
+        indices = range(self._next + self.rank, stop + self.rank, self.world_size)
         data = _MicroBatches(self.plan, self.arrays, self.corpus, indices)
         if self.num_workers > 0:
             import torch.utils.data

@@ -160,7 +160,8 @@ def packet_timing(path: str) -> tuple[float | None, float | None]:
 # --- inputs: shard directories made by `mmtok shard`, or plain files -------------------
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
-AUDIO_EXTS = ("wav", "flac", "mp3", "ogg")
+# what `mmtok shard` names audio members (ffmpeg decodes them all; opus comes in ogg)
+AUDIO_EXTS = ("wav", "flac", "mp3", "ogg", "aiff", "au", "caf", "w64", "m4a")
 _KEY_SAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 

@@ -21,6 +21,11 @@ steps (docs/MIXING.md has the full story):
 
 The micro-batch order does not depend on the world size; rank r at step s reads
 micro-batch s*W + r. A longer plan begins with the shorter one's micro-batches.
+
+With a held-out fraction, a document is held out when a hash of its key falls below it:
+the split depends on nothing else (not the order, not the other documents), so adding
+documents never moves one. Held-out documents are left out of the plan and written as
+token shards under OUT/holdout/, which `mmtok eval --data` reads.
 """
 
 from __future__ import annotations
@@ -29,16 +34,17 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from mmtok.loader import PLAN_ARRAYS, PLAN_FILE, TokenCorpus
-from mmtok.shards import atomic_write, npy_bytes
+from mmtok.loader import PLAN_ARRAYS, PLAN_FILE, TokenCorpus, read_plan
+from mmtok.shards import INDEX, atomic_write, npy_bytes
 
 PLAN_FORMAT = "mmtok-plan/1"
 IMAGE, TEXT = 0, 1  # pools
+HOLDOUT_DIR = "holdout"
 
 
 def parse_ratio(text: str) -> tuple[int, int]:
@@ -61,6 +67,7 @@ def ratio_from_experts(layout: str) -> tuple[int, int]:
 class Plan:
     meta: dict  # plan.json
     arrays: dict  # name -> numpy array (PLAN_ARRAYS)
+    holdout: list = field(default_factory=list)  # (source dir, its held-out document numbers) per source
 
     @property
     def report(self) -> dict:
@@ -77,9 +84,23 @@ def _expand(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.repeat(starts - offsets, counts) + np.arange(int(counts.sum()))
 
 
-def _atoms(corpus: TokenCorpus, seq_len: int) -> dict:
+def document_keys(dirs: list[Path]) -> np.ndarray:
+    """The sample keys of token shard directories' documents, in TokenCorpus order."""
+    import pyarrow.parquet as pq
+
+    return np.concatenate([np.asarray(pq.read_table(Path(d) / INDEX, columns=["key"]).column("key").to_pylist(),
+                                      dtype=object) for d in dirs])
+
+
+def held_out(keys, fraction: float) -> np.ndarray:
+    """Which documents a held-out `fraction` takes: those whose key hashes below it."""
+    h = [int.from_bytes(hashlib.sha256(str(k).encode()).digest()[:8], "big") for k in keys]
+    return np.array(h, dtype=np.float64) / 2.0**64 < fraction
+
+
+def _atoms(corpus: TokenCorpus, seq_len: int, keep: np.ndarray) -> dict:
     """Image-bearing documents as atoms (doc, start, len, image tokens), in document order."""
-    docs = np.flatnonzero(corpus.n_image > 0)
+    docs = np.flatnonzero((corpus.n_image > 0) & keep)
     long = docs[corpus.n_tokens[docs] > seq_len]
     if len(long) == 0:
         return {"doc": docs, "start": np.zeros(len(docs), np.int64), "len": corpus.n_tokens[docs], "img": corpus.n_image[docs]}
@@ -244,30 +265,36 @@ def _walk_atoms(a_len: np.ndarray, cN: np.ndarray, cI: np.ndarray, n_mb: int, se
 
 def plan_mix(dirs: list[str | Path], *, out: str | Path, ratio: tuple[int, int], world_size: int, seq_len: int,
              micro_batch: int, steps: int, seed: int = 0, weights: list[float] | None = None,
-             tolerance: float = 0.02) -> Plan:
+             tolerance: float = 0.02, holdout: float = 0.0) -> Plan:
     """Plan `steps` x `world_size` micro-batches; see the module docstring.
 
     `out` is where the plan will be written (source paths are stored relative to it).
+    `holdout`: the share of documents to leave out of the plan (`held_out`).
     """
     if world_size < 1 or seq_len < 1 or micro_batch < 1 or steps < 1:
         raise ValueError("--world-size, --seq-len, --micro-batch and --steps must be positive")
     if not 0 < tolerance < 1:
         raise ValueError(f"--tolerance {tolerance}: expected a fraction between 0 and 1, e.g. 0.02")
+    if not 0 <= holdout < 1:
+        raise ValueError(f"--holdout {holdout}: expected a fraction from 0 to below 1, e.g. 0.05")
     corpus = TokenCorpus(dirs)
     n_src = len(corpus.dirs)
+    held = held_out(document_keys(corpus.dirs), holdout) if holdout else np.zeros(len(corpus.n_tokens), bool)
+    keep = ~held
     if weights is None:
-        w = np.array([corpus.n_tokens[corpus.source == s].sum() for s in range(n_src)], dtype=np.float64)
+        w = np.array([corpus.n_tokens[(corpus.source == s) & keep].sum() for s in range(n_src)], dtype=np.float64)
     else:
         if len(weights) != n_src or any(x < 0 for x in weights) or sum(weights) <= 0:
             raise ValueError(f"--weights: expected {n_src} non-negative numbers (one per source), got {weights}")
         w = np.array(weights, dtype=np.float64)
     w = w / w.sum()
     for s in range(n_src):
-        if w[s] > 0 and corpus.n_docs[s] == 0:
-            raise ValueError(f"{corpus.dirs[s]}: holds no documents but has a weight; drop it or give it weight 0")
+        if w[s] > 0 and not keep[corpus.source == s].any():
+            left = " left after --holdout" if corpus.n_docs[s] else ""
+            raise ValueError(f"{corpus.dirs[s]}: holds no documents{left} but has a weight; drop it or give it weight 0")
 
-    A = _atoms(corpus, seq_len)
-    is_text = np.flatnonzero(corpus.n_image == 0)
+    A = _atoms(corpus, seq_len, keep)
+    is_text = np.flatnonzero((corpus.n_image == 0) & keep)
     # each source's weight splits over the pools in the proportion of its own tokens
     tok = np.zeros((2, n_src))
     tok[IMAGE] = np.bincount(corpus.source[A["doc"]], weights=A["len"], minlength=n_src)
@@ -304,6 +331,7 @@ def plan_mix(dirs: list[str | Path], *, out: str | Path, ratio: tuple[int, int],
     order_inputs = {
         "sources": corpus.manifest_sha256, "weights": w.tolist(), "ratio": list(ratio), "tolerance": tolerance,
         "seq_len": seq_len, "micro_batch": micro_batch, "seed": seed,
+        **({"holdout": holdout} if holdout else {}),  # absent at 0: older plans keep their order hash
     }
     meta = {
         "format": PLAN_FORMAT,
@@ -317,7 +345,23 @@ def plan_mix(dirs: list[str | Path], *, out: str | Path, ratio: tuple[int, int],
         "tokenizer": corpus.tokenizer,  # its full fingerprint: train records it, eval and generate compare it
         "report": report,
     }
-    return Plan(meta, arrays)
+    parts = []
+    if holdout:
+        names = _holdout_names(corpus.dirs)
+        meta["holdout"] = {"fraction": holdout, "sources": []}
+        for s, d in enumerate(corpus.dirs):
+            local = np.flatnonzero(held[corpus.source == s])
+            meta["holdout"]["sources"].append({"name": str(dirs[s]), "documents": int(len(local)),
+                                               "path": f"{HOLDOUT_DIR}/{names[s]}" if len(local) else None})
+            if len(local):
+                parts.append((d, names[s], local))
+    return Plan(meta, arrays, parts)
+
+
+def _holdout_names(dirs: list[Path]) -> list[str]:
+    """A folder name per source under OUT/holdout/: its own name, numbered where two share one."""
+    names = [d.name or "tokens" for d in dirs]
+    return [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
 
 
 def _relpath(path: Path, start: Path) -> str:
@@ -375,6 +419,10 @@ def _report(corpus, arrays, A, a_stream, d_stream, ia, tpos, tok, w, weighted, r
         else:
             why = "some image documents carry more text than the ratio allows, or need more room than is left"
         notes.append(f"{off} of {n_mb} rank-steps are off the target ratio by more than {tol:.0%}: {why}")
+    for name, e in report["epochs"].items():
+        if e > 1.0 + 1e-9:
+            notes.append(f"{name} repeats {e:.1f} times in the plan (each of its documents is read {e:.1f} times "
+                         "on average): add data to it, plan fewer --steps, or ask less of it (--weights, --ratio)")
     if weighted and report["max_share_deviation"] > 0.01:
         notes.append("source shares differ from --weights by more than 1%: the weights and the ratio cannot both "
                      "hold with these sources (the ratio wins)")
@@ -383,10 +431,54 @@ def _report(corpus, arrays, A, a_stream, d_stream, ia, tpos, tok, w, weighted, r
 
 
 def write_plan(plan: Plan, out: str | Path) -> None:
-    """Arrays first, plan.json last: a directory with plan.json is a finished plan."""
+    """Arrays and held-out shards first, plan.json last: a directory with plan.json is a
+    finished plan."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / PLAN_FILE).unlink(missing_ok=True)
     for name in PLAN_ARRAYS:
         atomic_write(out / f"{name}.npy", npy_bytes(plan.arrays[name]))
+    for src, name, docs in plan.holdout:
+        write_holdout(src, docs, out / HOLDOUT_DIR / name, plan.meta["holdout"]["fraction"])
     atomic_write(out / PLAN_FILE, json.dumps(plan.meta, sort_keys=True, indent=1).encode())
+
+
+def write_holdout(src: Path, docs: np.ndarray, out: Path, fraction: float) -> None:
+    """Documents `docs` of the token shard directory `src`, copied unchanged (key, token ids,
+    metadata, index columns) into a token shard directory `out`."""
+    from mmtok.runner import Item, Sample, run_stage
+    from mmtok.shards import ShardReader
+
+    reader = ShardReader(src)
+    rows = reader.index().take(np.asarray(docs)).to_pylist()
+
+    def copy(row: dict) -> Sample:
+        members = {m["ext"]: reader.read_member(row["shard"], m["offset"], m["size"]) for m in row["members"]}
+        extra = {k: v for k, v in row.items() if k not in ("key", "shard", "members")}
+        return Sample(row["key"], "tokens", {"npy": members["npy"]}, json.loads(members["json"]), extra)
+
+    config = {**reader.manifest.get("config", {}), "inputs": [str(src.resolve())],
+              "holdout": {"fraction": fraction, "of": str(src.resolve())}}
+    # the plan is written again in place each time, and its held-out part with it
+    run_stage("tokenize", [Item(f"{src}:{r['key']}", r) for r in rows], copy, out, config=config, progress=False,
+              overwrite=True)
+
+
+def plan_overlap(plan_dir: str | Path, corpus: TokenCorpus, n_docs: int) -> int:
+    """How many of `corpus`'s first `n_docs` documents the plan in `plan_dir` trains on: same
+    key and counts as a planned document, confirmed by equal token ids (keys alone repeat
+    across separately made corpora)."""
+    plan, arrays = read_plan(plan_dir)
+    trained = TokenCorpus([Path(plan_dir) / s["path"] for s in plan["sources"]])
+    if trained.manifest_sha256 != [s["manifest_sha256"] for s in plan["sources"]]:
+        raise ValueError("its sources changed since it was made")
+    used = np.unique(np.asarray(arrays["piece_doc"]))
+    used = used[used < len(trained.n_tokens)]
+    by_id = {(k, int(n), int(i)): int(d) for k, n, i, d in zip(document_keys(trained.dirs)[used], trained.n_tokens[used],
+                                                                trained.n_image[used], used)}
+    keys = document_keys(corpus.dirs)
+    hits = 0
+    for d in range(n_docs):
+        t = by_id.get((keys[d], int(corpus.n_tokens[d]), int(corpus.n_image[d])))
+        hits += t is not None and np.array_equal(corpus.read(d), trained.read(t))
+    return hits

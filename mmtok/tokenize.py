@@ -20,8 +20,9 @@ import numpy as np
 
 from mmtok.locks import exclusive
 from mmtok.runner import (Item, Quarantined, Sample, StageError, Summary, check_paths, disk_full_resumes, progress_bar,
-                          run_stage)
-from mmtok.shards import MANIFEST, ShardError, ShardReader, atomic_write, content_hash, load_manifest, load_npy, npy_bytes
+                          run_stage, run_stage_ranks)
+from mmtok.shards import (MANIFEST, ShardError, ShardReader, ShardSample, atomic_write, content_hash, group_samples,
+                          iter_tar, load_manifest, load_npy, npy_bytes)
 from mmtok.shards import naming, remove_temps
 from mmtok.vocab import VOCAB_FILE, Vocab, VocabError
 
@@ -221,19 +222,53 @@ def _keyed(dirs: list, i: int, key: str) -> str:
     return key if len(dirs) == 1 else f"{i}_{key}"
 
 
-def image_items(shard_dirs: list[str | Path]) -> Iterator[Item]:
-    """One item per image or image-caption pair in the directories."""
-    for i, d in enumerate(shard_dirs):
-        for s in ShardReader(d):
-            image = image_alone(s.members)
-            if image is not None:
-                yield Item(f"{d}/{s.shard}:{s.key}", (_keyed(shard_dirs, i, s.key), image))
+def _paths(dirs: list) -> list[str]:
+    return [str(Path(d).resolve()) for d in dirs]
+
+
+def _input_shards(shard_dirs: list) -> list[tuple[int, str | Path, dict]]:
+    """Every input shard in reading order: (its directory's position, the directory, its
+    manifest record). A share of the work on several processes is a run of this list."""
+    return [(i, d, rec) for i, d in enumerate(shard_dirs) for rec in load_manifest(d)["shards"]]
+
+
+def _samples(shard_dirs: list, start: int = 0, end: int | None = None) -> Iterator[tuple[int, str | Path, ShardSample]]:
+    """(directory position, directory, sample) of the input shards `start:end`, in order."""
+    for i, d, rec in _input_shards(shard_dirs)[start:end]:
+        for item in group_samples(iter_tar(Path(d) / rec["name"])):
+            if len(item) == 2:
+                yield i, d, ShardSample(item[0], item[1], rec["name"])
+
+
+def image_items(shard_dirs: list[str | Path], start: int = 0, end: int | None = None) -> Iterator[Item]:
+    """One item per image or image-caption pair in the directories (in input shards `start:end`)."""
+    for i, d, s in _samples(shard_dirs, start, end):
+        image = image_alone(s.members)
+        if image is not None:
+            yield Item(f"{d}/{s.shard}:{s.key}", (_keyed(shard_dirs, i, s.key), image))
+
+
+def _run(stage: str, shard_dirs: list, items_of, fn, out, *, reads, rank: int, world_size: int, **kwargs) -> Summary:
+    """run_stage over every input shard, or over this rank's share when `world_size` > 1
+    (`run_stage_ranks`: rank 0 then joins the shares into the output one process writes).
+    `reads(group)`: whether the stage reads that group's samples (the shares' weights)."""
+    if world_size == 1:
+        return run_stage(stage, items_of(0, None), fn, out, **kwargs)
+    weights = [rec["samples"] if reads(_group(rec["name"])) else 0 for _, _, rec in _input_shards(shard_dirs)]
+    return run_stage_ranks(stage, items_of, fn, out, weights=weights, rank=rank, world_size=world_size, **kwargs)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) outside torchrun."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def tokenize_images(shard_dirs: list[str | Path], tok: Tokenizer, out: str | Path, *, batch_size: int = 32,
                     workers: int = 1, backend: str = "local", max_error_rate: float = 0.05, progress: bool = True,
-                    overwrite: bool = False) -> Summary:
-    """Encode every image into its VQ codes: group `codes`, member `npy` (uint16 [tokens_per_image])."""
+                    overwrite: bool = False, rank: int = 0, world_size: int = 1) -> Summary | None:
+    """Encode every image into its VQ codes: group `codes`, member `npy` (uint16 [tokens_per_image]).
+    With `world_size` > 1 (torchrun ranks) each rank encodes its share of the input shards;
+    the output is the one-process output, returned by rank 0 (None on the others)."""
     res = tok.resolution
     dtype = np.uint16 if tok.vocab.n_image_codes <= 1 << 16 else np.uint32
     grid = tok.vq.cfg.grid
@@ -255,12 +290,13 @@ def tokenize_images(shard_dirs: list[str | Path], tok: Tokenizer, out: str | Pat
             out.append([Sample(key, "codes", {"npy": payload}, meta, {"image_sha256": image_sha, "source_key": key})])
         return out
 
-    config = {"tokenizer": tok.fingerprint(), "resolution": res, "inputs": [str(Path(d).resolve()) for d in shard_dirs],
+    config = {"tokenizer": tok.fingerprint(), "resolution": res, "inputs": _paths(shard_dirs),
               "vocab": tok.vocab.to_dict()}
     total = sum(r["samples"] for d in shard_dirs for r in load_manifest(d)["shards"] if _group(r["name"]).startswith(("image-", "pair-")))
-    return run_stage("tokenize-images", image_items(shard_dirs), load, out, config=config, workers=workers,
-                     backend=backend, batch_fn=encode, batch_size=batch_size, max_error_rate=max_error_rate,
-                     total=total, progress=progress, overwrite=overwrite)
+    return _run("tokenize-images", shard_dirs, lambda a, b: image_items(shard_dirs, a, b), load, out,
+                reads=lambda g: g.startswith(("image-", "pair-")), rank=rank, world_size=world_size,
+                config=config, workers=workers, backend=backend, batch_fn=encode, batch_size=batch_size,
+                max_error_rate=max_error_rate, total=total, progress=progress, overwrite=overwrite)
 
 
 @dataclass
@@ -272,19 +308,25 @@ class _Image:
 
 
 class _Codes:
-    """Codes written by `tokenize-images`, found by the image's `image_sha256`."""
+    """Codes written by `tokenize-images` into one or more directories, found by the image's
+    `image_sha256` (read where they lie, never copied; the first directory holding an image wins)."""
 
-    def __init__(self, codes_dir: str | Path, tok: Tokenizer):
-        self.reader = ShardReader(codes_dir)
-        have = self.reader.manifest.get("config", {}).get("tokenizer")
-        if self.reader.manifest.get("stage") != "tokenize-images":
-            raise ValueError(f"--codes {codes_dir}: not a `mmtok tokenize-images` output")
-        if have != tok.fingerprint():
-            raise VocabError(f"--codes {codes_dir} was made with a different tokenizer than {tok.dir}; "
-                             "rerun tokenize-images with this tokenizer or leave out --codes")
-        index = self.reader.index()
-        rows = index.select(["image_sha256", "shard", "members"]).to_pylist() if index.num_rows else []
-        self.where = {r["image_sha256"]: (r["shard"], next(m for m in r["members"] if m["ext"] == "npy")) for r in rows}
+    def __init__(self, codes_dirs: list[str | Path], tok: Tokenizer):
+        self.readers, self.where = [], {}
+        for d in codes_dirs:
+            reader = ShardReader(d)
+            have = reader.manifest.get("config", {}).get("tokenizer")
+            if reader.manifest.get("stage") != "tokenize-images":
+                raise ValueError(f"--codes {d}: not a `mmtok tokenize-images` output")
+            if have != tok.fingerprint():
+                raise VocabError(f"--codes {d} was made with a different tokenizer than {tok.dir}; "
+                                 "rerun tokenize-images with this tokenizer or leave out --codes")
+            index = reader.index()
+            rows = index.select(["image_sha256", "shard", "members"]).to_pylist() if index.num_rows else []
+            for r in rows:
+                m = next(m for m in r["members"] if m["ext"] == "npy")
+                self.where.setdefault(r["image_sha256"], (reader, r["shard"], m))
+            self.readers.append(reader)
         self.n_codes, self.per_image = tok.vocab.n_image_codes, tok.vocab.image_tokens_per_image
 
     def get(self, image_sha: str) -> np.ndarray | None:
@@ -293,10 +335,10 @@ class _Codes:
         hit = self.where.get(image_sha)
         if hit is None:
             return None
-        shard, m = hit
-        where = f"--codes {self.reader.directory / shard}"
+        reader, shard, m = hit
+        where = f"--codes {reader.directory / shard}"
         try:
-            codes = load_npy(self.reader.read_member(shard, m["offset"], m["size"]))
+            codes = load_npy(reader.read_member(shard, m["offset"], m["size"]))
         except (ValueError, ShardError) as e:
             raise _Bad(f"{where}: unreadable codes of image {image_sha[:12]} ({e}); rerun tokenize-images") from None
         if codes.shape != (self.per_image,) or codes.dtype.kind not in "iu":
@@ -325,29 +367,35 @@ def pair_image_first(seed: int, key: str) -> bool:
     return hashlib.sha256(f"{seed}:{key}".encode()).digest()[0] & 1 == 1
 
 
-def tokenize_items(shard_dirs: list[str | Path], skipped: dict) -> Iterator[Item]:
-    """Text, pairs, docs and stand-alone images; other modalities are counted in `skipped`."""
-    for i, d in enumerate(shard_dirs):
-        for s in ShardReader(d):
-            group, name, key = _group(s.shard), f"{d}/{s.shard}:{s.key}", _keyed(shard_dirs, i, s.key)
-            if group == "text":
-                yield Item(name, ("text", key, i, s.members.get("txt", b"")))
-            elif group.startswith("pair-"):
-                yield Item(name, ("pair", key, i, (image_alone(s.members), s.members.get("txt", b""))))
-            elif group == "doc":
-                yield Item(name, ("doc", key, i, s.meta.get("segments")))
-            elif group.startswith("image-") and s.meta.get("role") != "doc_image":
-                yield Item(name, ("image", key, i, image_alone(s.members)))
-            elif not group.startswith("image-"):
-                skipped[group] = skipped.get(group, 0) + 1
+def _tokenized(group: str) -> bool:
+    """Whether `tokenize` reads a group (other modalities are left out and counted)."""
+    return group in ("text", "doc") or group.startswith(("pair-", "image-"))
 
 
-def tokenize(shard_dirs: list[str | Path], tok: Tokenizer, out: str | Path, *, codes_dir: str | Path | None = None,
+def tokenize_items(shard_dirs: list[str | Path], start: int = 0, end: int | None = None) -> Iterator[Item]:
+    """Text, pairs, docs and stand-alone images (in input shards `start:end`)."""
+    for i, d, s in _samples(shard_dirs, start, end):
+        group, name, key = _group(s.shard), f"{d}/{s.shard}:{s.key}", _keyed(shard_dirs, i, s.key)
+        if group == "text":
+            yield Item(name, ("text", key, i, s.members.get("txt", b"")))
+        elif group.startswith("pair-"):
+            yield Item(name, ("pair", key, i, (image_alone(s.members), s.members.get("txt", b""))))
+        elif group == "doc":
+            yield Item(name, ("doc", key, i, s.meta.get("segments")))
+        elif group.startswith("image-") and s.meta.get("role") != "doc_image":
+            yield Item(name, ("image", key, i, image_alone(s.members)))
+
+
+def tokenize(shard_dirs: list[str | Path], tok: Tokenizer, out: str | Path, *,
+             codes_dir: str | Path | list[str | Path] | None = None,
              seed: int = 0, batch_size: int = 32, workers: int = 1, backend: str = "local",
-             max_error_rate: float = 0.05, progress: bool = True, overwrite: bool = False) -> tuple[Summary, dict]:
+             max_error_rate: float = 0.05, progress: bool = True, overwrite: bool = False, rank: int = 0,
+             world_size: int = 1) -> tuple[Summary | None, dict]:
     """Write token shards (docs/FORMATS.md, "Token shards"); returns the summary and the
-    count of samples of other modalities that were left out."""
-    codes = _Codes(codes_dir, tok) if codes_dir else None
+    count of samples of other modalities that were left out. `codes_dir`: one or several
+    `tokenize-images` outputs, read where they are. `rank`, `world_size`: as tokenize_images."""
+    codes_dirs = [codes_dir] if isinstance(codes_dir, (str, Path)) else list(codes_dir or [])
+    codes = _Codes(codes_dirs, tok) if codes_dirs else None
     readers = [ShardReader(d) for d in shard_dirs]
     doc_images = [_doc_images(r) if any(_group(s["name"]) == "doc" for s in r.manifest["shards"]) else {} for r in readers]
     v = tok.vocab
@@ -417,15 +465,39 @@ def tokenize(shard_dirs: list[str | Path], tok: Tokenizer, out: str | Path, *, c
         return out
 
     skipped: dict = {}
-    config = {"vocab": v.to_dict(), "tokenizer": tok.fingerprint(), "seed": seed,
-              "inputs": [str(Path(d).resolve()) for d in shard_dirs],
-              "codes": str(Path(codes_dir).resolve()) if codes_dir else None}
+    for r in readers:
+        for s in r.manifest["shards"]:
+            if not _tokenized(_group(s["name"])):
+                skipped[_group(s["name"])] = skipped.get(_group(s["name"]), 0) + s["samples"]
+    config = {"vocab": v.to_dict(), "tokenizer": tok.fingerprint(), "seed": seed, "inputs": _paths(shard_dirs),
+              # one directory as a string, as before several were allowed, so earlier outputs resume
+              "codes": _paths(codes_dirs) if len(codes_dirs) > 1 else _paths(codes_dirs)[0] if codes_dirs else None}
+    # stand-alone images are items too (a document's images are not: they go with their document)
     total = sum(s["samples"] for r in readers for s in r.manifest["shards"]
                 if _group(s["name"]) in ("text", "doc") or _group(s["name"]).startswith("pair-"))
-    summary = run_stage("tokenize", tokenize_items(shard_dirs, skipped), prepare, out, config=config, workers=workers,
-                        backend=backend, batch_fn=assemble, batch_size=batch_size, max_error_rate=max_error_rate,
-                        total=total, progress=progress, overwrite=overwrite)
+    total += sum(_standalone_images(r) for r in readers)
+    summary = _run("tokenize", shard_dirs, lambda a, b: tokenize_items(shard_dirs, a, b), prepare, out,
+                   reads=_tokenized, rank=rank, world_size=world_size, config=config, workers=workers,
+                   backend=backend, batch_fn=assemble, batch_size=batch_size, max_error_rate=max_error_rate,
+                   total=total, progress=progress, overwrite=overwrite)
     return summary, skipped
+
+
+def _standalone_images(reader: ShardReader) -> int:
+    """Image samples of a shard directory that are not a document's images. Only a directory
+    with documents can hold those; their metadata (the `json` member, read by seek) says so."""
+    shards = reader.manifest["shards"]
+    n = sum(s["samples"] for s in shards if _group(s["name"]).startswith("image-"))
+    if n and any(_group(s["name"]) == "doc" for s in shards):
+        for r in reader.index().select(["shard", "group", "members"]).to_pylist():
+            m = next((m for m in r["members"] if m["ext"] == "json"), None)
+            if r["group"].startswith("image-") and m is not None:
+                try:
+                    meta = json.loads(reader.read_member(r["shard"], m["offset"], m["size"]))
+                except (OSError, ValueError, ShardError):  # unreadable: the stage cannot read it either
+                    meta = {"role": "doc_image"}
+                n -= isinstance(meta, dict) and meta.get("role") == "doc_image"
+    return n
 
 
 class _Bad(Exception):

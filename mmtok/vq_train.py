@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmtok import runner
 from mmtok.shards import ShardReader, atomic_write
 from mmtok.tokenize import image_alone
 from mmtok.vocab import VOCAB_FILE, Vocab
@@ -145,8 +146,10 @@ def train_vq(shard_dirs: list[str | Path], out: str | Path, cfg: VQConfig, *, st
              lr: float = 1e-4, log_every: int = 100, checkpoint_every: int = 1000, restart_every: int = 100,
              disc_weight: float = 0.1, disc_start: int = 10_000, perceptual_weights: str | None = None,
              perceptual_weight: float = 1.0, seed: int = 0, device: str | None = None, restart: bool = False,
-             log=print) -> dict:
-    """Train (or resume) and write vq.safetensors + vq.json into `out`; returns the last metrics."""
+             memory_check: bool = True, progress: bool = False, log=print) -> dict:
+    """Train (or resume) and write vq.safetensors + vq.json into `out`; returns the last metrics.
+    Refuses (ValueError, naming settings that fit) when the memory estimate exceeds what the
+    device has available, unless `memory_check` is off."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if (out / VOCAB_FILE).exists():
@@ -158,12 +161,8 @@ def train_vq(shard_dirs: list[str | Path], out: str | Path, cfg: VQConfig, *, st
                              f"{cfg.codebook_size}; use --codebook-size {vocab.n_image_codes} or another --out")
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     distributed = world > 1
-    if device is None:
+    if device is None or device == "auto":
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-    if distributed:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
 
@@ -172,9 +171,26 @@ def train_vq(shard_dirs: list[str | Path], out: str | Path, cfg: VQConfig, *, st
            "perceptual_weight": perceptual_weight, "seed": seed, "world_size": world,
            "inputs": [str(d) for d in shard_dirs]}
     torch.manual_seed(seed)
-    model = VQModel(cfg).to(device)
-    disc = PatchDiscriminator().to(device) if disc_weight > 0 else None
-    perceptual = PerceptualLoss(perceptual_weights).to(device) if perceptual_weights else None
+    model = VQModel(cfg)
+    disc = PatchDiscriminator() if disc_weight > 0 else None
+    perceptual = PerceptualLoss(perceptual_weights) if perceptual_weights else None
+    # before anything large is allocated: a run that cannot fit is refused, not killed by the kernel
+    est = memory_estimate(model, disc if steps > disc_start else None, perceptual, batch_size, shard_dirs, device)
+    if rank == 0:
+        log(f"train-vq: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {cfg.resolution} px, "
+            f"batch {batch_size}, {steps} steps on {device}; estimated peak memory {est['total'] / 2**30:.1f} GiB "
+            f"per process, {est['available'] / 2**30:.1f} GiB available (lower with --batch-size or --resolution)")
+    if memory_check and est["needed"] > est["available"]:
+        raise ValueError(f"train-vq would need about {est['needed'] / 2**30:.1f} GiB of {est['where']} memory (estimate) but "
+                         f"{est['available'] / 2**30:.1f} GiB is available; {fitting_settings(est, cfg, batch_size)}, "
+                         "or pass --no-memory-check to try anyway")
+    if distributed:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    model.to(device)
+    disc = disc.to(device) if disc is not None else None
+    perceptual = perceptual.to(device) if perceptual is not None else None
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9)) if disc else None
     gen = torch.Generator().manual_seed(seed + 1)
@@ -204,60 +220,62 @@ def train_vq(shard_dirs: list[str | Path], out: str | Path, cfg: VQConfig, *, st
 
     interval, metrics = fresh(), {}
     t0 = time.perf_counter()
-    while step < steps:
-        x = to_unit(next(batches).to(device, non_blocking=True))
-        use_disc = disc is not None and step >= disc_start
-        with autocast:
-            recon, idx, qloss, z = ddp_model(x)
-            rec_loss = (recon.float() - x).abs().mean()
-            loss = rec_loss + qloss
-            if perceptual is not None:
-                loss = loss + perceptual_weight * perceptual(recon.float(), x)
+    with runner.progress_bar("train-vq", steps, step, progress and rank == 0) as bar:
+        while step < steps:
+            x = to_unit(next(batches).to(device, non_blocking=True))
+            use_disc = disc is not None and step >= disc_start
+            with autocast:
+                recon, idx, qloss, z = ddp_model(x)
+                rec_loss = (recon.float() - x).abs().mean()
+                loss = rec_loss + qloss
+                if perceptual is not None:
+                    loss = loss + perceptual_weight * perceptual(recon.float(), x)
+                if use_disc:
+                    loss = loss - disc_weight * ddp_disc(recon).float().mean()  # hinge generator loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
             if use_disc:
-                loss = loss - disc_weight * ddp_disc(recon).float().mean()  # hinge generator loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if use_disc:
-            with autocast:  # real and fake in one forward (one DDP reduction)
-                real, fake = ddp_disc(torch.cat([x, recon.detach()])).float().chunk(2)
-                d_loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-        step += 1
+                with autocast:  # real and fake in one forward (one DDP reduction)
+                    real, fake = ddp_disc(torch.cat([x, recon.detach()])).float().chunk(2)
+                    d_loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+                opt_d.zero_grad(set_to_none=True)
+                d_loss.backward()
+                opt_d.step()
+            step += 1
+            bar.advance()
 
-        with torch.no_grad():
-            counts = torch.bincount(idx.flatten(), minlength=cfg.codebook_size)
-            window_counts += counts
-            interval["counts"] += counts
-            interval["n"] += 1
-            # summed on the device: no host sync per step
-            interval["sums"] += torch.stack([rec_loss.detach().float(), psnr(recon, x).mean(), ssim(recon, x).mean()])
-            if step % restart_every == 0:
-                _restart_dead(model, window_counts, z, gen, distributed)
-                window_counts.zero_()
-
-        if step % log_every == 0 or step == steps:
-            metrics = _interval_metrics(interval, step, distributed)
-            metrics["disc"] = use_disc
-            metrics["images_per_s"] = round(interval["n"] * batch_size * world / (time.perf_counter() - t0), 2)
-            if rank == 0:
-                log(f"step {step}: recon {metrics['recon']:.4f}  PSNR {metrics['psnr']:.2f} dB  "
-                    f"SSIM {metrics['ssim']:.3f}  codes used {metrics['usage']:.1%}  perplexity {metrics['perplexity']:.1f}")
-                with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(metrics, sort_keys=True) + "\n")
-            interval = fresh()
-            t0 = time.perf_counter()
-        if step % checkpoint_every == 0 or step == steps:
-            if distributed:  # the checkpoint keeps the global counts: gather them onto rank 0
-                import torch.distributed as dist
-
-                dist.all_reduce(window_counts)
-                if rank != 0:
+            with torch.no_grad():
+                counts = torch.bincount(idx.flatten(), minlength=cfg.codebook_size)
+                window_counts += counts
+                interval["counts"] += counts
+                interval["n"] += 1
+                # summed on the device: no host sync per step
+                interval["sums"] += torch.stack([rec_loss.detach().float(), psnr(recon, x).mean(), ssim(recon, x).mean()])
+                if step % restart_every == 0:
+                    _restart_dead(model, window_counts, z, gen, distributed)
                     window_counts.zero_()
-            if rank == 0:
-                _save_checkpoint(out, run, step, batches.consumed, model, disc, opt, opt_d, gen, window_counts)
+
+            if step % log_every == 0 or step == steps:
+                metrics = _interval_metrics(interval, step, distributed)
+                metrics["disc"] = use_disc
+                metrics["images_per_s"] = round(interval["n"] * batch_size * world / (time.perf_counter() - t0), 2)
+                if rank == 0:
+                    log(f"step {step}: recon {metrics['recon']:.4f}  PSNR {metrics['psnr']:.2f} dB  "
+                        f"SSIM {metrics['ssim']:.3f}  codes used {metrics['usage']:.1%}  perplexity {metrics['perplexity']:.1f}")
+                    with open(log_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(metrics, sort_keys=True) + "\n")
+                interval = fresh()
+                t0 = time.perf_counter()
+            if step % checkpoint_every == 0 or step == steps:
+                if distributed:  # the checkpoint keeps the global counts: gather them onto rank 0
+                    import torch.distributed as dist
+
+                    dist.all_reduce(window_counts)
+                    if rank != 0:
+                        window_counts.zero_()
+                if rank == 0:
+                    _save_checkpoint(out, run, step, batches.consumed, model, disc, opt, opt_d, gen, window_counts)
 
     if rank == 0:
         model.eval().save(out)
@@ -272,7 +290,116 @@ def train_vq(shard_dirs: list[str | Path], out: str | Path, cfg: VQConfig, *, st
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    return {**metrics, "step": step, "skipped_images": len(batches.bad), "out": str(out)}
+    return {**metrics, "step": step, "skipped_images": len(batches.bad), "out": str(out),
+            "memory_estimate_bytes": est["total"]}
+
+
+# Backward keeps every saved activation and adds the gradients of the largest ones, plus
+# the allocator's slack; measured peak RSS / (resident + estimate) on CPU was 0.8-1.1 with
+# this factor (tests/test_first_hour_cli.py holds it within 2x).
+BACKWARD_FACTOR = 1.3
+SHUFFLE_BUFFER = 1000  # encoded images held by `shuffled_images`
+# what grows after the estimate: the decoding threads, decoders and allocator arenas (measured)
+RUNTIME_OVERHEAD = 256 << 20
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes free for this run: MemAvailable on CPU, free GPU memory on CUDA; None if unknown."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _encoded_image_bytes(shard_dirs) -> int:
+    """Mean bytes of an encoded image in the shards (from the first rows of each index)."""
+    sizes = []
+    for d in shard_dirs:
+        index = ShardReader(d).index()
+        if "members" not in index.column_names:
+            continue
+        for r in index.slice(0, 10_000).select(["group", "members"]).to_pylist():
+            if r["group"].startswith(("image-", "pair-")):
+                sizes += [m["size"] for m in r["members"] if m["ext"] not in ("json", "txt")]
+    return sum(sizes) // len(sizes) if sizes else 0
+
+
+def memory_estimate(model: VQModel, disc, perceptual, batch_size: int, shard_dirs, device: str) -> dict:
+    """Peak memory of training, before anything large is allocated. Activations are measured,
+    not guessed: one image at a small resolution goes through the same forward (VQ, perceptual
+    network, discriminator) while autograd's saved-tensor hook counts what backward keeps;
+    a conv net's activations scale with the pixel count, so that is scaled to the resolution.
+    Returns bytes: `per_image` (activations), `fixed` (resident now, optimizer state, shuffle
+    buffer), `total`, `needed` (beyond what is resident; on CPU times the processes on this
+    machine) and `available`; `where` is cpu or cuda."""
+    cfg = model.cfg
+    probe = min(cfg.resolution, max(4 * cfg.downsample, 32))  # 32: the discriminator's smallest input
+    trainable = [p for m in (model, disc) if m is not None for p in m.parameters()]
+    frozen = list(perceptual.parameters()) if perceptual is not None else []
+    params = {p.untyped_storage().data_ptr() for p in trainable + frozen}
+    saved: dict[int, torch.Tensor] = {}  # by storage: views of one tensor are counted once
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t  # held, so no address is reused while counting
+        return t
+
+    x = torch.zeros(1, 3, probe, probe)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        recon = model(x)[0]
+        losses = [(recon - x).abs().mean()]
+        if perceptual is not None:
+            losses.append(perceptual(recon, x))
+        if disc is not None:
+            losses.append(disc(recon).mean())
+    per_image = int(BACKWARD_FACTOR * sum(t.untyped_storage().nbytes() for t in saved.values())
+                    * (cfg.resolution / probe) ** 2)
+    del saved, losses, recon
+    param_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    frozen_bytes = sum(p.numel() * p.element_size() for p in frozen)
+    buffer = SHUFFLE_BUFFER * _encoded_image_bytes(shard_dirs)
+    cuda = device.startswith("cuda")
+    processes = 1 if cuda else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # ranks sharing this memory
+    if cuda:  # weights, their gradients and Adam's two moments, and the activations live on the GPU
+        fixed, resident = 4 * param_bytes + frozen_bytes, 0
+    else:  # the weights are resident already; gradients, Adam's moments and the shuffle buffer are not
+        fixed, resident = 3 * param_bytes + buffer + RUNTIME_OVERHEAD, _resident_bytes()
+    per_process = fixed + batch_size * per_image
+    available = available_memory(device)
+    return {"per_image": per_image, "fixed": fixed, "total": resident + per_process, "needed": per_process * processes,
+            "available": float("inf") if available is None else available, "where": "cuda" if cuda else "cpu",
+            "processes": processes}
+
+
+def fitting_settings(est: dict, cfg: VQConfig, batch_size: int) -> str:
+    """Options that would fit in `est`'s available memory, in words."""
+    room = est["available"] / est["processes"] - est["fixed"]
+    ideas = []
+    batch = int(room // est["per_image"]) if room > 0 else 0
+    if 1 <= batch < batch_size:
+        ideas.append(f"--batch-size {batch}")
+    res = cfg.resolution // 2
+    while res >= cfg.downsample and res % cfg.downsample == 0:
+        if batch_size * est["per_image"] * (res / cfg.resolution) ** 2 <= room:
+            ideas.append(f"--resolution {res}")
+            break
+        res //= 2
+    ideas.append("a lower --channels or --res-blocks")
+    return "use " + " or ".join(ideas)
 
 
 def _interval_metrics(interval: dict, step: int, distributed: bool) -> dict:

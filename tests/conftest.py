@@ -7,6 +7,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 
 def make_vocab(image_tokens_per_image: int = 4, n_text: int = 200, n_image: int = 16) -> dict:
@@ -82,3 +83,14 @@ def kill_midway(cmd: list[str], out, env=None) -> int:
         shutil.rmtree(out)
     assert not (Path(out) / "manifest.json").exists(), "could not kill the run mid-way"
     return len(list(stats.glob("*.json")))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny convolutions run faster on one thread than on two shared cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

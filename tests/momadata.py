@@ -25,7 +25,8 @@ def make_plan(root: Path, steps: int = 60, world_size: int = 1, micro_batch: int
     dirs = [make_token_shards(root, text, VOCAB, "text"), make_token_shards(root, pairs, VOCAB, "pairs")]
     write_plan(plan_mix(dirs, out=root / "plan", ratio=(1, 2), world_size=world_size, seq_len=64,
                         micro_batch=micro_batch, steps=steps), root / "plan")
-    return {"plan": root / "plan", "text": dirs[0], "pairs": dirs[1]}
+    return {"root": root, "plan": root / "plan", "text": dirs[0], "pairs": dirs[1], "dirs": dirs,
+            "text_docs": text, "pair_docs": pairs}
 
 
 def cli(*args):

@@ -17,30 +17,12 @@ from shardgen import draw_image, make_shards, photo
 
 import transformers  # noqa: E402  (the test extra installs the references; no silent skip)
 
+from chameleonref import CODEBOOK, RES, TEXTS, TPI, VQ, save_chameleon, text_tokenizer  # noqa: E402
+
 from mmtok.chameleon import ROLES, code_of, image_token_name, import_chameleon  # noqa: E402
 from mmtok.shards import ShardReader, load_npy  # noqa: E402
 from mmtok.tokenize import Tokenizer  # noqa: E402
 from mmtok.vocab import FORMAT_ANY, Vocab  # noqa: E402
-
-CODEBOOK, RES, TPI = 256, 64, 64  # channel_multiplier (1, 2, 2, 4): 8 x 8 codes per 64 px image
-VQ = dict(embed_dim=16, num_embeddings=CODEBOOK, latent_channels=16, resolution=RES, base_channels=32,
-          channel_multiplier=[1, 2, 2, 4], num_res_blocks=1, attn_resolutions=[8])
-TEXTS = ["the cat sat on the mat", "A dog ran in the park.", "héllo wörld 你好 🙂", "  two  spaces\r\nand a tab\t!"]
-
-
-def _text_tokenizer():
-    """A byte-level BPE laid out as Chameleon's: <s> <pad> </s> <unk>, the image tokens
-    IMGIMG<letters>Z for codes 0..255 (ids 4..259), <eoss> <racm3:break> <image>, text pieces."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    specials = ["<s>", "<pad>", "</s>", "<unk>"] + [image_token_name(c) for c in range(CODEBOOK)]
-    tok = HFTokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=specials + ["<eoss>", "<racm3:break>", "<image>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(TEXTS * 20 + ["the quick brown fox jumps over the lazy dog"] * 20, trainer)
-    return tok
 
 
 @pytest.fixture(scope="module")
@@ -48,21 +30,12 @@ def chameleon(tmp_path_factory):
     """A saved tiny ChameleonForConditionalGeneration (Hugging Face layout) and the same VQ in
     Meta's release layout, with a decoder (Hugging Face's checkpoints have none)."""
     from taming.modules.diffusionmodules.model import Decoder
-    from transformers import ChameleonConfig, ChameleonForConditionalGeneration, PreTrainedTokenizerFast
 
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("chameleon")
-    tok = _text_tokenizer()
-    torch.manual_seed(0)
-    cfg = ChameleonConfig(vocab_size=tok.get_vocab_size(),  # as Chameleon: the model has exactly the tokenizer's ids
-                          hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=4, vocabulary_map=tok.get_vocab(), image_token_id=tok.token_to_id("<image>"),
-                          bos_token_id=0, pad_token_id=1, eos_token_id=2, vq_config=VQ)
-    model = ChameleonForConditionalGeneration(cfg).eval()
+    tok = text_tokenizer()
     hf = tmp / "hf"
-    model.save_pretrained(hf)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                            unk_token="<unk>").save_pretrained(hf)
+    model = save_chameleon(hf, tok)
 
     ddconfig = dict(double_z=False, z_channels=VQ["latent_channels"], resolution=RES, in_channels=3, out_ch=3,
                     ch=VQ["base_channels"], ch_mult=VQ["channel_multiplier"], num_res_blocks=VQ["num_res_blocks"],

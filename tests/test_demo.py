@@ -40,6 +40,12 @@ def test_demo_runs_every_stage_end_to_end(tmp_path: Path):
     assert (out / "unimoe" / "tune" / "eval" / "eval.json").exists()
     assert "inspect" in commands
     assert json.loads((out / "run" / "aux_routers.json").read_text())["world_size"] == 2  # the aux stage on 2 processes
+    # Chameleon: its tokenizer imported, a run started from its weights, exported in HF format and loaded back
+    assert {"import-tokenizer"} <= commands
+    assert json.loads((out / "tokenizer-chameleon" / "vocab.json").read_text())["image_range"] == [4, 260]
+    assert json.loads((out / "model-hf" / "config.json").read_text())["model_type"] == "chameleon"
+    back = next(s for s in steps if s["step"] == "load the export back through transformers")
+    assert back["loaded"] and back["max_logit_difference"] < 1e-4
     tune = out / "unimoe" / "tune" / "checkpoints"
     assert json.loads((tune / (tune / "latest").read_text() / "train_state.json").read_text())["world_size"] == 2
 

@@ -18,26 +18,18 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_doc, make_token_shards, make_vocab
+from momadata import VOCAB, make_plan
 from mmtok.cli.app import app
-from mmtok.mix import plan_mix, write_plan
 from mmtok.trainer.config import TrainConfig
 from mmtok.trainer.train import lr_at
 
-VOCAB = make_vocab(image_tokens_per_image=8, n_text=200, n_image=64)
 MOMA = ["--model", "moma", "--experts", "2t2i", "--lr", "0.01", "--warmup", "2"]
 MMTOK = [sys.executable, "-m", "mmtok.cli.app"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    rng = np.random.default_rng(0)
-    text = [make_doc(rng, VOCAB, [int(rng.integers(10, 40))]) for _ in range(30)]
-    pairs = [make_doc(rng, VOCAB, ["img", 10] if i % 2 else [10, "img"]) for i in range(40)]
-    dirs = [make_token_shards(root, text, VOCAB, "text"), make_token_shards(root, pairs, VOCAB, "pairs")]
-    write_plan(plan_mix(dirs, out=root / "plan", ratio=(1, 2), world_size=2, seq_len=64, micro_batch=2, steps=40),
-               root / "plan")
-    return {"root": root, "plan": root / "plan", "text": dirs[0], "pairs": dirs[1], "text_docs": text, "pair_docs": pairs}
+    return make_plan(tmp_path_factory.mktemp("train"), steps=40, world_size=2, micro_batch=2)
 
 
 def cli(*args) -> object:
@@ -281,7 +273,8 @@ def test_resuming_with_another_global_batch_warns(data, tmp_path):
     with pytest.warns(GlobalBatchChanged, match="trained with 1 micro-batches per step .* resumed with 1 x 2"):
         r = cli("train", *common, "--grad-accum", 2, "--resume")
     assert r.exit_code == 0, r.output
-    r = run_cli(["train", *common, "--resume", "--steps", 5])  # back to 1 x 1; the CLI shows it plainly
+    # back to 1 x 1 (resuming keeps the run's saved --grad-accum 2 unless told); the CLI shows it plainly
+    r = run_cli(["train", *common, "--resume", "--steps", 5, "--grad-accum", 1])
     assert r.returncode == 0 and "warning: " in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 

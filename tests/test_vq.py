@@ -14,13 +14,7 @@ from shardgen import bomb_png, draw_image, make_shards, old_load_image, photo
 TINY = dict(resolution=16, downsample=2, codebook_size=64, code_dim=8, channels=16, res_blocks=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny convolutions run faster on one thread than on two shared cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def png(img):

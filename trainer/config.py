@@ -1,12 +1,14 @@
 """Model and run configuration as plain data: presets, TOML files, CLI overrides.
 
 A run's resolved config (model + training) is saved as `RUN/config.json`; everything
-that reads a run (resume, export, eval) rebuilds the model from that file.
+that reads a run (resume, export, eval) rebuilds the model from that file. The same
+config is saved as `RUN/config.toml` too, a file `--config` accepts (`to_toml`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ LAYOUT_RE = re.compile(r"^(\d+)t(\d+)i$")
 RANGES = {
     "vocab_size": (1, None), "n_layers": (1, None), "d_model": (1, None), "n_heads": (1, None),
     "ffn_hidden": (1, None), "max_seq_len": (1, None), "capacity_factor": (0, None, True),
-    "rope_theta": (0, None, True), "z_loss": (0, None), "balance_loss": (0, None), "router_z_loss": (0, None),
+    "rope_theta": (0, None, True), "norm_eps": (0, None, True), "z_loss": (0, None), "balance_loss": (0, None), "router_z_loss": (0, None),
     "steps": (1, None), "grad_accum": (1, None), "ckpt_every": (1, None), "log_every": (1, None),
     "lr": (0, None, True), "min_lr_ratio": (0, 1), "warmup": (0, None), "weight_decay": (0, None),
     "grad_clip": (0, None, True),
@@ -81,6 +83,11 @@ class ModelConfig:
     routing: str = "expert-choice"  # moe only; moma always uses expert choice inside each group
     capacity_factor: float = 1.0
     swin_norm: bool = False  # Chameleon's norm reordering: normalise the block outputs
+    # Chameleon's own variants (its checkpoints load with them: trainer/hf_export.py): QK-norm
+    # "rms" (one RMSNorm gain shared by the heads) or "chameleon" (LayerNorm per head, with a
+    # weight and bias per head), and the eps of the blocks' and the final RMSNorm.
+    qk_norm: str = "rms"
+    norm_eps: float = 1e-5
     attention: str = "sdpa"  # sdpa | flex
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
@@ -104,6 +111,8 @@ class ModelConfig:
             raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
         if self.routing not in ROUTINGS:
             raise ValueError(f"unknown routing {self.routing!r}; choose one of {', '.join(ROUTINGS)}")
+        if self.qk_norm not in ("rms", "chameleon"):
+            raise ValueError(f"unknown qk_norm {self.qk_norm!r}; choose rms or chameleon")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {self.attention!r}; choose one of {', '.join(ATTENTIONS)}")
         if self.d_model % self.n_heads:
@@ -150,6 +159,7 @@ class TrainConfig:
     compile: bool = False
     act_ckpt: bool = False
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    loop_plan: bool = False  # go through the plan again at its end instead of refusing to start
 
     def __post_init__(self):
         check_values(TrainConfig, self.__dict__)
@@ -197,31 +207,93 @@ def _known(cls, section: dict, where: str) -> dict:
     return section
 
 
-def resolve(preset: str, model_overrides: dict, train_overrides: dict, toml_path: str | Path | None = None,
-            vocab: dict | None = None, seq_len: int | None = None, plan: str = "",
-            tokenizer: str | None = None) -> RunConfig:
-    """Preset < TOML file (`[model]`, `[train]`) < command-line overrides (None = not given).
+def parse_sets(sets: list[str]) -> dict[str, dict]:
+    """`--set train.lr=3e-4` (repeatable) -> {"train": {"lr": 3e-4}}. A value is read as TOML
+    (3e-4, true, [0.9, 0.95]) except for text settings, which take it as written (experts=8
+    stays "8"); the key and the value are checked by name like a TOML file's."""
+    out: dict[str, dict] = {"model": {}, "train": {}}
+    classes = {"model": ModelConfig, "train": TrainConfig}
+    for item in sets:
+        key, eq, raw = item.partition("=")
+        table, dot, name = key.strip().partition(".")
+        if not eq or not dot or table not in classes:
+            raise ValueError(f"--set {item!r}: expected model.KEY=VALUE or train.KEY=VALUE, e.g. --set train.lr=3e-4")
+        cls = classes[table]
+        _known(cls, {name: None}, f"--set {item!r}")
+        default = next(f.default for f in dataclasses.fields(cls) if f.name == name)
+        raw = raw.strip()
+        value = raw
+        if not isinstance(default, str):
+            try:
+                value = tomllib.loads(f"v = {raw}")["v"]
+            except tomllib.TOMLDecodeError:
+                pass  # left as text: check_values names the key and the type it wants
+        check_values(cls, {name: value}, f"--set {table}.")
+        out[table][name] = value
+    return out
 
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)  # repr of a float (1e-05, inf) is valid TOML
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v), ensure_ascii=False)  # a JSON string is a TOML basic string
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """The resolved config as a TOML file that `--config` reads back to the same config."""
+    d = cfg.as_dict()
+    lines = ["# Written by `mmtok train`: the resolved config of this run. Give it to",
+             "# `mmtok train --config` to train the same model again.",
+             f"preset = {_toml_value(d['preset'])}", f"plan = {_toml_value(d['plan'])}"]
+    for table in ("model", "train"):
+        lines += ["", f"[{table}]"] + [f"{k} = {_toml_value(v)}" for k, v in d[table].items()]
+    return "\n".join(lines) + "\n"
+
+
+def resolve(preset: str | None, model_overrides: dict, train_overrides: dict, toml_path: str | Path | None = None,
+            vocab: dict | None = None, seq_len: int | None = None, plan: str = "",
+            tokenizer: str | None = None, base: RunConfig | None = None, sets: list[str] = ()) -> RunConfig:
+    """Preset (or `base`, the run being resumed) < TOML file (`[model]`, `[train]`) <
+    command-line overrides (None = not given) < `--set` (`sets`).
+
+    With `base`, its model and training settings replace the defaults, so a resumed run
+    needs no options repeated; a preset given explicitly still applies its sizes on top.
     `vocab` (from the plan) fixes the vocabulary size and image range, `tokenizer` (the
     plan's tokenizer fingerprint) the model's; `seq_len` sets the rotary table length.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    model = dict(PRESETS[preset])
-    train: dict = {}
+    data: dict = {}
     if toml_path:
         try:
             data = tomllib.loads(Path(toml_path).read_text())
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{toml_path}: not valid TOML ({e})") from None
-        for table, cls, into in (("model", ModelConfig, model), ("train", TrainConfig, train)):
-            section = data.get(table, {})
-            if not isinstance(section, dict):
-                raise ValueError(f"{toml_path}: `{table}` must be a table ([{table}])")
-            check_values(cls, _known(cls, section, f"{toml_path} [{table}]"), f"{toml_path} [{table}] ")
-            into.update(section)
+        preset = preset or data.get("preset")  # a saved config.toml names its preset
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    overrides = parse_sets(list(sets))
+    if base is not None:
+        d = base.as_dict()
+        model, train = d["model"], d["train"]
+        if preset is not None and preset != base.preset:
+            model.update(PRESETS[preset])
+        preset = preset or base.preset
+    else:
+        preset = preset or "tiny"
+        model, train = dict(PRESETS[preset]), {}
+    for table, cls, into in (("model", ModelConfig, model), ("train", TrainConfig, train)):
+        section = data.get(table, {})
+        if not isinstance(section, dict):
+            raise ValueError(f"{toml_path}: `{table}` must be a table ([{table}])")
+        check_values(cls, _known(cls, section, f"{toml_path} [{table}]"), f"{toml_path} [{table}] ")
+        into.update(section)
     model.update({k: v for k, v in model_overrides.items() if v is not None})
     train.update({k: v for k, v in train_overrides.items() if v is not None})
+    model.update(overrides["model"])
+    train.update(overrides["train"])
     if vocab is not None:
         for key in ("vocab_size", "image_range"):
             want = int(vocab[key]) if key == "vocab_size" else tuple(vocab[key])

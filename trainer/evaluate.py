@@ -129,7 +129,10 @@ def score(model: Decoder, batch_iter, routing: str = "batch") -> dict:
     for name in sums:
         loss = sums[name] / counts[name] if counts[name] else None
         out[name] = {"tokens": counts[name], "loss": loss, "ppl": math.exp(loss) if loss is not None else None}
+    # share: of the group's routed slots; taken: of the group's tokens (expert choice takes
+    # its capacity, so only `taken` at other capacity factors and `unrouted` vary)
     out["expert_load"] = {g: {"share": (v["load"] / v["load"].sum().clamp(min=1)).tolist(),
+                              "taken": (v["load"] / max(v["tokens"], 1.0)).tolist(),
                               "unrouted": v["unrouted"] / max(v["tokens"], 1.0)} for g, v in load.items()}
     if routing == "batch" and agree:
         out["aux_agreement"] = {k: hits / max(n, 1.0) for k, (hits, n) in agree.items()}
@@ -137,7 +140,7 @@ def score(model: Decoder, batch_iter, routing: str = "batch") -> dict:
 
 
 def evaluate(model_path: str, data: list[str], pairs: list[str], batch_size: int = 4, max_docs: int | None = None,
-             seq_len: int | None = None) -> dict:
+             seq_len: int | None = None, progress: bool = False) -> dict:
     from mmtok.loader import TokenCorpus
     from mmtok.trainer.export import load_model
 
@@ -154,21 +157,74 @@ def evaluate(model_path: str, data: list[str], pairs: list[str], batch_size: int
             corpus.check()
             corpora[kind] = corpus
 
+    def n_docs(corpus) -> int:
+        return corpus.n_tokens.shape[0] if max_docs is None else min(max_docs, corpus.n_tokens.shape[0])
+
+    def scored(name, corpus, with_roles, routing="batch"):
+        """`score` over one corpus behind a progress bar whose total is its batch count."""
+        from mmtok.runner import progress_bar
+
+        n_windows = int(np.ceil(corpus.n_tokens[:n_docs(corpus)] / seq_len).sum())
+        with progress_bar(name, -(-n_windows // batch_size), 0, progress) as bar:
+            def counted():
+                for b in batches(docs(corpus, with_roles), seq_len, batch_size):
+                    yield b
+                    bar.advance()
+            return score(model, counted(), routing)
+
     def docs(corpus, with_roles):
-        n = corpus.n_tokens.shape[0] if max_docs is None else min(max_docs, corpus.n_tokens.shape[0])
+        n = n_docs(corpus)
         for d in range(n):
             tokens = corpus.read(d).astype(np.int64)
             yield from windows(tokens, seq_len, pair_roles(tokens, corpus.vocab) if with_roles else None)
 
     result = {"model": str(model_path), "seq_len": seq_len, "config": {"model": cfg.model, "experts": cfg.experts}}
+    result.update(overlap_notes(model_path, corpora, max_docs))
     if "data" in corpora:
-        result["heldout"] = score(model, batches(docs(corpora["data"], False), seq_len, batch_size))
+        result["heldout"] = scored("eval held-out", corpora["data"], False)
         if "aux_agreement" in result["heldout"]:  # expert-choice model: perplexity with causal routing too
-            result["heldout_causal"] = score(model, batches(docs(corpora["data"], False), seq_len, batch_size), "causal")
+            result["heldout_causal"] = scored("eval held-out, causal routing", corpora["data"], False, "causal")
     if "pairs" in corpora:
-        s = score(model, batches(docs(corpora["pairs"], True), seq_len, batch_size))
+        s = scored("eval pairs", corpora["pairs"], True)
         result["pairs"] = {"image_to_text": s["i2t"], "text_to_image": s["t2i"], "expert_load": s["expert_load"]}
     return result
+
+
+def _training_plan(model_path: str | Path) -> str | None:
+    """The plan a run (or the run an export came from) trained on; None where not recorded."""
+    from mmtok.shards import read_json
+
+    cfg = Path(model_path) / "config.json"
+    meta = read_json(cfg) if cfg.exists() else {}
+    if "source_run" in meta:  # an export
+        cfg = Path(meta["source_run"]) / "config.json"
+        meta = read_json(cfg) if cfg.exists() else {}
+    return meta.get("plan") or None
+
+
+def overlap_notes(model_path: str | Path, corpora: dict, max_docs: int | None) -> dict:
+    """`overlap` (documents scored that the run trained on, by input) and `notes` warning of
+    it: perplexity on training documents is not a held-out measure."""
+    from mmtok.mix import plan_overlap
+    from mmtok.shards import ShardError
+
+    plan = _training_plan(model_path)
+    if not plan or not corpora:
+        return {}
+    out, notes = {}, []
+    for kind, corpus in corpora.items():
+        n = len(corpus.n_tokens) if max_docs is None else min(max_docs, len(corpus.n_tokens))
+        try:
+            hits = plan_overlap(plan, corpus, n)
+        except (ShardError, OSError, ValueError) as e:
+            notes.append(f"could not check --{kind} against the training plan {plan} ({e})")
+            continue
+        out[kind] = {"documents": n, "in_training_plan": hits, "plan": plan}
+        if hits:
+            notes.append(f"{hits} of the {n} --{kind} documents are in the run's training plan {plan}: their perplexity "
+                         "is not held out; evaluate on data left out of training (balance-mix --holdout writes "
+                         "PLAN/holdout/)")
+    return {"overlap": out, "notes": notes}
 
 
 def write_report(result: dict, out: str | Path, metrics_jsonl: Path | None) -> list[str]:
@@ -196,13 +252,8 @@ def write_report(result: dict, out: str | Path, metrics_jsonl: Path | None) -> l
         lines += ["", "## Expert utilisation (share of routed tokens per expert)", ""]
         for g, v in load.items():
             lines.append(f"- {g}: {', '.join(f'{x:.3f}' for x in v['share'])}; tokens reaching no expert: {v['unrouted']:.1%}")
-        fig, ax = plt.subplots(figsize=(6, 3))
-        x = 0
-        for g, v in load.items():
-            ax.bar(range(x, x + len(v["share"])), v["share"], label=g)
-            x += len(v["share"]) + 1
-        ax.set_ylabel("share of routed tokens"), ax.set_xlabel("expert"), ax.legend()
-        fig.tight_layout(), fig.savefig(out / "expert_load.png"), plt.close(fig)
+        fig = expert_load_figure(load)
+        fig.savefig(out / "expert_load.png"), plt.close(fig)
         files.append(out / "expert_load.png")
     if metrics_jsonl and metrics_jsonl.exists():
         recs = [r for r in read_jsonl(metrics_jsonl) if "step" in r]
@@ -217,6 +268,34 @@ def write_report(result: dict, out: str | Path, metrics_jsonl: Path | None) -> l
         lines += ["", "![expert load](expert_load.png)"]
     atomic_write(files[1], ("\n".join(lines) + "\n").encode())
     return [str(f) for f in files]
+
+
+def load_bars(load: dict) -> list[tuple[str, str, float]]:
+    """What expert_load.png plots: (group, label, share of the group's tokens) per expert,
+    experts numbered 0.. within their group, then the share that reached no expert."""
+    bars = []
+    for g, v in load.items():
+        bars += [(g, f"{g} {e}", x) for e, x in enumerate(v.get("taken", v["share"]))]
+        bars.append((g, f"{g} none", v["unrouted"]))
+    return bars
+
+
+def expert_load_figure(load: dict):
+    """Bars per expert, grouped by modality: the share of that modality's tokens the expert
+    took, and (hatched) the share no expert took."""
+    import matplotlib.pyplot as plt
+
+    bars = load_bars(load)
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(bars) + 1.5), 3.2))
+    colours = {g: f"C{i}" for i, g in enumerate(load)}
+    for x, (g, label, share) in enumerate(bars):
+        none = label.endswith(" none")
+        ax.bar(x, share, color="white" if none else colours[g], edgecolor=colours[g], hatch="//" if none else None)
+    ax.set_xticks(range(len(bars)), [b[1] for b in bars], rotation=45, ha="right")
+    ax.set_ylabel("share of the modality's tokens"), ax.set_ylim(0, max(1.0, max(b[2] for b in bars) * 1.1))
+    ax.set_title("tokens each expert took; 'none': reached no expert", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def summary_rows(result: dict) -> list[tuple[str, dict]]:

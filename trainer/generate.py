@@ -76,8 +76,37 @@ def sample_next(logits: torch.Tensor, allowed: torch.Tensor, s: Sampling, gen: t
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def untrained_aux_routers(path: str, model: Decoder) -> str | None:
+    """A warning when `model` routes by expert choice but the run at `path` (or the run an
+    export came from) never trained its auxiliary routers, which generation routes by: they
+    are then still at their initial weights. None when trained, or when it cannot be told."""
+    import json
+    from pathlib import Path
+
+    from mmtok.trainer.model import is_aux_param
+    from mmtok.trainer.moma import AUX_REPORT
+
+    if model.cfg.aux_routers == "joint" or not any(is_aux_param(n) for n, _ in model.named_parameters()):
+        return None
+    run, plan = Path(path), "PLAN"
+    try:
+        meta = json.loads((run / "config.json").read_text())
+        if meta.get("format"):  # an `mmtok export`: look at the run it came from
+            run = Path(meta["source_run"])
+            meta = json.loads((run / "config.json").read_text())
+        plan = meta.get("plan") or plan
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # the source run is gone or unreadable: nothing to tell
+    if (run / AUX_REPORT).exists():
+        return None
+    return (f"{run}: the auxiliary routers of this {model.cfg.model} model were never trained, and generation routes "
+            "every token through them (causal routing), so its output is close to random; train them first: "
+            f"mmtok train --stage aux-routers --resume --plan {plan} --out {run}")
+
+
 @torch.no_grad()
-def generate(model: Decoder, prompt: np.ndarray, vocab: dict, s: Sampling, use_cache: bool = True) -> np.ndarray:
+def generate(model: Decoder, prompt: np.ndarray, vocab: dict, s: Sampling, use_cache: bool = True,
+             progress: bool = False) -> np.ndarray:
     """New ids after `prompt` (1-D ids, no `<eod>`), one document."""
     cfg = model.cfg
     if len(prompt) == 0:
@@ -92,26 +121,31 @@ def generate(model: Decoder, prompt: np.ndarray, vocab: dict, s: Sampling, use_c
     cache = [{} for _ in model.layers] if use_cache else None
     new: list[int] = []
     feed = seq
-    while len(new) < s.max_tokens:
-        n = seq.shape[1]
-        start = n - feed.shape[1]
-        positions = torch.arange(start, n, device=device, dtype=torch.int32).unsqueeze(0)
-        logits, _ = model(feed, positions, torch.ones_like(feed, dtype=torch.int32), "causal", cache)
-        allowed = rule.allowed(cfg.vocab_size, s.max_tokens - len(new))
-        token = sample_next(logits[0, -1].cpu(), allowed, s, gen)
-        new.append(token)
-        rule.step(token)
-        if token == rule.eod:
-            break
-        seq = torch.cat([seq, seq.new_tensor([[token]])], 1)
-        feed = seq[:, -1:] if use_cache else seq
+    from mmtok.runner import progress_bar
+
+    with progress_bar("generate", s.max_tokens, 0, progress) as bar:  # total: the cap (<eod> may stop it sooner)
+        while len(new) < s.max_tokens:
+            n = seq.shape[1]
+            start = n - feed.shape[1]
+            positions = torch.arange(start, n, device=device, dtype=torch.int32).unsqueeze(0)
+            logits, _ = model(feed, positions, torch.ones_like(feed, dtype=torch.int32), "causal", cache)
+            allowed = rule.allowed(cfg.vocab_size, s.max_tokens - len(new))
+            token = sample_next(logits[0, -1].cpu(), allowed, s, gen)
+            new.append(token)
+            bar.advance()
+            rule.step(token)
+            if token == rule.eod:
+                break
+            seq = torch.cat([seq, seq.new_tensor([[token]])], 1)
+            feed = seq[:, -1:] if use_cache else seq
     return np.asarray(new, np.int64)
 
 
 def generate_to_files(checkpoint: str, tokdir: str, out: str, prompt: str = "", image: str | None = None,
-                      s: Sampling = Sampling(), generate_image: bool = False, device: str = "cpu",
-                      use_cache: bool = True) -> dict:
-    """Prompt (an image, then text) -> `OUT/generation.json` and one PNG per generated image."""
+                      s: Sampling = Sampling(), generate_image: bool = False, device: str | None = None,
+                      use_cache: bool = True, progress: bool = False) -> dict:
+    """Prompt (an image, then text) -> `OUT/generation.json` and one PNG per generated image.
+    `device` None or "auto": CUDA when present, else CPU."""
     import json
     import time
     from pathlib import Path
@@ -121,8 +155,11 @@ def generate_to_files(checkpoint: str, tokdir: str, out: str, prompt: str = "", 
     from mmtok.trainer.evaluate import check_tokenizer, check_vocab
     from mmtok.trainer.export import load_model
 
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = Tokenizer.load(tokdir, device=device)
     model, cfg = load_model(checkpoint)
+    notes = [n for n in [untrained_aux_routers(checkpoint, model)] if n]  # for the caller to show
     vocab = tok.vocab.to_dict()
     check_vocab(vocab, cfg, f"tokenizer {tokdir}")
     check_tokenizer(tok.fingerprint(), cfg, f"tokenizer {tokdir}")
@@ -134,7 +171,7 @@ def generate_to_files(checkpoint: str, tokdir: str, out: str, prompt: str = "", 
         ids = np.append(ids, tok.boi)
     model.to(device)
     t0 = time.perf_counter()
-    new = generate(model, ids, vocab, s, use_cache)
+    new = generate(model, ids, vocab, s, use_cache, progress)
     seconds = time.perf_counter() - t0
     full = np.concatenate([ids, new])
     full = full[:-1] if len(full) and full[-1] == tok.eod else full
@@ -151,6 +188,7 @@ def generate_to_files(checkpoint: str, tokdir: str, out: str, prompt: str = "", 
               "prompt_ids": ids.tolist(), "new_ids": new.tolist(), "text": tok.decode_text(new),
               "images": files, "new_tokens": len(new), "stopped": "eod" if len(new) and new[-1] == tok.eod else "cap",
               "seconds": seconds, "tokens_per_s": len(new) / max(seconds, 1e-9), "kv_cache": use_cache,
-              "sampling": {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed}}
+              "sampling": {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed},
+              "notes": notes}
     atomic_write(out / "generation.json", json.dumps(result, indent=1).encode())
     return result

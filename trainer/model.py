@@ -3,7 +3,8 @@
 RMSNorm, rotary positions (restarting at each document), SwiGLU, QK-norm, optional
 "swin norm" (Chameleon's reordering: normalise each sub-block's output before the
 residual add), document-masked causal attention (a token sees only earlier tokens of
-its own document) and a z-loss on the output softmax.
+its own document) and a z-loss on the output softmax. `qk_norm="chameleon"` and
+`norm_eps` give Chameleon's own variants, so its checkpoints load (trainer/hf_export.py).
 
 A token's modality is a function of its id: it is an image token iff its id lies in
 `image_range`. The model takes the batch contract of `mmtok.loader.PlanLoader`.
@@ -38,6 +39,22 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+
+
+class HeadLayerNorm(nn.Module):
+    """Chameleon's QK-norm: LayerNorm over each head's dims, with a weight and a bias of
+    its own per head (statistics per head, never across heads). Kept flat, [heads * dims],
+    so that the optimizer treats them as gains (no weight decay) like the other norms'."""
+
+    def __init__(self, n_heads: int, head_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_heads * head_dim))
+        self.bias = nn.Parameter(torch.zeros(n_heads * head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, H, T, hd]
+        h, hd = x.shape[1], x.shape[-1]
+        y = F.layer_norm(x.float(), (hd,), eps=1e-5)
+        return (y * self.weight.float().view(h, 1, hd) + self.bias.float().view(h, 1, hd)).type_as(x)
 
 
 def rotary_table(head_dim: int, max_len: int, theta: float) -> torch.Tensor:
@@ -99,7 +116,10 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
+        def qk_norm() -> nn.Module:
+            return RMSNorm(self.head_dim) if cfg.qk_norm == "rms" else HeadLayerNorm(self.n_heads, self.head_dim)
+
+        self.q_norm, self.k_norm = qk_norm(), qk_norm()
         self.flex = cfg.attention == "flex"
 
     def forward(self, x, rope, positions, doc_ids, mask, cache=None):
@@ -146,7 +166,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, depth_routed: bool = False):
         super().__init__()
         self.swin = cfg.swin_norm
-        self.attn_norm, self.ffn_norm = RMSNorm(cfg.d_model), RMSNorm(cfg.d_model)
+        self.attn_norm, self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps), RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn = make_ffn(cfg)
         self.mod_capacity = cfg.mod_capacity
@@ -221,7 +241,7 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, cfg.model == "mod-moma" and i % 2 == 0) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.register_buffer("rope", rotary_table(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta), persistent=False)
         self.reset_parameters()
@@ -238,6 +258,8 @@ class Decoder(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith("norm.bias"):
+                nn.init.zeros_(p)
             elif name.endswith(("proj.weight", "w2.weight", "w2")):
                 nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layers))  # residual outputs
             else:

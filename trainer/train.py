@@ -2,6 +2,7 @@
 
 A run directory holds:
   config.json            the full resolved config (model, train, plan)
+  config.toml            the same, as a file `mmtok train --config` reads
   metrics.jsonl          one record per log interval (rank 0)
   tb/                    TensorBoard event files
   checkpoints/step-NNNNNNNN/   torch.distributed.checkpoint (model + optimizer), plus
@@ -29,6 +30,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -40,11 +42,11 @@ import torch.distributed as dist
 from mmtok.locks import LOCK_FILE, exclusive
 from mmtok.shards import atomic_write
 from mmtok.trainer import checkpoint_io
-from mmtok.trainer.config import RunConfig
+from mmtok.trainer.config import RunConfig, to_toml
 from mmtok.trainer.model import Decoder, expert_load, flops_per_token, is_aux_param, loss_terms
 from mmtok.trainer.parallel import init_distributed, parallelize
 
-CONFIG, METRICS, CKPT_DIR, LATEST = "config.json", "metrics.jsonl", "checkpoints", "latest"
+CONFIG, CONFIG_TOML, METRICS, CKPT_DIR, LATEST = "config.json", "config.toml", "metrics.jsonl", "checkpoints", "latest"
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peak
 STEP_NAME = re.compile(r"step-\d{8,}")
 
@@ -249,6 +251,8 @@ class Metrics:
         for group, shares in rec.get("expert_load", {}).items():
             for e, share in enumerate(shares):
                 self.tb.add_scalar(f"expert_load/{group}/{e}", share, rec["step"])
+        for group, share in rec.get("unrouted", {}).items():  # tokens that reached no expert
+            self.tb.add_scalar(f"unrouted/{group}", share, rec["step"])
         self.tb.flush()
 
     def close(self):
@@ -366,15 +370,21 @@ def _train(job, run: Path, rank: int, world: int, device, ckpt_path: Path | None
                       "but each step now averages another number of micro-batches", GlobalBatchChanged, stacklevel=2)
     if ckpt_path:
         loader.load_state_dict(json.loads((ckpt_path / "rank-0.json").read_text())["loader"])
-    if hasattr(loader, "__len__") and len(loader) < (end - start) * tc.grad_accum:  # endless loaders have no length
+    if rank == 0 and hasattr(loader, "describe"):  # how the plan's ranks and steps map to this run's
+        print(loader.describe(world, tc.grad_accum, start, end), file=sys.stderr, flush=True)
+    # endless loaders have no length; a looping plan has one but starts again at its end
+    if hasattr(loader, "__len__") and not getattr(loader, "loop", False) and len(loader) < (end - start) * tc.grad_accum:
         raise TrainError(f"{cfg.plan or 'the data'}: {len(loader)} micro-batches per rank left, but steps "
                          f"{start}..{end} with grad_accum {tc.grad_accum} need {(end - start) * tc.grad_accum}; "
-                         "make a longer plan (balance-mix --steps) or lower --steps")
+                         "make a longer plan (balance-mix --steps), lower --steps, or pass --loop-plan to go "
+                         "through the plan again")
     torch.manual_seed(tc.seed)
     model = job.build(device)  # same seed on every rank: identical initial weights before sharding
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write(run / CONFIG, json.dumps(cfg.as_dict(), indent=1, sort_keys=True).encode())
+        if isinstance(cfg, RunConfig):  # the same settings in the form `--config` reads
+            atomic_write(run / CONFIG_TOML, to_toml(cfg).encode())
         for name, content in job.files().items():
             atomic_write(run / name, json.dumps(content, indent=1, sort_keys=True).encode())
     if world > 1:
@@ -458,7 +468,7 @@ def _check_run_dir(run: Path, job, resume: bool, ckpt_path: Path | None) -> None
     # A run stopped before its first checkpoint left only what the trainer writes (config,
     # metrics and TensorBoard files are replaced; a half-saved checkpoint is never read):
     # start it again there. Anything else is a user's: refuse rather than mix in with it.
-    ours = {CONFIG, METRICS, CKPT_DIR, "tb", LOCK_FILE, *job.files()}
+    ours = {CONFIG, CONFIG_TOML, METRICS, CKPT_DIR, "tb", LOCK_FILE, *job.files()}
     foreign = sorted(p.name for p in run.iterdir() if p.name not in ours) if run.is_dir() else []
     if not foreign and cfg_path.exists() and not _is_run_config(cfg_path):
         foreign = [CONFIG]

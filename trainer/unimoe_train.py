@@ -194,6 +194,22 @@ def evaluate(run: str | Path, batches) -> dict:
     return {"model": str(run), "stage": cfg.stage, "step": step, "experts": list(cfg.model.modalities), **result}
 
 
+def routing_figure(routing: dict, experts: list):
+    """A heatmap per layer (modality x expert: share of the modality's token slots), on one
+    0..1 colour scale with its colour bar."""
+    import matplotlib.pyplot as plt
+
+    layers = list(routing)
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers) + 1, 3), squeeze=False, layout="constrained")
+    for ax, layer in zip(axes[0], layers):
+        rows = routing[layer]
+        im = ax.imshow([rows[m] for m in rows], vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(f"layer {layer}"), ax.set_xticks(range(len(experts)), experts, rotation=45)
+        ax.set_yticks(range(len(rows)), list(rows))
+    fig.colorbar(im, ax=axes[0].tolist(), label="share of token slots")
+    return fig
+
+
 def write_report(result: dict, out: str | Path) -> list[str]:
     """eval.json, eval.md (tables) and routing.png (a heatmap per layer)."""
     import matplotlib
@@ -217,14 +233,8 @@ def write_report(result: dict, out: str | Path) -> list[str]:
                       "| --- " * (len(experts) + 1) + "|"]
             lines += [f"| {m} | " + " | ".join(f"{x:.3f}" for x in share) + " |" for m, share in rows.items()]
             lines.append("")
-        layers = list(result["routing"])
-        fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3), squeeze=False)
-        for ax, layer in zip(axes[0], layers):
-            rows = result["routing"][layer]
-            ax.imshow([rows[m] for m in rows], vmin=0, vmax=1, cmap="viridis")
-            ax.set_title(f"layer {layer}"), ax.set_xticks(range(len(experts)), experts, rotation=45)
-            ax.set_yticks(range(len(rows)), list(rows))
-        fig.tight_layout(), fig.savefig(out / "routing.png"), plt.close(fig)
+        fig = routing_figure(result["routing"], experts)
+        fig.savefig(out / "routing.png"), plt.close(fig)
         files.append(out / "routing.png")
         lines.append("![routing](routing.png)")
     atomic_write(files[1], ("\n".join(lines) + "\n").encode())
