@@ -158,6 +158,16 @@ def _mid(c: int) -> nn.Module:
     return m
 
 
+def _run_level(level: nn.Module, h, resample: str):
+    """One resolution level: its res blocks (each followed by attention where the level
+    has it), then its down- or upsampling if it has one."""
+    for i, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn):
+            h = level.attn[i](h)
+    return getattr(level, resample)(h) if hasattr(level, resample) else h
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: ChameleonVQConfig):
         super().__init__()
@@ -179,12 +189,7 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for level in self.down:
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            h = _run_level(level, h, "downsample")
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(_swish(self.norm_out(h)))
 
@@ -212,12 +217,7 @@ class Decoder(nn.Module):
     def forward(self, z):
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
         for level in reversed(self.up):
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = _run_level(level, h, "upsample")
         return self.conv_out(_swish(self.norm_out(h)))
 
 
