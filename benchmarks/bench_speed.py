@@ -35,8 +35,10 @@ def measure(preset: str, model: str, args, device) -> dict:
     size = dict(n_layers=2, d_model=64, n_heads=4, ffn_hidden=256) if smoke else PRESETS[preset]
     vocab, seq = (512, 64) if smoke else (65536, args.seq_len)
     b = 2 if smoke else BATCH[preset]
-    cfg = ModelConfig(vocab_size=vocab, image_range=(vocab * 7 // 8, vocab), max_seq_len=seq, **size, **MODELS[model])
-    row = {"preset": preset, "model": model, "compile": args.compile, "act_ckpt": args.act_ckpt, "batch": f"{b}x{seq}"}
+    cfg = ModelConfig(vocab_size=vocab, image_range=(vocab * 7 // 8, vocab), max_seq_len=seq, attention=args.attention,
+                      **size, **MODELS[model])
+    row = {"preset": preset, "model": model, "compile": args.compile, "act_ckpt": args.act_ckpt, "batch": f"{b}x{seq}",
+           "attention": args.attention}
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -74,15 +76,18 @@ def measure(preset: str, model: str, args, device) -> dict:
 
 def table(path: Path) -> list[str]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    dense = {(r["preset"], r["compile"], r["act_ckpt"]): r.get("step_s") for r in rows if r["model"] == "dense"}
+    def key(r):  # a model is compared with dense of the same preset, compile, checkpointing and attention
+        return r["preset"], r["compile"], r["act_ckpt"], r.get("attention", "sdpa")
+
+    dense = {key(r): r.get("step_s") for r in rows if r["model"] == "dense"}
     lines = ["| preset | batch | compile | act ckpt | model | ms/step | tokens/s | MFU | peak GiB | vs dense | warm-up s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        head = f"| {r['preset']} | {r.get('batch', '')} | {'yes' if r['compile'] else 'no'} | {'yes' if r['act_ckpt'] else 'no'} | {r['model']} |"
+        head = f"| {r['preset']} | {r.get('batch', '')} | {'yes' if r['compile'] else 'no'} | {'yes' if r['act_ckpt'] else 'no'} | {r['model']}{' (flex)' if r.get('attention') == 'flex' else ''} |"
         if "error" in r:
             lines.append(f"{head} {r['error']} | | | | | |")
             continue
-        ref = dense.get((r["preset"], r["compile"], r["act_ckpt"]))
+        ref = dense.get(key(r))
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         gib = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
         ratio = f"{r['step_s'] / ref:.2f}x" if ref else "-"
@@ -97,6 +102,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--compile", action="store_true", help="regional torch.compile of each block (as --compile)")
     ap.add_argument("--act-ckpt", action="store_true")
+    ap.add_argument("--attention", choices=("sdpa", "flex"), default="sdpa",
+                    help="flex: document masks (and the packed Mixture-of-Depths row) as flex-attention block masks")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: checks that every command runs")

@@ -29,6 +29,8 @@ cd /tmp  # run by absolute path: the repository's mmtok/ would shadow the instal
 bench() { "$PY" "$B/bench_speed.py" --jsonl "$ROWS" "${RUN[@]}" "$@" | tail -1 >/dev/null || echo "bench_speed $* stopped: $?"; }
 bench --presets "$PRESETS"                                             # eager: ~2 min
 bench --presets "$BIG" --models "dense,moma 4t4i" --act-ckpt           # what fits with activation checkpointing
+# flex block masks skip masked tiles (the packed Mixture-of-Depths row too); flex has no CPU backward, so not in SMOKE
+[ "${SMOKE:-0}" = 1 ] || bench --presets 90m,435m --models "dense,mod-moma 4t4i" --attention flex
 # compiling costs ~1 min per block kind; the time limit keeps the script under 10 minutes (rows done are kept)
 timeout "${COMPILE_S:-330}" "$PY" "$B/bench_speed.py" --jsonl "$ROWS" "${RUN[@]}" --compile \
     --presets "$([ "${SMOKE:-0}" = 1 ] && echo 90m || echo 435m,1.4b,90m)" >/dev/null || echo "compile rows stopped: $?"

@@ -99,6 +99,23 @@ def test_the_chosen_tokens_run_as_one_fixed_width_row_that_keeps_rows_and_docume
             torch.testing.assert_close(out[r:r + 1, idx], want, atol=1e-5, rtol=1e-5)
 
 
+def test_the_packed_row_under_flex_block_masks_matches_sdpa():
+    """attention="flex" builds the packed row's document mask as a BlockMask (what the GPU
+    runs to skip masked tiles); forward only, since flex has no CPU backward. Two documents
+    per row, so the mask really separates something: one mask for both moves logits by 0.35."""
+    ids, pos, _ = random_batch(3, b=2, t=32)
+    doc = torch.ones_like(ids)
+    doc[:, 20:] = 2
+    pos[:, 20:] -= 20
+    out = {}
+    for attention in ("sdpa", "flex"):
+        torch.manual_seed(0)
+        m = Decoder(tiny("mod-moma", "2t2i", n_layers=4, attention=attention)).eval()
+        with torch.no_grad():
+            out[attention] = m(ids, pos, doc)[0]
+    torch.testing.assert_close(out["flex"], out["sdpa"], atol=1e-5, rtol=1e-5)
+
+
 def test_mod_moma_trains_and_reports_depth_router_agreement(tmp_path):
     data = make_plan(tmp_path, steps=12)
     run = tmp_path / "run"
