@@ -19,7 +19,9 @@ data = test_train.data  # its plan fixture: a 1:2 text:image plan of 2-sequence 
 
 STEPS, STOP = 6, 3
 COMMON = [*MOMA, "--steps", STEPS, "--ckpt-every", STOP, "--json"]
-ONE, TWO = ["--grad-accum", 2], ["--nproc", 2]  # the same global batch of 2 micro-batches per step
+# the same global batch of 2 micro-batches per step; --grad-accum is given on both sides since
+# a resume keeps the run's own value unless told otherwise
+ONE, TWO = ["--grad-accum", 2], ["--nproc", 2, "--grad-accum", 1]
 # tests/test_train.py's tolerance for 2 FSDP ranks (gloo, fp32) against 1 process over the
 # same micro-batches: only the order of the floating-point sums differs.
 RTOL = 2e-5
