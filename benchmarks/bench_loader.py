@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from benchutil import save  # noqa: E402
-from conftest import make_doc, make_token_shards, make_vocab  # noqa: E402  (the tests' shard writer)
+from helpers.tokens import make_doc, make_token_shards, make_vocab  # noqa: E402  (the tests' shard writer)
 
 from mmtok.loader import PlanLoader  # noqa: E402
 from mmtok.mix import plan_mix, write_plan  # noqa: E402

@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from benchutil import best_of, machine, save  # noqa: E402
-from shardgen import old_load_image, photo  # noqa: E402  (the reference preprocessing and test pictures)
+from helpers.media import old_load_image, photo  # noqa: E402  (the reference preprocessing and test pictures)
 
 from mmtok.vq import load_image  # noqa: E402
 

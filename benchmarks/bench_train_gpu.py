@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from benchutil import save  # noqa: E402
-from conftest import make_doc, make_token_shards  # noqa: E402  (the test suite's token-shard writer)
+from helpers.tokens import make_doc, make_token_shards  # noqa: E402  (the test suite's token-shard writer)
 
 
 def chameleon_vocab() -> dict:

@@ -24,7 +24,7 @@ import torch
 from benchutil import machine, save
 from mmtok.trainer.config import PRESETS, ModelConfig, TrainConfig
 from mmtok.trainer.model import Decoder, loss_terms
-from mmtok.trainer.moma import upcycle_weights
+from mmtok.trainer.upcycle import upcycle_weights
 from mmtok.trainer.train import build_optimizer, lr_at
 from mmtok.vocab import Vocab
 

@@ -6,6 +6,7 @@ import functools
 import json
 import sys
 from enum import IntEnum
+from pathlib import Path
 
 import typer
 
@@ -47,18 +48,20 @@ def positive(value):
 
 def check_inputs(inputs, out=None, shard_dirs: bool = False) -> list:
     """Name an empty or missing input, or an --out that overlaps an input, before any work
-    starts (the stage runner checks the overlap again). Returns the inputs as Paths."""
-    from pathlib import Path
-
+    starts (the stage runner checks the overlap again). Returns the inputs as Paths, or
+    RemotePaths for URLs (mmtok.fs)."""
+    from mmtok.fs import as_location
     from mmtok.runner import check_paths
 
     check_paths(inputs, out)
-    for spec in inputs:
-        if shard_dirs and not Path(spec).is_dir():
+    locations = [as_location(spec) for spec in inputs]
+    for spec, loc in zip(inputs, locations):
+        # a shard directory at a URL is known by its manifest (object stores have no directories)
+        if shard_dirs and not (loc.is_dir() if isinstance(loc, Path) else (loc / "manifest.json").exists()):
             raise FileNotFoundError(f"input {spec} is not a shard directory")
-        if not Path(spec).exists():
+        if not loc.exists():
             raise FileNotFoundError(f"input {spec} does not exist")
-    return [Path(spec) for spec in inputs]
+    return locations
 
 
 class Exit(IntEnum):
@@ -150,7 +153,12 @@ def renamed(value, old_value, new: str, old: str):
         return value
     if value is not None:
         fail(f"give {new} or {old} (its old spelling), not both")
+    deprecated(old, new)
+    return old_value
+
+
+def deprecated(old: str, new: str) -> None:
+    """The one-line warning on stderr for an old spelling that still works."""
     from rich.console import Console
 
     Console(stderr=True, soft_wrap=True).print(f"warning: {old} is deprecated; use {new}", highlight=False, markup=False)
-    return old_value

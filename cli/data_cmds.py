@@ -25,7 +25,8 @@ def register(app: typer.Typer) -> None:
 def shard(
     inputs: List[str] = typer.Argument(..., help="Directories (walked recursively), files, manifests "
                                        "(.jsonl/.csv/.parquet) and tar archives / WebDataset shards, in any mix."),
-    out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="Output shard directory."),
+    out: str = typer.Option(..., "--out", "-o", help="Output shard directory, or a URL such as s3://bucket/shards "
+                            "(written through a local staging directory: docs/REMOTE.md)."),
     max_count: int = typer.Option(10_000, "--max-count", min=1, help="Samples per shard at most."),
     max_size: str = typer.Option("1G", "--max-size", help="Bytes per shard at most (K/M/G suffixes)."),
     validate: bool = typer.Option(True, "--validate/--no-validate",
@@ -63,28 +64,14 @@ def shard(
 
     Example: mmtok shard images/ captions.jsonl old-shards/ --out shards/ --workers 8
     """
-    from mmtok.ingest import MAX_MEMBER_BYTES, Columns, ShardFn, check_manifest, shard_items
-    from mmtok.runner import run_stage
+    from mmtok.ingest import Columns, shard as run
 
     check_inputs(inputs, out)
     columns = Columns(image=image_col, audio=audio_col, video=video_col, text=text_col, key=key_col)
-    for spec in inputs:  # a manifest given by name is checked before any work (those in folders when reached)
-        check_manifest(spec, columns)
-    member_limit = _parse_size(max_member_bytes, "--max-member-bytes")
-    config = {"inputs": list(inputs), "max_count": max_count, "max_size": _parse_size(max_size),
-              "validate": validate, "dedup": dedup, "max_pixels": max_pixels}
-    if member_limit != MAX_MEMBER_BYTES:  # left out at its default, so earlier runs' output dirs still resume
-        config["max_member_bytes"] = member_limit
-    named = {k: v for k, v in columns.__dict__.items() if v}
-    if named:  # likewise: only when given
-        config["columns"] = named
-    summary = run_stage(
-        "shard", shard_items(list(inputs), member_limit, columns), ShardFn(validate, max_pixels, member_limit), out,
-        config=config, workers=workers,
-        max_count=max_count, max_size=_parse_size(max_size), max_error_rate=max_error_rate, dedup=dedup,
-        progress=not quiet and not as_json, overwrite=overwrite, task_size=8, backend=backend,
-        count=shard_items(list(inputs), member_limit, columns),  # the bar's total: a second listing, in a thread
-        threads=True)  # reading, hashing and decoding release the GIL: no bytes through pipes
+    summary = run(list(inputs), out, max_count=max_count, max_size=_parse_size(max_size), validate=validate,
+                  dedup=dedup, max_pixels=max_pixels, max_member_bytes=_parse_size(max_member_bytes, "--max-member-bytes"),
+                  columns=columns, workers=workers, backend=backend, max_error_rate=max_error_rate,
+                  overwrite=overwrite, progress=not quiet and not as_json)
     report(summary, as_json)
 
 
@@ -297,7 +284,7 @@ def _inspect_export(directory: Path, as_json: bool) -> None:
 
 def _inspect_plan(directory: Path, as_json: bool) -> None:
     """A `balance-mix` plan: its sources, shape and balance report (plan.json alone)."""
-    from mmtok.loader import read_plan_meta
+    from mmtok.plan import read_plan_meta
 
     meta = read_plan_meta(directory)
     info = {"directory": str(directory), "kind": "plan", **{k: meta[k] for k in ("ratio", "world_size", "seq_len", "micro_batch", "steps",

@@ -19,10 +19,10 @@ def register(app: typer.Typer) -> None:
 @friendly_errors
 def balance_mix(
     # the required ones default to None so that every missing one is named in one message
-    token_shards: Optional[List[Path]] = typer.Argument(None, file_okay=False, help="Token shard directories written by "
-                                                        "`mmtok tokenize`."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", file_okay=False, help="Plan directory to write (plan.json + "
-                                       "arrays). Required."),
+    token_shards: Optional[List[str]] = typer.Argument(None, help="Token shard directories written by `mmtok tokenize` "
+                                                       "(or URLs such as s3://bucket/tokens)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Plan directory to write (plan.json + arrays), or a "
+                                      "URL. Required."),
     world_size: Optional[int] = typer.Option(None, "--world-size", min=1, help="Ranks (GPUs) the plan is laid out for. "
                                              "Required."),
     seq_len: int = typer.Option(4096, "--seq-len", min=1, help="Tokens per sequence."),
@@ -51,7 +51,7 @@ def balance_mix(
     Example: mmtok balance-mix tok/text tok/pairs --out plan --world-size 8 --experts 4t4i
     --seq-len 4096 --micro-batch 6 --steps 1000
     """
-    from mmtok.mix import parse_ratio, plan_mix, ratio_from_experts, write_plan
+    from mmtok.mix import balance_mix as plan_and_write
 
     missing = [name for name, value in (("TOKEN_SHARDS...", token_shards), ("--out", out), ("--world-size", world_size),
                                         ("--micro-batch", micro_batch)) if not value]
@@ -63,22 +63,22 @@ def balance_mix(
         inputs = " ".join(map(str, token_shards or ["tok/text", "tok/pairs"]))
         fail(f"missing {', '.join(missing)}; for example: mmtok balance-mix {inputs} --out {out or 'plan'} "
              f"--world-size {world_size or 1} {mix} --seq-len {seq_len} --micro-batch {micro_batch or 4} {length}")
-    if ratio is not None and experts is not None:
-        fail("give exactly one of --ratio (e.g. 1:1) or --experts (e.g. 4t4i), not both")
-    if steps is not None and tokens is not None:
-        fail("give exactly one of --steps or --tokens, not both")
-    target = parse_ratio(ratio) if ratio is not None else ratio_from_experts(experts)
-    if tokens is not None:
-        steps = -(-tokens // (world_size * micro_batch * seq_len))
     w = None
     if weights is not None:
         try:
             w = [float(x) for x in weights.split(",")]
         except ValueError:
             fail(f"--weights {weights!r}: expected comma-separated numbers, one per source")
-    plan = plan_mix(token_shards, out=out, ratio=target, world_size=world_size, seq_len=seq_len,
-                    micro_batch=micro_batch, steps=steps, seed=seed, weights=w, tolerance=tolerance, holdout=holdout)
-    write_plan(plan, out)
+    from mmtok.fs import as_location
+
+    sources, where = [as_location(d) for d in token_shards], as_location(out)
+    if isinstance(where, Path) and where.is_file():
+        fail(f"--out {out} is a file; give a directory for the plan")
+    out = str(where)
+    plan = plan_and_write(sources, out, world_size=world_size, micro_batch=micro_batch, seq_len=seq_len,
+                          steps=steps, tokens=tokens, ratio=ratio, experts=experts, weights=w, tolerance=tolerance,
+                          seed=seed, holdout=holdout)
+    target, steps = plan.meta["ratio"], plan.meta["steps"]
     if plot is not None:
         draw(plan, plot)
     r = plan.report
@@ -101,7 +101,7 @@ def balance_mix(
                   f"{r['off_target_microbatches']} off target; padding {r['padding_fraction']:.2%}")
     for h in plan.meta.get("holdout", {}).get("sources", []):
         console.print(f"held out {h['documents']} documents of {h['name']}"
-                      + (f": {out / h['path']} (for `mmtok eval --data`)" if h["path"] else ""), highlight=False)
+                      + (f": {out}/{h['path']} (for `mmtok eval --data`)" if h["path"] else ""), highlight=False)
     for note in r["notes"]:
         console.print(f"[bold yellow]note:[/] {note}", highlight=False)
 

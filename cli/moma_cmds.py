@@ -32,7 +32,7 @@ def upcycle(
 ):
     """Start an NtMi run from a trained 1t1i (or dense) one: experts copy their modality's FFN,
     routers start fresh, the LR schedule restarts and the data position carries over."""
-    from mmtok.trainer.moma import upcycle as run_upcycle
+    from mmtok.trainer.upcycle import upcycle as run_upcycle
 
     summary = run_upcycle(run, experts, out, router_noise=router_noise, seed=seed)
     if as_json:

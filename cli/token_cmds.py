@@ -88,7 +88,7 @@ def train_bpe(
     """
     from mmtok.bpe import train_bpe as run
 
-    inputs = check_inputs(inputs, shard_dirs=True)
+    inputs = _local(check_inputs(inputs, shard_dirs=True), "train-bpe")
     result = run(inputs, out, vocab_size=vocab_size, image_codes=image_codes,
                  image_tokens_per_image=(resolution // downsample) ** 2, input_sentence_size=input_sentence_size,
                  seed=seed, threads=threads, log=_log)
@@ -133,9 +133,9 @@ def train_vq(
     Example: mmtok train-vq shards/ --out tok/ --steps 100000 --resolution 512 --downsample 16
     """
     from mmtok.vq import VQConfig
-    from mmtok.vq_train import train_vq as run
+    from mmtok.trainer.vq_train import train_vq as run
 
-    inputs = check_inputs(inputs, shard_dirs=True)
+    inputs = _local(check_inputs(inputs, shard_dirs=True), "train-vq")
     cfg = VQConfig(resolution=resolution, downsample=downsample, codebook_size=codebook_size, code_dim=code_dim,
                    channels=channels, res_blocks=res_blocks)
     result = run(inputs, out, cfg, steps=steps, batch_size=batch_size, lr=lr, log_every=log_every,
@@ -151,7 +151,7 @@ def train_vq(
 def tokenize_images(
     inputs: List[str] = SHARDS,
     tokenizer: Path = TOKENIZER,
-    out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="Output shard directory of codes."),
+    out: str = typer.Option(..., "--out", "-o", help="Output shard directory of codes, or a URL (s3://...)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per encoder batch."),
     device: Optional[str] = DEVICE,
     workers: int = WORKERS,
@@ -170,24 +170,58 @@ def tokenize_images(
     from mmtok.tokenize import tokenize_images as run
 
     inputs = check_inputs(inputs, out, shard_dirs=True)
+    staged = _remote_out(out, nproc)
     relaunched, rank, world_size, device = _ranks(nproc, backend, device)
     if relaunched:
         return
     tok = Tokenizer.load(tokenizer, device)
-    summary = run(inputs, tok, out, batch_size=batch_size, workers=workers, backend=backend,
-                  max_error_rate=max_error_rate, progress=not quiet and not as_json, overwrite=overwrite,
-                  rank=rank, world_size=world_size)
+    with staged as local:
+        summary = run(inputs, tok, local, batch_size=batch_size, workers=workers, backend=backend,
+                      max_error_rate=max_error_rate, progress=not quiet and not as_json, overwrite=overwrite,
+                      rank=rank, world_size=world_size)
     if summary is not None:  # rank 0 joined the shares and reports; the other ranks are done
-        report(summary, as_json)
+        report(_named(summary, out), as_json)
+
+
+def _local(inputs: list, command: str) -> list:
+    """The tokenizer trainers read local shards only, for now."""
+    remote = [str(d) for d in inputs if not isinstance(d, Path)]
+    if remote:
+        raise ValueError(f"{command} reads local shard directories; copy {remote[0]} here first "
+                         "(the other stages read URLs in place: docs/REMOTE.md)")
+    return inputs
+
+
+def _remote_out(out: str, nproc: int):
+    """`remote_output(out)`, refused at once for a URL with several processes (each would
+    mirror its own staging directory, and rank 0's join needs the others' parts on one
+    filesystem)."""
+    from mmtok.fs import is_url
+    from mmtok.mirror import remote_output
+    from mmtok.tokenize import world
+
+    if is_url(out) and max(nproc, world()[1]) > 1:
+        raise ValueError(f"--out {out}: a URL is written by one process; leave out --nproc (or torchrun), or write "
+                         "to a shared filesystem and copy it to the bucket")
+    return remote_output(out)
+
+
+def _named(summary, out: str):
+    """The summary naming the URL a stage wrote, not its staging directory."""
+    from mmtok.fs import is_url
+
+    if is_url(out):
+        summary.out = out
+    return summary
 
 
 @friendly_errors
 def tokenize(
     inputs: List[str] = SHARDS,
     tokenizer: Path = TOKENIZER,
-    out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="Output token shard directory."),
-    codes: List[Path] = typer.Option([], "--codes", file_okay=False, help="Reuse image codes written by "
-                                     "`tokenize-images` (repeat for several directories; read in place)."),
+    out: str = typer.Option(..., "--out", "-o", help="Output token shard directory, or a URL (s3://...)."),
+    codes: List[str] = typer.Option([], "--codes", help="Reuse image codes written by `tokenize-images` (repeat for "
+                                    "several directories; read in place, also at a URL)."),
     seed: int = typer.Option(0, "--seed", help="Decides which pairs are image-first (half of them)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Documents per batch (their images are encoded together)."),
     device: Optional[str] = DEVICE,
@@ -209,22 +243,27 @@ def tokenize(
     from mmtok.tokenize import Tokenizer
     from mmtok.tokenize import tokenize as run
 
+    from mmtok.fs import as_location
+
     inputs = check_inputs(inputs, out, shard_dirs=True)
+    codes = [as_location(c) for c in codes]
     for c in codes:
-        if not c.is_dir():
+        if not (c.is_dir() if isinstance(c, Path) else (c / "manifest.json").exists()):
             raise FileNotFoundError(f"--codes {c} is not a directory")
+    staged = _remote_out(out, nproc)
     relaunched, rank, world_size, device = _ranks(nproc, backend, device)
     if relaunched:
         return
     tok = Tokenizer.load(tokenizer, device)
-    summary, skipped = run(inputs, tok, out, codes_dir=codes, seed=seed, batch_size=batch_size, workers=workers,
-                           backend=backend, max_error_rate=max_error_rate, progress=not quiet and not as_json,
-                           overwrite=overwrite, rank=rank, world_size=world_size)
+    with staged as local:
+        summary, skipped = run(inputs, tok, local, codes_dir=codes, seed=seed, batch_size=batch_size, workers=workers,
+                               backend=backend, max_error_rate=max_error_rate, progress=not quiet and not as_json,
+                               overwrite=overwrite, rank=rank, world_size=world_size)
     if summary is None:
         return
     if skipped and not as_json:
         _log("left out (not text, pair, image or doc): " + ", ".join(f"{g} {n}" for g, n in sorted(skipped.items())))
-    report(summary, as_json)
+    report(_named(summary, out), as_json)
 
 
 @friendly_errors
@@ -247,7 +286,7 @@ def detokenize(
     Example: mmtok detokenize tokens/ --tokenizer tok/ --out decoded/ --limit 10
     """
     from mmtok.tokenize import Tokenizer
-    from mmtok.tokenize import detokenize as run
+    from mmtok.detokenize import detokenize as run
 
     tokens = check_inputs([tokens], out, shard_dirs=True)[0]
     result = run(tokens, Tokenizer.load(tokenizer, device), out, limit=limit, overwrite=overwrite,

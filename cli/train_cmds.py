@@ -7,13 +7,13 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from mmtok.cli.common import JSON_OUT, QUIET, Exit, eval_report, fail, friendly_errors, positive, renamed
-
+from mmtok.cli.common import JSON_OUT, QUIET, Exit, deprecated, eval_report, fail, friendly_errors, positive, renamed
 
 
 def register(app: typer.Typer) -> None:
@@ -24,12 +24,13 @@ def register(app: typer.Typer) -> None:
 
 @friendly_errors
 def train(
-    plan: Optional[Path] = typer.Option(None, "--plan", file_okay=False, help="Plan directory written by `mmtok balance-mix` "
+    plan: Optional[str] = typer.Option(None, "--plan", help="Plan directory written by `mmtok balance-mix`, or its URL "
                                         "(default with --resume: the run's own; not for --model uni-moe, which "
                                         "reads pairs: see --speech ... --image)."),
-    out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="Run directory: config, metrics, TensorBoard, checkpoints."),
+    out: str = typer.Option(..., "--out", "-o", help="Run directory: config, metrics, TensorBoard, checkpoints; or "
+                            "a URL (s3://...), trained in a local copy mirrored to it (docs/REMOTE.md)."),
     model: Optional[str] = typer.Option(None, "--model", help="dense (default), moe, moma, mod-moma (MoMa + "
-                                        "Mixture-of-Depths) or uni-moe."),
+                                        "Mixture-of-Depths), mot (Mixture-of-Transformers) or uni-moe."),
     experts: Optional[str] = typer.Option(None, "--experts", help="moma: NtMi layout (4t4i, 1t1i, ...); moe: number of experts."),
     routing: Optional[str] = typer.Option(None, "--routing", help="moe routing: expert-choice (default) or top2."),
     preset: Optional[str] = typer.Option(None, "--preset", help="tiny (default), 90m, 435m or 1.4b (MoMa's Table 1 sizes)."),
@@ -61,16 +62,16 @@ def train(
     stop_at_step: Optional[int] = typer.Option(None, "--stop-at-step", min=1,
                                                help="Checkpoint and stop after this step (continue later with --resume)."),
     loader_workers: int = typer.Option(0, "--loader-workers", min=0, help="Loader worker processes per rank."),
-    stage: str = typer.Option("main", "--stage", help="uni-moe: align, experts or tune. Others: main, or "
-                              "aux-routers: with --resume, train only the auxiliary "
-                              "routers of the run in --out (main weights frozen; --nproc works)."),
+    train_aux_routers: bool = typer.Option(False, "--train-aux-routers", help="With --resume: train only the "
+                                           "auxiliary routers of the run in --out (main weights frozen; --nproc works)."),
     aux_routers: Optional[str] = typer.Option(None, "--aux-routers", help="stage (default: train them later with "
-                                              "--stage aux-routers) or joint (alongside, on detached inputs)."),
+                                              "--train-aux-routers) or joint (alongside, on detached inputs)."),
     mod_capacity: Optional[float] = typer.Option(None, "--mod-capacity", callback=positive, max=1.0, help="mod-moma: share of tokens through "
                                                  "depth-routed layers (default 0.25)."),
     router_noise: Optional[str] = typer.Option(None, "--router-noise", help="none or gumbel (Gumbel-sigmoid noise on "
                                                "expert-choice router logits; for upcycled runs)."),
-    # --- --model uni-moe (cli/unimoe_cmds.py; docs/UNIMOE.md) ---
+    # --- --model uni-moe (trainer/unimoe_prep.py; docs/UNIMOE.md) ---
+    stage: Optional[str] = typer.Option(None, "--stage", help="uni-moe: align, experts or tune."),
     speech: List[Path] = typer.Option([], "--speech", file_okay=False, help="uni-moe: extract-audio output with whisper.npy (repeat)."),
     audio: List[Path] = typer.Option([], "--audio", file_okay=False, help="uni-moe: extract-audio output with fbank.npy (repeat)."),
     video: List[Path] = typer.Option([], "--video", file_okay=False, help="uni-moe: extract-keyframes output (repeat)."),
@@ -94,123 +95,61 @@ def train(
     as_json: bool = JSON_OUT,
 ):
     """Train a dense, MoE or MoMa decoder on a balance-mix plan (FSDP2 under torchrun), or a stage of Uni-MoE."""
-    if init_from is not None and ("WORLD_SIZE" in os.environ or resume or model == "uni-moe" or stage != "main"):
-        fail("--init-from starts a new run (stage main, not uni-moe, without --resume) and writes its first checkpoint "
-             "before the processes start: use --nproc N rather than your own torchrun")
-    if nproc > 1 and "WORLD_SIZE" not in os.environ and init_from is None:
-        _relaunch(nproc)
+    given = dict(locals())  # the options, by name (TrainOptions uses the same names)
+    from mmtok.trainer.launch import TrainOptions, train as launch
+
+    if model != "uni-moe":
+        given["stage"], given["train_aux_routers"] = _legacy_stage(stage, train_aux_routers)
+    names = {f.name for f in fields(TrainOptions)} - {"sets", "live"}
+    opts = TrainOptions(**{k: given[k] for k in names}, sets=set_, live=not as_json)
+    outcome = launch(opts)
+    if outcome.kind == "relaunch":
+        _relaunch(nproc, _without_init_from(sys.argv[1:]) + ["--resume"] if outcome.resume else None)
         return
-    if model is None and resume:  # a Uni-MoE run resumes as one without --model repeated
-        from mmtok.trainer.unimoe_train import is_unimoe_run
-
-        model = "uni-moe" if is_unimoe_run(out) else None
-    if model == "uni-moe":
-        from mmtok.cli.unimoe_cmds import train_unimoe
-
-        if set_ or loop_plan is not None:
-            fail("--set and --loop-plan are for runs on a plan (dense, moe, moma, mod-moma), not --model uni-moe")
-
-        train_unimoe(out=out, stage=stage, tokenizer=tokenizer, init=init, texts=texts, speech_encoder=speech_encoder,
-                     sources=dict(speech=speech, audio=audio, video=video, image=image),
-                     model_opts=dict(preset=preset or "tiny", queries=queries, connector_layers=connector_layers,
-                                     lora_rank=lora_rank, lora_alpha=lora_alpha, swin_norm=swin_norm,
-                                     capacity_factor=capacity_factor),
-                     train_opts=dict(steps=steps, grad_accum=grad_accum, lr=lr, warmup=warmup, seed=seed,
-                                     ckpt_every=ckpt_every, log_every=log_every, compile=compile, act_ckpt=act_ckpt,
-                                     mixed_precision=mixed_precision),
-                     batch_size=batch_size, holdout=holdout, resume=resume, stop_at_step=stop_at_step, as_json=as_json)
-        return
-    from mmtok.loader import PlanLoader, read_plan
-    from mmtok.trainer.config import RunConfig, resolve
-    from mmtok.trainer.train import CONFIG, train as run_train
-
-    # resuming (or extending with --steps) takes the run's own settings and plan: no option to repeat
-    base = None
-    if resume and (out / CONFIG).exists():
-        from mmtok.shards import read_json
-
-        base = RunConfig.from_dict(read_json(out / CONFIG), where=str(out / CONFIG))
-        plan = plan or (Path(base.plan) if base.plan else None)
-    if plan is None:
-        fail("give --plan (a `mmtok balance-mix` directory)")
-    if stage != "main":
-        _aux_stage(stage, plan, out, resume, steps, lr, as_json)
-        return
-
-    plan_meta, _ = read_plan(plan)
-    model_opts = dict(model=model, experts=experts or None, routing=routing, capacity_factor=capacity_factor,
-                      swin_norm=swin_norm, attention=attention, aux_routers=aux_routers, mod_capacity=mod_capacity,
-                      router_noise=router_noise)
-    train_opts = dict(steps=steps, grad_accum=grad_accum, lr=lr, warmup=warmup, seed=seed, ckpt_every=ckpt_every,
-                      log_every=log_every, compile=compile, act_ckpt=act_ckpt, mixed_precision=mixed_precision,
-                      loop_plan=loop_plan)
-    hf_opts = {}
-    if init_from is not None:
-        from mmtok.trainer.hf_export import HF_PREFIX, chameleon_options
-
-        if not init_from.startswith(HF_PREFIX):
-            fail(f"--init-from {init_from!r}: expected hf:DIR (a Hugging Face Chameleon checkpoint directory)")
-        hf_opts = {k: v for k, v in chameleon_options(init_from[len(HF_PREFIX):]).items() if k != "model"}
-    cfg = resolve(preset, {**model_opts, **hf_opts}, train_opts, config, vocab=plan_meta["vocab"],
-                  seq_len=plan_meta["seq_len"], plan=str(plan.resolve()), tokenizer=plan_meta.get("tokenizer"), base=base,
-                  sets=set_)
-    if init_from is not None:
-        _init_from(Path(init_from[len(HF_PREFIX):]), cfg, plan, out, nproc)
-        if nproc > 1:  # the processes continue the run just written
-            i = sys.argv.index("--init-from") if "--init-from" in sys.argv else None
-            args = sys.argv[1:i] + sys.argv[i + 2:] if i else [a for a in sys.argv[1:] if not a.startswith("--init-from=")]
-            _relaunch(nproc, args + ["--resume"])
-            return
-        resume = True
-    summary = run_train(cfg, out, lambda rank, world: PlanLoader(plan, rank, world, num_workers=loader_workers,
-                                                                 loop=cfg.train.loop_plan),
-                        resume=resume, stop_at_step=stop_at_step, live=not as_json)
     if int(os.environ.get("RANK", "0")) != 0:
         return
+    summary = outcome.summary
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    elif outcome.kind == "uni-moe":
+        from mmtok.cli.unimoe_cmds import print_stage
+
+        print_stage(summary, opts.stage)
+    elif outcome.kind == "aux-routers":
+        _print_aux_routers(summary)
     else:
         from rich.console import Console
 
         Console(stderr=True).print(f"[bold]mmtok train[/]: {summary['status']} at step {summary['step']}/{summary['steps']}"
                                    f" on {summary['world_size']} process(es); checkpoint {summary['checkpoint']}")
-    if summary["status"] == "interrupted":
+    if outcome.kind == "main" and summary["status"] == "interrupted":
         fail(f"interrupted at step {summary['step']}; checkpoint saved; continue with --resume", Exit.FAILED)
 
 
-def _init_from(src: Path, cfg, plan: Path, out: Path, nproc: int) -> None:
-    """Write `out` at step 0 from the checkpoint in `src` (trainer/hf_export.py)."""
-    from mmtok.loader import PlanLoader
-    from mmtok.trainer.hf_export import image_range_of, init_run
-    from mmtok.shards import read_json
+def _legacy_stage(stage: Optional[str], train_aux_routers: bool) -> tuple[Optional[str], bool]:
+    """`--stage main` and `--stage aux-routers`, the old spellings for runs on a plan (--stage now
+    names Uni-MoE's stages only): still accepted, with a deprecation line."""
+    if stage == "main":
+        deprecated("--stage main", "no --stage (it is the default)")
+        return None, train_aux_routers
+    if stage == "aux-routers":
+        deprecated("--stage aux-routers", "--train-aux-routers")
+        return None, True
+    return stage, train_aux_routers
 
-    have = image_range_of(read_json(src / "config.json").get("vocabulary_map") or {})
-    if have is not None and tuple(have) != tuple(cfg.model.image_range):
-        fail(f"{src} has its image tokens at ids {have[0]}..{have[1] - 1}, the plan {plan} at "
-             f"{cfg.model.image_range[0]}..{cfg.model.image_range[1] - 1}: tokenize with `mmtok import-tokenizer chameleon {src}`")
-    init_run(src, cfg, out, PlanLoader(plan, 0, 1).state_dict(), nproc * cfg.train.grad_accum, cfg.train.seed)
+
+def _without_init_from(args: list[str]) -> list[str]:
+    """The command line without its --init-from (the processes resume the run it wrote)."""
+    i = args.index("--init-from") if "--init-from" in args else None
+    return args[:i] + args[i + 2:] if i is not None else [a for a in args if not a.startswith("--init-from=")]
 
 
-def _aux_stage(stage: str, plan: Path, out: Path, resume: bool, steps: Optional[int], lr: Optional[float],
-               as_json: bool) -> None:
-    """`--stage aux-routers`: MoMa's auxiliary routers, trained after the main run."""
-    from mmtok.trainer.moma import train_aux_routers
-
-    if stage != "aux-routers":
-        fail(f"unknown --stage {stage!r}; choose main or aux-routers")
-    if not resume:
-        fail("--stage aux-routers trains the routers of an existing run: pass --resume with its --out")
-    summary = train_aux_routers(out, plan, steps or 200, lr or 1e-2)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    if as_json:
-        sys.stdout.write(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-        return
+def _print_aux_routers(summary: dict) -> None:
     from rich.console import Console
 
     final = summary["final"]
     agree = ", ".join(f"{k.removeprefix('agreement_')} {v:.1%}" for k, v in final.items() if k.startswith("agreement_"))
-    Console(stderr=True).print(f"[bold]mmtok train --stage aux-routers[/]: {summary['aux_steps']} steps, BCE "
+    Console(stderr=True).print(f"[bold]mmtok train --train-aux-routers[/]: {summary['aux_steps']} steps, BCE "
                                f"{final.get('bce', float('nan')):.4f}, agreement with expert choice: {agree}; "
                                f"checkpoint {summary['checkpoint']}")
 

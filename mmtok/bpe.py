@@ -8,17 +8,17 @@ byte fallback for characters outside the learned pieces. Digits are split.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import mmap
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
 
-from mmtok.shards import ShardReader
+from mmtok.shards import ShardReader, atomic_write
 from mmtok.vocab import Vocab
 
 # Lines longer than this are cut for training (sentencepiece skips over-long sentences).
@@ -129,21 +129,24 @@ def train_bpe(shard_dirs: list[str | Path], out: str | Path, *, vocab_size: int 
     log(f"training BPE on {min(n_lines, input_sentence_size):,} of {n_lines:,} lines ({n_bytes / 1e6:.1f} MB); "
         f"estimated peak memory {est / 2**30:.2f} GiB (lower with --input-sentence-size)")
     stats = {"texts": 0, "lines": 0, "not_utf8": 0, "not_utf8_examples": []}
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        spm.set_random_generator_seed(seed)
-        opts = sp_options(vocab.n_text, input_sentence_size, threads or os.cpu_count() or 1)
-        try:
-            spm.SentencePieceTrainer.train(sentence_iterator=training_lines(shard_dirs, stats),
-                                           model_prefix=str(Path(tmp) / "bpe"), **opts)
-        except RuntimeError as e:
-            m = re.search(r"value <= (\d+)", str(e))
-            if m:
-                most = int(m.group(1)) + vocab.n_specials + image_codes
-                raise ValueError(f"the text in {', '.join(map(str, shard_dirs))} supports at most {m.group(1)} text "
-                                 f"pieces; use --vocab-size {most} or less, or give more text") from None
-            raise ValueError(f"sentencepiece could not train: {e}") from None
-        for ext in ("model", "vocab"):
-            os.replace(Path(tmp) / f"bpe.{ext}", out / f"bpe.{ext}")
+    spm.set_random_generator_seed(seed)
+    opts = sp_options(vocab.n_text, input_sentence_size, threads or os.cpu_count() or 1)
+    # The model comes back in memory: with a model_prefix, sentencepiece would record that
+    # (temporary) path in the model, and every run would get another tokenizer fingerprint.
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=training_lines(shard_dirs, stats), model_writer=model, **opts)
+    except RuntimeError as e:
+        m = re.search(r"value <= (\d+)", str(e))
+        if m:
+            most = int(m.group(1)) + vocab.n_specials + image_codes
+            raise ValueError(f"the text in {', '.join(map(str, shard_dirs))} supports at most {m.group(1)} text "
+                             f"pieces; use --vocab-size {most} or less, or give more text") from None
+        raise ValueError(f"sentencepiece could not train: {e}") from None
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    atomic_write(out / "bpe.model", model.getvalue())
+    atomic_write(out / "bpe.vocab", "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n"
+                                            for i in range(sp.get_piece_size())).encode())
     if stats["not_utf8"]:
         log(f"skipped {stats['not_utf8']} texts that are not UTF-8 (e.g. {', '.join(stats['not_utf8_examples'][:3])})")
     vocab.save(out)

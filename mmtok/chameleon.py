@@ -290,10 +290,10 @@ def load_image(data: bytes, resolution: int) -> np.ndarray:
     """ChameleonImageProcessor's pixels, as uint8 [3, R, R]: upright by EXIF, alpha composited
     onto white, the short side resized to `resolution` (Lanczos; the long side truncated, as
     it does), centre crop. `ChameleonVQ.scale` does the rest. mmtok's guards against
-    decompression bombs and extreme aspect ratios apply (mmtok.vq.open_image)."""
+    decompression bombs and extreme aspect ratios apply (mmtok.images.open_image)."""
     from PIL import Image
 
-    from mmtok.vq import _to_rgb, _upright, open_image
+    from mmtok.images import _to_rgb, _upright, open_image
 
     img = open_image(data)
     img.load()

@@ -197,10 +197,10 @@ def check_hf_export(export: Path, run: Path, tokdir: Path) -> dict:
     import torch
 
     from mmtok.tokenize import Tokenizer
-    from mmtok.trainer.export import load_from_run
+    from mmtok.trainer.checkpoint import load_run
 
     ids = torch.as_tensor(Tokenizer.load(tokdir).encode_text("The red circle sits on a blue background.").astype("int64"))[None]
-    model, run_cfg, _ = load_from_run(run)
+    model, run_cfg, _ = load_run(run)
     cfg = run_cfg.model
     theirs = ChameleonForConditionalGeneration.from_pretrained(export).eval()
     with torch.no_grad():
@@ -271,7 +271,7 @@ def run_demo(out: Path, workers: int = 2) -> None:
                                                          "--model", "moma", "--experts", "1t1i", "--preset", "tiny",
                                                          "--steps", "20", "--ckpt-every", "10", "--nproc", "2"], log)
     _step("train MoMa's auxiliary routers (causal inference), 2 processes",
-          ["train", "--stage", "aux-routers", "--resume", "--plan", str(out / "plan"), "--out", str(out / "run"),
+          ["train", "--train-aux-routers", "--resume", "--plan", str(out / "plan"), "--out", str(out / "run"),
            "--steps", "60", "--nproc", "2"], log)
     _step("evaluate (batch and causal routing)", ["eval", str(out / "run"), "--data",
                                                   str(out / "tokens"), "--pairs", str(out / "tokens"),

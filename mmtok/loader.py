@@ -15,33 +15,29 @@ same order with nothing skipped or repeated.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from mmtok.shards import INDEX, MANIFEST, ShardError, ShardReader, load_manifest, load_npy, require_keys
+# the plan format lives in mmtok.plan; read_plan_meta stays importable from here for older callers
+from mmtok.fs import RemotePath, as_location, join_location, read_parquet, read_range
+from mmtok.plan import check_plan_arrays, read_plan
+from mmtok.shards import INDEX, MANIFEST, ShardError, ShardReader, load_manifest, load_npy
+from mmtok.vocab import Vocab, VocabError
 
 STATE_FORMAT = "mmtok-planloader/1"
-PLAN_FILE = "plan.json"
-PLAN_ARRAYS = ("mb_ptr", "piece_doc", "piece_start", "piece_len", "piece_seq", "mb_text", "mb_image")
-PLAN_KEYS = ("format", "sources", "ratio", "world_size", "seq_len", "micro_batch", "steps", "microbatches", "seed",
-             "order_sha256", "vocab", "report")
-PLAN_SOURCE_KEYS = ("name", "path", "manifest_sha256", "documents", "weight")
 IGNORE_INDEX = -100
 
 
 class TokenCorpus:
     """Documents of token shard directories (stage `tokenize`), addressed by global id."""
 
-    def __init__(self, dirs: list[str | Path]):
-        import pyarrow.parquet as pq
-
-        self.dirs = [Path(d) for d in dirs]
+    def __init__(self, dirs: list[str | Path | RemotePath]):
+        self.dirs = [as_location(d) for d in dirs]
         if not self.dirs:
             raise ValueError("no token shard directories given")
-        self.vocab = None
+        self.vocab: Vocab | None = None
         # the full fingerprint of the tokenizer (BPE model and VQ included, Tokenizer.fingerprint);
         # None where no source records one (shards from before it was recorded)
         self.tokenizer, first_fp = None, None
@@ -52,6 +48,10 @@ class TokenCorpus:
             vocab = config.get("vocab")
             if not isinstance(vocab, dict) or "image_range" not in vocab:
                 raise ShardError(f"{d}: its manifest has no vocab; is it the output of `mmtok tokenize`?")
+            try:
+                vocab = Vocab.from_dict(vocab, f"{d / MANIFEST} (config.vocab)")
+            except VocabError as e:
+                raise ShardError(f"{e}; tokenize the source again with `mmtok tokenize`") from None
             if self.vocab is None:
                 self.vocab = vocab
             elif vocab != self.vocab:
@@ -64,7 +64,7 @@ class TokenCorpus:
                                  "BPE model or VQ); tokenize all sources with one TOKDIR")
             self.manifest_sha256.append(hashlib.sha256((d / MANIFEST).read_bytes()).hexdigest())
             try:
-                t = pq.read_table(d / INDEX, columns=["n_tokens", "n_image"])
+                t = read_parquet(d / INDEX, columns=["n_tokens", "n_image"])
             except (OSError, KeyError, ValueError) as e:
                 raise ShardError(f"{d / INDEX}: unreadable or lacks n_tokens/n_image columns ({e})") from None
             counts.append(t.column("n_tokens").to_numpy().astype(np.int64))
@@ -85,14 +85,13 @@ class TokenCorpus:
 
     def _load_locations(self) -> None:
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
 
         shard_paths, shard_id, offset, size = [], [], [], []
         for d in self.dirs:
-            t = pq.read_table(d / INDEX, columns=["shard", "members"])
+            t = read_parquet(d / INDEX, columns=["shard", "members"])
             enc = pc.dictionary_encode(t.column("shard")).combine_chunks()
             shard_id.append(enc.indices.to_numpy().astype(np.int32) + len(shard_paths))
-            shard_paths += [str(d / s) for s in enc.dictionary.to_pylist()]
+            shard_paths += [d / s for s in enc.dictionary.to_pylist()]
             members = t.column("members").combine_chunks()
             flat = members.flatten()
             is_npy = pc.equal(flat.field("ext"), "npy").to_numpy(zero_copy_only=False)
@@ -110,13 +109,7 @@ class TokenCorpus:
             self._files, self._pid = {}, os.getpid()
         paths, shard_id, offset, size = self._locations
         sid = int(shard_id[doc])
-        fd = self._files.get(sid)
-        if fd is None:
-            try:
-                fd = self._files[sid] = os.open(paths[sid], os.O_RDONLY)
-            except OSError as e:
-                raise ShardError(f"{paths[sid]}: cannot open ({e.strerror})") from None
-        data = os.pread(fd, int(size[doc]), int(offset[doc]))
+        data = self._read(paths[sid], sid, int(offset[doc]), int(size[doc]))
         try:
             if len(data) != size[doc]:
                 raise ValueError("truncated")
@@ -126,6 +119,31 @@ class TokenCorpus:
         except ValueError as e:
             raise ShardError(f"{paths[sid]}: document {doc - self.first_doc[self.source[doc]]} has a corrupt npy member ({e})") from None
         return tokens
+
+    def _read(self, path: Path | RemotePath, sid: int, offset: int, size: int) -> bytes:
+        """`size` bytes at `offset` of a shard: a pread on a file kept open, or one range
+        request at a URL."""
+        if isinstance(path, RemotePath):
+            try:
+                return read_range(path, offset, size)
+            except OSError as e:
+                raise ShardError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+        fd = self._files.get(sid)
+        if fd is None:
+            try:
+                fd = self._files[sid] = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise ShardError(f"{path}: cannot open ({e.strerror})") from None
+        return os.pread(fd, size, offset)
+
+    def close(self) -> None:
+        """Close the shard files this process opened (a forked child's copies are not its own)."""
+        if getattr(self, "_pid", None) == os.getpid():  # (also when __init__ stopped early)
+            for fd in self._files.values():
+                os.close(fd)
+        self._files = {}
+
+    __del__ = close  # a process that builds many corpora (evaluate, a harness) keeps no descriptors
 
     def __getstate__(self):
         return {**self.__dict__, "_files": {}, "_pid": None}
@@ -138,8 +156,8 @@ class _MicroBatches:
         self.arrays, self.corpus, self.indices = arrays, corpus, indices
         self.n_microbatches = plan["microbatches"]
         self.seq_len, self.micro_batch = plan["seq_len"], plan["micro_batch"]
-        self.image_range = plan["vocab"]["image_range"]
-        self.pad_id = plan["vocab"]["specials"].get("<pad>", 0)
+        self.vocab = plan["vocab"]
+        self.pad_id = plan["vocab"].specials.get("<pad>", 0)
 
     def __len__(self):
         return len(self.indices)
@@ -169,83 +187,10 @@ class _MicroBatches:
             doc_ids[s, c:c + n] = segment[s]
             positions[s, c:c + n] = np.arange(n, dtype=np.int32)
             cursor[s] = c + n
-        lo, hi = self.image_range
-        modality = ((ids >= lo) & (ids < hi)).astype(np.uint8)
+        modality = self.vocab.is_image(ids).astype(np.uint8)
         return {"input_ids": torch.from_numpy(ids), "targets": torch.from_numpy(targets),
                 "modality": torch.from_numpy(modality), "doc_ids": torch.from_numpy(doc_ids),
                 "positions": torch.from_numpy(positions)}
-
-
-def read_plan_meta(plan_dir: str | Path) -> dict:
-    """plan.json, checked for the keys readers use. A plan without plan.json is unfinished."""
-    plan_dir = Path(plan_dir)
-    path = plan_dir / PLAN_FILE
-    try:
-        plan = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ShardError(f"{plan_dir}: no {PLAN_FILE}; run `mmtok balance-mix` to make a plan") from None
-    except NotADirectoryError:
-        raise ShardError(f"{plan_dir}: a file, not a plan directory (`mmtok balance-mix --out`)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ShardError(f"{path}: corrupt plan ({e})") from None
-    require_keys(plan, PLAN_KEYS, path)
-    require_keys(plan["vocab"], ("vocab_size", "image_range", "specials"), f"{path} (vocab)")
-    if not isinstance(plan["sources"], list):
-        raise ShardError(f"{path}: `sources` is not a list; run `mmtok balance-mix` again")
-    for i, s in enumerate(plan["sources"]):
-        require_keys(s, PLAN_SOURCE_KEYS, f"{path} (sources[{i}])")
-    return plan
-
-
-def read_plan(plan_dir: str | Path) -> tuple[dict, dict]:
-    """plan.json and its arrays (memory-mapped)."""
-    plan_dir = Path(plan_dir)
-    plan = read_plan_meta(plan_dir)
-    arrays = {}
-    for name in PLAN_ARRAYS:
-        try:
-            arrays[name] = np.load(plan_dir / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise ShardError(f"{plan_dir / (name + '.npy')}: missing or corrupt plan array ({e})") from None
-    return plan, arrays
-
-
-def check_plan_arrays(plan: dict, arrays: dict, corpus: TokenCorpus, plan_dir: Path) -> None:
-    """Refuse plan arrays whose values do not fit the plan and its sources (an edited or
-    damaged plan), naming the array, before a loader worker trips over them."""
-    a = {k: np.asarray(v) for k, v in arrays.items()}
-    n_mb, mb, seq_len = int(plan["microbatches"]), int(plan["micro_batch"]), int(plan["seq_len"])
-    n_pieces = len(a["piece_doc"])
-
-    def bad(name: str, what: str):
-        raise ShardError(f"{plan_dir / (name + '.npy')}: {what}; the plan is damaged: run `mmtok balance-mix` again")
-
-    for name in PLAN_ARRAYS:
-        if a[name].ndim != 1 or a[name].dtype.kind not in "iu":
-            bad(name, f"expected a 1-D integer array, found {a[name].dtype} {a[name].shape}")
-    for name, n in (("mb_ptr", n_mb + 1), ("mb_text", n_mb), ("mb_image", n_mb), ("piece_start", n_pieces),
-                    ("piece_len", n_pieces), ("piece_seq", n_pieces)):
-        if len(a[name]) != n:
-            bad(name, f"{len(a[name])} entries, expected {n}")
-    ptr = a["mb_ptr"].astype(np.int64)
-    if ptr[0] != 0 or ptr[-1] != n_pieces or (np.diff(ptr) < 0).any():
-        bad("mb_ptr", f"not a non-decreasing run from 0 to {n_pieces}")
-    doc, start, length, seq = (a[k].astype(np.int64) for k in ("piece_doc", "piece_start", "piece_len", "piece_seq"))
-    for name, values, lo, hi in (("piece_doc", doc, 0, len(corpus.n_tokens)), ("piece_seq", seq, 0, mb),
-                                 ("piece_start", start, 0, None), ("piece_len", length, 1, seq_len + 1)):
-        out = (values < lo) | (values >= hi if hi is not None else False)
-        if out.any():
-            i = int(np.argmax(out))
-            bad(name, f"value {int(values[i])} at position {i} is outside [{lo}, {hi if hi is not None else 'inf'})")
-    past = start + length > corpus.n_tokens[doc]
-    if past.any():
-        i = int(np.argmax(past))
-        bad("piece_len", f"piece {i} ends at token {int(start[i] + length[i])} of document {int(doc[i])}, "
-                         f"which has {int(corpus.n_tokens[doc[i]])}")
-    fill = np.bincount(np.repeat(np.arange(n_mb), np.diff(ptr)) * mb + seq, weights=length, minlength=n_mb * mb)
-    if (fill > seq_len).any():
-        i = int(np.argmax(fill > seq_len))
-        bad("piece_len", f"micro-batch {i // mb} sequence {i % mb} holds {int(fill[i])} tokens, over --seq-len {seq_len}")
 
 
 class PlanLoader:
@@ -263,19 +208,19 @@ class PlanLoader:
                  prefetch_factor: int = 2, loop: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        self.plan_dir = Path(plan_dir)
+        self.plan_dir = as_location(plan_dir)
         self.plan, self.arrays = read_plan(self.plan_dir)
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.prefetch_factor, self.loop = num_workers, prefetch_factor, loop
         self.vocab = self.plan["vocab"]
         self.seq_len, self.micro_batch = self.plan["seq_len"], self.plan["micro_batch"]
         self.n_microbatches = self.plan["microbatches"]
-        self.corpus = TokenCorpus([(self.plan_dir / s["path"]) for s in self.plan["sources"]])
+        self.corpus = TokenCorpus([join_location(self.plan_dir, s["path"]) for s in self.plan["sources"]])
         for s, sha, d in zip(self.plan["sources"], self.corpus.manifest_sha256, self.corpus.dirs):
             if sha != s["manifest_sha256"]:
                 raise ShardError(f"{d}: its manifest changed since the plan was made; run `mmtok balance-mix` again")
         self.corpus.check()
-        check_plan_arrays(self.plan, self.arrays, self.corpus, self.plan_dir)
+        check_plan_arrays(self.plan, self.arrays, self.corpus.n_tokens, self.plan_dir)
         self._next = 0  # global index of the next step's first micro-batch
 
     def __len__(self) -> int:

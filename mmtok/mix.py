@@ -39,12 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mmtok.loader import PLAN_ARRAYS, PLAN_FILE, TokenCorpus, read_plan
-from mmtok.shards import INDEX, atomic_write, npy_bytes
+from mmtok.loader import TokenCorpus
+from mmtok.plan import HOLDOUT_DIR, PLAN_FORMAT, parse_layout, read_plan, write_plan_files
+from mmtok.fs import absolute, as_location, join_location, read_parquet, relative_location
+from mmtok.mirror import all_files, remote_output
+from mmtok.shards import INDEX
 
-PLAN_FORMAT = "mmtok-plan/1"
 IMAGE, TEXT = 0, 1  # pools
-HOLDOUT_DIR = "holdout"
 
 
 def parse_ratio(text: str) -> tuple[int, int]:
@@ -55,18 +56,10 @@ def parse_ratio(text: str) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
-def ratio_from_experts(layout: str) -> tuple[int, int]:
-    """An expert layout like `4t4i` (text experts, image experts) -> (4, 4)."""
-    m = re.fullmatch(r"\s*(\d+)t(\d+)i\s*", layout)
-    if not m or int(m[1]) == 0 or int(m[2]) == 0:
-        raise ValueError(f"--experts {layout!r}: expected NtMi with N, M > 0, e.g. 4t4i")
-    return int(m[1]), int(m[2])
-
-
 @dataclass
 class Plan:
-    meta: dict  # plan.json
-    arrays: dict  # name -> numpy array (PLAN_ARRAYS)
+    meta: dict  # plan.json, its vocab a Vocab (mmtok.plan)
+    arrays: dict  # name -> numpy array (mmtok.plan.PLAN_ARRAYS)
     holdout: list = field(default_factory=list)  # (source dir, its held-out document numbers) per source
 
     @property
@@ -86,9 +79,7 @@ def _expand(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 def document_keys(dirs: list[Path]) -> np.ndarray:
     """The sample keys of token shard directories' documents, in TokenCorpus order."""
-    import pyarrow.parquet as pq
-
-    return np.concatenate([np.asarray(pq.read_table(Path(d) / INDEX, columns=["key"]).column("key").to_pylist(),
+    return np.concatenate([np.asarray(read_parquet(as_location(d) / INDEX, columns=["key"]).column("key").to_pylist(),
                                       dtype=object) for d in dirs])
 
 
@@ -105,8 +96,7 @@ def _atoms(corpus: TokenCorpus, seq_len: int, keep: np.ndarray) -> dict:
     if len(long) == 0:
         return {"doc": docs, "start": np.zeros(len(docs), np.int64), "len": corpus.n_tokens[docs], "img": corpus.n_image[docs]}
     vocab = corpus.vocab
-    boi, eoi = vocab["specials"]["<boi>"], vocab["specials"]["<eoi>"]
-    lo, hi = vocab["image_range"]
+    boi, eoi = vocab["<boi>"], vocab["<eoi>"]
     cuts = {}
     for d in long.tolist():
         tokens = corpus.read(d)
@@ -119,8 +109,7 @@ def _atoms(corpus: TokenCorpus, seq_len: int, keep: np.ndarray) -> dict:
                 src = corpus.source[d]
                 raise ValueError(f"{corpus.dirs[src]}: document {d - corpus.first_doc[src]} has an image block longer "
                                  f"than --seq-len {seq_len}; raise --seq-len")
-            is_img = (tokens[start:end] >= lo) & (tokens[start:end] < hi)
-            spans.append((start, end - start, int(is_img.sum())))
+            spans.append((start, end - start, int(vocab.is_image(tokens[start:end]).sum())))
             start = int(end)
         cuts[d] = spans
     rows = []
@@ -327,7 +316,6 @@ def plan_mix(dirs: list[str | Path], *, out: str | Path, ratio: tuple[int, int],
 
     report = _report(corpus, arrays, A, a_stream, d_stream, ia, tpos, tok, w, weights is not None, a_rho, tolerance, C,
                      [str(d) for d in dirs])
-    out = Path(out)
     order_inputs = {
         "sources": corpus.manifest_sha256, "weights": w.tolist(), "ratio": list(ratio), "tolerance": tolerance,
         "seq_len": seq_len, "micro_batch": micro_batch, "seed": seed,
@@ -335,7 +323,7 @@ def plan_mix(dirs: list[str | Path], *, out: str | Path, ratio: tuple[int, int],
     }
     meta = {
         "format": PLAN_FORMAT,
-        "sources": [{"name": str(d), "path": _relpath(Path(d), out), "manifest_sha256": sha,
+        "sources": [{"name": str(d), "path": relative_location(d, out), "manifest_sha256": sha,
                      "documents": int(n), "weight": float(ws)}
                     for d, sha, n, ws in zip(dirs, corpus.manifest_sha256, corpus.n_docs, w)],
         "ratio": list(ratio), "tolerance": tolerance, "world_size": world_size, "seq_len": seq_len,
@@ -358,16 +346,36 @@ def plan_mix(dirs: list[str | Path], *, out: str | Path, ratio: tuple[int, int],
     return Plan(meta, arrays, parts)
 
 
+def balance_mix(dirs: list[str | Path], out: str | Path, *, world_size: int, micro_batch: int, seq_len: int = 4096,
+                steps: int | None = None, tokens: int | None = None, ratio: str | tuple[int, int] | None = None,
+                experts: str | None = None, weights: list[float] | None = None, tolerance: float = 0.02, seed: int = 0,
+                holdout: float = 0.0) -> Plan:
+    """`mmtok balance-mix` as a library call: plan (`plan_mix`) and write the plan to `out`.
+
+    The target is `ratio` ("3:1" or (3, 1), text:image) or the ratio of an expert layout
+    `experts` ("4t4i"); the length `steps`, or `tokens` (at least this many planned)."""
+    if (ratio is None) == (experts is None):
+        raise ValueError("give exactly one of --ratio (e.g. 1:1) or --experts (e.g. 4t4i)"
+                         + (", not both" if ratio is not None else ""))
+    if (steps is None) == (tokens is None):
+        raise ValueError("give exactly one of --steps or --tokens" + (", not both" if steps is not None else ""))
+    if experts is not None:
+        target = parse_layout(experts, "--experts")
+    else:
+        target = parse_ratio(ratio) if isinstance(ratio, str) else tuple(ratio)
+    if tokens is not None:
+        steps = -(-tokens // (world_size * micro_batch * seq_len))
+    plan = plan_mix(dirs, out=out, ratio=target, world_size=world_size, seq_len=seq_len, micro_batch=micro_batch,
+                    steps=steps, seed=seed, weights=weights, tolerance=tolerance, holdout=holdout)
+    with remote_output(out, ours=all_files) as local:  # a plan at a URL: written here, then uploaded
+        write_plan(plan, local)
+    return plan
+
+
 def _holdout_names(dirs: list[Path]) -> list[str]:
     """A folder name per source under OUT/holdout/: its own name, numbered where two share one."""
     names = [d.name or "tokens" for d in dirs]
     return [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
-
-
-def _relpath(path: Path, start: Path) -> str:
-    import os
-
-    return os.path.relpath(path.resolve(), start.resolve())
 
 
 def ratio_deviation(text: np.ndarray, image: np.ndarray, rho: float) -> np.ndarray:
@@ -431,16 +439,14 @@ def _report(corpus, arrays, A, a_stream, d_stream, ia, tpos, tok, w, weighted, r
 
 
 def write_plan(plan: Plan, out: str | Path) -> None:
-    """Arrays and held-out shards first, plan.json last: a directory with plan.json is a
-    finished plan."""
+    """The plan directory (`mmtok.plan.write_plan_files`), its held-out shards included."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / PLAN_FILE).unlink(missing_ok=True)
-    for name in PLAN_ARRAYS:
-        atomic_write(out / f"{name}.npy", npy_bytes(plan.arrays[name]))
-    for src, name, docs in plan.holdout:
-        write_holdout(src, docs, out / HOLDOUT_DIR / name, plan.meta["holdout"]["fraction"])
-    atomic_write(out / PLAN_FILE, json.dumps(plan.meta, sort_keys=True, indent=1).encode())
+
+    def holdout_shards():
+        for src, name, docs in plan.holdout:
+            write_holdout(src, docs, out / HOLDOUT_DIR / name, plan.meta["holdout"]["fraction"])
+
+    write_plan_files(plan.meta, plan.arrays, out, holdout_shards)
 
 
 def write_holdout(src: Path, docs: np.ndarray, out: Path, fraction: float) -> None:
@@ -457,8 +463,8 @@ def write_holdout(src: Path, docs: np.ndarray, out: Path, fraction: float) -> No
         extra = {k: v for k, v in row.items() if k not in ("key", "shard", "members")}
         return Sample(row["key"], "tokens", {"npy": members["npy"]}, json.loads(members["json"]), extra)
 
-    config = {**reader.manifest.get("config", {}), "inputs": [str(src.resolve())],
-              "holdout": {"fraction": fraction, "of": str(src.resolve())}}
+    config = {**reader.manifest.get("config", {}), "inputs": [absolute(src)],
+              "holdout": {"fraction": fraction, "of": absolute(src)}}
     # the plan is written again in place each time, and its held-out part with it
     run_stage("tokenize", [Item(f"{src}:{r['key']}", r) for r in rows], copy, out, config=config, progress=False,
               overwrite=True)
@@ -469,7 +475,7 @@ def plan_overlap(plan_dir: str | Path, corpus: TokenCorpus, n_docs: int) -> int:
     key and counts as a planned document, confirmed by equal token ids (keys alone repeat
     across separately made corpora)."""
     plan, arrays = read_plan(plan_dir)
-    trained = TokenCorpus([Path(plan_dir) / s["path"] for s in plan["sources"]])
+    trained = TokenCorpus([join_location(plan_dir, s["path"]) for s in plan["sources"]])
     if trained.manifest_sha256 != [s["manifest_sha256"] for s in plan["sources"]]:
         raise ValueError("its sources changed since it was made")
     used = np.unique(np.asarray(arrays["piece_doc"]))

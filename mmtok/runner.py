@@ -29,58 +29,38 @@ stages on a GPU). The runner owns everything else:
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import contextlib
 import errno
 import json
-import multiprocessing
-import multiprocessing.pool
-import os
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
+# BACKENDS, Item, Quarantined, StageError and progress_bar are imported from here across the tree
+from mmtok.dispatch import BACKENDS, Item, Quarantined, StageError, _ordered_map, _tasks
 from mmtok.locks import exclusive
-from mmtok.shards import (INDEX, MANIFEST, QUARANTINE, SHARD_RE, ShardWriter, atomic_write, dumps_meta, naming,
-                          remove_temps, temp_path)
-
-STATS_DIR = "_stats"
-STAGE_FILE = "_stage.json"
-DUPLICATES = "duplicates.jsonl"
-BACKENDS = ("local", "ray")  # where stage functions run: this machine's pool, or Ray tasks
+from mmtok.packing import DUPLICATES, STATS_DIR, Sample, _Writer  # noqa: F401 (Sample: imported from here across the tree)
+from mmtok.shards import INDEX, MANIFEST, QUARANTINE, SHARD_RE, STAGE_FILE, atomic_write, is_stage_output, remove_temps
+from mmtok.stagelog import _Log, progress_bar
 
 
-@dataclass
-class Sample:
-    """One output sample. `members` are payloads by extension; the runner adds `json`
-    from `meta`. `index` holds extra scalar columns for index.parquet."""
-
-    key: str
-    group: str
-    members: dict[str, bytes]
-    meta: dict
-    index: dict = field(default_factory=dict)
-
-
-@dataclass
-class Quarantined:
-    input: str
-    reason: str
-    counts: bool = True  # False: recorded, but not a bad input (a row img2dataset never fetched)
-
-
-@dataclass
-class Item:
-    """One unit of input: `name` identifies it in logs; `payload` is what the stage needs."""
+class Stage(Protocol):
+    """A data stage as a picklable object (mmtok.tokenize.ImageCodes and Tokenize, ...):
+    `config` names all that decides its output, `items(start, end)` lists its input items
+    (of input shards `start:end`), calling it maps one item's payload in a worker, and
+    `batch` (or None) maps a batch of those results in this process (a model on a GPU).
+    run_stage takes its parts: `run_stage(s.name, s.items(0, None), s, out, config=s.config,
+    batch_fn=s.batch)`."""
 
     name: str
-    payload: Any
+    config: dict
+    batch: Callable[[list], list] | None
 
+    def items(self, start: int = 0, end: int | None = None) -> Iterable[Item]: ...
 
-class StageError(Exception):
-    """A problem with the job as a whole (bad output dir, bad options); exit status 2."""
+    def __call__(self, payload: Any) -> Any: ...
+
 
 
 @dataclass
@@ -110,296 +90,6 @@ class Summary:
         return d
 
 
-def _apply(fn: Callable, items: list[tuple[int, Item]]) -> list[tuple[int, list]]:
-    """Run the stage function on a task of items; never let one item kill the job."""
-    out = []
-    for i, item in items:
-        try:
-            res = fn(item.payload)
-            res = res if isinstance(res, list) else [res]
-        except Exception as e:  # a bug or an unforeseen bad input: quarantine, keep going
-            tb = traceback.extract_tb(e.__traceback__)[-1]
-            res = [Quarantined(item.name, f"{type(e).__name__}: {e} (at {Path(tb.filename).name}:{tb.lineno})")]
-        for r in res:
-            if isinstance(r, Quarantined) and not r.input:
-                r.input = item.name
-        out.append((i, res))
-    return out
-
-
-_FORKED_FN: Callable | None = None
-
-
-def _apply_forked(items):
-    return _apply(_FORKED_FN, items)
-
-
-def _ordered_map(fn, tasks: Iterator[list], workers: int, threads: bool = False,
-                 backend: str = "local") -> Iterator[list]:
-    """Map over tasks with a pool, in order, with a bounded number in flight.
-
-    Processes by default. The pool is forked after `fn` is stored in a global, so stage
-    functions may be closures: only the items travel to the workers. `threads=True` suits
-    stages whose work releases the GIL (file reads, hashing, image and audio decoders,
-    ffmpeg subprocesses): no payload bytes cross a pipe. `backend="ray"` runs each task
-    as a Ray task instead (see `_ray_tasks`); results still come back in input order.
-    """
-    global _FORKED_FN
-    if backend == "local" and workers <= 1:
-        for t in tasks:
-            yield _apply(fn, t)
-        return
-    with contextlib.ExitStack() as stack:
-        if backend == "ray":
-            submit, result = _ray_tasks(fn, workers, stack)
-        elif threads:
-            pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(workers))
-            submit = lambda t: pool.submit(_apply, fn, t)  # noqa: E731
-            result = concurrent.futures.Future.result
-        else:
-            _FORKED_FN = fn
-            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers))
-            submit = lambda t: pool.apply_async(_apply_forked, (t,))  # noqa: E731
-            result = multiprocessing.pool.AsyncResult.get
-        pending: collections.deque = collections.deque()
-        for t in tasks:
-            pending.append(submit(t))
-            if len(pending) >= workers * 4:
-                yield result(pending.popleft())
-        while pending:
-            yield result(pending.popleft())
-
-
-def _ray_tasks(fn, workers: int, stack: contextlib.ExitStack):
-    """(submit, result) for running `_apply(fn, task)` as Ray tasks.
-
-    Joins the cluster named by RAY_ADDRESS, or starts a local instance of `workers` CPUs,
-    unless Ray is already initialized (then it is the caller's, and left running). `fn` goes
-    to the object store once; Ray's cloudpickle carries closures.
-    """
-    try:
-        import ray
-    except ImportError:
-        raise StageError("--backend ray needs Ray: pip install 'mmtok[ray]'") from None
-    if not ray.is_initialized():
-        local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": workers}
-        ray.init(include_dashboard=False, log_to_driver=False, **local)
-        stack.callback(ray.shutdown)
-    fn_ref = ray.put(fn)
-    apply = ray.remote(_apply)
-
-    def result(ref):
-        try:
-            return ray.get(ref)
-        except ray.exceptions.RayError as e:  # a worker died or a node was lost, not a bad item
-            raise StageError(f"a Ray task failed ({type(e).__name__}: {e}); "
-                             "rerun the same command to resume") from None
-
-    return (lambda t: apply.remote(fn_ref, t)), result
-
-
-def _tasks(items: Iterable[Item], start: int, size: int) -> Iterator[list[tuple[int, Item]]]:
-    task = []
-    for i, item in enumerate(items):
-        if i < start:
-            continue
-        task.append((i, item))
-        if len(task) >= size:
-            yield task
-            task = []
-    if task:
-        yield task
-
-
-class _Log:
-    """An append-only JSONL log that is sorted and de-duplicated when the run ends, so a
-    resumed run leaves the same file as an uninterrupted one."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._f = open(path, "a", encoding="utf-8")
-
-    def add(self, record: dict) -> None:
-        with naming(self.path):
-            self._f.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
-            self._f.flush()
-
-    def finish(self) -> list[dict]:
-        self._f.close()
-        seen, rows = set(), []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            if line.strip() and line not in seen:
-                seen.add(line)
-                rows.append(json.loads(line))
-        rows.sort(key=lambda r: (r["index"], json.dumps(r, sort_keys=True)))
-        atomic_write(self.path, "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows).encode())
-        return rows
-
-
-class _OpenShard:
-    """A shard being written: its members go to a temporary file as they come, so memory
-    holds its index rows, never its payloads (a shard may be `--max-size` 1 GiB)."""
-
-    def __init__(self, out: Path, group: str, number: int):
-        self.group, self.number = group, number
-        self.path = out / self.name
-        self.tmp = temp_path(self.path)
-        self.file = open(self.tmp, "wb")
-        self.writer = ShardWriter(self.file)
-        self.index: list[dict] = []
-        self.first_item: int | None = None
-        self.bytes = 0
-
-    @property
-    def name(self) -> str:
-        return f"{self.group}-{self.number:06d}.tar"
-
-    def add(self, item_index: int, sub: int, s: Sample, meta_bytes: bytes) -> None:
-        with naming(self.path):
-            locs = self.writer.add(s.key, {**s.members, "json": meta_bytes})
-        if self.first_item is None:
-            self.first_item = item_index
-        self.index.append({
-            "key": s.key,
-            "shard": self.name,
-            "group": self.group,
-            "modality": s.meta.get("modality"),
-            "sha256": s.meta.get("sha256"),
-            "members": [{"ext": e, "offset": l.offset, "size": l.size} for e, l in sorted(locs.items())],
-            "_item": [item_index, sub],
-            **s.index,
-        })
-
-    def discard(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
-
-
-def _sample_bytes(members: dict[str, bytes]) -> int:
-    return sum(512 + (len(v) + 511) // 512 * 512 for v in members.values())
-
-
-def _intact(path: Path, st: dict) -> bool:
-    """The finished shard is on disk with the size and sha256 its stats record wrote down."""
-    import hashlib
-
-    try:
-        if path.stat().st_size != st["bytes"]:
-            return False
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest() == st["sha256"]
-    except FileNotFoundError:
-        return False
-
-
-class _Writer:
-    def __init__(self, out: Path, max_count: int, max_size: int, dedup: bool, workers: int = 1):
-        self.out = out
-        self.max_count, self.max_size, self.dedup = max_count, max_size, dedup
-        self.stats_dir = out / STATS_DIR
-        self.stats_dir.mkdir(parents=True, exist_ok=True)
-        self.open: dict[str, _OpenShard] = {}
-        self.done: set[tuple[int, int]] = set()
-        self.seen: dict[str, str] = {}
-        self.next_number: dict[str, int] = collections.Counter()
-        self.frontier = 0
-        self.finished = self._load_finished(workers)
-
-    def _load_finished(self, workers: int) -> list[dict]:
-        """Trust finished shards only as far as they check out. From the first one that is
-        missing, truncated or altered (in closing order), it and every later shard are
-        dropped, which is the state right after the shard before it closed: the replay from
-        that shard's frontier rebuilds them, byte for byte."""
-        records = []
-        for p in self.stats_dir.glob("*.json"):
-            try:
-                st = json.loads(p.read_text())
-                if f"{st['name']}.json" != p.name or not SHARD_RE.match(st["name"]):
-                    raise ValueError("names another file")  # it must name a shard here, never a path
-                records.append((int(st["seq"]), st))
-            except (ValueError, KeyError, TypeError):
-                raise StageError(f"{p}: unreadable resume record; rerun with --overwrite to start this job again, "
-                                 "or use a new --out") from None
-        records = [st for _, st in sorted(records, key=lambda r: r[0])]
-        with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:  # hashing releases the GIL
-            ok = list(pool.map(lambda st: _intact(self.out / st["name"], st), records))
-        keep = records[:ok.index(False)] if False in ok else records
-        for st in records[len(keep):]:
-            (self.out / st["name"]).unlink(missing_ok=True)  # named by our own record: ours to delete
-            (self.stats_dir / f"{st['name']}.json").unlink()
-        for st in keep:
-            self.frontier = max(self.frontier, st["frontier"])
-            self.next_number[st["group"]] = max(self.next_number[st["group"]], st["number"] + 1)
-            for row in st["index"]:
-                self.done.add(tuple(row["_item"]))
-                if self.dedup and row.get("sha256"):
-                    self.seen[row["sha256"]] = row["key"]
-        return keep
-
-    def add(self, item_index: int, sub: int, sample: Sample, dup_log: _Log, name: str) -> bool:
-        if (item_index, sub) in self.done:
-            return True
-        h = sample.meta.get("sha256")
-        if self.dedup and h:
-            if h in self.seen:
-                dup_log.add({"index": item_index, "input": name, "sha256": h, "duplicate_of": self.seen[h]})
-                return False
-            self.seen[h] = sample.key
-        meta_bytes = dumps_meta(sample.meta)
-        size = _sample_bytes(sample.members) + 512 + len(meta_bytes)
-        shard = self.open.get(sample.group)
-        if shard and shard.index and (len(shard.index) >= self.max_count or shard.bytes + size > self.max_size):
-            self._flush(shard, item_index)
-            shard = None
-        if shard is None:
-            shard = self.open[sample.group] = _OpenShard(self.out, sample.group, self.next_number[sample.group])
-            self.next_number[sample.group] += 1
-        shard.add(item_index, sub, sample, meta_bytes)
-        shard.bytes += size
-        return True
-
-    def _flush(self, shard: _OpenShard, current_item: int) -> None:
-        del self.open[shard.group]
-        target = shard.path
-        with naming(target):
-            shard.writer.close()
-            shard.file.flush()
-            os.fsync(shard.file.fileno())
-        shard.file.close()
-        if target.exists():  # no record of ours names it (those are gone by now): a user's file
-            shard.tmp.unlink()
-            raise StageError(f"{target} is in the way: this job did not write it and will not replace it; "
-                             "move it elsewhere, or use a new --out")
-        index = shard.index
-        frontier = min([current_item] + [o.first_item for o in self.open.values() if o.first_item is not None])
-        stats = {
-            "name": shard.name,
-            "group": shard.group,
-            "number": shard.number,
-            "seq": len(self.finished),
-            "samples": len(index),
-            "bytes": shard.writer.offset,
-            "sha256": shard.writer.sha256.hexdigest(),
-            "by_modality": dict(collections.Counter(r["modality"] for r in index)),
-            "frontier": frontier,
-            "index": index,
-        }
-        # the record first, then the rename: a shard file under its name always has a record,
-        # so whatever in OUT has none was not written here (a record without its shard is redone)
-        atomic_write(self.stats_dir / f"{shard.name}.json", json.dumps(stats, sort_keys=True).encode())
-        os.replace(shard.tmp, target)
-        self.finished.append(stats)
-
-    def close(self, end: int) -> None:
-        for shard in sorted(self.open.values(), key=lambda s: s.group):
-            self._flush(shard, end)
-
-    def abort(self) -> None:
-        """A failed run: free the open shards' temporary files (the disk may be full)."""
-        for shard in self.open.values():
-            shard.discard()
-        self.open.clear()
-
 
 _RECORDS = (MANIFEST, INDEX, QUARANTINE, DUPLICATES, STAGE_FILE)  # the fixed names a stage writes in OUT
 
@@ -413,10 +103,22 @@ def check_paths(inputs: Iterable[str | Path], out: str | Path | None = None) -> 
         raise StageError("an input path is empty (\"\"); name a file or directory")
     if out is None:
         return
+    from mmtok.fs import as_location, is_url
+
+    if is_url(out):  # only a URL input can overlap it; compared as names under one prefix
+        out = str(as_location(out))
+        for spec in map(str, inputs):
+            p = str(as_location(spec)) if is_url(spec) else None
+            if p is not None and (p == out or out.startswith(p + "/") or p.startswith(out + "/")):
+                raise StageError(f"--out {out} and input {spec} overlap: the stage would read its own output; "
+                                 "choose an --out outside the inputs")
+        return
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise StageError(f"--out {out} is a file, not a directory")
     for spec in inputs:
+        if is_url(spec):  # a local OUT is never inside a bucket
+            continue
         p = Path(spec).resolve()
         if p == out or p in out.parents:
             raise StageError(f"--out {out} is inside input {spec}: the stage would read its own output; "
@@ -430,29 +132,51 @@ def input_listing(inputs: Iterable[str | Path]) -> list[dict]:
     (path, size, mtime) rows. An mmtok output directory is fingerprinted by the bytes of its
     manifest and index and its shards' sizes and mtimes, since a rerun of the stage that
     wrote it rewrites those two with the same bytes. Dot files are skipped, as the input
-    walkers skip them."""
+    walkers skip them. An input at a URL is fingerprinted the same way, by the sizes its
+    store lists (objects have no mtime to trust), its manifest and index by their bytes."""
     import hashlib
+
+    from mmtok.fs import as_location
 
     listing = []
     for spec in inputs:
-        root = Path(spec)
+        root = as_location(spec)
         rows = []
-        if (root / STAGE_FILE).is_file() and (root / MANIFEST).is_file():  # an mmtok stage's output
+        if root.is_dir() and is_stage_output(p.name for p in root.iterdir()):
             for name in (MANIFEST, INDEX):
                 data = (root / name).read_bytes() if (root / name).is_file() else b""
                 rows.append([name, len(data), hashlib.sha256(data).hexdigest()])
-            files = [p for p in root.iterdir() if SHARD_RE.match(p.name)]
-        elif root.is_dir():
-            files = [p for p in root.rglob("*") if not p.name.startswith(".") and p.is_file()]
+            files = [p for p in root.iterdir() if SHARD_RE.match(p.name)] if isinstance(root, Path) else None
+        elif isinstance(root, Path):
+            files = ([p for p in root.rglob("*") if not p.name.startswith(".") and p.is_file()] if root.is_dir()
+                     else [root] if root.exists() else [])
         else:
-            files = [root] if root.exists() else []
-        for p in files:
+            files = None
+        if files is None:  # at a URL: one listing, sizes only (objects have no mtime to trust)
+            stage_out = bool(rows)
+            rows += [[rel, size] for rel, size in _remote_files(root)
+                     if not stage_out or SHARD_RE.match(rel)]
+        for p in files or ():
             st = p.stat()
             rows.append([p.relative_to(root).as_posix() if p != root else "", st.st_size, st.st_mtime_ns])
         rows.sort()
         listing.append({"input": str(spec), "files": len(rows), "bytes": sum(r[1] for r in rows),
                         "sha256": hashlib.sha256(json.dumps(rows).encode()).hexdigest()})
     return listing
+
+
+def _remote_files(root) -> list[tuple[str, int]]:
+    """(name under `root`, size) of the objects at a URL, dot files left out; a single
+    object is named ""."""
+    fs, base = root.fs, root.path
+    fs.invalidate_cache(base)
+    found = fs.find(base, detail=True) if fs.isdir(base) else ({base: fs.info(base)} if fs.exists(base) else {})
+    out = []
+    for path, info in found.items():
+        rel = path[len(base):].strip("/")
+        if info.get("type", "file") == "file" and not any(part.startswith(".") for part in rel.split("/")):
+            out.append((rel, int(info.get("size") or 0)))
+    return out
 
 
 def _changed_inputs(have: list[dict], want: list[dict]) -> str:
@@ -641,115 +365,6 @@ def run_stage(
         return summary
 
 
-# ---------------------------------------------------------------- several processes
-
-PARTS = "_parts"  # in OUT: each rank's share, a stage output of its own, until rank 0 joins them
-_INDEX_COLUMNS = ("key", "shard", "group", "modality", "sha256", "members", "_item")  # what _OpenShard.add sets
-
-
-def split_shares(weights: list[int], world_size: int) -> list[tuple[int, int]]:
-    """[start, end) runs of the input shards, one per rank, of about equal total weight
-    (items). Contiguous, so the ranks' results, taken in rank order, are in input order."""
-    cum = [0]
-    for w in weights:
-        cum.append(cum[-1] + w)
-    starts = [0]
-    for r in range(1, world_size):
-        target = cum[-1] * r / world_size
-        j = min(range(starts[-1], len(cum)), key=lambda j: (abs(cum[j] - target), j))
-        starts.append(j)
-    return list(zip(starts, starts[1:] + [len(weights)]))
-
-
-def run_stage_ranks(stage: str, items_of: Callable[[int, int], Iterable[Item]], fn: Callable, out: str | Path, *,
-                    config: dict, weights: list[int], rank: int, world_size: int, total: int | None = None,
-                    progress: bool = True, overwrite: bool = False, max_error_rate: float = 0.05,
-                    max_count: int = 10_000, max_size: int = 1 << 30, **kwargs) -> Summary | None:
-    """`run_stage` on `world_size` processes (torchrun's ranks; a torch.distributed barrier).
-
-    Rank r runs the stage over `items_of(start, end)`, its contiguous share of the input
-    shards (`weights`: items per input shard), into OUT/_parts/rank-R-of-W, a stage output of
-    its own that resumes like any other. When every rank is done, rank 0 feeds the parts'
-    results, part after part, through `run_stage` into OUT: the same items, in the same
-    order, with the same results as one process, so OUT (shards, index, manifest,
-    quarantine, stats records) is byte for byte what one process writes, provided `fn`
-    gives an item the same result whatever else is in its model batch (and the stage does
-    not dedup: duplicates would be found per part). The join copies the parts' bytes once
-    (rank 0's I/O, no model work), then deletes OUT/_parts. Returns the summary on rank 0,
-    None on the others.
-    """
-    out = Path(out)
-    check_paths(config.get("inputs", ()), out)
-    listing = input_listing(config.get("inputs", ()))
-    want = {"stage": stage, "config": config, "inputs": listing}
-    try:
-        finished = (out / MANIFEST).is_file() and json.loads((out / STAGE_FILE).read_text()) == want
-    except (OSError, ValueError):
-        finished = False
-    parts = [out / PARTS / f"rank-{r:05d}-of-{world_size:05d}" for r in range(world_size)]
-    if not finished:  # a rerun of a finished job has nothing to stage: its replay below is empty
-        if rank == 0:  # refuse an OUT of another job now, not after the work
-            with disk_full_resumes(out), exclusive(out):
-                _check_stage_file(out, stage, config, listing, overwrite)
-        start, end = split_shares(weights, world_size)[rank]
-        run_stage(stage, items_of(start, end), fn, parts[rank], progress=progress and rank == 0, max_count=max_count,
-                  max_size=max_size,
-                  config={**config, "rank": rank, "world_size": world_size, "share": [start, end]},
-                  overwrite=overwrite, max_error_rate=1.0, **kwargs)
-    _barrier()
-    if rank != 0:
-        return None
-    joined = (item for part in ([] if finished else parts) for item in _part_results(part))
-    summary = run_stage(stage, joined, lambda results: results, out, config=config, total=total, progress=False,
-                        overwrite=overwrite, max_error_rate=max_error_rate, max_count=max_count, max_size=max_size)
-    import shutil
-
-    shutil.rmtree(out / PARTS, ignore_errors=True)  # our own staging area: every part is in OUT now
-    return summary
-
-
-def _barrier() -> None:
-    import datetime
-
-    import torch.distributed as dist
-
-    ours = not dist.is_initialized()
-    if ours:  # torchrun's env:// rendezvous; gloo runs on CPU-only machines too
-        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))  # shares may take hours
-    dist.barrier()
-    if ours:
-        dist.destroy_process_group()
-
-
-def _part_results(part: Path) -> Iterator[Item]:
-    """A finished part's results, item by item in its input order, as run_stage emitted them."""
-    from mmtok.shards import read_jsonl
-
-    n = json.loads((part / MANIFEST).read_text())["totals"]["inputs"]
-    samples: dict[int, list] = collections.defaultdict(list)
-    for p in (part / STATS_DIR).glob("*.json"):
-        st = json.loads(p.read_text())
-        for row in st["index"]:
-            samples[row["_item"][0]].append((row["_item"][1], st["name"], row))
-    quarantined: dict[int, list] = collections.defaultdict(list)
-    for rec in read_jsonl(part / QUARANTINE) if (part / QUARANTINE).exists() else []:
-        quarantined[rec["index"]].append(Quarantined(rec["input"], rec["reason"], rec.get("counts", True)))
-    with contextlib.ExitStack() as stack:
-        files: dict[str, Any] = {}
-        for i in range(n):
-            results = []
-            for _, shard, row in sorted(samples.pop(i, []), key=lambda t: t[0]):
-                if shard not in files:
-                    files[shard] = stack.enter_context(open(part / shard, "rb"))
-                f, members = files[shard], {}
-                for m in sorted(row["members"], key=lambda m: m["offset"]):  # the order they were written in
-                    f.seek(m["offset"])
-                    members[m["ext"]] = f.read(m["size"])
-                meta = json.loads(members.pop("json"))
-                results.append(Sample(row["key"], row["group"], members, meta,
-                                      {k: v for k, v in row.items() if k not in _INDEX_COLUMNS}))
-            yield Item(f"{part.name}:{i}", results + quarantined.pop(i, []))
-
 
 def _finish(out: Path, stage: str, config: dict, finished: list[dict], summary: Summary) -> None:
     import pyarrow as pa
@@ -791,63 +406,3 @@ def _finish(out: Path, stage: str, config: dict, finished: list[dict], summary: 
         },
     }
     atomic_write(out / MANIFEST, json.dumps(manifest, sort_keys=True, indent=1).encode())
-
-
-class _NoBar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-    def advance(self):
-        pass
-
-
-class _Bar(_NoBar):
-    def __init__(self, stage, total, done, count=None):
-        import threading
-
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        # stderr, so that `--json` output on stdout stays machine-readable
-        self.p = Progress(TextColumn(f"[bold]{stage}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          TimeRemainingColumn(), console=Console(stderr=True))
-        self.task = self.p.add_task(stage, total=total, completed=done)
-        self.stop = threading.Event()
-        self.counter = threading.Thread(target=self._count, args=(count,), daemon=True) if count is not None else None
-
-    def _count(self, items) -> None:
-        n = 0
-        try:
-            for _ in items:
-                if self.stop.is_set():
-                    return
-                n += 1
-        except Exception:  # the work reads the same inputs and reports what is wrong with them
-            return
-        self.p.update(self.task, total=n)
-
-    def __enter__(self):
-        self.p.start()
-        if self.counter is not None:
-            self.counter.start()
-        return self
-
-    def __exit__(self, exc_type, *a):
-        if self.counter is not None:
-            if exc_type is not None:
-                self.stop.set()
-            self.counter.join()  # after the work the count is done, or nearly: the bar ends on its true total
-        self.p.stop()
-        return False
-
-    def advance(self):
-        self.p.advance(self.task)
-
-
-def progress_bar(stage, total, done, enabled, count=None):
-    """A rich progress bar for a stage (a no-op when disabled): `advance()` per item done.
-    `count`: where `total` is None, an iterable counted in a thread to find it."""
-    return _Bar(stage, total, done, count) if enabled else _NoBar()

@@ -5,7 +5,7 @@ and `quarantine.jsonl` (see docs/FORMATS.md). Every sample in one group has the 
 member names, so stock readers (webdataset, Hugging Face `datasets`) open each group.
 
 Reading never unpickles and never uses a member name as a path: members come back as
-raw bytes keyed by their extension.
+raw bytes keyed by their extension. The writer (`ShardWriter`) lives in mmtok.shardwriter.
 """
 
 from __future__ import annotations
@@ -18,22 +18,32 @@ import io
 import json
 import lzma
 import os
-import queue
 import re
 import tarfile
-import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
+
+from mmtok.fs import RemotePath, as_location, read_parquet, read_range
 
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
 QUARANTINE = "quarantine.jsonl"
+STAGE_FILE = "_stage.json"  # the job record a stage keeps in its OUT (mmtok.runner writes it)
 SHARD_RE = re.compile(r"^(?P<group>[a-z0-9_-]+?)-(?P<num>\d{6})\.tar$")
 TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-\d+$")  # what `temp_path` names
 # Extensions a reader must never hand to a decoder that unpickles.
 PICKLE_EXTS = {"pyd", "pickle", "pkl", "pth", "pt", "ckpt"}
+
+
+def is_stage_output(names: Iterable[str]) -> bool:
+    """Whether a directory holding `names` is an mmtok stage's output: it has a stage's job
+    record, or a finished shard set (manifest, index and shards). The one rule for "this is
+    our own output": its records are bookkeeping, never input, and it is fingerprinted by
+    its manifest, index and shards."""
+    names = set(names)
+    return STAGE_FILE in names or (MANIFEST in names and INDEX in names and any(map(SHARD_RE.match, names)))
 
 
 class ShardError(Exception):
@@ -88,65 +98,6 @@ def printable(name: str) -> str:
         return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a lone surrogate that no file system byte made
         return name.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-@dataclass
-class MemberLoc:
-    offset: int  # byte offset of the member's data in the tar file
-    size: int
-
-
-class ShardWriter:
-    """Writes one tar with fixed metadata so the bytes depend only on the content.
-
-    Headers come from tarfile; data is written directly (one write per member) and the
-    file's sha256 is computed on the way, so the shard is never read back. The hashing
-    runs in a thread (hashlib releases the GIL), beside the writing; its queue is bounded,
-    so a slow hash never makes the writer hold more than a few members in memory.
-    """
-
-    QUEUED = 8  # chunks waiting for the hasher at most
-
-    def __init__(self, fileobj):
-        self._f = fileobj
-        self.offset = 0
-        self.sha256 = hashlib.sha256()
-        self._chunks: queue.Queue = queue.Queue(self.QUEUED)
-        self._hasher = threading.Thread(target=self._hash, daemon=True)
-        self._hasher.start()
-
-    def _hash(self) -> None:
-        while (chunk := self._chunks.get()) is not None:
-            self.sha256.update(chunk)
-
-    def _write(self, data: bytes) -> None:
-        self._f.write(data)
-        self._chunks.put(data)
-        self.offset += len(data)
-
-    def add(self, key: str, members: dict[str, bytes]) -> dict[str, MemberLoc]:
-        locs = {}
-        for ext in sorted(members):
-            data = members[ext]
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._write(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
-            locs[ext] = MemberLoc(self.offset, len(data))
-            self._write(data)
-            if len(data) % 512:
-                self._write(b"\0" * (512 - len(data) % 512))
-        return locs
-
-    def close(self) -> None:
-        # end-of-archive: two zero blocks, padded to tarfile's 10 KiB record size
-        end = self.offset + 1024
-        self._write(b"\0" * (1024 + (-end) % tarfile.RECORDSIZE))
-        self._chunks.put(None)
-        self._hasher.join()
 
 
 @dataclass
@@ -215,7 +166,7 @@ def iter_tar(path: str | Path, fileobj=None, *, max_member_bytes: int | None = N
     member, tar = "", None  # the member whose data is being read
     try:
         with contextlib.ExitStack() as stack:
-            raw = fileobj if fileobj is not None else stack.enter_context(open(path, "rb"))
+            raw = fileobj if fileobj is not None else stack.enter_context(as_location(path).open("rb"))
             data_stream = _decompressed(raw)
             if data_stream is not raw:
                 stack.callback(data_stream.close)
@@ -282,8 +233,8 @@ def group_samples(members: Iterator) -> Iterator[tuple[str, dict[str, bytes]] | 
         yield cur_key, cur
 
 
-def list_shards(directory: str | Path) -> list[Path]:
-    d = Path(directory)
+def list_shards(directory: str | Path) -> list[Path | RemotePath]:
+    d = as_location(directory)
     if not d.is_dir():
         raise ShardError(f"{d}: not a directory")
     return sorted(p for p in d.iterdir() if SHARD_RE.match(p.name))
@@ -300,7 +251,7 @@ def read_json(path: str | Path) -> dict:
     """A JSON object file (a run's config.json, train_state.json, ...); a damaged one is
     refused naming the file."""
     try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+        obj = json.loads(as_location(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{path}: corrupt JSON ({e}); restore it, or rerun the command that wrote it") from None
     if not isinstance(obj, dict):
@@ -312,7 +263,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
     """The records of a JSON-lines log (metrics.jsonl, quarantine.jsonl); a line that is not a
     JSON object is refused naming the file and line."""
     out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with as_location(path).open("r", encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -327,16 +278,23 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return out
 
 
-def load_manifest(directory: str | Path) -> dict:
-    path = Path(directory) / MANIFEST
+def read_record(directory, name: str, missing: str, not_a_dir: str, what: str) -> tuple[dict, object]:
+    """`directory/name` parsed as JSON, and its location; a missing file, a file given for the
+    directory and bad JSON are each one ShardError naming the input."""
+    path = as_location(directory) / name
     try:
-        manifest = json.loads(path.read_text())
+        return json.loads(path.read_text()), path
     except FileNotFoundError:
-        raise ShardError(f"{directory}: no {MANIFEST}; is this a finished mmtok shard directory?") from None
+        raise ShardError(f"{directory}: no {name}; {missing}") from None
     except NotADirectoryError:
-        raise ShardError(f"{directory}: a file, not a shard directory") from None
+        raise ShardError(f"{directory}: a file, not {not_a_dir}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ShardError(f"{path}: corrupt manifest ({e})") from e
+        raise ShardError(f"{path}: corrupt {what} ({e})") from None
+
+
+def load_manifest(directory: str | Path) -> dict:
+    manifest, path = read_record(directory, MANIFEST, "is this a finished mmtok shard directory?",
+                                 "a shard directory", "manifest")
     require_keys(manifest, ("stage", "shards", "totals"), path)
     if not isinstance(manifest["shards"], list):
         raise ShardError(f"{path}: `shards` is not a list; restore the file, or rerun the command that wrote it")
@@ -354,16 +312,16 @@ class ShardReader:
     byte offsets kept in `index.parquet`.
     """
 
-    directory: Path
+    directory: Path | RemotePath  # a str is taken as a local path or an fsspec URL
     groups: tuple[str, ...] | None = None
     _index: dict | None = field(default=None, repr=False)
 
     def __post_init__(self):
-        self.directory = Path(self.directory)
+        self.directory = as_location(self.directory)
         self.manifest = load_manifest(self.directory)
 
     @property
-    def shards(self) -> list[Path]:
+    def shards(self) -> list[Path | RemotePath]:
         names = [s["name"] for s in self.manifest["shards"]]
         if self.groups is not None:
             names = [n for n in names if SHARD_RE.match(n)["group"] in self.groups]
@@ -373,10 +331,12 @@ class ShardReader:
         """Fail early, naming the shard, when a listed shard is missing or has the wrong size."""
         for s in self.manifest["shards"]:
             p = self.directory / s["name"]
-            if not p.exists():
-                raise ShardError(f"{p}: listed in the manifest but missing")
-            if p.stat().st_size != s["bytes"]:
-                raise ShardError(f"{p}: {p.stat().st_size} bytes on disk, manifest says {s['bytes']} (corrupt or truncated)")
+            try:
+                size = p.stat().st_size  # one request per shard where the directory is remote
+            except FileNotFoundError:
+                raise ShardError(f"{p}: listed in the manifest but missing") from None
+            if size != s["bytes"]:
+                raise ShardError(f"{p}: {size} bytes on disk, manifest says {s['bytes']} (corrupt or truncated)")
 
     def __iter__(self) -> Iterator[ShardSample]:
         return self.iter_samples()
@@ -392,10 +352,8 @@ class ShardReader:
 
     def index(self):
         """The per-sample index as a pyarrow Table."""
-        import pyarrow.parquet as pq
-
         if self._index is None:
-            self._index = pq.read_table(self.directory / INDEX)
+            self._index = read_parquet(self.directory / INDEX)
         return self._index
 
     def lookup(self) -> dict[str, tuple[str, dict]]:
@@ -404,9 +362,7 @@ class ShardReader:
         return {r["key"]: (r["shard"], {m["ext"]: (m["offset"], m["size"]) for m in r["members"]}) for r in t}
 
     def read_member(self, shard: str, offset: int, size: int) -> bytes:
-        with open(self.directory / shard, "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
+        data = read_range(self.directory / shard, offset, size)
         if len(data) != size:
             raise ShardError(f"{self.directory / shard}: truncated at offset {offset}")
         return data

@@ -1,218 +1,39 @@
-"""Unified tokenization: a tokenizer directory as a library object, and the
-`tokenize-images`, `tokenize` and `detokenize` stages.
+"""The `tokenize-images`, `tokenize` and `detokenize` stages (the Tokenizer itself is in
+mmtok/tokenizer.py, re-exported here).
 
-A document becomes one 1-D uint32 array of unified ids (see mmtok/vocab.py):
-text pieces, image blocks `<boi>` + codes + `<eoi>`, and a final `<eod>`.
+Each stage is a picklable class (mmtok.runner.Stage): `items(start, end)` lists its input
+samples, `__call__` prepares one in a worker (decode, preprocess, text ids) and `batch`
+encodes a batch of them in this process (the VQ). Input samples are found through each
+input directory's index.parquet and read by offset: an image's `image_sha256` column
+(written by `mmtok shard` and `extract-keyframes`) is the key its codes are joined by, so
+no image is re-hashed, tokenize-images never opens a text shard, and tokenize never reads an
+image whose codes it already has. A directory whose index has no such column (made before
+it) is streamed tar by tar and its images hashed, as before.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
-from mmtok.locks import exclusive
-from mmtok.runner import (Item, Quarantined, Sample, StageError, Summary, check_paths, disk_full_resumes, progress_bar,
-                          run_stage, run_stage_ranks)
-from mmtok.shards import (MANIFEST, ShardError, ShardReader, ShardSample, atomic_write, content_hash, group_samples,
-                          iter_tar, load_manifest, load_npy, npy_bytes)
-from mmtok.shards import naming, remove_temps
-from mmtok.vocab import VOCAB_FILE, Vocab, VocabError
+from mmtok.ranks import run_stage_ranks
+from mmtok.runner import Item, Quarantined, Sample, Summary, run_stage
+from mmtok.fs import absolute, as_location
+from mmtok.shards import (ShardError, ShardReader, content_hash, group_samples, iter_tar, load_manifest, load_npy,
+                          npy_bytes)
+from mmtok.tokenizer import IMAGE_EXTS, Tokenizer  # noqa: F401 (re-exported: callers import them here)
+from mmtok.vocab import VocabError
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff")
-
-
-def image_alone(members: dict[str, bytes]) -> dict[str, bytes] | None:
-    """A sample's image member as `{ext: bytes}`. Its `content_hash` names the image: the
-    `sha256` of a stand-alone image sample, a document's image reference, `image_sha256`."""
-    return next(({e: members[e]} for e in IMAGE_EXTS if e in members), None)
+IMAGE_SHA256 = "image_sha256"  # index column: the image's own content_hash, its codes' join key
 
 
-class Tokenizer:
-    """A tokenizer directory loaded once: BPE + vocabulary (+ the VQ, loaded on first use)."""
-
-    def __init__(self, tokdir: str | Path, device: str | None = None):
-        import sentencepiece as spm
-
-        self.dir = Path(tokdir)
-        if not self.dir.is_dir():
-            raise FileNotFoundError(f"{tokdir}: tokenizer directory not found; make one with `mmtok train-bpe`")
-        self.vocab = Vocab.load(self.dir)
-        model = self.dir / self.vocab.text_model
-        if not model.exists():
-            raise VocabError(f"{self.dir}: {VOCAB_FILE} names {self.vocab.text_model}, which is missing")
-        self.device = device
-        self._vq = None
-        v = self.vocab
-        self.boi, self.eoi, self.eod = v["<boi>"], v["<eoi>"], v["<eod>"]
-        self.sp = self.hf = None
-        if v.text_tokenizer:  # an imported tokenizer's own text model (mmtok.chameleon)
-            from mmtok.chameleon import HFText
-
-            self.hf = HFText(model, v)
-            return
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(model))
-        except (RuntimeError, OSError) as e:
-            raise VocabError(f"{model}: not a SentencePiece model ({e})") from None
-        if self.sp.get_piece_size() != self.vocab.n_text:
-            raise VocabError(f"{model} has {self.sp.get_piece_size()} pieces but {VOCAB_FILE} reserves "
-                             f"{self.vocab.n_text} text ids: the files come from different vocabularies")
-
-    @classmethod
-    def load(cls, tokdir: str | Path, device: str | None = None) -> "Tokenizer":
-        return cls(tokdir, device)
-
-    @property
-    def has_vq(self) -> bool:
-        from mmtok.vq import CONFIG, WEIGHTS
-
-        return (self.dir / WEIGHTS).exists() and (self.dir / CONFIG).exists()
-
-    @property
-    def vq(self):
-        """The VQ model, checked against the vocabulary on first use."""
-        if self._vq is None:
-            import torch
-
-            from mmtok.vq import load_vq
-
-            device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            vq = load_vq(self.dir, device)
-            if vq.cfg.codebook_size != self.vocab.n_image_codes or vq.cfg.tokens_per_image != self.vocab.image_tokens_per_image:
-                raise VocabError(f"{self.dir}: the VQ (codebook {vq.cfg.codebook_size}, {vq.cfg.tokens_per_image} codes "
-                                 f"per image) does not match {VOCAB_FILE} ({self.vocab.n_image_codes} image codes, "
-                                 f"{self.vocab.image_tokens_per_image} per image): retrain one of them")
-            self._vq = vq
-        return self._vq
-
-    @property
-    def resolution(self) -> int:
-        return self.vq.cfg.resolution
-
-    def fingerprint(self) -> str:
-        """A hash of what decides the ids (the files, and the image preprocessing's version);
-        output directories record it."""
-        from mmtok.vq import PREPROCESSING
-
-        h = hashlib.sha256(f"preprocessing {PREPROCESSING}\0".encode())
-        for name in (VOCAB_FILE, self.vocab.text_model, "vq.json", "vq.safetensors"):
-            p = self.dir / name
-            if p.exists():
-                h.update(name.encode() + b"\0" + p.read_bytes())
-        return h.hexdigest()
-
-    # ------------------------------------------------------------ text
-
-    def encode_text(self, text: str) -> np.ndarray:
-        if self.hf is not None:
-            return self.hf.encode(text)
-        return np.asarray(self.sp.encode(text), dtype=np.uint32) + self.vocab.n_specials
-
-    def decode_text(self, ids) -> str:
-        """Text ids back to a string; ids outside the text range are skipped."""
-        lo, hi = self.vocab.text_range
-        if self.hf is not None:
-            return self.hf.decode([i for i in ids if lo <= i < hi])
-        return self.sp.decode([int(i) - lo for i in ids if lo <= i < hi])
-
-    # ------------------------------------------------------------ images
-
-    def preprocess(self, data: bytes) -> np.ndarray:
-        """Encoded image -> uint8 [3, R, R] (the VQ's own preprocessing: mmtok.vq.load_image, or
-        an imported VQ's); raises on bad or huge images."""
-        return self.vq.preprocess(data)
-
-    def encode_images(self, images: np.ndarray | list, batch_size: int = 32) -> np.ndarray:
-        """Preprocessed images [N, 3, R, R] (or encoded image bytes) -> codes [N, tokens_per_image].
-        uint8 pixels from `preprocess` are scaled on the device (the VQ's `scale`: to [-1, 1]
-        for mmtok's); float images are taken as already scaled. On CUDA the encoder runs under
-        bf16 autocast."""
-        import torch
-
-        if isinstance(images, list):
-            images = np.stack([self.preprocess(b) if isinstance(b, bytes) else b for b in images])
-        dev = next(self.vq.parameters()).device
-        out = []
-        for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(images[i:i + batch_size]).to(dev)
-            x = self.vq.scale(x) if x.dtype == torch.uint8 else x
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                out.append(self.vq.encode(x).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.vocab.image_tokens_per_image), np.int64)
-
-    def image_block(self, codes: np.ndarray) -> np.ndarray:
-        return np.concatenate([[self.boi], np.asarray(codes, np.uint32) + self.vocab.image_range[0], [self.eoi]]).astype(np.uint32)
-
-    def decode_images(self, codes: np.ndarray) -> list:
-        """Codes [N, tokens_per_image] -> PIL images."""
-        import torch
-
-        from mmtok.vq import to_pil
-
-        dev = next(self.vq.parameters()).device
-        with torch.no_grad():
-            imgs = self.vq.decode(torch.as_tensor(np.asarray(codes, np.int64), device=dev))
-        return [to_pil(im) for im in imgs]
-
-    # ------------------------------------------------------------ interleaved content
-
-    def encode(self, segments: list) -> np.ndarray:
-        """[str | encoded image bytes | PIL image, ...] -> one document's ids, ending in <eod>."""
-        parts: list = []
-        for s in segments:
-            if isinstance(s, str):
-                parts.append(self.encode_text(s))
-            else:
-                if not isinstance(s, bytes):  # a PIL image
-                    buf = io.BytesIO()
-                    s.save(buf, format="PNG")
-                    s = buf.getvalue()
-                parts.append(self.image_block(self.encode_images([s])[0]))
-        return np.concatenate(parts + [np.asarray([self.eod], np.uint32)]).astype(np.uint32)
-
-    def split(self, ids) -> list[tuple[str, np.ndarray]]:
-        """Ids -> [("text", text ids) | ("image", codes)], dropping <eod>/<pad>. Raises
-        ValueError on a malformed image block."""
-        ids = np.asarray(ids, dtype=np.int64)
-        v, n = self.vocab, self.vocab.image_tokens_per_image
-        out, i, text = [], 0, []
-        while i < len(ids):
-            t = ids[i]
-            if t == self.boi:
-                if text:
-                    out.append(("text", np.asarray(text)))
-                    text = []
-                block = ids[i + 1:i + 1 + n]
-                if len(block) != n or not v.is_image(block).all() or i + 1 + n >= len(ids) or ids[i + 1 + n] != self.eoi:
-                    raise ValueError(f"malformed image block at position {i}: expected <boi> + {n} image codes + <eoi>")
-                out.append(("image", block - v.image_range[0]))
-                i += n + 2
-                continue
-            if v.is_image(t) or t == self.eoi:
-                raise ValueError(f"image token {int(t)} outside an image block at position {i}")
-            text.append(t)
-            i += 1
-        if text:
-            out.append(("text", np.asarray(text)))
-        return out
-
-    def decode(self, ids) -> list:
-        """Ids -> [str | PIL image] in order."""
-        parts = self.split(ids)
-        codes = [c for kind, c in parts if kind == "image"]
-        images = iter(self.decode_images(np.stack(codes)) if codes else [])
-        return [self.decode_text(c) if kind == "text" else next(images) for kind, c in parts]
-
-
-# ---------------------------------------------------------------- stages
+# ---------------------------------------------------------------- reading the inputs
 
 def _group(shard_name: str) -> str:
     return shard_name.rsplit("-", 1)[0]
@@ -223,7 +44,7 @@ def _keyed(dirs: list, i: int, key: str) -> str:
 
 
 def _paths(dirs: list) -> list[str]:
-    return [str(Path(d).resolve()) for d in dirs]
+    return [absolute(d) for d in dirs]
 
 
 def _input_shards(shard_dirs: list) -> list[tuple[int, str | Path, dict]]:
@@ -232,35 +53,165 @@ def _input_shards(shard_dirs: list) -> list[tuple[int, str | Path, dict]]:
     return [(i, d, rec) for i, d in enumerate(shard_dirs) for rec in load_manifest(d)["shards"]]
 
 
-def _samples(shard_dirs: list, start: int = 0, end: int | None = None) -> Iterator[tuple[int, str | Path, ShardSample]]:
-    """(directory position, directory, sample) of the input shards `start:end`, in order."""
+@dataclass
+class InputSample:
+    """One input sample as a stage sees it: its members are read on demand (`read`), by
+    offset where the index locates them, else from the tar stream that held it."""
+
+    dir_pos: int  # the position of its directory among the inputs
+    directory: str | Path
+    shard: str
+    key: str
+    exts: tuple[str, ...]
+    image_sha256: str | None = None  # from the index; None where the index has no column
+    _locate: dict = field(default_factory=dict, repr=False)  # ext -> (offset, size) in `shard`
+    _reader: ShardReader | None = field(default=None, repr=False)
+    _members: dict | None = field(default=None, repr=False)  # the streamed sample's members
+
+    @property
+    def name(self) -> str:
+        return f"{self.directory}/{self.shard}:{self.key}"
+
+    def read(self, *exts: str) -> dict[str, bytes]:
+        """The members named (those the sample has), in one read of the span they cover."""
+        if self._members is not None:
+            return {e: self._members[e] for e in exts if e in self._members}
+        locs = {e: self._locate[e] for e in exts if e in self._locate}
+        if not locs:
+            return {}
+        lo = min(o for o, _ in locs.values())
+        hi = max(o + n for o, n in locs.values())
+        span = self._reader.read_member(self.shard, lo, hi - lo)
+        return {e: span[o - lo:o - lo + n] for e, (o, n) in locs.items()}
+
+    def image_ext(self) -> str | None:
+        return next((e for e in IMAGE_EXTS if e in self.exts), None)
+
+    def image(self) -> dict[str, bytes] | None:
+        """The image member as `{ext: bytes}` (image_alone's choice), or None."""
+        ext = self.image_ext()
+        return None if ext is None else self.read(ext)
+
+
+def _indexed(reader: ShardReader) -> dict[str, list[dict]] | None:
+    """The index rows of each shard in write order, or None for an index without the
+    image_sha256 column (a directory written before it): that one is streamed."""
+    index = reader.index()
+    if IMAGE_SHA256 not in index.column_names:
+        return None
+    rows: dict[str, list[dict]] = {}
+    for r in index.select(["key", "shard", "members", IMAGE_SHA256]).to_pylist():
+        rows.setdefault(r["shard"], []).append(r)
+    for shard_rows in rows.values():
+        shard_rows.sort(key=lambda r: min((m["offset"] for m in r["members"]), default=0))
+    return rows
+
+
+def input_samples(shard_dirs: list, reads: Callable[[str], bool], start: int = 0,
+                  end: int | None = None) -> Iterator[InputSample]:
+    """The samples of the input shards `start:end` (of `_input_shards`) whose group `reads`
+    accepts, in input order: by index where it has the image_sha256 column, else streamed."""
+    readers: dict[int, tuple[ShardReader, dict | None]] = {}
     for i, d, rec in _input_shards(shard_dirs)[start:end]:
-        for item in group_samples(iter_tar(Path(d) / rec["name"])):
-            if len(item) == 2:
-                yield i, d, ShardSample(item[0], item[1], rec["name"])
+        if not reads(_group(rec["name"])):
+            continue
+        if i not in readers:
+            reader = ShardReader(d)
+            readers[i] = (reader, _indexed(reader))
+        reader, rows = readers[i]
+        if rows is None:
+            for item in group_samples(iter_tar(as_location(d) / rec["name"])):
+                if len(item) == 2:
+                    yield InputSample(i, d, rec["name"], item[0], tuple(item[1]), _members=item[1])
+            continue
+        for r in rows.get(rec["name"], []):
+            locate = {m["ext"]: (m["offset"], m["size"]) for m in r["members"]}
+            yield InputSample(i, d, rec["name"], r["key"], tuple(locate), r[IMAGE_SHA256], locate, reader)
 
 
-def image_items(shard_dirs: list[str | Path], start: int = 0, end: int | None = None) -> Iterator[Item]:
-    """One item per image or image-caption pair in the directories (in input shards `start:end`)."""
-    for i, d, s in _samples(shard_dirs, start, end):
-        image = image_alone(s.members)
-        if image is not None:
-            yield Item(f"{d}/{s.shard}:{s.key}", (_keyed(shard_dirs, i, s.key), image))
-
-
-def _run(stage: str, shard_dirs: list, items_of, fn, out, *, reads, rank: int, world_size: int, **kwargs) -> Summary:
-    """run_stage over every input shard, or over this rank's share when `world_size` > 1
-    (`run_stage_ranks`: rank 0 then joins the shares into the output one process writes).
-    `reads(group)`: whether the stage reads that group's samples (the shares' weights)."""
-    if world_size == 1:
-        return run_stage(stage, items_of(0, None), fn, out, **kwargs)
-    weights = [rec["samples"] if reads(_group(rec["name"])) else 0 for _, _, rec in _input_shards(shard_dirs)]
-    return run_stage_ranks(stage, items_of, fn, out, weights=weights, rank=rank, world_size=world_size, **kwargs)
+def _image_group(group: str) -> bool:
+    return group.startswith(("image-", "pair-"))
 
 
 def world() -> tuple[int, int]:
     """(rank, world size) from torchrun's environment; (0, 1) outside torchrun."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _run(stage, shard_dirs: list, out, *, rank: int, world_size: int, **kwargs) -> Summary | None:
+    """run_stage over every input shard, or over this rank's share when `world_size` > 1
+    (`run_stage_ranks`: rank 0 then joins the shares into the output one process writes)."""
+    common = dict(config=stage.config, batch_fn=stage.batch, batch_size=stage.batch_size, **kwargs)
+    if world_size == 1:
+        return run_stage(stage.name, stage.items(0, None), stage, out, **common)
+    weights = [rec["samples"] if stage.reads(_group(rec["name"])) else 0 for _, _, rec in _input_shards(shard_dirs)]
+    return run_stage_ranks(stage.name, stage.items, stage, out, weights=weights, rank=rank, world_size=world_size,
+                           **common)
+
+
+# ---------------------------------------------------------------- tokenize-images
+
+@dataclass
+class ImageInput:
+    """A tokenize-images item: an image (`{ext: bytes}`) and its hash (None: hash it)."""
+
+    key: str
+    image: dict[str, bytes]
+    image_sha256: str | None = None
+
+
+@dataclass
+class _Pixels:
+    key: str
+    image_sha256: str
+    pixels: np.ndarray
+
+
+def image_items(shard_dirs: list[str | Path], start: int = 0, end: int | None = None) -> Iterator[Item]:
+    """One item per image or image-caption pair in the directories (in input shards `start:end`)."""
+    for s in input_samples(shard_dirs, _image_group, start, end):
+        image = s.image()
+        if image is not None:
+            yield Item(s.name, ImageInput(_keyed(shard_dirs, s.dir_pos, s.key), image, s.image_sha256))
+
+
+class ImageCodes:
+    """The tokenize-images stage: codes of every image, group `codes`, member `npy`."""
+
+    name = "tokenize-images"
+
+    def __init__(self, shard_dirs: list, tok: Tokenizer, batch_size: int = 32):
+        self.shard_dirs, self.tok, self.batch_size = list(shard_dirs), tok, batch_size
+        self.dtype = np.uint16 if tok.vocab.n_image_codes <= 1 << 16 else np.uint32
+        self.grid = tok.vq.cfg.grid
+        self.config = {"tokenizer": tok.fingerprint(), "resolution": tok.resolution, "inputs": _paths(shard_dirs),
+                       "vocab": tok.vocab.to_dict()}
+
+    reads = staticmethod(_image_group)
+
+    def items(self, start: int = 0, end: int | None = None) -> Iterator[Item]:
+        return image_items(self.shard_dirs, start, end)
+
+    def total(self) -> int:
+        return sum(r["samples"] for _, _, r in _input_shards(self.shard_dirs) if self.reads(_group(r["name"])))
+
+    def __call__(self, item: ImageInput) -> _Pixels | Quarantined:
+        try:
+            pixels = self.tok.preprocess(next(iter(item.image.values())))
+        except Exception as e:  # any decoder failure is a bad input
+            return Quarantined("", f"image does not decode ({type(e).__name__}: {e})")
+        return _Pixels(item.key, item.image_sha256 or content_hash(item.image), pixels)
+
+    def batch(self, values: list[_Pixels]) -> list[list[Sample]]:
+        codes = self.tok.encode_images(np.stack([v.pixels for v in values]), self.batch_size)
+        out = []
+        for v, c in zip(values, codes):
+            payload = npy_bytes(c.astype(self.dtype))
+            meta = {"modality": "image_codes", "source": v.key, IMAGE_SHA256: v.image_sha256,
+                    "grid": [self.grid, self.grid], "sha256": content_hash({"npy": payload})}
+            out.append([Sample(v.key, "codes", {"npy": payload}, meta,
+                               {IMAGE_SHA256: v.image_sha256, "source_key": v.key})])
+        return out
 
 
 def tokenize_images(shard_dirs: list[str | Path], tok: Tokenizer, out: str | Path, *, batch_size: int = 32,
@@ -269,35 +220,12 @@ def tokenize_images(shard_dirs: list[str | Path], tok: Tokenizer, out: str | Pat
     """Encode every image into its VQ codes: group `codes`, member `npy` (uint16 [tokens_per_image]).
     With `world_size` > 1 (torchrun ranks) each rank encodes its share of the input shards;
     the output is the one-process output, returned by rank 0 (None on the others)."""
-    res = tok.resolution
-    dtype = np.uint16 if tok.vocab.n_image_codes <= 1 << 16 else np.uint32
-    grid = tok.vq.cfg.grid
+    stage = ImageCodes(shard_dirs, tok, batch_size)
+    return _run(stage, shard_dirs, out, rank=rank, world_size=world_size, workers=workers, backend=backend,
+                max_error_rate=max_error_rate, total=stage.total(), progress=progress, overwrite=overwrite)
 
-    def load(payload):
-        key, image = payload
-        try:
-            return key, content_hash(image), tok.preprocess(next(iter(image.values())))
-        except Exception as e:  # any decoder failure is a bad input
-            return Quarantined("", f"image does not decode ({type(e).__name__}: {e})")
 
-    def encode(values):
-        codes = tok.encode_images(np.stack([v[2] for v in values]), batch_size)
-        out = []
-        for (key, image_sha, _), c in zip(values, codes):
-            payload = npy_bytes(c.astype(dtype))
-            meta = {"modality": "image_codes", "source": key, "image_sha256": image_sha, "grid": [grid, grid],
-                    "sha256": content_hash({"npy": payload})}
-            out.append([Sample(key, "codes", {"npy": payload}, meta, {"image_sha256": image_sha, "source_key": key})])
-        return out
-
-    config = {"tokenizer": tok.fingerprint(), "resolution": res, "inputs": _paths(shard_dirs),
-              "vocab": tok.vocab.to_dict()}
-    total = sum(r["samples"] for d in shard_dirs for r in load_manifest(d)["shards"] if _group(r["name"]).startswith(("image-", "pair-")))
-    return _run("tokenize-images", shard_dirs, lambda a, b: image_items(shard_dirs, a, b), load, out,
-                reads=lambda g: g.startswith(("image-", "pair-")), rank=rank, world_size=world_size,
-                config=config, workers=workers, backend=backend, batch_fn=encode, batch_size=batch_size,
-                max_error_rate=max_error_rate, total=total, progress=progress, overwrite=overwrite)
-
+# ---------------------------------------------------------------- tokenize
 
 @dataclass
 class _Image:
@@ -351,14 +279,34 @@ class _Codes:
         return codes
 
 
-def _doc_images(reader: ShardReader) -> dict[str, tuple[str, int, int]]:
-    """sha256 -> (shard, ext, offset, size) of each image sample's image member."""
-    rows = reader.index().select(["sha256", "shard", "members"]).to_pylist()
+@dataclass
+class DocInput:
+    """A tokenize item: one output document, by the modality it gets in the token shards."""
+
+    modality: str  # "text" | "pair" | "image" | "doc"
+    key: str
+    dir_pos: int  # its input directory's position (a doc's images are found in that index)
+    text: bytes = b""
+    image: ImageInput | None = None  # `image.image` is None where its codes are already known
+    segments: object = None  # a doc's `segments`, unchecked (the stage checks them)
+
+
+@dataclass
+class _Prepared:
+    modality: str
+    key: str
+    parts: list  # text ids (np.ndarray) and _Image, in document order
+
+
+def _doc_images(reader: ShardReader) -> dict[str, tuple]:
+    """sha256 -> (shard, ext, offset, size, image_sha256 or None) of each image sample's image member."""
+    index = reader.index()
+    cols = ["sha256", "shard", "members"] + ([IMAGE_SHA256] if IMAGE_SHA256 in index.column_names else [])
     out = {}
-    for r in rows:
+    for r in index.select(cols).to_pylist():
         m = next((m for m in r["members"] if m["ext"] in IMAGE_EXTS), None)
         if m is not None and r["sha256"]:
-            out.setdefault(r["sha256"], (r["shard"], m["ext"], m["offset"], m["size"]))
+            out.setdefault(r["sha256"], (r["shard"], m["ext"], m["offset"], m["size"], r.get(IMAGE_SHA256)))
     return out
 
 
@@ -372,18 +320,138 @@ def _tokenized(group: str) -> bool:
     return group in ("text", "doc") or group.startswith(("pair-", "image-"))
 
 
-def tokenize_items(shard_dirs: list[str | Path], start: int = 0, end: int | None = None) -> Iterator[Item]:
-    """Text, pairs, docs and stand-alone images (in input shards `start:end`)."""
-    for i, d, s in _samples(shard_dirs, start, end):
-        group, name, key = _group(s.shard), f"{d}/{s.shard}:{s.key}", _keyed(shard_dirs, i, s.key)
+def _image_input(s: InputSample, key: str, members: dict[str, bytes]) -> ImageInput | None:
+    ext = s.image_ext()
+    return None if ext is None else ImageInput(key, {ext: members[ext]} if ext in members else None, s.image_sha256)
+
+
+def tokenize_items(shard_dirs: list[str | Path], start: int = 0, end: int | None = None,
+                   known: Callable[[str], bool] | None = None) -> Iterator[Item]:
+    """Text, pairs, docs and stand-alone images (in input shards `start:end`). `known(sha)`:
+    whether the codes of an image are known already; such an image's bytes are not read."""
+    def wanted(s: InputSample) -> tuple[str, ...]:
+        ext = s.image_ext()
+        skip = ext is None or (s.image_sha256 is not None and known is not None and known(s.image_sha256))
+        return () if skip else (ext,)
+
+    for s in input_samples(shard_dirs, _tokenized, start, end):
+        group, key = _group(s.shard), _keyed(shard_dirs, s.dir_pos, s.key)
         if group == "text":
-            yield Item(name, ("text", key, i, s.members.get("txt", b"")))
+            yield Item(s.name, DocInput("text", key, s.dir_pos, text=s.read("txt").get("txt", b"")))
         elif group.startswith("pair-"):
-            yield Item(name, ("pair", key, i, (image_alone(s.members), s.members.get("txt", b""))))
+            m = s.read("txt", *wanted(s))
+            yield Item(s.name, DocInput("pair", key, s.dir_pos, text=m.get("txt", b""), image=_image_input(s, key, m)))
         elif group == "doc":
-            yield Item(name, ("doc", key, i, s.meta.get("segments")))
-        elif group.startswith("image-") and s.meta.get("role") != "doc_image":
-            yield Item(name, ("image", key, i, image_alone(s.members)))
+            raw = s.read("json").get("json")
+            yield Item(s.name, DocInput("doc", key, s.dir_pos, segments=(json.loads(raw) if raw else {}).get("segments")))
+        elif group.startswith("image-"):
+            m = s.read("json", *wanted(s))
+            if (json.loads(m["json"]) if m.get("json") else {}).get("role") != "doc_image":
+                yield Item(s.name, DocInput("image", key, s.dir_pos, image=_image_input(s, key, m)))
+
+
+class Tokenize:
+    """The tokenize stage: token shards, group `tokens`, member `npy` (docs/FORMATS.md)."""
+
+    name = "tokenize"
+    reads = staticmethod(_tokenized)
+
+    def __init__(self, shard_dirs: list, tok: Tokenizer, codes_dirs: list, seed: int = 0, batch_size: int = 32):
+        self.shard_dirs, self.tok, self.seed, self.batch_size = list(shard_dirs), tok, seed, batch_size
+        self.codes = _Codes(codes_dirs, tok) if codes_dirs else None
+        self.readers = [ShardReader(d) for d in shard_dirs]
+        self.doc_images = [_doc_images(r) if any(_group(s["name"]) == "doc" for s in r.manifest["shards"]) else {}
+                           for r in self.readers]
+        if tok.has_vq:
+            _ = tok.vq  # load and check it once, before workers start
+        self.config = {"vocab": tok.vocab.to_dict(), "tokenizer": tok.fingerprint(), "seed": seed,
+                       "inputs": _paths(shard_dirs),
+                       # one directory as a string, as before several were allowed, so earlier outputs resume
+                       "codes": _paths(codes_dirs) if len(codes_dirs) > 1 else _paths(codes_dirs)[0] if codes_dirs else None}
+
+    def items(self, start: int = 0, end: int | None = None) -> Iterator[Item]:
+        known = None if self.codes is None else self.codes.where.__contains__
+        return tokenize_items(self.shard_dirs, start, end, known)
+
+    def total(self) -> int:
+        # stand-alone images are items too (a document's images are not: they go with their document)
+        total = sum(s["samples"] for r in self.readers for s in r.manifest["shards"]
+                    if _group(s["name"]) in ("text", "doc") or _group(s["name"]).startswith("pair-"))
+        return total + sum(_standalone_images(r) for r in self.readers)
+
+    def skipped(self) -> dict:
+        """Samples per group of the modalities tokenize leaves out."""
+        out: dict = {}
+        for r in self.readers:
+            for s in r.manifest["shards"]:
+                if not _tokenized(_group(s["name"])):
+                    out[_group(s["name"])] = out.get(_group(s["name"]), 0) + s["samples"]
+        return out
+
+    def _text(self, raw: bytes) -> np.ndarray:
+        try:
+            return self.tok.encode_text(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise _Bad(f"text is not valid UTF-8 (byte {e.start}: {e.reason})") from None
+
+    def _image(self, image: ImageInput | None) -> _Image:
+        if image is None:
+            raise _Bad("sample has no image member")
+        if not self.tok.has_vq:
+            raise _Bad(f"{self.tok.dir} has no image tokenizer; run `mmtok train-vq` into it first")
+        sha = image.image_sha256 or content_hash(image.image)
+        known = self.codes.get(sha) if self.codes else None
+        if known is not None:
+            return _Image(codes=known)
+        try:
+            return _Image(pixels=self.tok.preprocess(next(iter(image.image.values()))))
+        except Exception as e:  # any decoder failure is a bad input
+            raise _Bad(f"image does not decode ({type(e).__name__}: {e})") from None
+
+    def _doc_part(self, seg: dict, src: int):
+        if "text" in seg:
+            return self.tok.encode_text(seg["text"])
+        loc = self.doc_images[src].get(seg["image"])
+        if loc is None:
+            raise _Bad(f"document image {seg['image']} not found in {self.shard_dirs[src]}/index.parquet")
+        shard, ext, offset, size, sha = loc
+        if sha is not None and self.codes is not None and sha in self.codes.where:
+            return self._image(ImageInput("", None, sha))
+        return self._image(ImageInput("", {ext: self.readers[src].read_member(shard, offset, size)}, sha))
+
+    def __call__(self, d: DocInput) -> _Prepared | Quarantined:
+        try:
+            if d.modality == "text":
+                parts = [self._text(d.text)]
+            elif d.modality == "image":
+                parts = [self._image(d.image)]
+            elif d.modality == "pair":
+                parts = [self._image(d.image), self._text(d.text)]
+                if not pair_image_first(self.seed, d.key):
+                    parts.reverse()
+            else:
+                parts = [self._doc_part(seg, d.dir_pos) for seg in _segments(d.segments)]
+        except _Bad as e:
+            return Quarantined("", str(e))
+        return _Prepared(d.modality, d.key, parts)
+
+    def batch(self, values: list[_Prepared]) -> list[list[Sample]]:
+        tok, v = self.tok, self.tok.vocab
+        pending = [p for x in values for p in x.parts if isinstance(p, _Image) and p.codes is None]
+        if pending:
+            for p, c in zip(pending, tok.encode_images(np.stack([p.pixels for p in pending]), self.batch_size)):
+                p.codes = c
+        out = []
+        for x in values:
+            seq = [tok.image_block(p.codes) if isinstance(p, _Image) else p for p in x.parts]
+            ids = np.concatenate(seq + [np.asarray([tok.eod], np.uint32)]).astype(np.uint32)
+            payload = npy_bytes(ids)
+            n_image = int(v.is_image(ids).sum())
+            counts = {"n_tokens": len(ids), "n_text": len(ids) - n_image, "n_image": n_image}
+            meta = {"modality": x.modality, "source": x.key, **counts,
+                    "images": sum(isinstance(p, _Image) for p in x.parts), "sha256": content_hash({"npy": payload})}
+            out.append([Sample(x.key, "tokens", {"npy": payload}, meta, {**counts, "source_key": x.key})])
+        return out
 
 
 def tokenize(shard_dirs: list[str | Path], tok: Tokenizer, out: str | Path, *,
@@ -395,92 +463,10 @@ def tokenize(shard_dirs: list[str | Path], tok: Tokenizer, out: str | Path, *,
     count of samples of other modalities that were left out. `codes_dir`: one or several
     `tokenize-images` outputs, read where they are. `rank`, `world_size`: as tokenize_images."""
     codes_dirs = [codes_dir] if isinstance(codes_dir, (str, Path)) else list(codes_dir or [])
-    codes = _Codes(codes_dirs, tok) if codes_dirs else None
-    readers = [ShardReader(d) for d in shard_dirs]
-    doc_images = [_doc_images(r) if any(_group(s["name"]) == "doc" for s in r.manifest["shards"]) else {} for r in readers]
-    v = tok.vocab
-    if tok.has_vq:
-        _ = tok.vq  # load and check it once, before workers fork
-
-    def text_of(raw: bytes) -> np.ndarray:
-        try:
-            return tok.encode_text(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise _Bad(f"text is not valid UTF-8 (byte {e.start}: {e.reason})") from None
-
-    def image_of(image: dict[str, bytes] | None) -> _Image:
-        if image is None:
-            raise _Bad("sample has no image member")
-        if not tok.has_vq:
-            raise _Bad(f"{tok.dir} has no image tokenizer; run `mmtok train-vq` into it first")
-        known = codes.get(content_hash(image)) if codes else None
-        if known is not None:
-            return _Image(codes=known)
-        try:
-            return _Image(pixels=tok.preprocess(next(iter(image.values()))))
-        except Exception as e:  # any decoder failure is a bad input
-            raise _Bad(f"image does not decode ({type(e).__name__}: {e})") from None
-
-    def prepare(payload):
-        kind, key, src, body = payload
-        try:
-            if kind == "text":
-                parts = [text_of(body)]
-            elif kind == "image":
-                parts = [image_of(body)]
-            elif kind == "pair":
-                parts = [image_of(body[0]), text_of(body[1])]
-                if not pair_image_first(seed, key):
-                    parts.reverse()
-            else:
-                parts = [_doc_part(seg, src) for seg in _segments(body)]
-        except _Bad as e:
-            return Quarantined("", str(e))
-        return kind, key, parts
-
-    def _doc_part(seg: dict, src: int):
-        if "text" in seg:
-            return tok.encode_text(seg["text"])
-        loc = doc_images[src].get(seg["image"])
-        if loc is None:
-            raise _Bad(f"document image {seg['image']} not found in {shard_dirs[src]}/index.parquet")
-        shard, ext, offset, size = loc
-        return image_of({ext: readers[src].read_member(shard, offset, size)})
-
-    def assemble(values):
-        pending = [p for _, _, parts in values for p in parts if isinstance(p, _Image) and p.codes is None]
-        if pending:
-            for p, c in zip(pending, tok.encode_images(np.stack([p.pixels for p in pending]), batch_size)):
-                p.codes = c
-        out = []
-        for kind, key, parts in values:
-            seq = [tok.image_block(p.codes) if isinstance(p, _Image) else p for p in parts]
-            ids = np.concatenate(seq + [np.asarray([tok.eod], np.uint32)]).astype(np.uint32)
-            payload = npy_bytes(ids)
-            n_image = int(v.is_image(ids).sum())
-            counts = {"n_tokens": len(ids), "n_text": len(ids) - n_image, "n_image": n_image}
-            meta = {"modality": kind, "source": key, **counts, "images": sum(isinstance(p, _Image) for p in parts),
-                    "sha256": content_hash({"npy": payload})}
-            out.append([Sample(key, "tokens", {"npy": payload}, meta, {**counts, "source_key": key})])
-        return out
-
-    skipped: dict = {}
-    for r in readers:
-        for s in r.manifest["shards"]:
-            if not _tokenized(_group(s["name"])):
-                skipped[_group(s["name"])] = skipped.get(_group(s["name"]), 0) + s["samples"]
-    config = {"vocab": v.to_dict(), "tokenizer": tok.fingerprint(), "seed": seed, "inputs": _paths(shard_dirs),
-              # one directory as a string, as before several were allowed, so earlier outputs resume
-              "codes": _paths(codes_dirs) if len(codes_dirs) > 1 else _paths(codes_dirs)[0] if codes_dirs else None}
-    # stand-alone images are items too (a document's images are not: they go with their document)
-    total = sum(s["samples"] for r in readers for s in r.manifest["shards"]
-                if _group(s["name"]) in ("text", "doc") or _group(s["name"]).startswith("pair-"))
-    total += sum(_standalone_images(r) for r in readers)
-    summary = _run("tokenize", shard_dirs, lambda a, b: tokenize_items(shard_dirs, a, b), prepare, out,
-                   reads=_tokenized, rank=rank, world_size=world_size, config=config, workers=workers,
-                   backend=backend, batch_fn=assemble, batch_size=batch_size, max_error_rate=max_error_rate,
-                   total=total, progress=progress, overwrite=overwrite)
-    return summary, skipped
+    stage = Tokenize(shard_dirs, tok, codes_dirs, seed, batch_size)
+    summary = _run(stage, shard_dirs, out, rank=rank, world_size=world_size, workers=workers, backend=backend,
+                   max_error_rate=max_error_rate, total=stage.total(), progress=progress, overwrite=overwrite)
+    return summary, stage.skipped()
 
 
 def _standalone_images(reader: ShardReader) -> int:
@@ -508,116 +494,3 @@ def _segments(segments) -> list[dict]:
     if not isinstance(segments, list) or not all(isinstance(s, dict) and ("text" in s or "image" in s) for s in segments):
         raise _Bad("document json has no valid `segments` list of {text} / {image} entries")
     return segments
-
-
-DETOKENIZE_FILE = "detokenize.json"
-DETOKENIZE_LOG = "detokenize-files.jsonl"  # each document's file names, logged before they are written
-_DOC_FILE = re.compile(r"^[^./][^/]*\.(json|txt|png)$")
-
-
-def _written(out: Path) -> set[str]:
-    """The files detokenize's log says it wrote in `out`: only these are ever replaced or
-    deleted. A line cut short by a crash, or a name that is not a document file, is ignored."""
-    path, names = out / DETOKENIZE_LOG, set()
-    if path.exists():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                names.update(n for n in json.loads(line)["files"] if isinstance(n, str) and _DOC_FILE.match(n))
-            except (ValueError, KeyError, TypeError):
-                continue
-    return names
-
-
-def _detokenize_job(out: Path, job: dict, overwrite: bool) -> set[str]:
-    """Refuse an --out that holds a detokenize output of other tokens or another tokenizer
-    (unless `overwrite`, which deletes the files that job logged, nothing else); record this
-    job there. Returns the names of the files this job wrote before."""
-    path, have = out / DETOKENIZE_FILE, None
-    if path.exists():
-        try:
-            have = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            have = {}
-        differs = [k for k in ("tokens_manifest_sha256", "tokenizer") if have.get(k) != job[k]]
-        if differs:
-            if not overwrite:
-                what = " and ".join({"tokens_manifest_sha256": f"other tokens ({have.get('tokens')})",
-                                     "tokenizer": "another tokenizer"}[k] for k in differs)
-                raise StageError(f"{out} holds a detokenize output made from {what}; "
-                                 "use a new --out directory, or --overwrite to redo it")
-            for name in _written(out):  # the other job's documents
-                (out / name).unlink(missing_ok=True)
-            (out / DETOKENIZE_LOG).unlink(missing_ok=True)
-    written = _written(out)
-    remove_temps(out, lambda n: n in written or n == DETOKENIZE_FILE)  # leftovers of a killed run
-    if have != job:
-        atomic_write(path, json.dumps(job, sort_keys=True, indent=1).encode())
-    return written
-
-
-def detokenize(token_dir: str | Path, tok: Tokenizer, out: str | Path, *, limit: int | None = None,
-               overwrite: bool = False, progress: bool = True) -> dict:
-    """Token shards -> per document `<key>-<n>.png` (its images, through the VQ decoder),
-    `<key>.txt` (its text) and, last, `<key>.json` (segments). A document's file names are
-    logged (DETOKENIZE_LOG) before its files are written, each atomically, `<key>.json`
-    last: a logged `<key>.json` marks a finished document, which a rerun into the same
-    `out` skips (`overwrite` redoes them). A file in the way that the log does not name is
-    someone else's: the run stops rather than replace it."""
-    check_paths([token_dir], out)
-    reader = ShardReader(token_dir)
-    have = reader.manifest.get("config", {}).get("vocab")
-    if reader.manifest.get("stage") != "tokenize" or have is None:
-        raise ValueError(f"{token_dir}: not a `mmtok tokenize` output")
-    if have != tok.vocab.to_dict():
-        raise VocabError(f"{token_dir} was tokenized with a different vocabulary than {tok.dir}")
-    out = Path(out)
-    job = {"format": "mmtok-detokenize/1", "tokens": str(Path(token_dir).resolve()),
-           "tokens_manifest_sha256": hashlib.sha256((Path(token_dir) / MANIFEST).read_bytes()).hexdigest(),
-           "tokenizer": tok.fingerprint()}
-    with disk_full_resumes(out), exclusive(out):
-        return _detokenize_docs(reader, tok, out, _detokenize_job(out, job, overwrite), limit, overwrite, progress)
-
-
-def _detokenize_docs(reader: ShardReader, tok: Tokenizer, out: Path, written: set[str], limit: int | None,
-                     overwrite: bool, progress: bool) -> dict:
-    total = sum(s["samples"] for s in reader.manifest["shards"])
-    total = total if limit is None else min(total, limit)
-    docs = images = skipped = 0
-    with progress_bar("detokenize", total, 0, progress) as bar, open(out / DETOKENIZE_LOG, "a") as log:
-        for s in reader:
-            if docs + skipped >= total:
-                break
-            if not overwrite and f"{s.key}.json" in written and (out / f"{s.key}.json").exists():
-                skipped += 1
-                bar.advance()
-                continue
-            segments, pngs = [], {}
-            for part in tok.decode(load_npy(s.members["npy"])):
-                if isinstance(part, str):
-                    segments.append({"text": part})
-                else:
-                    name = f"{s.key}-{len(pngs)}.png"
-                    buf = io.BytesIO()
-                    part.save(buf, format="PNG")
-                    pngs[name] = buf.getvalue()
-                    segments.append({"image": name})
-            names = [*pngs, f"{s.key}.txt", f"{s.key}.json"]
-            theirs = [n for n in names if n not in written and (out / n).exists()]
-            if theirs:
-                raise StageError(f"{out / theirs[0]} is in the way: detokenize did not write it and will not "
-                                 "replace it; move it elsewhere, or use a new --out")
-            if not written.issuperset(names):
-                with naming(out / DETOKENIZE_LOG):
-                    log.write(json.dumps({"files": names}) + "\n")
-                    log.flush()
-                    os.fsync(log.fileno())
-                written.update(names)
-            for name, data in pngs.items():
-                atomic_write(out / name, data)
-            # bytes, not text mode, so "\r\n" and other control characters come back exactly
-            atomic_write(out / f"{s.key}.txt", "".join(p.get("text", "") for p in segments).encode("utf-8"))
-            atomic_write(out / f"{s.key}.json",
-                         json.dumps({"segments": segments}, ensure_ascii=False, indent=1).encode("utf-8"))
-            docs, images = docs + 1, images + len(pngs)
-            bar.advance()
-    return {"out": str(out), "documents": docs, "images": images, "skipped": skipped}

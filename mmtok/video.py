@@ -216,7 +216,7 @@ def keyframes_stage(payload, opts: FrameOptions) -> list:
         if opts.mode == "scene":
             meta["scene_score"] = None if score is None else round(score, 4)
         out.append(Sample(f"{src.key}_f{i:03d}", "image-jpg", {"jpg": data}, meta,
-                          {"parent": src.key, "timestamp": meta["timestamp"]}))
+                          {"parent": src.key, "timestamp": meta["timestamp"], "image_sha256": meta["sha256"]}))
     return out
 
 

@@ -1,5 +1,5 @@
 """The VQ image tokenizer: preprocessing, encoder, quantizer, decoder (and the training-only
-discriminator and perceptual loss). Reads top to bottom; training lives in vq_train.py.
+discriminator and perceptual loss). Reads top to bottom; training lives in trainer/vq_train.py.
 
 Image -> [-1, 1] tensor -> Encoder (convs, downsample by `downsample`) -> low-dimensional
 latent -> Quantizer (nearest l2-normalised code) -> code grid (resolution/downsample)^2
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmtok.images import MAX_ASPECT, MAX_PIXELS, _to_rgb, _upright, open_image, rgb_image  # noqa: F401 (mmtok.vq's names)
+from mmtok.images import MAX_PIXELS, _to_rgb, _upright, open_image
 
 WEIGHTS = "vq.safetensors"
 CONFIG = "vq.json"

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from momadata import cli, make_plan, metrics, random_batch, tiny
+from helpers.runs import cli, make_plan, metrics, random_batch, tiny
 from mmtok.trainer.export import load_model
 from mmtok.trainer.model import Decoder, is_aux_param
 from mmtok.trainer.moe import ExpertChoice

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from shardgen import draw_image, make_shards, photo
+from helpers.media import draw_image, make_shards, photo
 
 import transformers  # noqa: E402  (the test extra installs the references; no silent skip)
 
-from chameleonref import CODEBOOK, RES, TEXTS, TPI, VQ, save_chameleon, text_tokenizer  # noqa: E402
+from helpers.chameleon import CODEBOOK, RES, TEXTS, TPI, VQ, save_chameleon, text_tokenizer  # noqa: E402
 
 from mmtok.chameleon import ROLES, code_of, image_token_name, import_chameleon  # noqa: E402
 from mmtok.shards import ShardReader, load_npy  # noqa: E402
@@ -231,7 +231,7 @@ def test_cli_start_up_imports_neither_torch_nor_transformers():
 def test_training_into_an_imported_tokenizer_is_refused(chameleon, tmp_path):
     from mmtok.bpe import train_bpe
     from mmtok.vq import VQConfig
-    from mmtok.vq_train import train_vq
+    from mmtok.trainer.vq_train import train_vq
 
     tok = tmp_path / "tok"
     shutil.copytree(chameleon["tok_meta"], tok)

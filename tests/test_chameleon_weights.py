@@ -9,9 +9,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from chameleonref import save_chameleon, text_tokenizer
-from conftest import make_doc, make_token_shards
-from momadata import cli, metrics
+from helpers.chameleon import save_chameleon, text_tokenizer
+from helpers.tokens import make_doc, make_token_shards
+from helpers.runs import cli, metrics
 
 import transformers  # noqa: F401  (the test extra installs the reference; no silent skip)
 
@@ -110,7 +110,7 @@ def _plan(root, vocab: dict):
 
 def test_train_init_from_hf_dense_and_upcycled(hf, tmp_path):
     from mmtok.loader import PlanLoader
-    from mmtok.trainer.export import load_weights
+    from mmtok.trainer.checkpoint import load_weights
 
     src = hf[False]
     import_chameleon(src, tmp_path / "tok")

@@ -20,11 +20,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from momadata import VOCAB, make_plan
+from helpers.runs import VOCAB, make_plan
 from mmtok.cli.app import app
 from mmtok.locks import exclusive
 from mmtok.trainer import checkpoint_io
-from mmtok.trainer.train import SkippedCheckpoint, latest_checkpoint
+from mmtok.trainer.checkpoint import SkippedCheckpoint, latest_checkpoint
 
 # 1t1i: every reader applies (upcycle and the aux-router stage take MoMa runs)
 TRAIN = ["--model", "moma", "--experts", "1t1i", "--lr", "0.01", "--warmup", "2", "--steps", 4, "--ckpt-every", 2, "--json"]
@@ -95,8 +95,8 @@ UNIMOE = dict(vocab_size=VOCAB["vocab_size"], image_range=tuple(VOCAB["image_ran
 def unimoe_run(out):
     """A uni-moe stage's run directory with a real checkpoint (step 0), as `train_stage` writes it."""
     from mmtok.trainer.config import TrainConfig
-    from mmtok.trainer.moma import _LoaderState
-    from mmtok.trainer.train import Checkpointer, build_optimizer
+    from mmtok.trainer.checkpoint import Checkpointer, LoaderState
+    from mmtok.trainer.train import build_optimizer
     from mmtok.trainer.unimoe import UniMoE, UniMoEConfig
     from mmtok.trainer.unimoe_train import UniMoERun
 
@@ -105,7 +105,7 @@ def unimoe_run(out):
     model.set_stage("align")
     out.mkdir()
     (out / "config.json").write_text(json.dumps(cfg.as_dict()))
-    Checkpointer(out, 0, 1).save(0, model, build_optimizer(model, cfg.train), _LoaderState({}), cfg)
+    Checkpointer(out, 0, 1).save(0, model, build_optimizer(model, cfg.train), LoaderState({}), cfg.checkpoint_meta(1))
     return out
 
 
@@ -164,10 +164,44 @@ def test_checkpoints_list_every_file_and_load_with_plain_values(base):
     assert {".metadata", "train_state.json", "rank-0.json"} <= set(files)
     assert set(files) == {p.name for p in ckpt.iterdir()} - {checkpoint_io.CHECKSUMS}
     checkpoint_io.verify(ckpt)
-    from mmtok.trainer.export import load_from_run
+    from mmtok.trainer.checkpoint import load_run
 
-    model, _, step = load_from_run(base["run"])  # through the restricted reader
+    model, _, step = load_run(base["run"])  # through the restricted reader
     assert step == 4 and sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_one_load_run_reads_every_kind_of_run_and_refuses_the_wrong_one(base, tmp_path):
+    from mmtok.trainer.checkpoint import load_run
+    from mmtok.trainer.export import load_model
+    from mmtok.trainer.job import TrainError
+    from mmtok.trainer.unimoe_train import load_run as load_unimoe_run
+
+    loaded = load_run(base["run"])
+    model, cfg, step = loaded  # the public (model, config, step) shape
+    assert (type(model).__name__, cfg.model.experts, step, loaded.state["step"]) == ("Decoder", "1t1i", 4, 4)
+    assert loaded.checkpoint == latest_checkpoint(base["run"]) and not model.training
+    uni = unimoe_run(tmp_path / "uni")
+    model, cfg, step = load_run(uni)
+    assert (type(model).__name__, model.stage, cfg.stage, step) == ("UniMoE", "align", "align", 0)
+    with pytest.raises(TrainError, match="a uni-moe run, not a decoder one; pass the --out directory of `mmtok train`"):
+        load_model(uni)
+    with pytest.raises(TrainError, match="a decoder run, not a uni-moe one; pass the --out of `mmtok train --model uni-moe`"):
+        load_unimoe_run(base["run"])
+    # train_state.json keeps its fields and their order; a Uni-MoE stage names no plan
+    assert list(loaded.state) == ["step", "world_size", "global_batch", "model", "plan"]
+    assert list(json.loads((latest_checkpoint(uni) / "train_state.json").read_text())) == [
+        "step", "world_size", "global_batch", "model"]
+
+
+def test_a_resumed_log_drops_the_records_past_its_checkpoint(tmp_path):
+    from mmtok.trainer.checkpoint import truncate_jsonl
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4)) + "\n")
+    truncate_jsonl(log, 2)
+    assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == [1, 2]
+    truncate_jsonl(tmp_path / "absent.jsonl", 2)  # a run that never logged: nothing to do
+    assert not (tmp_path / "absent.jsonl").exists()
 
 
 @pytest.mark.parametrize("name", ["../../elsewhere", "/tmp", "step-00000004/../../..", "link"])

@@ -8,18 +8,13 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from conftest import make_doc, make_token_shards, make_vocab
-from mmtok.cli.app import app
+from helpers.tokens import make_doc, make_token_shards, make_vocab
+from helpers.runs import cli
 from mmtok.mix import plan_mix, write_plan
 from mmtok.shards import ShardError, load_npy, npy_bytes
 
 VOCAB = make_vocab(image_tokens_per_image=8, n_text=200, n_image=64)
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def refused(result, *names):
@@ -155,6 +150,22 @@ def test_missing_keys_in_a_plan(corpus, tmp_path, drop):
     refused(cli("train", "--plan", p, "--out", tmp_path / "run"), "plan.json", repr(drop))
 
 
+def test_a_malformed_vocabulary_in_a_plan_is_refused(corpus, tmp_path):
+    """The plan's vocab is parsed into a Vocab when read: one without <boi> never reaches training."""
+    p = _plan_copy(corpus, tmp_path)
+    _edit(p / "plan.json", lambda m: m["vocab"]["specials"].pop("<boi>"))
+    refused(cli("train", "--plan", p, "--out", tmp_path / "run"), "plan.json (vocab)", "missing special <boi>")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_malformed_vocabulary_in_token_shards_is_refused(corpus, tmp_path):
+    d = _copy(corpus["text"], tmp_path / "t")
+    _edit(d / "manifest.json", lambda m: m["config"]["vocab"].update(n_specials=3))
+    refused(cli("balance-mix", d, "--out", tmp_path / "p", "--world-size", 1, "--micro-batch", 1, "--steps", 1,
+                "--ratio", "1:1"), "manifest.json (config.vocab)", "special ids")
+    assert not (tmp_path / "p").exists()
+
+
 def test_missing_key_in_a_plan_source(corpus, tmp_path):
     p = _plan_copy(corpus, tmp_path)
     _edit(p / "plan.json", lambda m: m["sources"][1].pop("manifest_sha256"))
@@ -239,7 +250,7 @@ def test_the_plan_as_written_passes_the_checks(corpus):
 def two_tokenizers(tmp_path_factory):
     """Tokenizers A and B: the same vocabulary layout (equal vocab.json dicts), BPE models
     trained on different text; token shards of one text corpus made with each."""
-    from shardgen import make_shards
+    from helpers.media import make_shards
     from test_bpe import corpus as words
 
     from mmtok.bpe import train_bpe
@@ -291,7 +302,7 @@ def test_a_run_records_its_tokenizer_and_eval_and_generate_refuse_another(two_to
 
 def test_out_of_range_codes_are_quarantined_naming_the_shard(tmp_path):
     import torch
-    from shardgen import draw_image, make_shards
+    from helpers.media import draw_image, make_shards
     from test_image_inputs import _tokdir
 
     from mmtok.shards import ShardReader

@@ -17,20 +17,15 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from helpers.runs import cli
 from mmtok import runner
 from mmtok.cli.app import app
-from shardgen import draw_image, make_shards
+from helpers.media import draw_image, make_shards
 from test_bpe import corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VQ = ["--codebook-size", "64", "--resolution", "16", "--downsample", "2", "--channels", "8", "--res-blocks", "1",
            "--batch-size", "4", "--disc-weight", "0"]
-
-
-def cli(*args):
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    assert "Traceback" not in (r.output or ""), r.output
-    return r
 
 
 def flat(text: str) -> str:
@@ -74,7 +69,7 @@ def world(tmp_path_factory):
     from mmtok.bpe import train_bpe
     from mmtok.mix import plan_mix, write_plan
     from mmtok.vq import VQConfig
-    from mmtok.vq_train import train_vq
+    from mmtok.trainer.vq_train import train_vq
 
     root = tmp_path_factory.mktemp("first_hour")
     images = [draw_image(i) for i in range(12)]
@@ -116,7 +111,7 @@ def test_train_vq_estimate_is_within_2x_of_the_measured_peak(tmp_path):
 
 
 def test_train_vq_refuses_what_cannot_fit_and_names_settings_that_would(tmp_path, monkeypatch):
-    from mmtok import vq_train
+    from mmtok.trainer import vq_train
 
     # MemAvailable is what the check reads on Linux
     mem = next(int(l.split()[1]) * 1024 for l in open("/proc/meminfo") if l.startswith("MemAvailable:"))
@@ -140,7 +135,7 @@ def test_train_vq_refuses_what_cannot_fit_and_names_settings_that_would(tmp_path
 
 def test_train_vq_logs_its_estimate_first_and_shows_a_bar_of_its_steps(tmp_path, monkeypatch):
     from mmtok.vq import VQConfig
-    from mmtok.vq_train import train_vq
+    from mmtok.trainer.vq_train import train_vq
 
     bars = Bars(monkeypatch)
     shards = make_shards(tmp_path / "in", images=[draw_image(i) for i in range(8)])
@@ -213,7 +208,7 @@ def test_generate_warns_when_the_aux_routers_were_never_trained(world, tmp_path)
     r = cli("generate", run, "--tokenizer", world["tok"], "--prompt", "ka", "--max-tokens", 3, "--out", tmp_path / "g")
     assert r.exit_code == 0, r.output
     out = flat(r.output)
-    assert "never trained" in out and f"mmtok train --stage aux-routers --resume --plan {world['plan'].resolve()}" in out
+    assert "never trained" in out and f"mmtok train --train-aux-routers --resume --plan {world['plan'].resolve()}" in out
     assert cli("export", run, "--out", tmp_path / "x").exit_code == 0  # an export knows the run it came from
     r = cli("generate", tmp_path / "x", "--tokenizer", world["tok"], "--prompt", "ka", "--max-tokens", 3,
             "--out", tmp_path / "g2")
@@ -267,8 +262,9 @@ def test_every_help_shows_the_special_tokens_its_source_names():
 
 def test_import_mmtok_is_light_and_lazy():
     code = ("import sys, mmtok\nassert 'torch' not in sys.modules, 'import mmtok imported torch'\n"
-            "mmtok.ShardReader, mmtok.Tokenizer, mmtok.PlanLoader\nassert 'torch' not in sys.modules\n"
-            "from mmtok.trainer.export import load_from_run\nassert mmtok.load_run is load_from_run\nprint('ok')")
+            "mmtok.ShardReader, mmtok.Tokenizer, mmtok.PlanLoader, mmtok.balance_mix, mmtok.TrainOptions, mmtok.train\n"
+            "assert 'torch' not in sys.modules\n"
+            "from mmtok.trainer.checkpoint import load_run\nassert mmtok.load_run is load_run\nprint('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 

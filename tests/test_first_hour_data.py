@@ -12,16 +12,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image
-from shardgen import draw_image
+from helpers.media import draw_image
 from test_bpe import corpus
-from typer.testing import CliRunner
 
-from mmtok.cli.app import app
+from helpers.runs import cli
 from mmtok.shards import ShardReader, read_jsonl
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def ok(*args):

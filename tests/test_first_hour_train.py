@@ -11,20 +11,12 @@ import tomllib
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import make_doc, make_token_shards
-from momadata import VOCAB, make_plan
-from mmtok.cli.app import app
+from helpers.tokens import make_doc, make_token_shards
+from helpers.runs import VOCAB, cli, make_plan
 from mmtok.loader import PlanLoader
 
 MOMA = ["--model", "moma", "--experts", "2t2i", "--lr", "0.01", "--warmup", "2"]
-
-
-def cli(*args) -> object:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert "Traceback" not in (result.output or ""), result.output
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +165,8 @@ def _keys(d) -> set:
 
 
 def test_holdout_is_deterministic_and_stable_when_documents_are_added(tmp_path):
-    from mmtok.loader import TokenCorpus, read_plan
+    from mmtok.loader import TokenCorpus
+    from mmtok.plan import read_plan
     from mmtok.mix import document_keys
 
     rng = np.random.default_rng(2)
@@ -202,7 +195,7 @@ def test_holdout_is_deterministic_and_stable_when_documents_are_added(tmp_path):
 
 
 def test_eval_warns_when_its_data_is_in_the_training_plan(data, tmp_path):
-    from mmtok.loader import read_plan
+    from mmtok.plan import read_plan
     from mmtok.mix import document_keys
 
     plan = tmp_path / "plan"
@@ -222,3 +215,70 @@ def test_eval_warns_when_its_data_is_in_the_training_plan(data, tmp_path):
     keys = document_keys(data["dirs"])
     planned = set(keys[np.unique(arrays["piece_doc"])]) & _keys(data["dirs"][1])
     assert json.loads(r.stdout)["overlap"]["data"]["in_training_plan"] == len(planned) > 0
+
+
+# --- the train command is one library call (trainer/launch.py); --stage names Uni-MoE's stages only ---
+
+def test_train_options_are_the_train_commands_options():
+    """cli/train_cmds.py hands its parameters to TrainOptions by name: the two lists must agree."""
+    import inspect
+    from dataclasses import fields
+
+    from mmtok.cli.train_cmds import train
+    from mmtok.trainer.launch import TrainOptions
+
+    params = set(inspect.signature(train).parameters) - {"set_", "as_json"}
+    assert {f.name for f in fields(TrainOptions)} - {"sets", "live"} == params
+
+
+def test_run_config_takes_the_plans_vocabulary_and_the_options(data, tmp_path):
+    from mmtok.trainer.launch import TrainOptions, run_config
+
+    opts = TrainOptions(out=tmp_path / "r", plan=data["plan"], model="moma", experts="2t2i", lr=0.02,
+                        sets=["train.warmup=3"])
+    cfg = run_config(opts, data["plan"])
+    assert cfg.model.vocab_size == VOCAB["vocab_size"] and tuple(cfg.model.image_range) == tuple(VOCAB["image_range"])
+    assert cfg.model.model == "moma" and cfg.model.experts == "2t2i"
+    assert cfg.train.lr == 0.02 and cfg.train.warmup == 3 and cfg.plan == str(data["plan"].resolve())
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(), "give --plan"),
+    (dict(stage="align"), "--stage align is a stage of --model uni-moe"),
+    (dict(train_aux_routers=True, plan="PLAN"), "pass --resume"),
+    (dict(init_from="hf:x", resume=True), "--init-from starts a new run"),
+    (dict(model="uni-moe", stage="align"), "--tokenizer"),
+    (dict(model="uni-moe", stage="main"), "needs --stage align, experts or tune"),
+    (dict(model="uni-moe", stage="align", sets=["train.lr=1"]), "--set and --loop-plan"),
+])
+def test_launch_refuses_bad_options_naming_them(data, tmp_path, kw, message):
+    from mmtok.trainer.launch import TrainOptions, train
+
+    if kw.get("plan") == "PLAN":
+        kw["plan"] = data["plan"]
+    with pytest.raises(ValueError, match=message):
+        train(TrainOptions(out=tmp_path / "none", **kw))
+    assert not (tmp_path / "none").exists()
+
+
+def test_launch_asks_for_torchrun_with_nproc(tmp_path, monkeypatch):
+    from mmtok.trainer.launch import TrainOptions, train
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    outcome = train(TrainOptions(out=tmp_path / "r", nproc=2))
+    assert outcome.kind == "relaunch" and not outcome.resume and not (tmp_path / "r").exists()
+
+
+def test_train_aux_routers_and_its_old_spelling(data, tmp_path):
+    """--train-aux-routers is the stage's name; `--stage aux-routers` (and `--stage main`) still work,
+    with a deprecation line."""
+    new = cli("train", "--train-aux-routers", "--plan", data["plan"], "--out", tmp_path / "none")
+    old = cli("train", "--stage", "aux-routers", "--plan", data["plan"], "--out", tmp_path / "none")
+    for r in (new, old):
+        assert r.exit_code == 2 and "--train-aux-routers trains the routers of an existing run: pass --resume" in r.output
+    assert "deprecated" not in new.output
+    assert "warning: --stage aux-routers is deprecated; use --train-aux-routers" in old.output
+    r = cli("train", "--stage", "main", "--out", tmp_path / "none")
+    assert r.exit_code == 2 and "--stage main is deprecated" in r.output and "give --plan" in r.output
+    r = cli("train", "--stage", "tune", "--plan", data["plan"], "--out", tmp_path / "none")
+    assert r.exit_code == 2 and "--model uni-moe" in r.output and "deprecated" not in r.output

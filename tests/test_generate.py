@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from momadata import VOCAB, cli, make_plan
+from helpers.runs import VOCAB, cli, make_plan
 from mmtok.trainer.config import ModelConfig
 from mmtok.trainer.export import load_model
 from mmtok.trainer.generate import Sampling, generate
@@ -99,8 +99,8 @@ def test_prompt_ending_in_boi_draws_exactly_one_image_block(trained):
 def tokdir(tmp_path_factory):
     from mmtok.bpe import train_bpe
     from mmtok.vq import VQConfig
-    from mmtok.vq_train import train_vq
-    from shardgen import draw_image, make_shards
+    from mmtok.trainer.vq_train import train_vq
+    from helpers.media import draw_image, make_shards
     from test_bpe import corpus
 
     tmp = tmp_path_factory.mktemp("tok")

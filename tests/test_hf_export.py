@@ -9,17 +9,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from chameleonref import TEXTS, save_chameleon, text_tokenizer
-from conftest import make_doc, make_token_shards
-from momadata import cli
-from shardgen import make_shards
+from helpers.chameleon import TEXTS, save_chameleon, text_tokenizer
+from helpers.tokens import make_doc, make_token_shards
+from helpers.runs import cli
+from helpers.media import make_shards
 
 import transformers  # noqa: F401  (the test extra installs the references; no silent skip)
 
 from mmtok.chameleon import import_chameleon
 from mmtok.mix import plan_mix, write_plan
 from mmtok.tokenize import Tokenizer
-from mmtok.trainer.export import load_from_run
+from mmtok.trainer.checkpoint import load_run
 from mmtok.vocab import Vocab
 
 WORDS = ["the cat sat on the mat", "a dog ran in the park", "the quick brown fox jumps over the lazy dog"]
@@ -76,7 +76,7 @@ def _export(run, out, tok):
 
 
 def _mmtok_logits(run, ids, routing="batch"):
-    model, _, _ = load_from_run(run)
+    model, _, _ = load_run(run)
     with torch.no_grad():
         logits, _ = model(ids, torch.arange(ids.shape[1]).repeat(ids.shape[0], 1), torch.ones_like(ids), routing=routing)
     return model.cfg, logits
@@ -105,7 +105,7 @@ def test_dense_chameleon_export_is_stock_transformers(runs, tmp_path):
     torch.testing.assert_close(theirs[..., text], ours[..., text], atol=1e-4, rtol=0)
     # its own VQ encoder came along: the image path gives the same codes as mmtok's tokenizer
     tok = Tokenizer.load(runs["tok_cham"], "cpu")
-    from shardgen import photo
+    from helpers.media import photo
 
     img = photo(1, 80, 64)
     pixels = tok.vq.scale(torch.from_numpy(tok.preprocess(img)))[None]

@@ -1,7 +1,7 @@
 """Image inputs that phones, scanners and scientific tools make (issue 12): EXIF orientation,
 16-bit and float pixels, extreme aspect ratios. Every path that reads an image for the VQ
 (train-vq, tokenize-images, tokenize) goes through mmtok.vq.load_image; Uni-MoE through
-mmtok.vq.rgb_image."""
+mmtok.images.rgb_image."""
 
 import io
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmtok.vq import MAX_ASPECT, load_image
+from mmtok.images import MAX_ASPECT
+from mmtok.vq import load_image
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -100,7 +101,7 @@ def test_tokenize_images_quarantines_a_strip(tmp_path):
     import json
 
     import torch
-    from shardgen import draw_image, make_shards
+    from helpers.media import draw_image, make_shards
 
     from mmtok.tokenize import Tokenizer, tokenize_images
     from mmtok.vq import VQConfig, VQModel
@@ -118,7 +119,7 @@ def test_tokenize_images_quarantines_a_strip(tmp_path):
 
 
 def _tokdir(tmp_path):
-    from shardgen import make_shards
+    from helpers.media import make_shards
     from test_bpe import corpus
 
     from mmtok.bpe import train_bpe

@@ -284,6 +284,28 @@ def test_member_claiming_a_huge_size_is_not_read(tmp_path: Path):
     assert len(got) == 3
 
 
+def test_a_file_is_read_whole_and_one_that_grew_only_to_the_limit(tmp_path: Path, monkeypatch):
+    """The read asks for the size the file has, and reads on where it grew since its stat,
+    never past `limit + 1`."""
+    from mmtok.ingest import _read_file
+    from mmtok.sniff import Bad
+
+    p = tmp_path / "f.bin"
+    p.write_bytes(bytes(range(256)) * 40)  # 10,240 bytes
+    assert _read_file(p, 1 << 30) == p.read_bytes()
+    real_fstat = os.fstat
+
+    def shrunk(fd):  # the file as its stat saw it, before it grew to what is on disk now
+        st = list(real_fstat(fd))
+        st[stat.ST_SIZE] = 100
+        return os.stat_result(st)
+
+    monkeypatch.setattr(os, "fstat", shrunk)
+    assert _read_file(p, 20_000) == p.read_bytes()
+    with pytest.raises(Bad, match="over the --max-member-bytes limit of 5,000"):
+        _read_file(p, 5_000)
+
+
 # ------------------------------------------------------------------ 10. re-sharding mmtok's own output
 
 def test_resharding_an_mmtok_output_directory(tmp_path: Path):
@@ -299,3 +321,25 @@ def test_resharding_an_mmtok_output_directory(tmp_path: Path):
     assert quarantine(second) == []  # manifest.json, index.parquet, quarantine.jsonl, _stats/ are not inputs
     sha = lambda out: sorted(json.loads(m["json"])["sha256"] for m in read_all(out).values())  # noqa: E731
     assert sha(second) == sha(first)
+
+
+def test_stage_output_rule():
+    from mmtok.shards import is_stage_output
+
+    assert is_stage_output(["_stage.json"])  # a stage's OUT, finished or not
+    assert is_stage_output(["manifest.json", "index.parquet", "text-000000.tar"])  # a finished shard set
+    assert not is_stage_output(["manifest.json", "index.parquet"])  # no shards: someone else's files
+    assert not is_stage_output(["manifest.json", "text-000000.tar", "notes.txt"])
+
+
+def test_no_validate_never_imports_a_decoder(tmp_path: Path):
+    """--no-validate sniffs the magic bytes and copies: PIL (and numpy with it) stay unloaded."""
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    code = ("import sys\n"
+            "from mmtok.ingest import ShardFn\n"
+            f"out = ShardFn(validate=False)({{'index': 0, 'kind': 'files', 'paths': [{str(tmp_path / 'a.png')!r}], "
+            "'source': 'a'})\n"
+            "assert out[0].meta['modality'] == 'image', out\n"
+            "assert 'PIL' not in sys.modules and 'numpy' not in sys.modules, 'a decoder was imported'\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr

@@ -11,10 +11,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_doc, make_token_shards, make_vocab
+from helpers.tokens import make_doc, make_token_shards, make_vocab
 from mmtok.loader import PlanLoader
 from mmtok.mix import plan_mix, write_plan
 from mmtok.shards import ShardError, ShardReader
+from mmtok.vocab import Vocab
 
 VOCAB = make_vocab(image_tokens_per_image=16)
 KEYS = ("input_ids", "targets", "modality", "doc_ids", "positions")
@@ -54,7 +55,7 @@ def same(a: dict, b: dict) -> bool:
 
 def test_batches_follow_the_contract(plan_dir):
     loader = PlanLoader(plan_dir, rank=1, world_size=4)
-    assert loader.seq_len == 64 and loader.micro_batch == 2 and loader.vocab == VOCAB and len(loader) == 6
+    assert loader.seq_len == 64 and loader.micro_batch == 2 and loader.vocab == Vocab.from_dict(VOCAB) and len(loader) == 6
     docs = all_documents(plan_dir)
     plan = json.loads((plan_dir / "plan.json").read_text())
     arrays = {k: np.load(plan_dir / f"{k}.npy") for k in ("mb_ptr", "piece_doc", "piece_start", "piece_len", "piece_seq")}
@@ -177,3 +178,41 @@ def test_changed_corpus_and_missing_plan_are_clear_errors(tmp_path):
         PlanLoader(p)
     with pytest.raises(ShardError, match="no plan.json"):
         PlanLoader(tmp_path)
+
+
+def test_one_module_owns_the_plan_format(plan_dir):
+    """mmtok.plan writes and reads plans (mix and loader both use it); in memory the vocab is a
+    parsed Vocab, on disk the same record as the token shards' manifests."""
+    import mmtok.loader
+    import mmtok.plan
+
+    meta, arrays = mmtok.plan.read_plan(plan_dir)
+    assert isinstance(meta["vocab"], Vocab) and meta["vocab"] == Vocab.from_dict(VOCAB)
+    assert json.loads((plan_dir / "plan.json").read_text())["vocab"] == VOCAB
+    assert set(arrays) == set(mmtok.plan.PLAN_ARRAYS) == {p.stem for p in plan_dir.glob("*.npy")}
+    assert mmtok.loader.read_plan is mmtok.plan.read_plan  # the loader reads plans through it
+
+
+def test_a_corpus_closes_its_shard_files(plan_dir):
+    """Every corpus opens its shards once; dropping it closes them (a harness that evaluates
+    many times ran out of descriptors before)."""
+    import gc
+    import os
+
+    from mmtok.loader import TokenCorpus
+    from mmtok.plan import read_plan_meta
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    meta = read_plan_meta(plan_dir)
+    sources = [plan_dir / s["path"] for s in meta["sources"]]
+    before = open_fds()
+    for _ in range(3):
+        corpus = TokenCorpus(sources)
+        for doc in range(min(len(corpus.n_tokens), 20)):
+            corpus.read(doc)
+        assert open_fds() > before  # the shards are held open while the corpus reads them
+        del corpus
+        gc.collect()
+        assert open_fds() == before

@@ -13,9 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_doc, make_token_shards, make_vocab
+from helpers.tokens import make_doc, make_token_shards, make_vocab
 from mmtok.loader import TokenCorpus
-from mmtok.mix import parse_ratio, plan_mix, ratio_from_experts, write_plan
+from mmtok.mix import parse_ratio, plan_mix, write_plan
+from mmtok.plan import parse_layout
 
 VOCAB = make_vocab(image_tokens_per_image=16)
 IMG_LO, IMG_HI = VOCAB["image_range"]
@@ -227,12 +228,12 @@ def test_report_says_where_the_corpus_cannot_hold_the_ratio(tmp_path):
 
 
 def test_ratio_parsing():
-    assert parse_ratio("3:1") == (3, 1) and ratio_from_experts("4t4i") == (4, 4) and ratio_from_experts("2t6i") == (2, 6)
+    assert parse_ratio("3:1") == (3, 1) and parse_layout("4t4i") == (4, 4) and parse_layout("2t6i") == (2, 6)
     for bad in ("1", "1:0", "a:b"):
         with pytest.raises(ValueError, match="--ratio"):
             parse_ratio(bad)
     with pytest.raises(ValueError, match="--experts"):
-        ratio_from_experts("4x4")
+        parse_layout("4x4", "--experts")
 
 
 def test_bad_inputs_name_the_directory(tmp_path):
@@ -288,3 +289,24 @@ def test_cli_balance_mix_json_table_plot_and_errors(tmp_path):
     res = CliRunner().invoke(app, ["balance-mix", str(tmp_path / "nope"), "--out", str(tmp_path / "z"),
                                    "--world-size", "1", "--micro-batch", "1", "--steps", "1", "--ratio", "1:1"])
     assert res.exit_code == 2 and "nope" in res.output and "Traceback" not in res.output
+
+
+def test_balance_mix_is_the_commands_library_call(tmp_path):
+    """mmtok.balance_mix plans and writes what plan_mix + write_plan do; --tokens becomes steps,
+    --experts a ratio; conflicting targets are refused."""
+    import mmtok
+
+    text, image = random_corpus(5, 30, 20)
+    dirs = [make_token_shards(tmp_path, text, VOCAB, "text"), make_token_shards(tmp_path, image, VOCAB, "image")]
+    plan = mmtok.balance_mix(dirs, tmp_path / "a", world_size=2, micro_batch=2, seq_len=64, tokens=2 * 2 * 64 * 3 + 1,
+                             experts="1t1i")
+    assert plan.meta["steps"] == 4 and plan.meta["ratio"] == [1, 1]
+    write_plan(plan_mix(dirs, out=tmp_path / "b", ratio=(1, 1), world_size=2, seq_len=64, micro_batch=2, steps=4),
+               tmp_path / "b")
+    for f in sorted((tmp_path / "b").iterdir()):
+        assert (tmp_path / "a" / f.name).read_bytes() == f.read_bytes(), f.name
+    with pytest.raises(ValueError, match="not both"):
+        mmtok.balance_mix(dirs, tmp_path / "c", world_size=1, micro_batch=1, seq_len=64, steps=1, ratio="1:1",
+                          experts="1t1i")
+    with pytest.raises(ValueError, match="--steps or --tokens"):
+        mmtok.balance_mix(dirs, tmp_path / "c", world_size=1, micro_batch=1, seq_len=64, ratio="1:1")

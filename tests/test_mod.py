@@ -10,15 +10,18 @@ import math
 import pytest
 import torch
 
-from momadata import cli, make_plan, metrics, random_batch, tiny
-from mmtok.trainer.model import Decoder, SwiGLU, document_causal_mask, flops_per_token
+from helpers.runs import cli, make_plan, metrics, random_batch, tiny
+from mmtok.trainer.block import Block
+from mmtok.trainer.depth import DepthRoutedBlock
+from mmtok.trainer.ffn import SwiGLU
+from mmtok.trainer.model import Decoder, flops_per_token
 
 
 def _decoder(capacity: float, n_layers: int = 4) -> Decoder:
     torch.manual_seed(0)
     m = Decoder(tiny("mod-moma", "2t2i", n_layers=n_layers, mod_capacity=capacity)).eval()
     for layer in m.layers:
-        if layer.mod_router is not None:
+        if isinstance(layer, DepthRoutedBlock):
             torch.nn.init.normal_(layer.mod_router.weight, std=1.0)  # spread the router weights
     return m
 
@@ -48,9 +51,10 @@ def test_skipped_tokens_keep_their_state_and_chosen_ones_get_the_weighted_block_
     ids, pos, docs = random_batch(1, b=rows, t=20)
     docs[rows - 1, 14:] = 0  # padding at the end of the last row
     x = torch.randn(rows, 20, 64)
-    is_image, real = m.is_image(ids), docs > 0
+    ctx = m.context(ids, pos, docs)
+    real = ctx.real
     with torch.no_grad():
-        out, _ = block(x, m.rope, pos, docs, None, is_image, real)
+        out = block(x, ctx)
         weight = torch.sigmoid(block.mod_router(x).squeeze(-1))
         k = math.ceil(0.25 * int(real.sum()))
         chosen = torch.zeros(rows * 20, dtype=torch.bool)
@@ -60,8 +64,7 @@ def test_skipped_tokens_keep_their_state_and_chosen_ones_get_the_weighted_block_
         if rows == 1:  # reference: the block on the chosen tokens alone, in order, scaled by the weight
             idx = chosen[0].nonzero().squeeze(1)
             sub = x[:, idx]
-            y, _ = block.inner(sub, m.rope, pos[:, idx], docs[:, idx], document_causal_mask(docs[:, idx]),
-                               is_image[:, idx], real[:, idx])
+            y = Block.forward(block, sub, m.context(ids[:, idx], pos[:, idx], docs[:, idx]))
             torch.testing.assert_close(out[:, idx], sub + weight[:, idx].unsqueeze(-1) * (y - sub), atol=1e-5, rtol=1e-5)
         else:
             assert not torch.allclose(out[chosen], x[chosen])
@@ -75,11 +78,12 @@ def test_the_chosen_tokens_run_as_one_fixed_width_row_that_keeps_rows_and_docume
     docs[0, 8:], pos[0, 8:] = 2, torch.arange(12)  # two documents in row 0
     docs[2, 15:] = 0  # padding
     x = torch.randn(3, 20, 64)
-    is_image, real = m.is_image(ids), docs > 0
+    ctx = m.context(ids, pos, docs)
+    real = ctx.real
     shapes = []
     block.attn.register_forward_pre_hook(lambda mod, args: shapes.append(tuple(args[0].shape)))
     with torch.no_grad():
-        out, _ = block(x, m.rope, pos, docs, None, is_image, real)
+        out = block(x, ctx)
         weight = torch.sigmoid(block.mod_router(x).squeeze(-1))
     # static shape: ceil(0.25 * 3 * 20) = 15 slots, rounded up to 16, whatever the weights and padding
     assert shapes == [(1, 16, 64)]
@@ -93,8 +97,7 @@ def test_the_chosen_tokens_run_as_one_fixed_width_row_that_keeps_rows_and_docume
             if not len(idx):
                 continue
             sub, d = x[r:r + 1, idx], docs[r:r + 1, idx]
-            y, _ = block.inner(sub, m.rope, pos[r:r + 1, idx], d, document_causal_mask(d), is_image[r:r + 1, idx],
-                               real[r:r + 1, idx])
+            y = Block.forward(block, sub, m.context(ids[r:r + 1, idx], pos[r:r + 1, idx], d))
             want = sub + weight[r:r + 1, idx].unsqueeze(-1) * (y - sub)
             torch.testing.assert_close(out[r:r + 1, idx], want, atol=1e-5, rtol=1e-5)
 

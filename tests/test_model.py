@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmtok.trainer.config import ModelConfig, parse_layout, resolve
+from mmtok.plan import parse_layout
+from mmtok.trainer.config import ModelConfig, resolve
 from mmtok.trainer.model import Decoder, loss_terms
 
 VOCAB = dict(vocab_size=256, image_range=(192, 256), max_seq_len=64)
@@ -118,3 +119,29 @@ def test_config_file_is_overridden_by_options_and_checked_against_the_plan(tmp_p
     toml.write_text('[train]\nlearning_rate = 1\n')
     with pytest.raises(ValueError, match="unknown keys learning_rate"):
         resolve("tiny", {}, {}, toml)
+
+
+# The configs behind tests/model_keys.json: each model kind's state_dict (names and shapes)
+# as the code before the layer interface (issue 13) wrote it. Saved runs, upcycling and the
+# HF export rely on these names.
+KEY_KINDS = {
+    "dense": dict(model="dense"), "dense-swin-cham": dict(model="dense", swin_norm=True, qk_norm="chameleon"),
+    "moe-ec": dict(model="moe", experts="4"), "moe-top2": dict(model="moe", experts="4", routing="top2"),
+    "moma": dict(model="moma", experts="2t2i"), "mod-moma": dict(model="mod-moma", experts="2t2i", n_layers=3),
+}
+
+
+@pytest.mark.parametrize("kind", [*KEY_KINDS, "unimoe"])
+def test_state_dict_names_and_shapes_are_those_saved_runs_hold(kind):
+    import json
+    from pathlib import Path
+
+    want = json.loads((Path(__file__).parent / "model_keys.json").read_text())[kind]
+    if kind == "unimoe":
+        from mmtok.trainer.unimoe import UniMoE, UniMoEConfig
+
+        m = UniMoE(UniMoEConfig(modalities=("image", "audio")))
+    else:
+        m = Decoder(ModelConfig(**{"vocab_size": 96, "image_range": (64, 96), "n_layers": 2, "d_model": 32, "n_heads": 4,
+                                   "ffn_hidden": 64, "max_seq_len": 16, **KEY_KINDS[kind]}))
+    assert {k: list(v.shape) for k, v in m.state_dict().items()} == want

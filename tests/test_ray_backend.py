@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import kill_midway
+from helpers.procs import kill_midway
 from mmtok.cli.app import app
 from mmtok.runner import Item, Sample, StageError, run_stage
 from mmtok.shards import ShardReader
@@ -40,11 +40,11 @@ def cli(*args: str):
 def ray_runs(monkeypatch):
     """How many times the runner took its Ray path: a command that dropped `--backend` on
     its way to `run_stage` would still give the local bytes, and only this would tell."""
-    import mmtok.runner
+    import mmtok.dispatch
 
     calls = []
-    real = mmtok.runner._ray_tasks
-    monkeypatch.setattr(mmtok.runner, "_ray_tasks", lambda *a: calls.append(1) or real(*a))
+    real = mmtok.dispatch._ray_tasks
+    monkeypatch.setattr(mmtok.dispatch, "_ray_tasks", lambda *a: calls.append(1) or real(*a))
     return calls
 
 

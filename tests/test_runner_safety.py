@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from mmtok.cli.app import app
 from mmtok.locks import LOCK_FILE, LockHeld, exclusive
 from mmtok.runner import Item, Sample, StageError, run_stage
-from mmtok.shards import ShardReader, ShardWriter, list_shards
+from mmtok.shards import ShardReader, list_shards
+from mmtok.shardwriter import ShardWriter
 from test_shard import _tree_bytes, png_bytes
 
 cli = CliRunner()
@@ -105,11 +106,12 @@ def test_a_user_file_where_the_stage_would_write_is_refused_not_replaced(tmp_pat
 
 
 def test_detokenize_overwrite_deletes_only_its_documents(tmp_path):
-    from shardgen import make_shards
+    from helpers.media import make_shards
     from test_bpe import corpus
 
     from mmtok.bpe import train_bpe
-    from mmtok.tokenize import Tokenizer, detokenize, tokenize
+    from mmtok.detokenize import detokenize
+    from mmtok.tokenize import Tokenizer, tokenize
 
     train_bpe([make_shards(tmp_path / "train", texts=corpus())], tmp_path / "tok", vocab_size=2000, image_codes=16,
               log=lambda m: None)

@@ -74,10 +74,10 @@ def test_moma_block_graph_break_count_is_pinned_at_zero():
     torch.manual_seed(0)
     m = Decoder(cfg).train()
     ids, pos, docs, _ = _batch()
-    x = m.embed(ids)
+    x, ctx = m.embed(ids), m.context(ids, pos, docs)
     torch._dynamo.reset()
     for block in m.layers:  # layer 0 is depth-routed (MoD + MoMa), layer 1 plain MoMa
-        explained = torch._dynamo.explain(block)(x, m.rope, pos, docs, None, m.is_image(ids), docs > 0)
+        explained = torch._dynamo.explain(block)(x, ctx)
         assert explained.graph_break_count == 0, explained.break_reasons
 
 

@@ -6,23 +6,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from shardgen import draw_image, make_shards
+from helpers.media import draw_image, make_shards
 from test_bpe import TRICKY, corpus
 
 from mmtok.bpe import train_bpe
 from mmtok.runner import StageError
 from mmtok.shards import ShardReader, content_hash, load_npy
-from mmtok.tokenize import (
-    Tokenizer,
-    detokenize,
-    image_alone,
-    pair_image_first,
-    tokenize,
-    tokenize_images,
-)
+from mmtok.detokenize import detokenize
+from mmtok.tokenize import Tokenizer, pair_image_first, tokenize, tokenize_images
+from mmtok.tokenizer import image_alone
 from mmtok.vocab import Vocab, VocabError
 from mmtok.vq import VQConfig
-from mmtok.vq_train import train_vq
+from mmtok.trainer.vq_train import train_vq
 
 TPI = 64  # (16 / 2)^2 codes per image for the tiny VQ
 
@@ -169,7 +164,7 @@ def test_same_output_with_workers_and_with_precomputed_codes(tok, inputs, tmp_pa
 
 
 def test_uint8_pixels_give_the_codes_of_the_old_float_preprocessing(tok):
-    from shardgen import old_load_image
+    from helpers.media import old_load_image
 
     from mmtok.vq import to_unit
 
@@ -187,7 +182,7 @@ def test_uint8_pixels_give_the_codes_of_the_old_float_preprocessing(tok):
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_big_jpegs_same_codes_everywhere_and_bombs_quarantined(tok, tmp_path):
-    from shardgen import bomb_png
+    from helpers.media import bomb_png
 
     big = draw_image(5, size=80, fmt="JPEG")  # short side 80 >= 2 x 16: libjpeg decodes it at 1/4 scale
     shards = make_shards(tmp_path / "in", images=[big, draw_image(6), bomb_png()])
@@ -362,3 +357,76 @@ def test_cli_end_to_end_from_mmtok_shard(tmp_path):
                                                          "skipped": 0}
     first = sorted((tmp_path / "dec").glob("*.txt"))[0].read_text()
     assert first == rows[0]["text"]
+
+
+def _shard_dir(raw, out):
+    """A shard directory written by the `shard` stage itself (its index has image_sha256)."""
+    from mmtok.ingest import ShardFn, shard_items
+    from mmtok.runner import run_stage
+
+    run_stage("shard", shard_items([str(raw)]), ShardFn(), out, config={"inputs": [str(raw)]}, progress=False,
+               max_count=4, threads=True)
+    return out
+
+
+def _tree(d):
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
+            if p.is_file() and p.name not in ("_stage.json", ".mmtok.lock")}
+
+
+def test_image_hash_in_index_joins_without_streaming_and_old_dirs_still_read(tok, tmp_path, monkeypatch):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    import mmtok.tokenize
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rows = [{"text": f"plain text number {i}"} for i in range(6)]
+    for i in range(5):
+        (raw / f"im{i}.png").write_bytes(draw_image(500 + i))
+        rows.append({"image": f"im{i}.png", "caption": f"caption {i}"})
+    rows.append({"segments": [{"text": "doc "}, {"image": "im0.png"}, {"text": " end"}]})
+    (raw / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    new = _shard_dir(raw / "c.jsonl", tmp_path / "new")
+    index = pq.read_table(new / "index.parquet")
+    by_group = {}
+    for r in index.to_pylist():
+        by_group.setdefault(r["group"].split("-")[0], set()).add(r["image_sha256"])
+    assert by_group["text"] == {None} and by_group["doc"] == {None}
+    pairs = [r for r in index.to_pylist() if r["group"].startswith("pair-")]
+    reader = ShardReader(new)
+    for r in pairs:  # the image's own hash, not the pair's
+        m = next(m for m in r["members"] if m["ext"] == "png")
+        assert r["image_sha256"] == content_hash({"png": reader.read_member(r["shard"], m["offset"], m["size"])})
+        assert r["image_sha256"] != r["sha256"]
+    old = tmp_path / "old"  # the same shards, indexed as before the column existed
+    shutil.copytree(new, old)
+    pq.write_table(index.drop(["image_sha256"]), old / "index.parquet")
+
+    def outputs(src, tag):
+        tokenize_images([src], tok, tmp_path / f"codes-{tag}", progress=False, batch_size=3)
+        tokenize([src], tok, tmp_path / f"tok-{tag}", progress=False, batch_size=3)
+        tokenize([src], tok, tmp_path / f"tokc-{tag}", codes_dir=tmp_path / f"codes-{tag}", progress=False)
+        return [_tree(tmp_path / f"{k}-{tag}") for k in ("codes", "tok", "tokc")]
+
+    want = outputs(old, "old")  # streamed, images hashed
+    real_iter_tar = mmtok.tokenize.iter_tar
+    monkeypatch.setattr(mmtok.tokenize, "iter_tar", lambda *a, **k: pytest.fail("streamed a tar"))
+    got = outputs(new, "new")  # by index, no tar streamed
+    for w, g in zip(want, got):
+        assert w.keys() == g.keys()
+        for name in w:
+            if name.endswith(".tar") or name.endswith("quarantine.jsonl"):
+                assert w[name] == g[name], name
+    monkeypatch.setattr(mmtok.tokenize, "iter_tar", real_iter_tar)
+    # --codes with the column: a pair's image bytes are never read (its codes are known)
+    reads = []
+    real_read = ShardReader.read_member
+    monkeypatch.setattr(ShardReader, "read_member",
+                        lambda self, shard, o, n: reads.append((shard, n)) or real_read(self, shard, o, n))
+    tokenize([new], tok, tmp_path / "tokc-again", codes_dir=tmp_path / "codes-new", progress=False)
+    assert _tree(tmp_path / "tokc-again")["tokens-000000.tar"] == got[2]["tokens-000000.tar"]
+    captions = sorted(next(m["size"] for m in r["members"] if m["ext"] == "txt") for r in pairs)
+    assert sorted(n for shard, n in reads if shard.startswith("pair-")) == captions

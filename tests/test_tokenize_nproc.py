@@ -11,7 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from shardgen import draw_image, make_shards
+from helpers.media import draw_image, make_shards
 from test_tokenize import TRICKY, tokdir  # noqa: F401  (the tiny tokenizer fixture)
 
 from mmtok.shards import ShardReader
@@ -30,7 +30,8 @@ def env() -> dict:
 
 RANKS_SCRIPT = textwrap.dedent('''
     import sys
-    from mmtok.runner import Item, Quarantined, Sample, run_stage, run_stage_ranks
+    from mmtok.ranks import run_stage_ranks
+    from mmtok.runner import Item, Quarantined, Sample, run_stage
     from mmtok.tokenize import world
 
     # 5 input "shards" of unequal size; two output groups; every 7th item is bad

@@ -15,11 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import make_doc, make_token_shards, make_vocab
-from momadata import VOCAB, make_plan
-from mmtok.cli.app import app
+from helpers.tokens import make_doc, make_token_shards, make_vocab
+from helpers.runs import VOCAB, cli, make_plan, metrics
 from mmtok.trainer.config import TrainConfig
 from mmtok.trainer.train import lr_at
 
@@ -30,16 +28,6 @@ MMTOK = [sys.executable, "-m", "mmtok.cli.app"]
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_plan(tmp_path_factory.mktemp("train"), steps=40, world_size=2, micro_batch=2)
-
-
-def cli(*args) -> object:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert "Traceback" not in (result.output or ""), result.output
-    return result
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def curve(run: Path, keys=("loss", "grad_norm", "text_loss", "image_loss")) -> list[tuple]:
@@ -101,7 +89,8 @@ def test_throughput_counts_every_step_of_a_log_interval(data):
 def test_export_holds_the_weights_training_continued_from(runs, data):
     """The exported step-3 model scores the 4th micro-batch exactly as training logged it."""
     from mmtok.loader import PlanLoader
-    from mmtok.trainer.export import load_from_run, load_model
+    from mmtok.trainer.checkpoint import load_run
+    from mmtok.trainer.export import load_model
     from mmtok.trainer.model import loss_terms
 
     model, cfg = load_model(runs["B3"])
@@ -111,7 +100,7 @@ def test_export_holds_the_weights_training_continued_from(runs, data):
         logits, stats = model(batch["input_ids"], batch["positions"], batch["doc_ids"])
         loss = loss_terms(cfg, logits, batch["targets"], stats)["loss"]
     assert abs(float(loss) - metrics(runs["A"])[3]["loss"]) < 1e-5
-    from_run, _, step = load_from_run(runs["A"])
+    from_run, _, step = load_run(runs["A"])
     assert step == 6
     a6 = runs["A"].parent / "A6"
     assert cli("export", runs["A"], "--to", a6).exit_code == 0

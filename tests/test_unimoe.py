@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from mmtok.trainer.context import Context
 from mmtok.trainer.unimoe import LoRAMoEFFN, UniMoE, UniMoEConfig
 from mmtok.trainer.unimoe_data import Pair, collate, load_feature, sequence
 from mmtok.vocab import Vocab
@@ -77,6 +78,12 @@ def test_padding_frames_of_a_shorter_clip_do_not_change_its_output(model):
     torch.testing.assert_close(alone[0], padded[0], atol=1e-5, rtol=1e-5)
 
 
+def run(ffn: LoRAMoEFFN, x: torch.Tensor, real: torch.Tensor, route: torch.Tensor | None = None):
+    """The FFN's output and the statistics it recorded."""
+    y = ffn(x, Context(None, None, None, None, real, expert_route=route))
+    return y, ffn.__dict__.pop("routing_stats", {})
+
+
 def lora_ffn(seed=0, experts=4) -> LoRAMoEFFN:
     torch.manual_seed(seed)
     ffn = LoRAMoEFFN(16, 32, experts, rank=4, alpha=8.0, capacity_factor=1.5)
@@ -91,9 +98,9 @@ def test_a_merged_lora_expert_gives_the_same_outputs_as_the_unmerged_one():
     x = torch.randn(2, 5, 16)
     real = torch.ones(2, 5, dtype=torch.bool)
     for e in range(4):
-        y, _ = ffn(x, torch.full((2, 5), e), real)
-        torch.testing.assert_close(y, ffn.merged(e)(x)[0], atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(y, super(LoRAMoEFFN, ffn).forward(x)[0], atol=1e-3)  # the expert matters
+        y, _ = run(ffn, x, real, torch.full((2, 5), e))
+        torch.testing.assert_close(y, ffn.merged(e)(x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(y, super(LoRAMoEFFN, ffn).forward(x), atol=1e-3)  # the expert matters
 
 
 def test_a_new_expert_equals_the_shared_ffn():
@@ -101,8 +108,8 @@ def test_a_new_expert_equals_the_shared_ffn():
     ffn = LoRAMoEFFN(16, 32, 3, rank=4, alpha=8.0, capacity_factor=1.5)
     ffn.mode = "routed"
     x = torch.randn(1, 6, 16)
-    y, _ = ffn(x, None, torch.ones(1, 6, dtype=torch.bool))
-    torch.testing.assert_close(y, super(LoRAMoEFFN, ffn).forward(x)[0])  # top-2 weights sum to 1
+    y, _ = run(ffn, x, torch.ones(1, 6, dtype=torch.bool))
+    torch.testing.assert_close(y, super(LoRAMoEFFN, ffn).forward(x))  # top-2 weights sum to 1
 
 
 def test_top2_routing_is_a_weighted_sum_of_the_two_best_experts():
@@ -110,11 +117,11 @@ def test_top2_routing_is_a_weighted_sum_of_the_two_best_experts():
     ffn.mode = "routed"
     ffn.capacity_factor = 100.0  # nothing dropped
     x = torch.randn(1, 7, 16)
-    y, stats = ffn(x, None, torch.ones(1, 7, dtype=torch.bool))
+    y, stats = run(ffn, x, torch.ones(1, 7, dtype=torch.bool))
     probs = ffn.router(x[0]).softmax(-1)
     w, e = probs.topk(2, -1)
     w = w / w.sum(-1, keepdim=True)
-    want = torch.stack([sum(w[t, j] * ffn.merged(int(e[t, j]))(x[0, t:t + 1])[0][0] for j in range(2)) for t in range(7)])
+    want = torch.stack([sum(w[t, j] * ffn.merged(int(e[t, j]))(x[0, t:t + 1])[0] for j in range(2)) for t in range(7)])
     torch.testing.assert_close(y[0], want, atol=1e-5, rtol=1e-5)
     assert torch.equal(stats["all"]["expert"], e) and float(stats["all"]["load"].sum()) == 14
 
@@ -126,11 +133,11 @@ def test_the_balance_loss_is_one_when_balanced_and_grows_with_collapse_and_capac
     real = torch.ones(1, 64, dtype=torch.bool)
     with torch.no_grad():
         ffn.router.weight.zero_()
-    _, s = ffn(x, None, real)
+    _, s = run(ffn, x, real)
     assert abs(float(s["all"]["balance"].detach()) - 1.0) < 1e-5  # uniform probabilities
     with torch.no_grad():
         ffn.router.weight[0], ffn.router.weight[1] = 0.3, 0.2  # every token prefers experts 0 then 1
-    _, s = ffn(x, None, real)
+    _, s = run(ffn, x, real)
     assert float(s["all"]["balance"].detach()) > 1.5
     cap = int(np.ceil(2 * 64 * 1.5 / 4))  # capacity factor 1.5 over 2N assignments
     assert s["all"]["load"].tolist() == [cap, cap, 0, 0]
@@ -139,7 +146,7 @@ def test_the_balance_loss_is_one_when_balanced_and_grows_with_collapse_and_capac
     opt = torch.optim.SGD(ffn.router.parameters(), lr=0.1)
     losses = []
     for _ in range(20):
-        loss = ffn(x, None, real)[1]["all"]["balance"]
+        loss = run(ffn, x, real)[1]["all"]["balance"]
         losses.append(float(loss.detach()))
         opt.zero_grad()
         loss.backward()
@@ -174,7 +181,7 @@ def test_stage_experts_sends_each_sample_to_its_modality_expert(model):
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_a_decompression_bomb_in_an_image_pair_is_refused_with_its_name():
-    from shardgen import bomb_png
+    from helpers.media import bomb_png
 
     class Reader:  # stands in for a ShardReader holding one bomb
         directory = "shards/images"

@@ -72,7 +72,7 @@ def corpus(tmp_path_factory):
     from test_bpe import corpus as bpe_text
 
     from mmtok.bpe import train_bpe
-    from shardgen import make_shards
+    from helpers.media import make_shards
 
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("unimoe")

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from momadata import cli, make_plan, metrics
-from mmtok.trainer.export import load_from_run
+from helpers.runs import cli, make_plan, metrics
+from mmtok.trainer.checkpoint import load_run
 
 COMMON = ["--lr", "0.01", "--warmup", "2"]
 
@@ -34,8 +34,8 @@ def _loader_next(run) -> int:
 def test_upcycled_experts_copy_the_ffn_and_routers_start_fresh(parent, tmp_path):
     r = cli("upcycle", parent["run"], "--experts", "3t2i", "--out", tmp_path / "up", "--json")
     assert r.exit_code == 0, r.output
-    old, _, _ = load_from_run(parent["run"])
-    new, cfg, step = load_from_run(tmp_path / "up")
+    old, _, _ = load_run(parent["run"])
+    new, cfg, step = load_run(tmp_path / "up")
     assert step == 0 and cfg.model.experts == "3t2i" and cfg.model.router_noise == "gumbel"
     for lo, ln in zip(old.layers, new.layers):
         for group, n in (("text", 3), ("image", 2)):
@@ -69,8 +69,8 @@ def test_upcycle_from_dense_and_refusals(parent, tmp_path):
     assert cli("train", "--plan", parent["plan"], "--out", dense, "--steps", 2, "--json").exit_code == 0
     r = cli("upcycle", dense, "--experts", "2t2i", "--out", tmp_path / "d2", "--json")
     assert r.exit_code == 0, r.output
-    old, _, _ = load_from_run(dense)
-    new, cfg, _ = load_from_run(tmp_path / "d2")
+    old, _, _ = load_run(dense)
+    new, cfg, _ = load_run(tmp_path / "d2")
     assert cfg.model.model == "moma"
     ffn = new.layers[1].ffn
     for group in (ffn.text, ffn.image):

@@ -8,8 +8,8 @@ from PIL import Image
 
 from mmtok.vocab import Vocab
 from mmtok.vq import PerceptualLoss, Quantizer, VQConfig, VQModel, load_image, to_unit
-from mmtok.vq_train import CKPT, LOG, psnr, ssim, train_vq
-from shardgen import bomb_png, draw_image, make_shards, old_load_image, photo
+from mmtok.trainer.vq_train import CKPT, LOG, psnr, ssim, train_vq
+from helpers.media import bomb_png, draw_image, make_shards, old_load_image, photo
 
 TINY = dict(resolution=16, downsample=2, codebook_size=64, code_dim=8, channels=16, res_blocks=1)
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from mmtok.plan import parse_layout
 
 # Sizes from MoMa's Table 1 (layers, width, heads; FFN = 4x width). `tiny` is ours: a
 # CPU step in well under a second at sequence length 128-256.
@@ -22,10 +23,9 @@ PRESETS = {
     "435m": dict(n_layers=24, d_model=1024, n_heads=16, ffn_hidden=4096),
     "1.4b": dict(n_layers=24, d_model=2048, n_heads=16, ffn_hidden=8192),
 }
-MODELS = ("dense", "moe", "moma", "mod-moma")  # mod-moma: MoMa + Mixture-of-Depths
+MODELS = ("dense", "moe", "moma", "mod-moma", "mot")  # mod-moma: MoMa + Mixture-of-Depths; mot: Mixture-of-Transformers
 ROUTINGS = ("expert-choice", "top2")
 ATTENTIONS = ("sdpa", "flex")
-LAYOUT_RE = re.compile(r"^(\d+)t(\d+)i$")
 # Allowed ranges of the numeric settings: (low, high, low excluded); None = unbounded. Their
 # types come from the defaults, so a TOML `lr = "fast"` or `n_layers = 2.5` is refused by name.
 RANGES = {
@@ -60,14 +60,6 @@ def check_values(cls, values: dict, where: str = "") -> None:
         if not ok:
             bounds = [f"{'>' if lo_open else '>='} {lo}"] * (lo is not None) + [f"<= {hi}"] * (hi is not None)
             raise ValueError(f"{where}{key} = {value!r}: expected {kind}{' ' + ' and '.join(bounds) if bounds else ''}")
-
-
-def parse_layout(layout: str) -> tuple[int, int]:
-    """`4t4i` -> (4 text experts, 4 image experts)."""
-    m = LAYOUT_RE.match(layout or "")
-    if not m or int(m[1]) < 1 or int(m[2]) < 1:
-        raise ValueError(f"expert layout {layout!r} is not of the form NtMi with N, M >= 1 (for example 4t4i or 1t1i)")
-    return int(m[1]), int(m[2])
 
 
 @dataclass
@@ -182,6 +174,10 @@ class RunConfig:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def checkpoint_meta(self, world: int) -> dict:
+        """train_state.json's fields beside step and world_size, for a run of `world` processes."""
+        return {"global_batch": world * self.train.grad_accum, "model": self.as_dict()["model"], "plan": self.plan}
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "the run's config.json") -> "RunConfig":

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmtok.trainer.model import Decoder, expert_load
+from mmtok.trainer.context import image_mask
+from mmtok.trainer.model import Decoder, expert_load, token_nll
 from mmtok.trainer.train import TrainError
 
 
@@ -100,8 +101,9 @@ def _stack(rows, seq_len):
 @torch.no_grad()
 def score(model: Decoder, batch_iter, routing: str = "batch") -> dict:
     """Sums of NLL and counts by kind, and expert load, over all batches. In batch routing,
-    also how often the auxiliary routers agree with the batch routers (`aux_agreement`)."""
-    from mmtok.trainer.moma import aux_agreement
+    also how often the auxiliary routers agree with the batch routers (`aux_agreement`: the
+    share; `aux_routing`: that share with its trivial rate, precision and recall)."""
+    from mmtok.trainer.aux_routers import agreement_summary, aux_agreement
 
     cfg = model.cfg
     lo, hi = cfg.image_range
@@ -110,12 +112,12 @@ def score(model: Decoder, batch_iter, routing: str = "batch") -> dict:
     load, agree = {}, {}
     for b in batch_iter:
         logits, stats = model(b["input_ids"], b["positions"], b["doc_ids"], routing)
-        for kind, (hits, n) in aux_agreement(stats).items():
-            agree[kind] = [x + y for x, y in zip(agree.get(kind, [0.0, 0.0]), (hits, n))]
+        for kind, got in aux_agreement(stats).items():
+            agree[kind] = {k: agree.get(kind, {}).get(k, 0.0) + v for k, v in got.items()}
         t = b["targets"]
         valid = t != -100
-        nll = torch.where(valid, torch.logsumexp(logits.float(), -1) - logits.float().gather(-1, t.clamp(min=0)[..., None])[..., 0], 0.0)
-        image = valid & (t >= lo) & (t < hi)
+        nll = token_nll(logits, t)[0]
+        image = valid & image_mask(t, (lo, hi))
         for name, mask in (("all", valid), ("text", valid & ~image), ("image", image),
                            ("i2t", b["roles"] == 1), ("t2i", b["roles"] == 2)):
             sums[name] += float(nll[mask].double().sum())
@@ -135,7 +137,8 @@ def score(model: Decoder, batch_iter, routing: str = "batch") -> dict:
                               "taken": (v["load"] / max(v["tokens"], 1.0)).tolist(),
                               "unrouted": v["unrouted"] / max(v["tokens"], 1.0)} for g, v in load.items()}
     if routing == "batch" and agree:
-        out["aux_agreement"] = {k: hits / max(n, 1.0) for k, (hits, n) in agree.items()}
+        out["aux_routing"] = {k: agreement_summary(got) for k, got in agree.items()}
+        out["aux_agreement"] = {k: v["agreement"] for k, v in out["aux_routing"].items()}
     return out
 
 
@@ -152,7 +155,7 @@ def evaluate(model_path: str, data: list[str], pairs: list[str], batch_size: int
     for kind, dirs in (("data", data), ("pairs", pairs)):
         if dirs:
             corpus = TokenCorpus(dirs)
-            check_vocab(corpus.vocab, cfg, ", ".join(dirs))
+            check_vocab(corpus.vocab.to_dict(), cfg, ", ".join(dirs))  # TokenCorpus.vocab is a Vocab
             check_tokenizer(corpus.tokenizer, cfg, ", ".join(dirs))
             corpus.check()
             corpora[kind] = corpus
@@ -173,10 +176,10 @@ def evaluate(model_path: str, data: list[str], pairs: list[str], batch_size: int
             return score(model, counted(), routing)
 
     def docs(corpus, with_roles):
-        n = n_docs(corpus)
+        n, vocab = n_docs(corpus), corpus.vocab.to_dict()
         for d in range(n):
             tokens = corpus.read(d).astype(np.int64)
-            yield from windows(tokens, seq_len, pair_roles(tokens, corpus.vocab) if with_roles else None)
+            yield from windows(tokens, seq_len, pair_roles(tokens, vocab) if with_roles else None)
 
     result = {"model": str(model_path), "seq_len": seq_len, "config": {"model": cfg.model, "experts": cfg.experts}}
     result.update(overlap_notes(model_path, corpora, max_docs))
@@ -184,10 +187,18 @@ def evaluate(model_path: str, data: list[str], pairs: list[str], batch_size: int
         result["heldout"] = scored("eval held-out", corpora["data"], False)
         if "aux_agreement" in result["heldout"]:  # expert-choice model: perplexity with causal routing too
             result["heldout_causal"] = scored("eval held-out, causal routing", corpora["data"], False, "causal")
+            result["causal_gap"] = causal_gap(result["heldout"], result["heldout_causal"])
     if "pairs" in corpora:
         s = scored("eval pairs", corpora["pairs"], True)
         result["pairs"] = {"image_to_text": s["i2t"], "text_to_image": s["t2i"], "expert_load": s["expert_load"]}
     return result
+
+
+def causal_gap(batch: dict, causal: dict) -> dict:
+    """Held-out loss (nats/token) with causal routing minus with batch routing, by kind: what
+    decoding with the auxiliary routers costs against the routing the model trained with."""
+    return {k: causal[k]["loss"] - batch[k]["loss"] for k in ("all", "text", "image")
+            if batch[k]["loss"] is not None and causal[k]["loss"] is not None}
 
 
 def _training_plan(model_path: str | Path) -> str | None:
@@ -243,10 +254,7 @@ def write_report(result: dict, out: str | Path, metrics_jsonl: Path | None) -> l
     lines = [f"# Evaluation of {result['model']}", "", "| measure | tokens | loss | perplexity |", "| --- | --- | --- | --- |"]
     for label, m in summary_rows(result):
         lines.append(f"| {label} | {m['tokens']} | {_f(m['loss'])} | {_f(m['ppl'])} |")
-    agree = result.get("heldout", {}).get("aux_agreement")
-    if agree:
-        lines += ["", "Auxiliary routers agreeing with the batch routers: " +
-                  ", ".join(f"{k} {v:.1%}" for k, v in agree.items())]
+    lines += aux_lines(result)
     load = (result.get("heldout") or result.get("pairs") or {}).get("expert_load", {})
     if load:
         lines += ["", "## Expert utilisation (share of routed tokens per expert)", ""]
@@ -268,6 +276,27 @@ def write_report(result: dict, out: str | Path, metrics_jsonl: Path | None) -> l
         lines += ["", "![expert load](expert_load.png)"]
     atomic_write(files[1], ("\n".join(lines) + "\n").encode())
     return [str(f) for f in files]
+
+
+def aux_lines(result: dict) -> list[str]:
+    """eval.md's auxiliary-router section: agreement beside the trivial rate, precision and
+    recall of "selected", and the causal routing's loss gap."""
+    routing = result.get("heldout", {}).get("aux_routing")
+    if not routing:
+        return []
+    lines = ["", "## Auxiliary routers against the batch routers (held-out)", "",
+             "| router | agreement | always \"not selected\" | precision | recall |", "| --- | --- | --- | --- | --- |"]
+
+    def pct(x):
+        return "-" if x is None else f"{x:.1%}"
+
+    for k, v in routing.items():
+        lines.append(f"| {k} | {pct(v['agreement'])} | {pct(v['trivial'])} | {pct(v['precision'])} | {pct(v['recall'])} |")
+    gap = result.get("causal_gap", {})
+    if gap:
+        lines += ["", "Causal routing minus batch routing, held-out loss (nats/token): " +
+                  ", ".join(f"{k} {v:+.4f}" for k, v in gap.items())]
+    return lines
 
 
 def load_bars(load: dict) -> list[tuple[str, str, float]]:

@@ -7,44 +7,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from mmtok.shards import atomic_write, read_json
-from mmtok.trainer import checkpoint_io
-from mmtok.trainer.config import ModelConfig, RunConfig
+from mmtok.shards import atomic_write
+from mmtok.trainer.checkpoint import load_run
+from mmtok.trainer.config import ModelConfig
 from mmtok.trainer.model import Decoder
-from mmtok.trainer.train import CONFIG, TrainError, intact_checkpoint
+from mmtok.trainer.train import CONFIG, TrainError
 
 EXPORT_FORMAT = "mmtok-model/1"
 WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer"  # the bundled tokenizer directory of an export
-
-
-def read_run_config(run: Path) -> RunConfig:
-    """A run's saved configuration; a folder that is not a run is refused naming it."""
-    if not (run / CONFIG).exists():
-        raise TrainError(f"{run}: not a training run (no {CONFIG}); pass the --out directory of `mmtok train`")
-    return RunConfig.from_dict(read_json(run / CONFIG), where=str(run / CONFIG))
-
-
-def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    """Fill `model` from checkpoint `ckpt` in this process, never unpickling (checkpoint_io)."""
-    state = {"model": model.state_dict()}
-    checkpoint_io.load(state, ckpt, no_dist=True)
-    model.load_state_dict(state["model"])
-
-
-def load_from_run(run: str | Path) -> tuple[Decoder, RunConfig, int]:
-    """The model of a run's newest checkpoint, on CPU, in one process (refused if damaged)."""
-    run = Path(run)
-    cfg = read_run_config(run)
-    ckpt = intact_checkpoint(run)
-    if ckpt is None:
-        raise TrainError(f"{run}: has no checkpoint yet")
-    saved = read_json(ckpt / "train_state.json")
-    model = Decoder(cfg.model)
-    load_weights(model, ckpt)
-    return model.eval(), cfg, int(saved["step"])
 
 
 def export(run: str | Path, to: str | Path, fmt: str = "mmtok", tokenizer: str | Path | None = None,
@@ -68,7 +39,7 @@ def export(run: str | Path, to: str | Path, fmt: str = "mmtok", tokenizer: str |
     to = Path(to)
     _check_out(to)
     with status(f"reading the newest checkpoint of {run}"):
-        model, cfg, step = load_from_run(run)
+        model, cfg, step = load_run(run, "decoder")
     tokdir = None if tokenizer is None else _check_tokenizer(Path(tokenizer), cfg.model)
     summary = {"out": str(to), "step": step, "parameters": sum(p.numel() for p in model.state_dict().values())}
     if fmt == "hf":
@@ -136,6 +107,6 @@ def load_model(path: str | Path) -> tuple[Decoder, ModelConfig]:
     path = Path(path)
     if (path / CONFIG).exists() and (path / WEIGHTS).exists():
         return load_exported(path)
-    model, cfg, _ = load_from_run(path)
+    model, cfg, _ = load_run(path, "decoder")
     return model, cfg.model
 

@@ -84,7 +84,7 @@ def untrained_aux_routers(path: str, model: Decoder) -> str | None:
     from pathlib import Path
 
     from mmtok.trainer.model import is_aux_param
-    from mmtok.trainer.moma import AUX_REPORT
+    from mmtok.trainer.aux_routers import AUX_REPORT
 
     if model.cfg.aux_routers == "joint" or not any(is_aux_param(n) for n, _ in model.named_parameters()):
         return None
@@ -101,7 +101,7 @@ def untrained_aux_routers(path: str, model: Decoder) -> str | None:
         return None
     return (f"{run}: the auxiliary routers of this {model.cfg.model} model were never trained, and generation routes "
             "every token through them (causal routing), so its output is close to random; train them first: "
-            f"mmtok train --stage aux-routers --resume --plan {plan} --out {run}")
+            f"mmtok train --train-aux-routers --resume --plan {plan} --out {run}")
 
 
 @torch.no_grad()

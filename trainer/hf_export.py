@@ -170,8 +170,9 @@ def init_run(src: str | Path, cfg: RunConfig, out: str | Path, position: dict, g
     routers) for moma / mod-moma. `cfg` must carry `chameleon_options(src)`; `position`
     is the loader's starting state. Continue with `mmtok train --resume --out OUT`."""
     from mmtok.locks import exclusive
-    from mmtok.trainer.moma import _LoaderState, upcycle_weights
-    from mmtok.trainer.train import Checkpointer, build_optimizer
+    from mmtok.trainer.checkpoint import Checkpointer, LoaderState
+    from mmtok.trainer.train import build_optimizer
+    from mmtok.trainer.upcycle import upcycle_weights
 
     src, out = Path(src), Path(out)
     dense_cfg = ModelConfig(**{**cfg.as_dict()["model"], "model": "dense", "experts": ""})
@@ -189,8 +190,8 @@ def init_run(src: str | Path, cfg: RunConfig, out: str | Path, position: dict, g
             raise TrainError(f"{out} already holds a run; --init-from starts a new one: choose a new --out")
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / CONFIG, json.dumps(cfg.as_dict(), indent=1, sort_keys=True).encode())
-        path = Checkpointer(out, 0, 1).save(0, model.train(), build_optimizer(model, cfg.train), _LoaderState(position), cfg,
-                                            keep={"global_batch": global_batch})
+        path = Checkpointer(out, 0, 1).save(0, model.train(), build_optimizer(model, cfg.train), LoaderState(position),
+                                            {**cfg.checkpoint_meta(1), "global_batch": global_batch})
         atomic_write(out / "initialized_from.json", json.dumps({"source": str(src.resolve()), "format": "huggingface",
                                                                  "model": cfg.model.model}, indent=1).encode())
     return {"out": str(out), "checkpoint": str(path), "source": str(src), "model": cfg.model.model}

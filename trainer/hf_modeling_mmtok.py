@@ -44,7 +44,8 @@ class MmtokForCausalLM(PreTrainedModel, GenerationMixin):
         """The weights come from the checkpoint; only the rotary table, a buffer that is
         computed rather than saved, is made here (transformers builds models on the meta
         device, so the decoder's own is never filled)."""
-        from mmtok.trainer.model import Decoder, rotary_table
+        from mmtok.trainer.attention import rotary_table
+        from mmtok.trainer.model import Decoder
 
         if isinstance(module, Decoder):
             c = module.cfg

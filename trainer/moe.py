@@ -8,12 +8,15 @@ device (no `.item()`, no `nonzero`): a group's capacity is a tensor, the top-k r
 largest capacity the batch shape allows, and only its first k rows count. That makes the
 blocks compile-clean (`torch.compile(fullgraph=True)`). Three routers:
 
-- `ExpertChoice`: each expert picks its top-k tokens by a sigmoid gate (Zhou et al. 2022;
-  MoMa inside each modality group). k = ceil(tokens * capacity_factor / experts), so the
+- `ExpertChoice`: each expert picks its top-k tokens by its centred router logit
+  (`selection_scores`) and scales them by a sigmoid gate (Zhou et al. 2022; MoMa inside
+  each modality group). k = ceil(tokens * capacity_factor / experts), so the
   load is balanced by construction and no balancing loss is needed. A token may be picked
   by several experts or by none (then only the residual carries it).
 - `TopTwo`: each token picks its two best experts by softmax (token choice, as MM1 and
-  Uni-MoE use), dropless, with a load-balancing loss and a router z-loss.
+  Uni-MoE use), dropless, with a load-balancing loss and a router z-loss. Its gate
+  (`top2_gate`) and its layout of assignments per expert (`dispatch`) are the ones Uni-MoE's
+  LoRA experts use too.
 - `MoMaFFN`: per-modality groups; a text token reaches only the text group's experts and
   an image token only the image group's. Padding reaches no expert.
 
@@ -99,13 +102,16 @@ class AuxRouter(nn.Module):
 
 
 def aux_stats(logits: torch.Tensor, chosen: torch.Tensor, rows: torch.Tensor | None = None) -> dict:
-    """BCE of auxiliary logits [N, n] against the batch router's selections, and hits, over
-    the rows where the mask `rows` [N] is set (all if None): a mask, not a selection, keeps
-    the shapes static."""
+    """BCE of auxiliary logits [N, n] against the batch router's selections, and counts over
+    the rows where the mask `rows` [N] is set (all if None): hits (prediction = selection),
+    predictions made, true positives, selections, predicted selections (for the trivial
+    rate, precision and recall). A mask, not a selection, keeps the shapes static."""
     keep = torch.ones_like(chosen) if rows is None else rows.unsqueeze(-1).expand_as(chosen)
     n = keep.sum().float()
     bce = F.binary_cross_entropy_with_logits(logits, chosen.float(), weight=keep.float(), reduction="sum") / n.clamp(min=1)
-    return {"aux_bce": bce, "aux_hits": (((logits > 0) == chosen) & keep).sum().float(), "aux_n": n}
+    pred, chosen = (logits > 0) & keep, chosen & keep
+    return {"aux_bce": bce, "aux_hits": ((pred == chosen) & keep).sum().float(), "aux_n": n,
+            "aux_tp": (pred & chosen).sum().float(), "aux_pos": chosen.sum().float(), "aux_pred": pred.sum().float()}
 
 
 def gumbel_sigmoid_noise(logits: torch.Tensor) -> torch.Tensor:
@@ -144,7 +150,21 @@ def token_rows(real: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+def selection_scores(logits: torch.Tensor) -> torch.Tensor:
+    """What each expert ranks tokens by: its router logit minus the token's mean logit over
+    the group's experts. Trained routers share one direction ("this token wants an FFN"):
+    ranked on raw gates every expert picks the same tokens and most reach none. Centred, that
+    common part cancels and experts compete for tokens, as the softmax over experts of Zhou
+    et al.'s expert choice makes them; the gate that scales the output stays the sigmoid.
+    A lone expert keeps its logit (its centred score would be 0 for every token)."""
+    return logits - logits.mean(1, keepdim=True) if logits.shape[1] > 1 else logits
+
+
 class ExpertChoice(nn.Module):
+    # "centred" (selection_scores) or "gate" (rank on the sigmoid gate itself, as before the
+    # fix; kept for benchmarks/bench_routing_coverage.py's before/after)
+    select = "centred"
+
     def __init__(self, d: int, hidden: int, n_experts: int, capacity_factor: float = 1.0, noise: bool = False):
         super().__init__()
         self.n_experts, self.capacity_factor, self.noise = n_experts, capacity_factor, noise
@@ -167,10 +187,11 @@ class ExpertChoice(nn.Module):
         if self.capacity_factor >= n_e:  # every expert takes every member (e.g. one expert per group)
             order = torch.arange(n_all, device=x.device) if member is None else (~member).byte().argsort(stable=True)
             return gates.index_select(0, order).T, order.expand(n_e, n_all), k
-        # sigmoid gates lie in (0, 1): non-members, scored -1, rank after every member
-        scores = gates if member is None else gates.masked_fill(~member.unsqueeze(1), -1.0)
-        gate, idx = scores.T.topk(capacity(n_all, n_e, self.capacity_factor), dim=1)
-        return gate, idx, k
+        scores = selection_scores(logits) if self.select == "centred" else gates
+        if member is not None:  # non-members rank after every member
+            scores = scores.masked_fill(~member.unsqueeze(1), -math.inf)
+        idx = scores.T.topk(capacity(n_all, n_e, self.capacity_factor), dim=1).indices
+        return gates.T.gather(1, idx), idx, k
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> tuple[torch.Tensor, dict]:
         out = torch.zeros_like(x)
@@ -226,6 +247,37 @@ class ExpertChoice(nn.Module):
                 "tokens": x.new_full((), float(mine.shape[0]), dtype=torch.float32)}
 
 
+def top2_gate(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Token-choice top-2 over router logits [n, E]: each token's two experts [n, 2], their
+    softmax weights renormalised to sum to 1, and the losses that keep the router healthy:
+    Switch-style balance, E * sum_e (share of assignments to e) * (mean prob of e), which is 1
+    when perfectly balanced, and the router z-loss, which keeps the logits small."""
+    n, n_e = logits.shape
+    probs = logits.softmax(-1)
+    weight, expert = probs.topk(2, dim=-1)
+    weight = weight / weight.sum(-1, keepdim=True)
+    share = torch.bincount(expert.reshape(-1), minlength=n_e).float() / max(2 * n, 1)
+    balance = n_e * (share * probs.mean(0)).sum() if n else logits.sum() * 0
+    router_z = torch.logsumexp(logits, -1).pow(2).mean() if n else logits.sum() * 0
+    return weight, expert, {"balance": balance, "router_z": router_z}
+
+
+def dispatch(expert: torch.Tensor, n_experts: int, cap: int | None = None):
+    """Token-choice assignments expert [n, k] laid out per expert, in token order: for each
+    kept assignment, sorted by expert, its index into `expert.reshape(-1)` (the token is
+    that // k), its expert and its slot among the expert's rows; each expert keeps its first
+    `cap` (all if None: dropless). Also every expert's count before the cap."""
+    flat = expert.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    by_expert = flat[order]
+    slot = torch.arange(flat.numel(), device=expert.device) - (counts.cumsum(0) - counts)[by_expert]
+    if cap is not None:
+        keep = slot < cap
+        order, by_expert, slot = order[keep], by_expert[keep], slot[keep]
+    return order, by_expert, slot, counts
+
+
 class TopTwo(nn.Module):
     def __init__(self, d: int, hidden: int, n_experts: int):
         super().__init__()
@@ -235,30 +287,17 @@ class TopTwo(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> tuple[torch.Tensor, dict]:
         # token choice is causal already: `causal` changes nothing
-        n, d, E = x.shape[0], x.shape[-1], self.n_experts
-        logits = self.router(x).float()
-        probs = logits.softmax(-1)
-        weight, expert = probs.topk(2, dim=-1)
-        weight = weight / weight.sum(-1, keepdim=True)
-        # Sort the 2N (token, expert) assignments by expert and lay them out as a padded
-        # [E, C, d] batch, C = the busiest expert's count (dropless).
-        flat = expert.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=E)
-        by_expert = flat[order]
-        slot = torch.arange(flat.numel(), device=x.device) - (counts.cumsum(0) - counts)[by_expert]
+        n, d = x.shape[0], x.shape[-1]
+        weight, expert, losses = top2_gate(self.router(x).float())
+        # dropless: a padded [E, C, d] batch, C = the busiest expert's count
+        order, by_expert, slot, counts = dispatch(expert, self.n_experts)
         token = order // 2
-        buf = x.new_zeros(E, int(counts.max()) if n else 0, d)
+        buf = x.new_zeros(self.n_experts, int(counts.max()) if n else 0, d)
         buf[by_expert, slot] = x[token]
         y = self.experts(buf)[by_expert, slot] * weight.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
         out = torch.zeros_like(x).index_add_(0, token, y)
-        # Switch-style balance loss: E * sum_e (share of assignments to e) * (mean prob of e);
-        # equals 1 when perfectly balanced. Router z-loss keeps the logits small.
-        share = counts.float() / max(flat.numel(), 1)
-        balance = E * (share * probs.mean(0)).sum() if n else logits.sum() * 0
-        router_z = torch.logsumexp(logits, -1).pow(2).mean() if n else logits.sum() * 0
         stats = {"load": counts.float(), "unrouted": x.new_zeros((), dtype=torch.float32), "tokens": x.new_full((), float(n), dtype=torch.float32)}
-        return out, stats | {"balance": balance, "router_z": router_z}
+        return out, stats | losses
 
 
 class MoMaFFN(nn.Module):
@@ -269,13 +308,13 @@ class MoMaFFN(nn.Module):
         self.text = ExpertChoice(d, hidden, n_text, capacity_factor, noise)
         self.image = ExpertChoice(d, hidden, n_image, capacity_factor, noise)
 
-    def forward(self, x: torch.Tensor, is_image: torch.Tensor, real: torch.Tensor, causal: bool = False) -> tuple[torch.Tensor, dict]:
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         out = torch.zeros_like(flat)
-        real, is_image = real.reshape(-1), is_image.reshape(-1)
-        stats = {"text": self.text.add_into(out, flat, real & ~is_image, causal),
-                 "image": self.image.add_into(out, flat, real & is_image, causal)}
-        return out.view_as(x), stats
+        real, is_image = ctx.real.reshape(-1), ctx.is_image.reshape(-1)
+        self.routing_stats = {"text": self.text.add_into(out, flat, real & ~is_image, ctx.causal),
+                              "image": self.image.add_into(out, flat, real & is_image, ctx.causal)}
+        return out.view_as(x)
 
 
 class MoEFFN(nn.Module):
@@ -285,13 +324,14 @@ class MoEFFN(nn.Module):
         super().__init__()
         self.all = ExpertChoice(d, hidden, n_experts, capacity_factor, noise) if routing == "expert-choice" else TopTwo(d, hidden, n_experts)
 
-    def forward(self, x: torch.Tensor, is_image: torch.Tensor, real: torch.Tensor, causal: bool = False) -> tuple[torch.Tensor, dict]:
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         out = torch.zeros_like(flat)
         if isinstance(self.all, ExpertChoice):
-            stats = self.all.add_into(out, flat, real.reshape(-1), causal)
+            stats = self.all.add_into(out, flat, ctx.real.reshape(-1), ctx.causal)
         else:
-            rows = token_rows(real)
-            y, stats = self.all(flat.index_select(0, rows), causal)
+            rows = token_rows(ctx.real)
+            y, stats = self.all(flat.index_select(0, rows), ctx.causal)
             out.index_add_(0, rows, y)
-        return out.view_as(x), {"all": stats}
+        self.routing_stats = {"all": stats}
+        return out.view_as(x)

@@ -29,6 +29,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def use_bf16(tc, device: torch.device) -> bool:
+    """The one mixed-precision rule of every job: `mixed_precision` bf16, or auto on a GPU."""
+    return tc.mixed_precision == "bf16" or (tc.mixed_precision == "auto" and device.type == "cuda")
+
+
 def reshard_after_forward(i: int, last: int, world: int) -> bool:
     """Whether block i frees its gathered parameters after forward. One process holds every
     shard anyway: keeping the bf16 copies saves recasting them in backward. The last block's
@@ -37,7 +42,11 @@ def reshard_after_forward(i: int, last: int, world: int) -> bool:
 
 
 def parallelize(model: torch.nn.Module, world: int, device: torch.device, *, bf16: bool, act_ckpt: bool,
-                compile: bool) -> torch.nn.Module:
+                compile: bool, keep_gathered: bool = False) -> torch.nn.Module:
+    """FSDP2 per block (and activation checkpointing / compile). `keep_gathered` keeps every
+    block's parameters gathered after its forward: needed when the loss reaches a block only
+    through its recorded routing stats (the aux-router stage: frozen blocks, so no block
+    output needs a gradient and FSDP's pre-backward gather never runs)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -54,6 +63,7 @@ def parallelize(model: torch.nn.Module, world: int, device: torch.device, *, bf1
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     last = len(model.layers) - 1
     for i, block in enumerate(model.layers):
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward(i, last, world))
+        reshard = False if keep_gathered else reshard_after_forward(i, last, world)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model

@@ -11,24 +11,23 @@ A run directory holds:
   checkpoints/latest     name of the newest complete checkpoint
   .mmtok.lock            held by rank 0 while the run trains: one trainer per run directory
 
-Checkpoints are written into a temporary directory and renamed when every rank has
-finished, so `latest` always names a complete one. Each lists its files' sha256 in
-checksums.json and is read through `checkpoint_io` (nothing in it is unpickled freely);
-`--resume` skips a damaged one for the newest intact one. The loop saves every `ckpt_every`
-steps, at the end, and when SIGINT/SIGTERM arrives (after the step in flight). Resuming
-restores model, optimizer, schedule, data position and RNG, so the losses continue
-exactly as in an uninterrupted run.
+Checkpoints (trainer/checkpoint.py, the one manager) are written into a temporary
+directory and renamed when every rank has finished, so `latest` always names a complete
+one. Each lists its files' sha256 in checksums.json and is read through `checkpoint_io`
+(nothing in it is unpickled freely); `--resume` skips a damaged one for the newest intact
+one. The loop saves every `ckpt_every` steps, at the end, and when SIGINT/SIGTERM arrives
+(after the step in flight). Resuming restores model, optimizer, schedule, data position
+and RNG, so the losses continue exactly as in an uninterrupted run.
+
+`run_job` trains any `Job` (trainer/job.py); `DecoderJob` here and
+`unimoe_train.UniMoEJob` are the two.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import math
-import os
-import re
-import shutil
 import signal
 import sys
 import time
@@ -41,26 +40,18 @@ import torch.distributed as dist
 
 from mmtok.locks import LOCK_FILE, exclusive
 from mmtok.shards import atomic_write
-from mmtok.trainer import checkpoint_io
+from mmtok.trainer.checkpoint import (CKPT_DIR, LATEST, Checkpointer, intact_checkpoint, latest_checkpoint,
+                                      loader_position, truncate_jsonl)
 from mmtok.trainer.config import RunConfig, to_toml
+from mmtok.trainer.job import CONFIG, CONFIG_TOML, METRICS, Job, RunKind, TrainError, json_bytes
 from mmtok.trainer.model import Decoder, expert_load, flops_per_token, is_aux_param, loss_terms
-from mmtok.trainer.parallel import init_distributed, parallelize
+from mmtok.trainer.parallel import init_distributed, parallelize, use_bf16
 
-CONFIG, CONFIG_TOML, METRICS, CKPT_DIR, LATEST = "config.json", "config.toml", "metrics.jsonl", "checkpoints", "latest"
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peak
-STEP_NAME = re.compile(r"step-\d{8,}")
-
-
-class TrainError(ValueError):
-    """A problem with the run's inputs (config, plan, checkpoint); nothing was trained."""
 
 
 class GlobalBatchChanged(UserWarning):
     """A run resumed with another processes x --grad-accum than its checkpoint was trained with."""
-
-
-class SkippedCheckpoint(UserWarning):
-    """--resume passed over a damaged checkpoint for an older intact one."""
 
 
 def lr_at(step: int, tc) -> float:
@@ -81,60 +72,6 @@ def build_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
     on_gpu = next(model.parameters()).is_cuda
     return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                              lr=tc.lr, betas=tc.betas, fused=on_gpu, foreach=not on_gpu)
-
-
-def _rng_state() -> dict:
-    enc = lambda t: base64.b64encode(t.numpy().tobytes()).decode()  # noqa: E731
-    state = {"torch": enc(torch.get_rng_state())}
-    if torch.cuda.is_available():
-        state["cuda"] = enc(torch.cuda.get_rng_state())
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    dec = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)  # noqa: E731
-    torch.set_rng_state(dec(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(dec(state["cuda"]))
-
-
-def latest_checkpoint(run: Path) -> Path | None:
-    """The checkpoint `latest` names; refused unless it is a step directory of this run."""
-    p = run / CKPT_DIR / LATEST
-    if not p.exists():
-        return None
-    name = p.read_text().strip()
-    if not STEP_NAME.fullmatch(name):  # never a path: a shared run must not make us read elsewhere
-        raise TrainError(f"{p} names {name!r}, not a checkpoint of this run (step-NNNNNNNN); the run was altered")
-    path, aside = run / CKPT_DIR / name, run / CKPT_DIR / f".{name}.old"
-    if not path.exists() and aside.exists():  # killed while a step was saved again: its previous copy is whole
-        os.replace(aside, path)
-    if path.is_symlink():
-        raise TrainError(f"{path} is a link; a checkpoint must be a directory inside its run")
-    return path
-
-
-def intact_checkpoint(run: Path, fallback: bool = False) -> Path | None:
-    """The newest checkpoint whose files match their checksums. Without `fallback` a damaged
-    newest one is an error (CheckpointError); with it (--resume), older ones are tried in
-    turn, each skip a SkippedCheckpoint warning naming the checkpoint and the damage."""
-    newest = latest_checkpoint(run)
-    if newest is None:
-        return None
-    step = lambda p: int(p.name[5:])  # noqa: E731
-    older = [p for p in (run / CKPT_DIR).glob("step-*") if STEP_NAME.fullmatch(p.name) and step(p) < step(newest)
-             and p.is_dir() and not p.is_symlink()] if fallback else []
-    damage = []
-    for path in [newest, *sorted(older, key=step, reverse=True)]:
-        try:
-            checkpoint_io.verify(path)
-            return path
-        except checkpoint_io.CheckpointError as e:
-            if not fallback:
-                raise
-            damage.append(str(e))
-            warnings.warn(f"skipping checkpoint {path.name}: {e}", SkippedCheckpoint, stacklevel=2)
-    raise TrainError(f"{run}: no intact checkpoint to resume from ({'; '.join(damage)}); start again in a new --out")
 
 
 def from_rank0(fn: Callable, rank: int, world: int):
@@ -163,67 +100,6 @@ def check_same_model(saved: dict, current: dict, where: str) -> None:
         raise TrainError(f"{where} is from another model ({detail}); use a new --out, or the same model options")
 
 
-class Checkpointer:
-    def __init__(self, run: Path, rank: int, world: int, keep: int = 2):
-        self.dir, self.rank, self.world, self.keep = run / CKPT_DIR, rank, world, keep
-
-    def _barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
-    def save(self, step: int, model, optimizer, loader, cfg: RunConfig, keep: dict | None = None) -> Path:
-        """`keep`: train_state fields carried over from the checkpoint a step is derived from
-        (the aux-router stage, upcycling) instead of this process group's."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        name = f"step-{step:08d}"
-        final, tmp = self.dir / name, self.dir / f".{name}.tmp"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self._barrier()
-        msd, osd = get_state_dict(model, optimizer)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-        state = {"loader": loader.state_dict(), "rng": _rng_state()}
-        atomic_write(tmp / f"rank-{self.rank}.json", json.dumps(state).encode())
-        if self.rank == 0:
-            meta = {"step": step, "world_size": self.world, "global_batch": self.world * cfg.train.grad_accum,
-                    "model": cfg.as_dict()["model"], "plan": cfg.plan, **(keep or {})}
-            atomic_write(tmp / "train_state.json", json.dumps(meta, indent=1).encode())
-        self._barrier()
-        if self.rank == 0:
-            checkpoint_io.write_checksums(tmp)  # last: a checkpoint with its list is whole
-            aside = self.dir / f".{name}.old"
-            if final.exists():  # the same step saved again (aux-router stage): set the old copy aside, never delete first
-                shutil.rmtree(aside, ignore_errors=True)
-                os.replace(final, aside)
-            os.replace(tmp, final)
-            atomic_write(self.dir / LATEST, name.encode())
-            shutil.rmtree(aside, ignore_errors=True)
-            for old in sorted(self.dir.glob("step-*"))[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        self._barrier()
-        return final
-
-    def load(self, path: Path, model, optimizer, loader) -> int:
-        """Restore `path` (verified by the caller: intact_checkpoint)."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        msd, osd = get_state_dict(model, optimizer)
-        state = {"model": msd, "optim": osd}
-        checkpoint_io.load(state, path)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        meta = json.loads((path / "train_state.json").read_text())
-        # The loader state is a position in the plan's global order, the same on every rank,
-        # so a run may resume at another world size (DCP reshards the model and optimizer).
-        mine = path / f"rank-{self.rank}.json"
-        extra = json.loads((mine if mine.exists() else path / "rank-0.json").read_text())
-        loader.load_state_dict(extra["loader"])
-        _set_rng_state(extra["rng"])
-        return int(meta["step"])
-
-
 class Metrics:
     """JSONL + TensorBoard on rank 0."""
 
@@ -233,9 +109,7 @@ class Metrics:
         self.tb = None
         if rank != 0:
             return
-        if self.path.exists():  # drop records past the checkpoint we resume from
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            atomic_write(self.path, "".join(ln + "\n" for ln in keep).encode())
+        truncate_jsonl(self.path, resume_step)
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(run / "tb"), purge_step=resume_step + 1)
@@ -297,27 +171,37 @@ class _Stop:
 
 
 class DecoderJob:
-    """`mmtok train` of a Decoder (dense, moe, moma, mod-moma) on a balance-mix plan. A job
-    is what one kind of model brings to the shared loop in `run_job`: its config, loaders,
-    model, forward pass and losses; `trainer/unimoe_train.py` has the other kind."""
+    """`mmtok train` of a Decoder (dense, moe, moma, mod-moma) on a balance-mix plan: the
+    `Job` (trainer/job.py) that the loop in `run_job` trains; `unimoe_train.UniMoEJob` is
+    the other one."""
 
     def __init__(self, cfg: RunConfig, make_loader: Callable[[int, int], object]):
-        self.cfg, self.make_loader = cfg, make_loader
+        self.cfg, self.train, self.data = cfg, cfg.train, cfg.plan or "the data"
+        self._make_loader = make_loader
 
-    def same_run(self, saved: dict, where: str) -> None:
+    def make_loader(self, rank: int, world: int):
+        return self._make_loader(rank, world)
+
+    def check_resume(self, saved: dict, where: str) -> None:
         """Resuming may change training options (more steps, ...), not the model."""
         check_same_model(RunConfig.from_dict(saved).as_dict()["model"], self.cfg.as_dict()["model"], where)
 
     def build(self, device: torch.device) -> torch.nn.Module:
         if self.cfg.model.attention == "flex" and device.type != "cuda":
             raise TrainError("--attention flex needs a GPU (PyTorch's flex attention has no CPU backward); use sdpa")
-        return Decoder(self.cfg.model)
+        return DECODER.build(self.cfg)
+
+    def config_files(self) -> dict[str, bytes]:
+        # config.toml: the same settings in the form `--config` reads
+        return {CONFIG: json_bytes(self.cfg.as_dict()), CONFIG_TOML: to_toml(self.cfg).encode()}
 
     def files(self) -> dict:
         return {}
 
+    def checkpoint_meta(self, world: int) -> dict:
+        return self.cfg.checkpoint_meta(world)
+
     def forward(self, model, batch: dict) -> tuple[dict, list[dict], dict]:
-        """Loss terms, routing statistics, and (NLL sum, token count) per reported group."""
         # the fused head (chunked cross-entropy): the full logits never exist
         logits, stats = model(batch["input_ids"], batch["positions"], batch["doc_ids"], targets=batch["targets"])
         terms = loss_terms(self.cfg.model, logits, batch["targets"], stats)
@@ -325,11 +209,14 @@ class DecoderJob:
         return terms, stats, groups
 
     def flops_per_token(self) -> float | None:
-        """Training FLOPs per token for MFU (None: not reported)."""
         return flops_per_token(self.cfg.model, self.cfg.model.max_seq_len)
 
     def summary(self) -> dict:
         return {}
+
+
+DECODER = RunKind("decoder", lambda d, where: RunConfig.from_dict(d, where=where), lambda cfg: Decoder(cfg.model),
+                  "pass the --out directory of `mmtok train`")
 
 
 def train(cfg: RunConfig, run: str | Path, make_loader: Callable[[int, int], object], **kw) -> dict:
@@ -338,8 +225,9 @@ def train(cfg: RunConfig, run: str | Path, make_loader: Callable[[int, int], obj
     return run_job(DecoderJob(cfg, make_loader), run, **kw)
 
 
-def run_job(job, run: str | Path, *, resume: bool = False, stop_at_step: int | None = None, live: bool = True) -> dict:
-    """The training loop shared by every model: FSDP2 under torchrun, gradient accumulation,
+def run_job(job: Job, run: str | Path, *, resume: bool = False, stop_at_step: int | None = None,
+            live: bool = True) -> dict:
+    """The training loop every job runs: FSDP2 under torchrun, gradient accumulation,
     clipping, the schedule, metrics, checkpoints, resume and SIGTERM."""
     run = Path(run)
     rank, world, device = init_distributed()
@@ -354,12 +242,14 @@ def run_job(job, run: str | Path, *, resume: bool = False, stop_at_step: int | N
 
         # Checked before anything is written or trained; every rank stops with rank 0's message.
         ckpt_path = from_rank0(claim, rank, world)
-        return _train(job, run, rank, world, device, ckpt_path, stop_at_step, live)
+        loader, end = _start(job, run, rank, world, ckpt_path, stop_at_step)
+        return _train(job, run, rank, world, device, loader, ckpt_path, end, live)
 
 
-def _train(job, run: Path, rank: int, world: int, device, ckpt_path: Path | None, stop_at_step, live) -> dict:
-    cfg = job.cfg
-    tc = cfg.train
+def _start(job: Job, run: Path, rank: int, world: int, ckpt_path: Path | None, stop_at_step) -> tuple[object, int]:
+    """The loader at the checkpoint's position and the last step to train, checked against
+    each other before anything is written."""
+    tc = job.train
     loader = job.make_loader(rank, world)
     saved = json.loads((ckpt_path / "train_state.json").read_text()) if ckpt_path else {}
     start = saved.get("step", 0)
@@ -369,29 +259,38 @@ def _train(job, run: Path, rank: int, world: int, device, ckpt_path: Path | None
                       f"--grad-accum), resumed with {world} x {tc.grad_accum}: the data continues where it stopped, "
                       "but each step now averages another number of micro-batches", GlobalBatchChanged, stacklevel=2)
     if ckpt_path:
-        loader.load_state_dict(json.loads((ckpt_path / "rank-0.json").read_text())["loader"])
+        loader.load_state_dict(loader_position(ckpt_path))
     if rank == 0 and hasattr(loader, "describe"):  # how the plan's ranks and steps map to this run's
         print(loader.describe(world, tc.grad_accum, start, end), file=sys.stderr, flush=True)
     # endless loaders have no length; a looping plan has one but starts again at its end
     if hasattr(loader, "__len__") and not getattr(loader, "loop", False) and len(loader) < (end - start) * tc.grad_accum:
-        raise TrainError(f"{cfg.plan or 'the data'}: {len(loader)} micro-batches per rank left, but steps "
+        raise TrainError(f"{job.data}: {len(loader)} micro-batches per rank left, but steps "
                          f"{start}..{end} with grad_accum {tc.grad_accum} need {(end - start) * tc.grad_accum}; "
                          "make a longer plan (balance-mix --steps), lower --steps, or pass --loop-plan to go "
                          "through the plan again")
+    return loader, end
+
+
+def _build(job: Job, run: Path, rank: int, world: int, device) -> torch.nn.Module:
+    """The job's model, its run files written, parallelised for training."""
+    tc = job.train
     torch.manual_seed(tc.seed)
     model = job.build(device)  # same seed on every rank: identical initial weights before sharding
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
-        atomic_write(run / CONFIG, json.dumps(cfg.as_dict(), indent=1, sort_keys=True).encode())
-        if isinstance(cfg, RunConfig):  # the same settings in the form `--config` reads
-            atomic_write(run / CONFIG_TOML, to_toml(cfg).encode())
+        for name, content in job.config_files().items():
+            atomic_write(run / name, content)
         for name, content in job.files().items():
-            atomic_write(run / name, json.dumps(content, indent=1, sort_keys=True).encode())
+            atomic_write(run / name, json_bytes(content))
     if world > 1:
         dist.barrier()
+    return parallelize(model, world, device, bf16=use_bf16(tc, device), act_ckpt=tc.act_ckpt, compile=tc.compile).train()
 
-    bf16 = tc.mixed_precision == "bf16" or (tc.mixed_precision == "auto" and device.type == "cuda")
-    model = parallelize(model, world, device, bf16=bf16, act_ckpt=tc.act_ckpt, compile=tc.compile).train()
+
+def _train(job: Job, run: Path, rank: int, world: int, device, loader, ckpt_path: Path | None, end: int,
+           live: bool) -> dict:
+    tc = job.train
+    model = _build(job, run, rank, world, device)
     optimizer = build_optimizer(model, tc)
     ckpt = Checkpointer(run, rank, world)
     step = ckpt.load(ckpt_path, model, optimizer, loader) if ckpt_path else 0
@@ -444,10 +343,10 @@ def _train(job, run: Path, rank: int, world: int, device, ckpt_path: Path | None
                 status = "interrupted"
                 break
             if step % tc.ckpt_every == 0 and step < end:
-                ckpt.save(step, model, optimizer, loader, cfg)
+                ckpt.save(step, model, optimizer, loader, job.checkpoint_meta(world))
                 last_saved = step
         if step != last_saved:
-            ckpt.save(step, model, optimizer, loader, cfg)
+            ckpt.save(step, model, optimizer, loader, job.checkpoint_meta(world))
     metrics.close()
     if status == "finished" and step < tc.steps:
         status = "stopped"
@@ -455,12 +354,12 @@ def _train(job, run: Path, rank: int, world: int, device, ckpt_path: Path | None
             "checkpoint": str(latest_checkpoint(run)), **job.summary()}
 
 
-def _check_run_dir(run: Path, job, resume: bool, ckpt_path: Path | None) -> None:
+def _check_run_dir(run: Path, job: Job, resume: bool, ckpt_path: Path | None) -> None:
     cfg_path = run / CONFIG
     if resume:
         if ckpt_path is None:
             raise TrainError(f"{run}: nothing to resume (no checkpoint); run without --resume to start it")
-        job.same_run(json.loads(cfg_path.read_text()), str(ckpt_path))
+        job.check_resume(json.loads(cfg_path.read_text()), str(ckpt_path))
         return
     ckpts = run / CKPT_DIR
     if (ckpts / LATEST).exists() or any(ckpts.glob("step-*")):

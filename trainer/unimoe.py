@@ -12,8 +12,9 @@ span in the token sequence (`<open> <pad> x queries <close>`, see `SPAN_SPECIALS
     video   8 keyframes                              -> the image-style ViT per frame,
                                                         mean-pooled over frames (as Uni-MoE)
 
-The decoder is `mmtok.trainer.model.Decoder` (dense family) whose feed-forwards become
-`LoRAMoEFFN`: the shared SwiGLU plus one LoRA adapter per expert, top-2 token-choice
+The decoder is `mmtok.trainer.model.Decoder` (dense family) built with `LoRAMoEFFN` as its
+FFN factory, and the connectors write into its token embeddings through its embedding hook.
+`LoRAMoEFFN` is the shared SwiGLU plus one LoRA adapter per expert, top-2 token-choice
 routing with a capacity factor and a load-balancing loss. Three stages decide what trains
 and how tokens reach experts (`STAGES`):
 
@@ -36,8 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmtok.trainer.config import ModelConfig
-from mmtok.trainer.model import Decoder, SwiGLU, document_causal_mask
-from mmtok.trainer.moe import capacity
+from mmtok.trainer.context import Context
+from mmtok.trainer.ffn import SwiGLU
+from mmtok.trainer.model import Decoder
+from mmtok.trainer.moe import capacity, dispatch, top2_gate
 
 MODALITIES = ("speech", "audio", "video", "image")
 STAGES = ("align", "experts", "tune")
@@ -220,7 +223,7 @@ class LoRAMoEFFN(SwiGLU):
     weights load directly) plus E LoRA experts: expert e's projection W becomes
     W + (alpha / rank) * A_e B_e. B starts at zero, so a new expert equals the shared FFN.
 
-    `mode`: "base" (shared weights only), "forced" (token t goes to expert `route[t]`) or
+    `mode`: "base" (shared weights only), "forced" (token t goes to expert `ctx.expert_route[t]`) or
     "routed" (top-2 softmax routing; each expert takes at most `capacity_factor` times its
     fair share of the 2N assignments, the rest are dropped and the residual carries them)."""
 
@@ -232,9 +235,10 @@ class LoRAMoEFFN(SwiGLU):
         shapes = {"1": (d, hidden), "3": (d, hidden), "2": (hidden, d)}
         self.lora_a = nn.ParameterDict({k: nn.Parameter(torch.empty(n_experts, i, rank)) for k, (i, o) in shapes.items()})
         self.lora_b = nn.ParameterDict({k: nn.Parameter(torch.zeros(n_experts, rank, o)) for k, (i, o) in shapes.items()})
-        self.reset_lora()
+        self.init_weights()
 
-    def reset_lora(self) -> None:
+    def init_weights(self) -> None:
+        """The LoRA terms and the router (the decoder's init calls it after its own)."""
         for a in self.lora_a.values():
             nn.init.normal_(a, std=1 / math.sqrt(a.shape[1]))
         for b in self.lora_b.values():
@@ -270,39 +274,27 @@ class LoRAMoEFFN(SwiGLU):
                 getattr(out, f"w{k}").weight.copy_(getattr(self, f"w{k}").weight + delta.T)
         return out
 
-    def forward(self, x, route, real, causal=False):
-        # `route` arrives in Block's `is_image` slot; token choice is causal, so `causal` changes nothing
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        # token choice is causal already: the routing mode changes nothing
         if self.mode == "base":
             return super().forward(x)
         d, E = x.shape[-1], self.n_experts
         flat = x.reshape(-1, d)
-        rows = real.reshape(-1).nonzero().squeeze(1)
+        rows = ctx.real.reshape(-1).nonzero().squeeze(1)
         xs = flat[rows]
         n = xs.shape[0]
         stats = {"tokens": torch.tensor(float(n), device=x.device)}
         if self.mode == "forced":
-            expert = route.reshape(-1)[rows].unsqueeze(1)  # [n, 1]
+            expert = ctx.expert_route.reshape(-1)[rows].unsqueeze(1)  # [n, 1]
             weight = torch.ones(n, 1, device=x.device)
             cap = n
         else:
-            logits = self.router(xs).float()
-            probs = logits.softmax(-1)
-            weight, expert = probs.topk(2, dim=-1)
-            weight = weight / weight.sum(-1, keepdim=True)
+            weight, expert, losses = top2_gate(self.router(xs).float())
             cap = capacity(2 * n, E, self.capacity_factor)
-            # Switch-style balance: E * sum_e (share of assignments to e) * (mean router prob of e)
-            share = torch.bincount(expert.reshape(-1), minlength=E).float() / max(2 * n, 1)
-            stats["balance"] = E * (share * probs.mean(0)).sum() if n else logits.sum() * 0
-            stats["router_z"] = torch.logsumexp(logits, -1).pow(2).mean() if n else logits.sum() * 0
+            stats |= losses
         k = expert.shape[1]
-        flat_e = expert.reshape(-1)
-        # Lay the assignments out per expert, in token order, and keep the first `cap` of each.
-        order = flat_e.argsort(stable=True)
-        by_expert = flat_e[order]
-        counts = torch.bincount(flat_e, minlength=E)
-        slot = torch.arange(flat_e.numel(), device=x.device) - (counts.cumsum(0) - counts)[by_expert]
-        keep = slot < cap
-        order, by_expert, slot = order[keep], by_expert[keep], slot[keep]
+        # The assignments per expert, in token order; each expert keeps its first `cap`.
+        order, by_expert, slot, counts = dispatch(expert, E, cap)
         token = order // k
         width = int(min(cap, int(counts.max()))) if n else 0
         y = self.experts(xs, token, by_expert, slot, width)[by_expert, slot]
@@ -314,7 +306,8 @@ class LoRAMoEFFN(SwiGLU):
         kept[token] = True
         stats |= {"load": torch.bincount(by_expert, minlength=E).float(), "unrouted": (~kept).sum().float(),
                   "expert": chosen}
-        return out.view_as(x), {"all": stats}
+        self.routing_stats = {"all": stats}
+        return out.view_as(x)
 
 
 # ------------------------------------------------------------------ the model
@@ -324,12 +317,8 @@ class UniMoE(nn.Module):
     def __init__(self, cfg: UniMoEConfig):
         super().__init__()
         self.cfg = cfg
-        self.decoder = Decoder(cfg.decoder_config())
-        for layer in self.decoder.layers:
-            base = layer.ffn
-            layer.ffn = LoRAMoEFFN(cfg.d_model, cfg.ffn_hidden, len(cfg.modalities), cfg.lora_rank, cfg.lora_alpha,
-                                   cfg.capacity_factor)
-            layer.ffn.load_state_dict(base.state_dict(), strict=False)  # keep the decoder's initial FFN
+        self.decoder = Decoder(cfg.decoder_config(), ffn=lambda c, layer: LoRAMoEFFN(
+            c.d_model, c.ffn_hidden, len(cfg.modalities), cfg.lora_rank, cfg.lora_alpha, cfg.capacity_factor))
         self.inputs = nn.ModuleDict({m: ModalityInput(cfg, m) for m in cfg.modalities})
         self.stage = "align"
 
@@ -382,10 +371,15 @@ class UniMoE(nn.Module):
             raise ValueError(f"{path}: does not fit a Whisper encoder (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, list[dict]]:
-        """Logits [B, T, V] and per-layer routing statistics. The rows of modality m have
-        their connector outputs written over positions span[row] .. span[row] + queries."""
-        dec, ids = self.decoder, batch["input_ids"]
-        x = dec.embed(ids)
+        """Logits [B, T, V] and per-layer routing statistics. A sample's tokens go to the expert
+        of its modality in stage "experts" (`batch["modality"]`: one index per sample)."""
+        ids = batch["input_ids"]
+        return self.decoder(ids, batch["positions"], batch["doc_ids"], embed_hook=lambda x: self.write_spans(x, batch),
+                            expert_route=batch["modality"][:, None].expand_as(ids))
+
+    def write_spans(self, x: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The token embeddings x [B, T, d] with the connector outputs of each modality's rows
+        written over positions span[row] .. span[row] + queries."""
         q = self.cfg.queries
         for m, module in self.inputs.items():
             rows = batch.get(f"{m}_rows")
@@ -393,13 +387,6 @@ class UniMoE(nn.Module):
                 if self.training:  # absent here: still a (zero) gradient, so FSDP ranks reduce the same tensors
                     x = x + 0.0 * sum(p.reshape(-1)[0] for p in module.parameters() if p.requires_grad)
                 continue
-            cols = batch["span"][rows][:, None] + torch.arange(q, device=ids.device)
+            cols = batch["span"][rows][:, None] + torch.arange(q, device=x.device)
             x = x.index_put((rows[:, None].expand(-1, q), cols), module(batch).to(x.dtype))
-        route = batch["modality"][:, None].expand_as(ids)  # the forced expert (stage "experts")
-        real = batch["doc_ids"] > 0
-        mask = document_causal_mask(batch["doc_ids"])
-        stats = []
-        for layer in dec.layers:
-            x, s = layer(x, dec.rope, batch["positions"], batch["doc_ids"], mask, route, real)
-            stats.append(s)
-        return dec.head(dec.norm(x)), stats
+        return x

@@ -114,7 +114,7 @@ def image_array(data: bytes, size: int) -> np.ndarray:
     Refuses decompression bombs and extreme aspect ratios."""
     from PIL import Image
 
-    from mmtok.vq import rgb_image
+    from mmtok.images import rgb_image
 
     im = rgb_image(data).resize((size, size), Image.BILINEAR)
     return np.asarray(im, np.float32).transpose(2, 0, 1) / 127.5 - 1.0

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from mmtok.shards import atomic_write, read_json
+from mmtok.shards import atomic_write
+from mmtok.trainer.checkpoint import load_run as _load_run
 from mmtok.trainer.config import TrainConfig
-from mmtok.trainer.export import load_weights
-from mmtok.trainer.model import loss_terms
-from mmtok.trainer.train import CONFIG, TrainError, intact_checkpoint, run_job
+from mmtok.trainer.job import CONFIG, RunKind, TrainError, json_bytes
+from mmtok.trainer.model import loss_terms, token_nll
+from mmtok.trainer.train import run_job
 from mmtok.trainer.unimoe import STAGES, UniMoE, UniMoEConfig
 
 FORMAT = "mmtok-unimoe-run/1"
@@ -36,16 +37,29 @@ class UniMoERun:
     stage: str = "align"
     init: str = ""  # the previous stage's run, or a dense `mmtok train` run / export for the decoder
     data: dict = field(default_factory=dict)  # where the pairs came from (recorded, not read back)
-    plan: str = ""  # Checkpointer records it; uni-moe reads pairs, not plans
 
     def as_dict(self) -> dict:
         return {"format": FORMAT, "model": self.model.as_dict(), "train": dataclasses.asdict(self.train),
                 "stage": self.stage, "init": self.init, "data": self.data}
 
+    def checkpoint_meta(self, world: int) -> dict:
+        """train_state.json's fields beside step and world_size (pairs, not a plan: none is named)."""
+        return {"global_batch": world * self.train.grad_accum, "model": self.model.as_dict()}
+
     @classmethod
     def from_dict(cls, d: dict) -> "UniMoERun":
         return cls(model=UniMoEConfig(**d["model"]), train=TrainConfig(**d["train"]), stage=d["stage"],
                    init=d.get("init", ""), data=d.get("data", {}))
+
+
+def _stage_model(cfg: UniMoERun) -> UniMoE:
+    model = UniMoE(cfg.model)
+    model.set_stage(cfg.stage)  # routing and what trains; the weights' names are the same in every stage
+    return model
+
+
+UNIMOE = RunKind("uni-moe", lambda d, where: UniMoERun.from_dict(d), _stage_model,
+                 "pass the --out of `mmtok train --model uni-moe`")
 
 
 def is_unimoe_run(path: str | Path) -> bool:
@@ -55,18 +69,7 @@ def is_unimoe_run(path: str | Path) -> bool:
 
 def load_run(run: str | Path) -> tuple[UniMoE, UniMoERun, int]:
     """A uni-moe run's newest checkpoint as a model (CPU, eval mode, set to its stage)."""
-    run = Path(run)
-    if not is_unimoe_run(run):
-        raise TrainError(f"{run}: not a uni-moe run (no {CONFIG} of format {FORMAT}); pass the --out of "
-                         "`mmtok train --model uni-moe`")
-    cfg = UniMoERun.from_dict(read_json(run / CONFIG))
-    ckpt = intact_checkpoint(run)
-    if ckpt is None:
-        raise TrainError(f"{run}: has no checkpoint yet")
-    model = UniMoE(cfg.model)
-    load_weights(model, ckpt)
-    model.set_stage(cfg.stage)
-    return model.eval(), cfg, int(read_json(ckpt / "train_state.json")["step"])
+    return tuple(_load_run(run, "uni-moe"))
 
 
 def init_weights(model: UniMoE, cfg: UniMoERun) -> str:
@@ -108,8 +111,7 @@ def modality_nll(logits: torch.Tensor, batch: dict, modalities) -> dict:
     """Per modality of the sample: (sum of NLL, count) of its predicted text tokens, on the device."""
     t = batch["targets"]
     valid = t != -100
-    nll = torch.where(valid, torch.logsumexp(logits.float(), -1)
-                      - logits.float().gather(-1, t.clamp(min=0)[..., None])[..., 0], 0.0)
+    nll = token_nll(logits, t)[0]
     out = {}
     for i, m in enumerate(modalities):
         rows = (batch["modality"] == i)[:, None]
@@ -118,14 +120,19 @@ def modality_nll(logits: torch.Tensor, batch: dict, modalities) -> dict:
 
 
 class UniMoEJob:
-    """One Uni-MoE stage for the shared training loop (`trainer.train.run_job`): FSDP2 under
-    torchrun, bf16 on GPUs, checkpoints and resume as in any `mmtok train` run."""
+    """One Uni-MoE stage, a `Job` (trainer/job.py) for the loop in `trainer.train.run_job`:
+    FSDP2 under torchrun, bf16 on GPUs, checkpoints and resume as in any `mmtok train` run."""
+
+    data = "the data"
 
     def __init__(self, cfg: UniMoERun, make_loader):
-        self.cfg, self.make_loader = cfg, make_loader
+        self.cfg, self.train, self._make_loader = cfg, cfg.train, make_loader
         self.source, self.parts = "", {}
 
-    def same_run(self, saved: dict, where: str) -> None:
+    def make_loader(self, rank: int, world: int):
+        return self._make_loader(rank, world)
+
+    def check_resume(self, saved: dict, where: str) -> None:
         if saved.get("format") != FORMAT or UniMoERun.from_dict(saved).as_dict() != self.cfg.as_dict():
             raise TrainError(f"{where}: was started with other options; resume with the same command line")
 
@@ -135,8 +142,14 @@ class UniMoEJob:
         self.parts = model.set_stage(self.cfg.stage)
         return model
 
+    def config_files(self) -> dict[str, bytes]:
+        return {CONFIG: json_bytes(self.cfg.as_dict())}
+
     def files(self) -> dict:
         return {STAGE_FILE: {**self.parts, "init": self.source}}
+
+    def checkpoint_meta(self, world: int) -> dict:
+        return self.cfg.checkpoint_meta(world)
 
     def forward(self, model, batch: dict) -> tuple[dict, list[dict], dict]:
         logits, stats = model(batch)

@@ -1,4 +1,5 @@
-"""Shared helpers for the MoMa tests (issue 7): a small token corpus and plan, the CLI."""
+"""What the trainer, MoMa and first-hour tests share: a small token corpus and plan, the CLI
+runner, tiny models and random batches."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_doc, make_token_shards, make_vocab
+from helpers.tokens import make_doc, make_token_shards, make_vocab
 from mmtok.cli.app import app
 from mmtok.mix import plan_mix, write_plan
 from mmtok.trainer.config import ModelConfig

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from mmtok import runner
 from mmtok.shards import ShardReader, atomic_write
-from mmtok.tokenize import image_alone
+from mmtok.tokenizer import image_alone
+from mmtok.trainer.checkpoint import truncate_jsonl
 from mmtok.vocab import VOCAB_FILE, Vocab
 from mmtok.vq import PatchDiscriminator, PerceptualLoss, VQConfig, VQModel, load_image, to_unit
 
@@ -202,7 +203,7 @@ def train_vq(shard_dirs: list[str | Path], out: str | Path, cfg: VQConfig, *, st
         log(f"resuming from {out / CKPT} at step {step}")
     log_path = out / LOG
     if rank == 0:
-        _truncate_log(log_path, step)
+        truncate_jsonl(log_path, step)
 
     ddp_model, ddp_disc = model, disc
     if distributed:
@@ -368,7 +369,8 @@ def memory_estimate(model: VQModel, disc, perceptual, batch_size: int, shard_dir
             losses.append(disc(recon).mean())
     per_image = int(BACKWARD_FACTOR * sum(t.untyped_storage().nbytes() for t in saved.values())
                     * (cfg.resolution / probe) ** 2)
-    del saved, losses, recon
+    saved.clear()
+    del losses, recon
     param_bytes = sum(p.numel() * p.element_size() for p in trainable)
     frozen_bytes = sum(p.numel() * p.element_size() for p in frozen)
     buffer = SHUFFLE_BUFFER * _encoded_image_bytes(shard_dirs)
@@ -470,10 +472,3 @@ def _load_checkpoint(out: Path, run: dict, model, disc, opt, opt_d, gen, window_
     model.to(dev)
     return int(meta["step"]), int(meta["consumed"])
 
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past the checkpoint we resume from (a killed run may have logged them)."""
-    if not path.exists():
-        return
-    keep = [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip() and json.loads(l)["step"] <= step]
-    atomic_write(path, "".join(l + "\n" for l in keep).encode())

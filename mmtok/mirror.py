@@ -1,0 +1,275 @@
+"""Writing a stage's output (or a run) to an fsspec URL: the stage keeps writing to a local
+directory (atomic renames, the lock and resume stay exactly as they are), and
+`remote_output(url)` hands it a staging directory mirrored to the URL: pulled before the
+stage starts, pushed every few seconds and at exit, each file once it is complete, in an
+order that keeps the remote side consistent (docs/REMOTE.md). Locations and reads are
+mmtok/fs.py's."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+from typing import Callable, Iterator
+
+from mmtok.fs import RemoteError, RemotePath, as_location
+
+TEMP_DIR_RE = re.compile(r"^\..+\.(tmp|old)$")  # the trainer's checkpoint dirs before their rename, set aside
+SYNC_STATE = "sync.json"
+CHUNK = 8 << 20
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MMTOK_CACHE") or Path.home() / ".cache" / "mmtok")
+
+
+def stage_files(rel: str) -> bool:
+    """The files an mmtok stage writes in its OUT (shards, their `_stats` records, the fixed
+    record names), also inside a rank's `_parts/<part>/`: the only ones a stage's mirror
+    pulls, pushes or deletes."""
+    from mmtok.ranks import PARTS
+    from mmtok.runner import DUPLICATES, STAGE_FILE, STATS_DIR
+    from mmtok.shards import INDEX, MANIFEST, QUARANTINE, SHARD_RE
+
+    parts = rel.split("/")
+    if len(parts) > 2 and parts[0] == PARTS:
+        parts = parts[2:]
+    if len(parts) == 1:
+        return parts[0] in (MANIFEST, INDEX, QUARANTINE, DUPLICATES, STAGE_FILE) or bool(SHARD_RE.match(parts[0]))
+    return (len(parts) == 2 and parts[0] == STATS_DIR and parts[1].endswith(".json")
+            and bool(SHARD_RE.match(parts[1][:-5])))
+
+
+def all_files(rel: str) -> bool:
+    """Every file of the directory (a training run: config, metrics, checkpoints)."""
+    return True
+
+
+def _skipped(rel: str) -> bool:
+    """Names that are never complete files of their own: temporaries and the lock."""
+    from mmtok.locks import LOCK_FILE
+    from mmtok.shards import TEMP_RE
+
+    return any(p == LOCK_FILE or TEMP_RE.match(p) or TEMP_DIR_RE.match(p) for p in rel.split("/"))
+
+
+def _rank(rel: str) -> int:
+    """Upload order (deletions go in reverse): what a reader or a resume trusts goes after
+    what it vouches for. The job description before the shard records, the records before
+    their shards (a shard without its record is taken for a user's file), the data, then
+    the summaries and a checkpoint's checksums, and `manifest.json` / `latest` last: a
+    remote reader that sees them sees a complete directory."""
+    name = rel.rpartition("/")[2]
+    if name == "_stage.json":
+        return 0
+    if rel.startswith("_stats/") or "/_stats/" in rel:
+        return 1
+    if name in ("index.parquet", "quarantine.jsonl", "duplicates.jsonl", "checksums.json"):
+        return 3
+    if name in ("manifest.json", "latest"):
+        return 4
+    if rel == "plan.json":  # a plan's, after its arrays and held-out shards: a finished plan
+        return 5
+    return 2
+
+
+def _fingerprint(info: dict) -> list:
+    """What tells a remote object's versions apart: its size and its store's version tag."""
+    tag = next((info[k] for k in ("ETag", "etag", "md5Hash", "generation", "blob_id", "LastModified", "mtime",
+                                  "created") if info.get(k) is not None), None)
+    return [int(info.get("size") or 0), str(tag)]
+
+
+class Mirror:
+    """A local directory kept equal to a remote one for the files `ours(rel)` accepts.
+
+    `sync.json` beside the local copy records, per mirrored file, the remote fingerprint and
+    the local (size, mtime) it had when last pulled or pushed: that is how a push knows what
+    changed, and the set of files it may delete remotely (only those it mirrored)."""
+
+    def __init__(self, remote: RemotePath, home: Path, ours: Callable[[str], bool]):
+        self.remote, self.home, self.ours = remote, home, ours
+        self.local = home / "out"
+        self._lock = threading.Lock()
+        self.state: dict[str, dict] = {}
+
+    def _remote_files(self) -> dict[str, dict]:
+        fs, root = self.remote.fs, self.remote.path
+        fs.invalidate_cache(root)
+        found = fs.find(root, detail=True)
+        files = {}
+        for p, info in found.items():
+            rel = p[len(root):].strip("/")
+            if info.get("type", "file") == "file" and rel and self.ours(rel) and not _skipped(rel):
+                files[rel] = info
+        return files
+
+    def _local_files(self) -> list[str]:
+        out = []
+        for d, dirs, names in os.walk(self.local):  # top-down: a shard seen here has its record written
+            dirs[:] = [n for n in dirs if not _skipped(n)]
+            for n in names:
+                rel = os.path.relpath(os.path.join(d, n), self.local).replace(os.sep, "/")
+                if self.ours(rel) and not _skipped(rel):
+                    out.append(rel)
+        return out
+
+    def _save(self) -> None:
+        from mmtok.shards import atomic_write
+
+        atomic_write(self.home / SYNC_STATE, json.dumps({"url": self.remote.url, "files": self.state},
+                                                        sort_keys=True).encode())
+
+    def pull(self) -> None:
+        """Make the local copy equal to the remote one: fetch what is new or changed there,
+        delete local files the remote lacks (a run killed here before pushing, or files
+        another machine's run removed since); those are redone, never trusted."""
+        from mmtok.shards import temp_path
+
+        try:
+            saved = json.loads((self.home / SYNC_STATE).read_text())
+            self.state = saved["files"] if saved.get("url") == self.remote.url else {}
+        except (OSError, ValueError, KeyError, TypeError):
+            self.state = {}
+        if not self.state and self.local.exists():
+            shutil.rmtree(self.local)  # our own cache, of unknown provenance: start it again
+        self.local.mkdir(parents=True, exist_ok=True)
+        remote = self._remote_files()
+        for rel in self._local_files():
+            if rel not in remote:
+                (self.local / rel).unlink()
+                self.state.pop(rel, None)
+        for rel, info in sorted(remote.items()):
+            fp, dest = _fingerprint(info), self.local / rel
+            st = self.state.get(rel)
+            if st and st["remote"] == fp and dest.exists() and _local_fp(dest) == st["local"]:
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temp_path(dest)
+            self.remote.fs.get_file(f"{self.remote.path}/{rel}", str(tmp))
+            os.replace(tmp, dest)
+            self.state[rel] = {"remote": fp, "local": _local_fp(dest)}
+        self.state = {k: v for k, v in self.state.items() if k in remote}
+        self._save()
+
+    def push(self) -> None:
+        """Upload what is new or changed here, each file by one PUT (or multipart upload)
+        that makes it appear whole, in `_rank` order, then oldest first; delete remotely, in reverse order,
+        the mirrored files that are gone here (the stage deleted its own files)."""
+        with self._lock, contextlib.ExitStack() as held:
+            fs, root = self.remote.fs, self.remote.path
+            # the files uploaded last (manifest.json, latest) are opened before the listing of
+            # the rest: what they name was complete before them, so it goes up in this push
+            # too, even if the job writes a newer one meanwhile
+            last = {}
+            for rel in self._local_files():
+                if _rank(rel) >= 4:
+                    with contextlib.suppress(FileNotFoundError):
+                        last[rel] = held.enter_context(open(self.local / rel, "rb"))
+            local = self._local_files()
+            try:
+                for rel in sorted(set(self.state) - set(local), key=lambda r: (-_rank(r), r)):
+                    with contextlib.suppress(FileNotFoundError):
+                        fs.rm_file(f"{root}/{rel}")
+                    del self.state[rel]
+                for rel in sorted(local, key=lambda r: (_rank(r), _mtime(self.local / r), r)):
+                    if _rank(rel) >= 4 and rel not in last:
+                        continue  # new since the first listing: the next push takes it
+                    try:
+                        src = last.pop(rel) if rel in last else open(self.local / rel, "rb")
+                    except FileNotFoundError:  # deleted by the stage since the listing
+                        continue
+                    with src:
+                        st = os.fstat(src.fileno())  # the open file's: a rename since then changes nothing
+                        fp = [st.st_size, st.st_mtime_ns]
+                        if self.state.get(rel, {}).get("local") == fp:
+                            continue
+                        with fs.open(f"{root}/{rel}", "wb") as dst:
+                            shutil.copyfileobj(src, dst, CHUNK)
+                    self.state[rel] = {"remote": _fingerprint(fs.info(f"{root}/{rel}")), "local": fp}
+            finally:
+                self._save()
+
+
+def _mtime(p: Path) -> int:
+    """Files of one rank go up in the order they were finished, so the remote shards are
+    always the first ones the stage closed: a resume from them replays the fewest items."""
+    try:
+        return p.stat().st_mtime_ns
+    except FileNotFoundError:
+        return 0
+
+
+def _local_fp(p: Path) -> list:
+    st = p.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+@contextlib.contextmanager
+def _remote_errors(url: str) -> Iterator[None]:
+    """A store's failure (no credentials, no bucket, no network) as one line naming the URL."""
+    try:
+        yield
+    except RemoteError:
+        raise
+    except (OSError, ValueError) as e:
+        raise RemoteError(f"{url}: {type(e).__name__}: {e}; check the URL, the credentials "
+                          "(AWS_* variables, AWS_ENDPOINT_URL for MinIO/R2) and the network") from None
+    except Exception as e:
+        if type(e).__module__.split(".")[0] not in ("botocore", "aiobotocore", "s3fs", "gcsfs", "huggingface_hub"):
+            raise
+        raise RemoteError(f"{url}: {type(e).__name__}: {e}; check the URL, the credentials "
+                          "(AWS_* variables, AWS_ENDPOINT_URL for MinIO/R2) and the network") from None
+
+
+@contextlib.contextmanager
+def remote_output(out: str | os.PathLike, *, ours: Callable[[str], bool] = stage_files,
+                  every: float | None = None) -> Iterator[Path]:
+    """The local directory a stage writes for `out`. A local `out` is itself. A URL gets a
+    staging directory under `$MMTOK_CACHE/remote/<hash of the URL>/out` (default cache
+    `~/.cache/mmtok`), first made equal to what mmtok mirrored there before (so a resume on
+    another machine goes on from the remote files, which the runner verifies by sha256),
+    pushed every `every` seconds from a thread and once more when the block ends, also when
+    it raises (so an interrupted run keeps its finished shards). `ours` names the files
+    mirrored: `stage_files` for a stage's OUT, `all_files` for a training run. `every`
+    defaults to $MMTOK_SYNC_SECONDS, else 30."""
+    loc = as_location(out)
+    if every is None:
+        every = float(os.environ.get("MMTOK_SYNC_SECONDS") or 30)
+    if isinstance(loc, Path):
+        yield loc
+        return
+    from mmtok.locks import exclusive
+
+    home = cache_root() / "remote" / hashlib.sha256(loc.url.encode()).hexdigest()[:24]
+    with exclusive(home):  # one job per URL on this machine (the stage locks the staging dir itself)
+        mirror = Mirror(loc, home, ours)
+        with _remote_errors(loc.url):
+            mirror.pull()
+        stop = threading.Event()
+
+        def periodic() -> None:
+            while not stop.wait(every):
+                with contextlib.suppress(Exception):  # a passing outage; the final push reports failures
+                    mirror.push()
+
+        thread = threading.Thread(target=periodic, daemon=True)
+        thread.start()
+        failed = True
+        try:
+            yield mirror.local
+            failed = False
+        finally:
+            stop.set()
+            thread.join()
+            try:
+                with _remote_errors(loc.url):
+                    mirror.push()
+            except RemoteError:
+                if not failed:
+                    raise  # else the block's own error is the one to report

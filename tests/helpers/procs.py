@@ -1,0 +1,28 @@
+"""Processes for kill-and-resume tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def kill_midway(cmd: list[str], out, env=None) -> int:
+    """Start `cmd + ["--out", out]` and SIGKILL it once 3 shards are finished but before the
+    manifest is written (retried if a run was too fast to catch); returns the finished shards."""
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    stats = Path(out) / "_stats"
+    for _ in range(5):
+        p = subprocess.Popen(cmd + ["--out", str(out)], env=env, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while time.time() < deadline and len(list(stats.glob("*.json")) if stats.exists() else []) < 3:
+            time.sleep(0.01)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        if not (Path(out) / "manifest.json").exists():
+            break
+        shutil.rmtree(out)
+    assert not (Path(out) / "manifest.json").exists(), "could not kill the run mid-way"
+    return len(list(stats.glob("*.json")))

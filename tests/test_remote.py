@@ -1,0 +1,493 @@
+"""Remote paths (mmtok/fs.py) against a real S3 API: moto's stand-alone server on localhost,
+reached through s3fs with AWS_ENDPOINT_URL, as a user reaches MinIO or R2."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from mmtok.demo import draw_shape
+from mmtok.fs import RemoteError, RemotePath, as_location, is_url
+from mmtok.mirror import Mirror, remote_output, stage_files
+from mmtok.ingest import ShardFn, shard_items
+from mmtok.runner import run_stage
+from mmtok.shards import ShardError, ShardReader, list_shards, load_manifest, read_json, read_jsonl
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(endpoint, monkeypatch, tmp_path):
+    """A fresh bucket on the local server; dummy credentials; MMTOK_CACHE in tmp_path."""
+    import s3fs
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+                 "MMTOK_CACHE": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()  # one made before these variables would miss them
+    name = f"b{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem().mkdir(name)
+    return name
+
+
+def _s3():
+    import s3fs
+
+    return s3fs.S3FileSystem()
+
+
+def _corpus(d: Path, n: int = 30) -> Path:
+    d.mkdir()
+    for i in range(n):
+        (d / f"t{i:02d}.txt").write_text(f"text number {i} " * (1 + i % 4))
+        if i % 3 == 0:
+            b = io.BytesIO()
+            draw_shape("circle", ["red", "green"][i % 2], "blue", size=24 + i, seed=i).save(b, "PNG")
+            (d / f"i{i:02d}.png").write_bytes(b.getvalue())
+        if i % 7 == 0:
+            (d / f"bad{i:02d}.txt").write_bytes(b"\xff not utf-8")
+    return d
+
+
+def _shard(corpus: Path, out, **kw):
+    items = list(shard_items([str(corpus)]))
+    return run_stage("shard", items, ShardFn(), out, config={"inputs": [str(corpus)]}, max_count=4,
+                     progress=False, max_error_rate=1, **kw)
+
+
+def _top_files(d: Path) -> dict[str, bytes]:
+    # not the resume records, nor the lock file (it holds the pid of the last writer)
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())
+            if p.is_file() and not p.name.startswith("_") and p.name != ".mmtok.lock"}
+
+
+def _bucket_files(prefix: str) -> dict[str, bytes]:
+    fs = _s3()
+    fs.invalidate_cache()
+    return {p[len(prefix) + 1:]: fs.cat_file(p) for p in fs.find(prefix)}
+
+
+# ---------------------------------------------------------------- helpers
+
+def test_as_location_tells_urls_from_paths():
+    loc = as_location("s3://bkt/shards/")
+    assert isinstance(loc, RemotePath) and str(loc) == "s3://bkt/shards"
+    assert str(loc / "manifest.json") == "s3://bkt/shards/manifest.json" and loc.name == "shards"
+    assert as_location("data/shards") == Path("data/shards")
+    assert as_location("file:///tmp/x") == Path("/tmp/x")
+    assert as_location(Path("a")) == Path("a") and as_location(loc) is loc
+    assert is_url("s3://b/x") and is_url(loc) and not is_url("file:///x") and not is_url("a/b")
+    with pytest.raises(RemoteError, match="unknown URL scheme 'zzz'"):
+        as_location("zzz://b/x")
+    with pytest.raises(TypeError):  # never taken for a local file named like the URL
+        open(loc, "rb")
+
+
+def test_a_str_option_keeps_the_url_where_a_path_option_mangles_it():
+    """The typer pitfall: a `Path` option turns s3://b/x into the local path s3:/b/x."""
+    import typer
+    from typer.testing import CliRunner
+
+    seen = {}
+    app = typer.Typer()
+
+    @app.command()
+    def main(out: str = typer.Option(...), other: Path = typer.Option(...)):
+        seen["out"], seen["other"] = as_location(out), other
+
+    assert CliRunner().invoke(app, ["--out", "s3://b/x", "--other", "s3://b/x"]).exit_code == 0
+    assert seen["out"] == RemotePath("s3://b/x")
+    assert str(seen["other"]) == "s3:/b/x"
+
+
+def test_stage_files_names_only_what_a_stage_writes():
+    for rel in ("manifest.json", "index.parquet", "quarantine.jsonl", "duplicates.jsonl", "_stage.json",
+                "text-000001.tar", "_stats/text-000001.tar.json", "_parts/rank-00000-of-00002/text-000000.tar"):
+        assert stage_files(rel), rel
+    for rel in ("notes.txt", "sub/text-000001.tar", "_stats/notes.json", "_stats/x/text-000001.tar.json"):
+        assert not stage_files(rel), rel
+
+
+def test_temporaries_and_the_lock_are_never_mirrored():
+    from mmtok.mirror import _skipped
+
+    for rel in (".mmtok.lock", ".text-000001.tar.tmp-123", "_stats/.text-000001.tar.json.tmp-9",
+                "checkpoints/.step-00000010.tmp/__0_0.distcp", "checkpoints/.step-00000010.old/.metadata"):
+        assert _skipped(rel), rel
+    for rel in ("checkpoints/step-00000010/.metadata", "checkpoints/latest", "metrics.jsonl"):
+        assert not _skipped(rel), rel
+
+
+def test_push_order_keeps_the_remote_consistent(tmp_path):
+    """Job file, then shard records, then shards, then summaries, the manifest last; deletions
+    in reverse; temporaries and the lock never leave the machine."""
+    import fsspec
+
+    remote = RemotePath(f"memory://m{uuid.uuid4().hex[:8]}")
+    mirror = Mirror(remote, tmp_path, stage_files)
+    mirror.pull()
+    out = mirror.local
+    (out / "_stats").mkdir()
+    for name in ("manifest.json", "index.parquet", "text-000000.tar", "_stats/text-000000.tar.json",
+                 "_stage.json", ".mmtok.lock", ".text-000001.tar.tmp-99", "notes.txt"):
+        (out / name).write_bytes(name.encode())
+    fs = fsspec.filesystem("memory")
+    order, real_open = [], fs.open
+
+    def recording_open(path, mode="rb", **kw):
+        if "w" in mode:
+            order.append(path.rpartition(remote.path + "/")[2])
+        return real_open(path, mode, **kw)
+
+    fs.open = recording_open
+    try:
+        mirror.push()
+        assert order == ["_stage.json", "_stats/text-000000.tar.json", "text-000000.tar", "index.parquet",
+                         "manifest.json"]
+        order.clear()
+        mirror.push()
+        assert order == [], "unchanged files were uploaded again"
+    finally:
+        del fs.open
+    deleted, real_rm = [], fs.rm_file
+    fs.rm_file = lambda p: (deleted.append(p.rpartition("/")[2]), real_rm(p))
+    try:
+        for name in ("manifest.json", "text-000000.tar", "_stats/text-000000.tar.json"):
+            (out / name).unlink()
+        mirror.push()
+    finally:
+        del fs.rm_file
+    assert deleted == ["manifest.json", "text-000000.tar", "text-000000.tar.json"]
+    assert sorted(p.rpartition("/")[2] for p in fs.find(remote.path)) == ["_stage.json", "index.parquet"]
+
+
+def test_latest_never_goes_up_before_the_checkpoint_it_names(tmp_path):
+    """A training run saves a checkpoint and moves `latest` while a push is under way: the
+    `latest` that goes up names a checkpoint that is up too."""
+    import fsspec
+
+    from mmtok.mirror import all_files
+
+    remote = RemotePath(f"memory://m{uuid.uuid4().hex[:8]}")
+    mirror = Mirror(remote, tmp_path, all_files)
+    mirror.pull()
+    ckpts = mirror.local / "checkpoints"
+
+    def save(step: int) -> None:
+        (ckpts / f"step-{step}").mkdir(parents=True)
+        (ckpts / f"step-{step}" / "weights").write_bytes(b"w" * step)
+        (ckpts / ".latest.tmp").write_text(f"step-{step}")
+        os.replace(ckpts / ".latest.tmp", ckpts / "latest")
+
+    save(1)
+    real, calls = mirror._local_files, []
+
+    def listing():
+        found = real()
+        calls.append(1)
+        if len(calls) == 1:
+            save(2)  # the trainer, just after the push looked
+        return found
+
+    mirror._local_files = listing
+    mirror.push()
+    fs = fsspec.filesystem("memory")
+    named = fs.cat_file(f"{remote.path}/checkpoints/latest").decode()
+    assert fs.exists(f"{remote.path}/checkpoints/{named}/weights"), named
+
+
+def test_a_local_out_is_itself(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMTOK_CACHE", str(tmp_path / "cache"))
+    with remote_output(str(tmp_path / "o")) as out:
+        assert out == tmp_path / "o"
+    assert not (tmp_path / "cache").exists()
+
+
+# ---------------------------------------------------------------- reading from a bucket
+
+def test_a_shard_dir_in_a_bucket_reads_like_the_local_one(bucket, tmp_path):
+    local = tmp_path / "local"
+    _shard(_corpus(tmp_path / "in"), local)
+    _s3().put(str(local), f"{bucket}/shards", recursive=True)
+    url = f"s3://{bucket}/shards"
+
+    assert load_manifest(url) == load_manifest(local)
+    assert [p.name for p in list_shards(url)] == [p.name for p in list_shards(local)]
+    assert read_jsonl(f"{url}/quarantine.jsonl") == read_jsonl(local / "quarantine.jsonl")
+    assert read_json(f"{url}/manifest.json") == read_json(local / "manifest.json")
+    remote, here = ShardReader(url), ShardReader(local)
+    remote.check()
+    assert [(s.key, s.members, s.shard) for s in remote] == [(s.key, s.members, s.shard) for s in here]
+    assert remote.index().equals(here.index())
+    lookup = remote.lookup()
+    assert lookup == here.lookup() and lookup
+    for key, (shard, members) in lookup.items():
+        for ext, (offset, size) in members.items():
+            assert remote.read_member(shard, offset, size) == here.read_member(shard, offset, size)
+
+    first = list_shards(local)[0]
+    _s3().pipe_file(f"{bucket}/shards/{first.name}", first.read_bytes()[:-1024])
+    with pytest.raises(ShardError, match=f"s3://{bucket}/shards/{first.name}: .* manifest says"):
+        ShardReader(url).check()
+    with pytest.raises(ShardError, match="no manifest.json"):
+        load_manifest(f"s3://{bucket}/nothing-here")
+
+
+# ---------------------------------------------------------------- writing to a bucket
+
+def test_a_stage_writes_into_a_bucket_byte_for_byte(bucket, tmp_path):
+    corpus = _corpus(tmp_path / "in")
+    _shard(corpus, tmp_path / "ref")
+    fs = _s3()
+    fs.pipe_file(f"{bucket}/shards/notes.txt", b"the user's")  # beside mmtok's output: never touched
+    fs.pipe_file(f"{bucket}/elsewhere.txt", b"the user's too")
+    url = f"s3://{bucket}/shards"
+    with remote_output(url, every=0.05) as out:
+        assert out != tmp_path / "ref" and not is_url(str(out))
+        summary = _shard(corpus, out)
+    assert summary.shards > 3
+    got = _bucket_files(f"{bucket}/shards")
+    want = _top_files(tmp_path / "ref")
+    assert {k: v for k, v in got.items() if "/" not in k and not k.startswith("_") and k != "notes.txt"} == want
+    assert not [k for k in got if ".tmp" in k or "lock" in k], "a temporary or the lock was uploaded"
+    assert sorted(k for k in got if k.startswith("_stats/")) == sorted(
+        f"_stats/{p.name}" for p in (tmp_path / "ref" / "_stats").iterdir())
+    assert got["notes.txt"] == b"the user's"
+    assert [s.key for s in ShardReader(url)] == [s.key for s in ShardReader(tmp_path / "ref")]
+
+    # an --overwrite run of another job deletes the old shards mmtok wrote, and nothing else
+    with remote_output(url, every=0.05) as out:
+        run_stage("shard", list(shard_items([str(corpus)])), ShardFn(), out, config={"inputs": [str(corpus)], "x": 2},
+                  max_count=1000, progress=False, max_error_rate=1, overwrite=True)
+    got = _bucket_files(f"{bucket}/shards")
+    assert sorted(k for k in got if k.endswith(".tar")) == sorted(p.name for p in list_shards(out))
+    assert len(list_shards(out)) < summary.shards
+    assert got["notes.txt"] == b"the user's"
+    assert fs.cat_file(f"{bucket}/elsewhere.txt") == b"the user's too"
+
+
+def test_an_unreachable_bucket_is_one_line(bucket, tmp_path):
+    with pytest.raises(RemoteError, match="s3://no-such-bucket-here/x: .*credentials"):
+        with remote_output("s3://no-such-bucket-here/x"):
+            pass
+
+
+_CHILD = """
+import sys, time
+from mmtok.mirror import remote_output
+from mmtok.ingest import ShardFn, shard_items
+from mmtok.runner import run_stage
+corpus, url = sys.argv[1], sys.argv[2]
+fn = ShardFn()
+
+def slow(payload):  # time for the test to see shards arrive and kill the run mid-way
+    time.sleep(0.02)
+    return fn(payload)
+
+with remote_output(url, every=0.02) as out:
+    run_stage("shard", list(shard_items([corpus])), slow, out, config={"inputs": [corpus]}, max_count=4,
+              progress=False, max_error_rate=1)
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_on_another_machine(bucket, tmp_path):
+    """SIGKILL a run writing to the bucket once shards are up there; resume it from an empty
+    cache (another machine): the bucket ends byte-identical to a local run, and the shards
+    that were up are not redone."""
+    corpus = _corpus(tmp_path / "in", n=150)
+    _shard(corpus, tmp_path / "ref")
+    url, prefix = f"s3://{bucket}/shards", f"{bucket}/shards"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MMTOK_CACHE": str(tmp_path / "machine-a")}
+    fs = _s3()
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(corpus), url], env=env, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        fs.invalidate_cache()
+        if len([p for p in fs.find(prefix) if p.endswith(".tar")]) >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    fs.invalidate_cache()
+    assert not fs.exists(f"{prefix}/manifest.json"), "the run finished before it could be killed"
+    up = len([p for p in fs.find(prefix) if p.endswith(".tar")])
+    assert up >= 3
+
+    os.environ["MMTOK_CACHE"] = str(tmp_path / "machine-b")  # the fixture's monkeypatch restores it
+    with remote_output(url) as out:
+        summary = _shard(corpus, out)
+    assert summary.resumed_shards >= up  # shards go up in closing order, each after its record
+    got = _bucket_files(prefix)
+    assert {k: v for k, v in got.items() if "/" not in k and not k.startswith("_")} == _top_files(tmp_path / "ref")
+
+
+# ---------------------------------------------------------------- the CLI on a bucket (issue #15)
+
+TINY_MOMA = ["--model", "moma", "--experts", "2t2i", "--lr", "0.01", "--warmup", "2", "--ckpt-every", "2"]
+MIX = ["--world-size", "1", "--ratio", "1:1", "--seq-len", "160", "--micro-batch", "2", "--steps", "4",
+       "--holdout", "0.2"]
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from mmtok.cli.app import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert "Traceback" not in (r.output or ""), r.output
+    assert r.exit_code == 0, r.output
+    return r
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    """The local pipeline the bucket runs must reproduce: raw files, shards, a tiny
+    tokenizer, codes, tokens, a plan and a 4-step run, all written by the CLI."""
+    from test_bpe import corpus
+
+    from mmtok.bpe import train_bpe
+    from mmtok.trainer.vq_train import train_vq
+    from mmtok.vq import VQConfig
+
+    root = tmp_path_factory.mktemp("remote_ref")
+    raw = _corpus(root / "raw")
+    for i, line in enumerate(corpus(200)):
+        (raw / f"c{i:03d}.txt").write_text(line)
+    _cli("shard", raw, "--out", root / "shards", "--max-count", 40, "--max-error-rate", 1, "--json")
+    train_bpe([root / "shards"], root / "tok", vocab_size=600, image_codes=64, log=lambda m: None)
+    train_vq([root / "shards"], root / "tok", VQConfig(resolution=16, downsample=2, codebook_size=64, channels=8,
+                                                       res_blocks=1), steps=2, batch_size=4, disc_weight=0,
+             log=lambda m: None)
+    _cli("tokenize-images", root / "shards", "--tokenizer", root / "tok", "--out", root / "codes", "--json")
+    _cli("tokenize", root / "shards", "--tokenizer", root / "tok", "--codes", root / "codes", "--out", root / "tokens",
+         "--max-error-rate", 1, "--json")
+    _cli("balance-mix", root / "tokens", "--out", root / "plan", *MIX, "--json")
+    _cli("train", "--plan", root / "plan", "--out", root / "run", *TINY_MOMA, "--steps", 4, "--json")
+    return root
+
+
+def _put(local: Path, url_prefix: str) -> None:
+    _s3().put(str(local), url_prefix, recursive=True)
+
+
+def _same_output(prefix: str, local: Path, swap: dict[Path, str] | None = None) -> None:
+    """The bucket's files under `prefix` are the local directory's, byte for byte; in JSON and
+    JSONL files each local path of `swap` reads as its URL (a config records its inputs)."""
+    got = {k: v for k, v in _bucket_files(prefix).items() if not k.rpartition("/")[2].startswith((".", "_stage"))}
+    want = {p.relative_to(local).as_posix(): p.read_bytes() for p in sorted(local.rglob("*"))
+            if p.is_file() and not p.name.startswith((".", "_stage"))}
+    assert sorted(got) == sorted(want)
+    for name, data in want.items():
+        for here, there in (swap or {}).items() if name.endswith((".json", ".jsonl")) else ():
+            data = data.replace(str(here).encode(), there.encode())
+        assert got[name] == data, name
+
+
+def test_cli_shards_into_a_bucket(ref, bucket, tmp_path):
+    raw = ref / "raw"
+    url = f"s3://{bucket}/shards"
+    r = _cli("shard", raw, "--out", url, "--max-count", 40, "--max-error-rate", 1, "--json")
+    assert json.loads(r.stdout)["out"] == url
+    _same_output(f"{bucket}/shards", ref / "shards")
+    # the table names the URL too; a rerun resumes from the bucket and changes nothing
+    r = _cli("shard", raw, "--out", url, "--max-count", 40, "--max-error-rate", 1)
+    assert url in " ".join(r.output.split())
+    _same_output(f"{bucket}/shards", ref / "shards")
+
+
+def test_cli_tokenizes_from_a_bucket_into_a_bucket(ref, bucket):
+    _put(ref / "shards", f"{bucket}/shards")
+    shards, codes, tokens = (f"s3://{bucket}/{n}" for n in ("shards", "codes", "tokens"))
+    r = _cli("tokenize-images", shards, "--tokenizer", ref / "tok", "--out", codes, "--json")
+    assert json.loads(r.stdout)["out"] == codes
+    _same_output(f"{bucket}/codes", ref / "codes", {ref / "shards": shards})
+    _cli("tokenize", shards, "--tokenizer", ref / "tok", "--codes", codes, "--out", tokens, "--max-error-rate", 1,
+         "--json")
+    # the manifest's config names the inputs (and --codes) by URL; everything else is the local bytes
+    _same_output(f"{bucket}/tokens", ref / "tokens", {ref / "shards": shards, ref / "codes": codes})
+
+
+def test_cli_plans_a_mix_of_a_bucket_into_a_bucket(ref, bucket):
+    from mmtok.loader import PlanLoader
+    from mmtok.plan import read_plan_meta
+
+    _put(ref / "tokens", f"{bucket}/tokens")
+    tokens, plan = f"s3://{bucket}/tokens", f"s3://{bucket}/plan"
+    _cli("balance-mix", tokens, "--out", plan, *MIX, "--json")
+    # arrays and held-out shards byte for byte; plan.json names the source by URL, and by the
+    # same relative path as the local plan, so it resolves to the bucket's tokens
+    _same_output(f"{bucket}/plan", ref / "plan", {ref / "tokens": tokens})
+    assert [s["path"] for s in read_plan_meta(plan)["sources"]] == ["../tokens"]
+    remote, local = PlanLoader(plan), PlanLoader(ref / "plan")
+    assert str(remote.corpus.dirs[0]) == tokens
+    for a, b in zip(remote, local):
+        assert all(_same_ints(a[k], b[k]) for k in a)
+
+
+def _same_ints(a, b) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and bool((a == b).all())  # integer tensors: exact
+
+
+def test_cli_trains_from_and_into_a_bucket_and_resumes_on_another_machine(ref, bucket, tmp_path):
+    """Stopped at step 2 on machine A, resumed from the bucket alone on machine B (an empty
+    cache): the losses are the local uninterrupted run's, exactly (as the local resume test)."""
+    _put(ref / "tokens", f"{bucket}/tokens")
+    _put(ref / "plan", f"{bucket}/plan")
+    plan, run = f"s3://{bucket}/plan", f"s3://{bucket}/run"
+    r = _cli("train", "--plan", plan, "--out", run, *TINY_MOMA, "--steps", 4, "--stop-at-step", 2, "--json")
+    assert json.loads(r.stdout)["checkpoint"].startswith(run + "/checkpoints/")
+    assert _s3().cat_file(f"{bucket}/run/checkpoints/latest") == b"step-00000002"
+    os.environ["MMTOK_CACHE"] = str(tmp_path / "machine-b")  # the fixture's monkeypatch restores it
+    _cli("train", "--out", run, "--resume", *TINY_MOMA, "--steps", 4, "--json")
+
+    def curve(text: str) -> list:
+        return [tuple(r[k] for k in ("step", "loss", "grad_norm", "text_loss", "image_loss"))
+                for r in map(json.loads, text.splitlines())]
+
+    got = _bucket_files(f"{bucket}/run")
+    assert curve(got["metrics.jsonl"].decode()) == curve((ref / "run" / "metrics.jsonl").read_text())
+    assert got["checkpoints/latest"] == b"step-00000004"
+    assert json.loads(got["config.json"])["plan"] == plan
+    assert not [k for k in got if ".tmp" in k or ".old" in k or "lock" in k]
+
+
+def test_cli_refuses_what_a_bucket_cannot_do_yet(bucket, ref):
+    from typer.testing import CliRunner
+
+    from mmtok.cli.app import app
+
+    r = CliRunner().invoke(app, ["tokenize-images", str(ref / "shards"), "--tokenizer", str(ref / "tok"),
+                                 "--out", f"s3://{bucket}/codes", "--nproc", "2"])
+    assert r.exit_code == 2 and "one process" in " ".join(r.output.split())
+    r = CliRunner().invoke(app, ["train", "--plan", str(ref / "plan"), "--out", f"s3://{bucket}/run", "--nproc", "2"])
+    assert r.exit_code == 2 and "one process" in " ".join(r.output.split())
+    _put(ref / "shards", f"{bucket}/shards")
+    r = CliRunner().invoke(app, ["train-bpe", f"s3://{bucket}/shards", "--out", str(ref / "tok2")])
+    assert r.exit_code == 2 and "copy s3://" in " ".join(r.output.split())
