@@ -50,17 +50,18 @@ def check_inputs(inputs, out=None, shard_dirs: bool = False) -> list:
     """Name an empty or missing input, or an --out that overlaps an input, before any work
     starts (the stage runner checks the overlap again). Returns the inputs as Paths, or
     RemotePaths for URLs (mmtok.fs)."""
-    from mmtok.fs import as_location
+    from mmtok.fs import as_location, remote_errors
     from mmtok.runner import check_paths
 
     check_paths(inputs, out)
     locations = [as_location(spec) for spec in inputs]
     for spec, loc in zip(inputs, locations):
-        # a shard directory at a URL is known by its manifest (object stores have no directories)
-        if shard_dirs and not (loc.is_dir() if isinstance(loc, Path) else (loc / "manifest.json").exists()):
-            raise FileNotFoundError(f"input {spec} is not a shard directory")
-        if not loc.exists():
-            raise FileNotFoundError(f"input {spec} does not exist")
+        with remote_errors(spec):  # no credentials, no bucket: one line naming the URL
+            # a shard directory at a URL is known by its manifest (object stores have no directories)
+            if shard_dirs and not (loc.is_dir() if isinstance(loc, Path) else (loc / "manifest.json").exists()):
+                raise FileNotFoundError(f"input {spec} is not a shard directory")
+            if not loc.exists():
+                raise FileNotFoundError(f"input {spec} does not exist")
     return locations
 
 

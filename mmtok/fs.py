@@ -12,6 +12,7 @@ mirrored to the URL.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import re
@@ -108,6 +109,11 @@ class RemotePath:
         return RemotePath(f"{self.url}/{name}")
 
     @property
+    def parent(self) -> RemotePath:
+        scheme, path = _split_url(self.url)
+        return RemotePath(scheme + path.rpartition("/")[0]) if "/" in path else self
+
+    @property
     def name(self) -> str:
         return self.url[len(SCHEME_RE.match(self.url)[0]):].rpartition("/")[2]
 
@@ -136,6 +142,27 @@ class RemotePath:
 
     def stat(self) -> _Stat:
         return _Stat(int(self.fs.info(self.path)["size"]))
+
+
+@contextlib.contextmanager
+def remote_errors(url) -> Iterator[None]:
+    """A store's failure (no credentials, no bucket, no network) as one line naming the URL;
+    nothing for a local path."""
+    if not is_url(url):
+        yield
+        return
+    try:
+        yield
+    except RemoteError:
+        raise
+    except (OSError, ValueError) as e:
+        raise RemoteError(f"{url}: {type(e).__name__}: {e}; check the URL, the credentials "
+                          "(AWS_* variables, AWS_ENDPOINT_URL for MinIO/R2) and the network") from None
+    except Exception as e:
+        if type(e).__module__.split(".")[0] not in ("botocore", "aiobotocore", "s3fs", "gcsfs", "huggingface_hub"):
+            raise
+        raise RemoteError(f"{url}: {type(e).__name__}: {e}; check the URL, the credentials "
+                          "(AWS_* variables, AWS_ENDPOINT_URL for MinIO/R2) and the network") from None
 
 
 def absolute(loc: str | os.PathLike | RemotePath) -> str:

@@ -17,6 +17,7 @@ from typing import Iterator
 # check_manifest: imported by the CLI from here
 from mmtok.manifests import (MANIFEST_EXTS, Columns, bad_item, check_manifest, csv_items,  # noqa: F401
                              img2dataset_shards, img2dataset_stats, jsonl_items, parquet_items)
+from mmtok.fs import RemotePath, as_location, is_url, join_location, remote_errors
 from mmtok.runner import DUPLICATES, STAGE_FILE, STATS_DIR, Item, Quarantined, Sample, run_stage
 from mmtok.shards import (INDEX, MANIFEST, QUARANTINE, content_hash, dumps_meta, group_samples, is_stage_output,
                           iter_tar, printable)
@@ -50,14 +51,18 @@ def _not_regular(path: Path, mode: int) -> Item:
 
 def enumerate_inputs(inputs: list[str], max_member_bytes: int = MAX_MEMBER_BYTES,
                      columns: "Columns | None" = None) -> Iterator[Item]:
-    """Yield items in a fixed order: inputs as given, directories walked sorted."""
+    """Yield items in a fixed order: inputs as given, directories walked sorted. An input
+    may be a URL (a bucket prefix, a manifest or a tar in object storage: mmtok/fs.py)."""
     columns = columns or Columns()
     for spec in inputs:
-        path = Path(spec)
-        if not path.exists():
-            raise FileNotFoundError(f"input {spec} does not exist")
+        path = as_location(spec)
+        with remote_errors(spec):  # no credentials, no bucket: one line naming the URL
+            if not path.exists():
+                raise FileNotFoundError(f"input {spec} does not exist")
         if printable(spec) != spec:
             yield bad_item(printable(spec), "name is not valid UTF-8: rename it to include it")
+        elif isinstance(path, RemotePath) and path.is_dir():
+            yield from _walk_remote(path, max_member_bytes, columns)
         elif path.is_dir():
             yield from _walk_dir(path, os.path.realpath(path), max_member_bytes, columns)
         else:
@@ -76,13 +81,10 @@ def _walk_dir(d: Path, root: str, limit: int, cols: "Columns") -> Iterator[Item]
         yield bad_item(printable(str(d)), f"cannot list this folder ({e.strerror})")
         return
     names = {e.name for e in entries}
-    # re-sharding mmtok's own output: its shards are tars like any other, its records are not input
     own_output = is_stage_output(names)
     files, folders = [], []
     for e in entries:
-        if own_output and e.name in _OUTPUT_RECORDS:
-            continue
-        if e.name.startswith(".") and not e.is_dir(follow_symlinks=False):  # hidden files: never input
+        if _not_input(e.name, own_output, e.is_dir(follow_symlinks=False)):
             continue
         path = Path(e.path)
         if printable(e.path) != e.path:
@@ -106,6 +108,39 @@ def _walk_dir(d: Path, root: str, limit: int, cols: "Columns") -> Iterator[Item]
             yield bad_item(e.path, f"cannot read ({err.strerror})")
             continue
         files.append(path)
+    yield from _folder_items(files, names, limit, cols)
+    for folder in folders:
+        yield from _walk_dir(folder, root, limit, cols)
+
+
+def _walk_remote(d: RemotePath, limit: int, cols: "Columns") -> Iterator[Item]:
+    """`_walk_dir` for a folder (a prefix) in object storage: the same order and the same
+    grouping; an object store has no links or devices, so every object is a file."""
+    try:
+        d.fs.invalidate_cache(d.path)
+        entries = sorted(d.fs.ls(d.path, detail=True), key=lambda e: e["name"].rstrip("/"))
+    except OSError as e:
+        yield bad_item(str(d), f"cannot list this folder ({e})")
+        return
+    entries = [(e["name"].rstrip("/").rpartition("/")[2], e["type"] == "directory") for e in entries]
+    names = {name for name, _ in entries}
+    own_output = is_stage_output(names)
+    kept = [(d / name, is_dir) for name, is_dir in entries if name and not _not_input(name, own_output, is_dir)]
+    yield from _folder_items([p for p, is_dir in kept if not is_dir], names, limit, cols)
+    for folder, is_dir in kept:
+        if is_dir:
+            yield from _walk_remote(folder, limit, cols)
+
+
+def _not_input(name: str, own_output: bool, is_dir: bool) -> bool:
+    """Names a walk passes over: an mmtok output directory's records (re-sharding its own
+    output: its shards are tars like any other, its records are not input) and hidden files."""
+    return (own_output and name in _OUTPUT_RECORDS) or (name.startswith(".") and not is_dir)
+
+
+def _folder_items(files: list, names: set[str], limit: int, cols: "Columns") -> Iterator[Item]:
+    """The items of one folder's files (sorted, local Paths or RemotePaths): archives and
+    manifests one by one, then the other files grouped by stem."""
     i2d = img2dataset_shards(names)
     if i2d:  # img2dataset's output folder: its per-shard counters are not input
         files = [f for f in files if f.name not in {f"{s}_stats.json" for s in i2d}]
@@ -117,7 +152,7 @@ def _walk_dir(d: Path, root: str, limit: int, cols: "Columns") -> Iterator[Item]
         elif _is_tar(f) or f.name.endswith(MANIFEST_EXTS):
             yield from _file_items(f, limit, cols)
     # files sharing a stem in one folder are one sample (image + caption), as in webdataset
-    by_stem: dict[str, list[Path]] = {}
+    by_stem: dict[str, list] = {}
     for f in plain:
         by_stem.setdefault(f.name.split(".")[0], []).append(f)
     for stem in sorted(by_stem):
@@ -130,21 +165,22 @@ def _walk_dir(d: Path, root: str, limit: int, cols: "Columns") -> Iterator[Item]
             else:
                 kept[ext] = f
                 group.append(f)
-        yield Item(str(group[0].with_name(stem)), {"kind": "files", "paths": [str(p) for p in group]})
+        first = group[0]
+        name = first.with_name(stem) if isinstance(first, Path) else f"{str(first).rpartition('/')[0]}/{stem}"
+        yield Item(str(name), {"kind": "files", "paths": [str(p) for p in group]})
         yield from dropped
-    for folder in folders:
-        yield from _walk_dir(folder, root, limit, cols)
 
 
-def _file_items(path: Path, limit: int, cols: "Columns") -> Iterator[Item]:
-    try:
-        mode = path.stat().st_mode
-    except OSError as e:
-        yield bad_item(str(path), f"cannot read ({e.strerror})")
-        return
-    if not stat.S_ISREG(mode):  # a FIFO would block the open forever; a device may never end
-        yield _not_regular(path, mode)
-        return
+def _file_items(path: Path | RemotePath, limit: int, cols: "Columns") -> Iterator[Item]:
+    if isinstance(path, Path):  # an object in a bucket is always a plain file
+        try:
+            mode = path.stat().st_mode
+        except OSError as e:
+            yield bad_item(str(path), f"cannot read ({e.strerror})")
+            return
+        if not stat.S_ISREG(mode):  # a FIFO would block the open forever; a device may never end
+            yield _not_regular(path, mode)
+            return
     name = path.name.lower()
     if _is_tar(path):
         yield from _tar_items(path, limit)
@@ -174,6 +210,11 @@ def _read_file(path: str | Path, limit: int) -> bytes:
     FIFO blocks; /dev/zero never ends), and so is a file over `limit` bytes: its size is
     checked first, and the read stops at `limit + 1` in case it grows. OSError when it
     cannot be read at all."""
+    if is_url(path):
+        loc = as_location(path)
+        if loc.stat().st_size <= limit:
+            return loc.read_bytes()
+        raise Bad(f"{path}: over the --max-member-bytes limit of {limit:,} bytes: not read")
     st = os.stat(path)
     if not stat.S_ISREG(st.st_mode):
         raise Bad(f"{path}: {_file_kind(st.st_mode)}, not a regular file: never opened")
@@ -211,7 +252,7 @@ class ShardFn:
                 return self._build(index, payload["source"], parts, extra) + dropped
             if kind == "members":
                 return self._members(index, payload["source"], payload["members"])
-            return self._row(index, payload["source"], payload["row"], Path(payload["base"]))
+            return self._row(index, payload["source"], payload["row"], as_location(payload["base"]))
         except Bad as e:
             return [Quarantined(payload["source"], str(e))]
 
@@ -232,7 +273,7 @@ class ShardFn:
                 extra.update(_json_extra(data, p))
                 continue
             try:
-                parts.append(self._sniff(data, p, p))
+                parts.append(self._sniff(data, p, _local(p)))
             except Bad as e:
                 bad.append((p, e))
         return parts, extra, _left_out(parts, bad)
@@ -260,12 +301,12 @@ class ShardFn:
         parts = []
         for field in ("image", "audio", "video"):
             if field in row:
-                path = base / str(row[field])
+                path = join_location(base, str(row[field]))
                 try:
                     data = _read_file(path, self.max_member_bytes)
                 except OSError:
                     raise Bad(f"row points to a missing or unreadable file: {row[field]}") from None
-                part = self._sniff(data, str(path), str(path))
+                part = self._sniff(data, str(path), _local(path))
                 if part.kind != field:
                     raise Bad(f"{row[field]}: the row says {field} but the content is {part.kind}")
                 parts.append(part)
@@ -290,12 +331,12 @@ class ShardFn:
                 if resolve_by_hash:  # already content-addressed: the image samples come along
                     out_segments.append({"image": seg["image"]})
                     continue
-                path = base / seg["image"]
+                path = join_location(base, seg["image"])
                 try:
                     data = _read_file(path, self.max_member_bytes)
                 except OSError:
                     raise Bad(f"segment {j} points to a missing or unreadable image: {seg['image']}") from None
-                part = self._sniff(data, str(path), str(path))
+                part = self._sniff(data, str(path), _local(path))
                 if part.kind != "image":
                     raise Bad(f"segment {j}: {seg['image']} is {part.kind}, not an image")
                 members = {part.ext: part.data}
@@ -342,6 +383,11 @@ class ShardFn:
                       index={"image_sha256": image if part.kind == "image" else None})
 
 
+def _local(path) -> str | None:
+    """A path ffmpeg may open in place: local ones; a URL's bytes go through a temporary file."""
+    return None if is_url(path) else str(path)
+
+
 def _left_out(parts: list[Part], bad: list[tuple[str, Bad]]) -> list[Quarantined]:
     """Quarantine records for the bad members of a sample whose other members are kept.
 
@@ -382,12 +428,12 @@ def shard(inputs: list[str], out, *, max_count: int = 10_000, max_size: int = 1 
     """`mmtok shard`: raw files, manifests and tars -> WebDataset shards in `out` (a path or a
     URL, written through a staging directory: mmtok.mirror). Returns the runner's Summary,
     whose `out` names what was given."""
-    from mmtok.fs import is_url
     from mmtok.mirror import remote_output
 
     columns = columns or Columns()
     for spec in inputs:  # a manifest given by name is checked before any work (those in folders when reached)
-        check_manifest(spec, columns)
+        with remote_errors(spec):
+            check_manifest(spec, columns)
     config = {"inputs": list(inputs), "max_count": max_count, "max_size": max_size,
               "validate": validate, "dedup": dedup, "max_pixels": max_pixels}
     if max_member_bytes != MAX_MEMBER_BYTES:  # left out at its default, so earlier runs' output dirs still resume

@@ -6,9 +6,11 @@ its reason.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import decimal
+import io
 import json
 import re
 import sys
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from mmtok.fs import RemotePath, as_location, read_parquet
 from mmtok.runner import Item, StageError
 from mmtok.shards import dumps_meta
 
@@ -65,22 +68,30 @@ class Columns:
                              "--image-col, --text-col, --audio-col or --video-col (a document is a `segments` column)")
 
 
+def _open(path: Path | RemotePath, text: bool = False):
+    """A manifest file opened for reading, local or in object storage; `text`: as CSV reads it
+    (utf-8-sig: a BOM must not rename the first column)."""
+    f = path.open("rb")
+    return io.TextIOWrapper(f, encoding="utf-8-sig", newline="") if text else f
+
+
 def check_manifest(path: str | Path, cols: Columns) -> None:
     """`Columns.check` on a manifest file's header (the CLI's check before any work)."""
-    path = Path(path)
+    path = as_location(path)
     name = path.name.lower()
-    if not path.is_file() or not name.endswith(MANIFEST_EXTS):
+    if not name.endswith(MANIFEST_EXTS) or not path.is_file():
         return
     try:
         if name.endswith(".parquet"):
             import pyarrow.parquet as pq
 
-            columns = pq.ParquetFile(path).schema_arrow.names
+            with _open(path) as f:
+                columns = pq.ParquetFile(f).schema_arrow.names
         elif name.endswith(".csv"):
-            with open(path, newline="", encoding="utf-8-sig") as f:
+            with _open(path, text=True) as f:
                 columns = next(csv.reader(f), [])
         else:
-            with open(path, "rb") as f:
+            with _open(path) as f:
                 row = next((json.loads(line) for line in f if line.strip()), {})
             columns = list(row) if isinstance(row, dict) else []
     except Exception:  # unreadable: the reader quarantines it with the reason
@@ -131,9 +142,9 @@ def _row_item(path: Path, n: int, row, cols: Columns, blobs: dict[str, bytes] | 
     return Item(name, {"kind": "row", "row": row, "base": str(path.parent)})
 
 
-def jsonl_items(path: Path, cols: Columns) -> Iterator[Item]:
+def jsonl_items(path: Path | RemotePath, cols: Columns) -> Iterator[Item]:
     try:
-        f = open(path, "rb")
+        f = _open(path)
     except OSError as e:
         yield bad_item(str(path), f"cannot read ({e.strerror})")
         return
@@ -153,11 +164,11 @@ def jsonl_items(path: Path, cols: Columns) -> Iterator[Item]:
             yield _row_item(path, n, row, cols)
 
 
-def csv_items(path: Path, limit: int, cols: Columns) -> Iterator[Item]:
+def csv_items(path: Path | RemotePath, limit: int, cols: Columns) -> Iterator[Item]:
     # a caption may be as long as any payload (csv refuses fields over 128 KiB by default)
     csv.field_size_limit(min(limit, sys.maxsize))
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM must not rename the first column
+        with _open(path, text=True) as f:
             reader = csv.DictReader(f)
             cols.check(path, [c for c in reader.fieldnames or [] if c])
             for n, row in enumerate(reader, 2):
@@ -208,14 +219,19 @@ def _parquet_row(path: Path, n: int, row: dict, cols: Columns) -> Item:
     return _row_item(path, n, out, cols, blobs)
 
 
-def parquet_items(path: Path, cols: Columns) -> Iterator[Item]:
+def parquet_items(path: Path | RemotePath, cols: Columns) -> Iterator[Item]:
     import pyarrow.parquet as pq
 
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several types for a corrupt file
-        yield bad_item(str(path), f"unreadable Parquet manifest: {e}")
-        return
+    with contextlib.ExitStack() as stack:
+        try:
+            pf = pq.ParquetFile(stack.enter_context(_open(path)))
+        except Exception as e:  # pyarrow raises several types for a corrupt file
+            yield bad_item(str(path), f"unreadable Parquet manifest: {e}")
+            return
+        yield from _parquet_rows(path, pf, cols)
+
+
+def _parquet_rows(path: Path | RemotePath, pf, cols: Columns) -> Iterator[Item]:
     cols.check(path, pf.schema_arrow.names)
     n = 0
     try:
@@ -247,14 +263,12 @@ def img2dataset_shards(names: set[str]) -> set[str]:
     return out
 
 
-def img2dataset_stats(path: Path) -> Iterator[Item]:
+def img2dataset_stats(path: Path | RemotePath) -> Iterator[Item]:
     """img2dataset's table of every row it tried for one shard. The rows it fetched are in
     the tar (or folder) beside it; each other one gets a record, not counted as a bad input
     (there never was a file)."""
-    import pyarrow.parquet as pq
-
     try:
-        rows = pq.read_table(path).to_pylist()
+        rows = read_parquet(path).to_pylist()
     except Exception as e:
         yield bad_item(str(path), f"unreadable img2dataset stats table: {e}")
         return

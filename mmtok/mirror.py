@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
-from mmtok.fs import RemoteError, RemotePath, as_location
+from mmtok.fs import RemoteError, RemotePath, as_location, remote_errors
 
 TEMP_DIR_RE = re.compile(r"^\..+\.(tmp|old)$")  # the trainer's checkpoint dirs before their rename, set aside
 SYNC_STATE = "sync.json"
@@ -211,23 +211,6 @@ def _local_fp(p: Path) -> list:
 
 
 @contextlib.contextmanager
-def _remote_errors(url: str) -> Iterator[None]:
-    """A store's failure (no credentials, no bucket, no network) as one line naming the URL."""
-    try:
-        yield
-    except RemoteError:
-        raise
-    except (OSError, ValueError) as e:
-        raise RemoteError(f"{url}: {type(e).__name__}: {e}; check the URL, the credentials "
-                          "(AWS_* variables, AWS_ENDPOINT_URL for MinIO/R2) and the network") from None
-    except Exception as e:
-        if type(e).__module__.split(".")[0] not in ("botocore", "aiobotocore", "s3fs", "gcsfs", "huggingface_hub"):
-            raise
-        raise RemoteError(f"{url}: {type(e).__name__}: {e}; check the URL, the credentials "
-                          "(AWS_* variables, AWS_ENDPOINT_URL for MinIO/R2) and the network") from None
-
-
-@contextlib.contextmanager
 def remote_output(out: str | os.PathLike, *, ours: Callable[[str], bool] = stage_files,
                   every: float | None = None) -> Iterator[Path]:
     """The local directory a stage writes for `out`. A local `out` is itself. A URL gets a
@@ -249,7 +232,7 @@ def remote_output(out: str | os.PathLike, *, ours: Callable[[str], bool] = stage
     home = cache_root() / "remote" / hashlib.sha256(loc.url.encode()).hexdigest()[:24]
     with exclusive(home):  # one job per URL on this machine (the stage locks the staging dir itself)
         mirror = Mirror(loc, home, ours)
-        with _remote_errors(loc.url):
+        with remote_errors(loc.url):
             mirror.pull()
         stop = threading.Event()
 
@@ -268,7 +251,7 @@ def remote_output(out: str | os.PathLike, *, ours: Callable[[str], bool] = stage
             stop.set()
             thread.join()
             try:
-                with _remote_errors(loc.url):
+                with remote_errors(loc.url):
                     mirror.push()
             except RemoteError:
                 if not failed:

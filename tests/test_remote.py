@@ -491,3 +491,95 @@ def test_cli_refuses_what_a_bucket_cannot_do_yet(bucket, ref):
     _put(ref / "shards", f"{bucket}/shards")
     r = CliRunner().invoke(app, ["train-bpe", f"s3://{bucket}/shards", "--out", str(ref / "tok2")])
     assert r.exit_code == 2 and "copy s3://" in " ".join(r.output.split())
+
+
+def _raw_tree(root: Path) -> Path:
+    """Raw inputs of every layout a walk meets: stem pairs, a JSON-lines and a CSV manifest
+    naming files beside them, a Parquet manifest holding its images, a tar, an audio pair
+    (ffmpeg reads it), and inputs to quarantine (bad UTF-8, a row naming a missing file)."""
+    import csv
+    import tarfile
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import soundfile as sf
+
+    def png(seed: int) -> bytes:
+        b = io.BytesIO()
+        draw_shape("square", "red", "white", size=24 + seed, seed=seed).save(b, "PNG")
+        return b.getvalue()
+
+    (root / "sub" / "pics").mkdir(parents=True)
+    (root / "a.png").write_bytes(png(1))
+    (root / "a.txt").write_text("a red square")
+    (root / "notes.txt").write_text("plain text: naïve café")
+    (root / "bad.txt").write_bytes(b"\xff\xfe not utf-8")
+    (root / "sub" / "pics" / "dog.png").write_bytes(png(2))
+    (root / "sub" / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"image": "pics/dog.png", "caption": "a dog, by a relative path"},
+        {"segments": [{"text": "before"}, {"image": "pics/dog.png"}, {"text": "after"}]},
+        {"image": "pics/missing.png", "caption": "names no file"}]) + "\n")
+    with open(root / "sub" / "rows.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["text"])
+        w.writeheader()
+        w.writerow({"text": "a csv row"})
+    pq.write_table(pa.table({"jpg": [png(3)], "caption": ["held in the row"]}), root / "sub" / "held.parquet")
+    with tarfile.open(root / "old.tar", "w") as t:
+        for name, data in (("s1.png", png(4)), ("s1.txt", b"from a tar")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    b = io.BytesIO()
+    sf.write(b, (0.3 * np.sin(np.arange(8000) / 16000 * 2 * np.pi * 440)).astype("float32"), 16000, format="WAV")
+    (root / "speech.wav").write_bytes(b.getvalue())
+    (root / "speech.txt").write_text("a tone")
+    return root
+
+
+def test_cli_shards_raw_inputs_from_a_bucket(bucket, tmp_path):
+    """Raw files, manifests and tars under a bucket prefix shard to what the same tree
+    gives locally: the same samples, payloads and quarantine records, with the URL where
+    the local run names its path."""
+    raw = _raw_tree(tmp_path / "raw")
+    _put(raw, f"{bucket}/raw")
+    url = f"s3://{bucket}/raw"
+    local = _cli("shard", raw, "--out", tmp_path / "here", "--max-error-rate", 1, "--json")
+    remote = _cli("shard", url, "--out", tmp_path / "there", "--max-error-rate", 1, "--json")
+    want, got = json.loads(local.stdout), json.loads(remote.stdout)
+    assert want["quarantined"] == 2 and got["by_modality"] == want["by_modality"]
+    assert {"pair", "text", "doc", "audio_pair"} <= set(want["by_modality"])
+
+    def samples(d):
+        return {s.key: s.members for s in ShardReader(d)}
+
+    here, there = samples(tmp_path / "here"), samples(tmp_path / "there")
+    assert sorted(there) == sorted(here)
+    for key, members in here.items():
+        expect = dict(members)
+        expect["json"] = members["json"].replace(str(raw).encode(), url.encode())
+        assert there[key] == expect, key
+    swap = (tmp_path / "here" / "quarantine.jsonl").read_text().replace(str(raw), url)
+    assert (tmp_path / "there" / "quarantine.jsonl").read_text() == swap
+
+
+def test_an_input_url_without_credentials_is_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mmtok.cli.app import app
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: no instance metadata either
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    for cmd in (["shard", "s3://no-such-bucket-here/raw", "--out", str(tmp_path / "s")],
+                ["tokenize-images", "s3://no-such-bucket-here/shards", "--tokenizer", str(tmp_path), "--out",
+                 str(tmp_path / "c")]):
+        r = CliRunner().invoke(app, cmd)
+        assert r.exit_code == 2, r.output
+        assert "Traceback" not in r.output and "s3://no-such-bucket-here/" in r.output and "credentials" in r.output
