@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -63,6 +64,14 @@ def check_inputs(inputs, out=None, shard_dirs: bool = False) -> list:
             if not loc.exists():
                 raise FileNotFoundError(f"input {spec} does not exist")
     return locations
+
+
+def pulled(stack: contextlib.ExitStack, value: str | None) -> Path | None:
+    """The local directory to read for a RUN or --tokenizer value: itself, or for a URL a
+    copy pulled into the cache for as long as `stack` lasts (mmtok.mirror.remote_input)."""
+    from mmtok.mirror import remote_input
+
+    return None if value is None else stack.enter_context(remote_input(value))
 
 
 class Exit(IntEnum):

@@ -3,6 +3,7 @@ and mixed-modal sampling with causal routing. torch is imported inside the comma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from mmtok.cli.common import JSON_OUT, QUIET, fail, friendly_errors, positive, renamed
+from mmtok.cli.common import JSON_OUT, QUIET, fail, friendly_errors, positive, pulled, renamed
 from mmtok.cli.token_cmds import DEVICE
 
 
@@ -48,11 +49,11 @@ def upcycle(
 
 @friendly_errors
 def generate(
-    run: Optional[Path] = typer.Argument(None, file_okay=False, metavar="RUN", help="A run directory or an `mmtok export` directory."),
-    old_checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", file_okay=False, hidden=True,
-                                                  help="Old spelling of the RUN argument."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", file_okay=False, help="The tokenizer directory the model "
-                                             "was trained with (default: the one `mmtok export --tokenizer` bundled)."),
+    run: Optional[str] = typer.Argument(None, metavar="RUN", help="A run directory or an `mmtok export` directory (a URL is "
+                                       "pulled into the cache first)."),
+    old_checkpoint: Optional[str] = typer.Option(None, "--checkpoint", hidden=True, help="Old spelling of the RUN argument."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="The tokenizer directory (or URL) the model "
+                                            "was trained with (default: the one `mmtok export --tokenizer` bundled)."),
     prompt: str = typer.Option("", "--prompt", help="Text to continue."),
     image: Optional[Path] = typer.Option(None, "--image", help="An image placed before the prompt text."),
     generate_image: bool = typer.Option(False, "--generate-image", help="End the prompt with [begin-image]: "
@@ -74,18 +75,20 @@ def generate(
     """
     from mmtok.trainer.generate import Sampling, generate_to_files
 
-    checkpoint = renamed(run, old_checkpoint, "RUN", "--checkpoint")
-    if checkpoint is None:
+    given = renamed(run, old_checkpoint, "RUN", "--checkpoint")
+    if given is None:
         fail("give RUN, the run (or `mmtok export`) directory to sample from")
-    if tokenizer is None:  # an export that bundled its tokenizer needs none beside it
-        tokenizer = checkpoint / "tokenizer"
-        if not (tokenizer / "vocab.json").exists():
-            fail(f"give --tokenizer: {checkpoint} bundles none (`mmtok export --tokenizer TOKDIR` bundles it)")
     if image is not None and not image.is_file():
         raise FileNotFoundError(f"--image {image}: no such file")
-    result = generate_to_files(str(checkpoint), str(tokenizer), str(out), prompt, str(image) if image else None,
-                               Sampling(max_tokens, temperature, top_p, seed), generate_image, device, cache,
-                               progress=not quiet and not as_json)
+    with contextlib.ExitStack() as stack:  # URLs: pulled into the cache for the command's length
+        checkpoint, tok = pulled(stack, given), pulled(stack, tokenizer)
+        if tok is None:  # an export that bundled its tokenizer needs none beside it
+            tok = checkpoint / "tokenizer"
+            if not (tok / "vocab.json").exists():
+                fail(f"give --tokenizer: {given} bundles none (`mmtok export --tokenizer TOKDIR` bundles it)")
+        result = generate_to_files(str(checkpoint), str(tok), str(out), prompt, str(image) if image else None,
+                                   Sampling(max_tokens, temperature, top_p, seed), generate_image, device, cache,
+                                   progress=not quiet and not as_json)
     from rich.console import Console
 
     c = Console(stderr=True)

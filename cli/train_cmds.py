@@ -3,6 +3,7 @@ models, its evaluator, and export to safetensors. torch is imported inside the c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -13,7 +14,8 @@ from typing import List, Optional
 
 import typer
 
-from mmtok.cli.common import JSON_OUT, QUIET, Exit, deprecated, eval_report, fail, friendly_errors, positive, renamed
+from mmtok.cli.common import (JSON_OUT, QUIET, Exit, deprecated, eval_report, fail, friendly_errors, positive, pulled,
+                              renamed)
 
 
 def register(app: typer.Typer) -> None:
@@ -177,13 +179,13 @@ def _relaunch(nproc: int, args: list[str] | None = None) -> None:
 
 @friendly_errors
 def evaluate(
-    run: Optional[Path] = typer.Argument(None, file_okay=False, metavar="RUN", help="A run directory (newest checkpoint) or an `mmtok export` directory."),
-    old_checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", file_okay=False, hidden=True,
-                                                  help="Old spelling of the RUN argument."),
+    run: Optional[str] = typer.Argument(None, metavar="RUN", help="A run directory (newest checkpoint) or an `mmtok export` "
+                                       "directory; a URL is pulled into the cache first (docs/REMOTE.md)."),
+    old_checkpoint: Optional[str] = typer.Option(None, "--checkpoint", hidden=True, help="Old spelling of the RUN argument."),
     data: List[Path] = typer.Option([], "--data", file_okay=False, help="Held-out token shard directories (repeat for several)."),
     pairs: List[Path] = typer.Option([], "--pairs", file_okay=False, help="Token shard directories of image-caption pairs, "
                                      "for conditional perplexity (repeat for several)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", file_okay=False, help="Report directory (default: RUN/eval)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Report directory or URL (default: RUN/eval)."),
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="Sequences per forward pass."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", min=2, help="Window length (default: the model's)."),
     max_docs: Optional[int] = typer.Option(None, "--max-docs", min=1, help="Score at most this many documents per input."),
@@ -194,8 +196,8 @@ def evaluate(
     lm_eval_include: Optional[Path] = typer.Option(None, "--lm-eval-tasks", exists=True, file_okay=False,
                                                    help="A directory of your own task YAML files for --lm-eval."),
     lm_eval_limit: Optional[int] = typer.Option(None, "--lm-eval-limit", min=1, help="At most this many documents per task."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", file_okay=False, help="--lm-eval on a run: the "
-                                             "tokenizer directory it was trained with (bundled into the export)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="--lm-eval on a run: the "
+                                            "tokenizer directory (or URL) it was trained with (bundled into the export)."),
     as_json: bool = JSON_OUT,
     quiet: bool = QUIET,
 ):
@@ -203,43 +205,45 @@ def evaluate(
 
     Example: mmtok eval run/ --data heldout-tokens/ --pairs pair-tokens/
     """
+    from mmtok.mirror import all_files, remote_output
     from mmtok.trainer.evaluate import evaluate as run_eval, summary_rows, write_report
     from mmtok.trainer.unimoe_train import is_unimoe_run
 
-    checkpoint = renamed(run, old_checkpoint, "RUN", "--checkpoint")
-    if checkpoint is None:
+    given = renamed(run, old_checkpoint, "RUN", "--checkpoint")
+    if given is None:
         fail("give RUN, the run (or `mmtok export`) directory to evaluate")
+    with contextlib.ExitStack() as stack:  # URLs: the run pulled, the report pushed when done
+        checkpoint, tokenizer = pulled(stack, str(given)), pulled(stack, tokenizer)
+        out = stack.enter_context(remote_output(out or f"{str(given).rstrip('/')}/eval", ours=all_files))
+        if is_unimoe_run(checkpoint):  # held-out pairs of the run's own data (cli/unimoe_cmds.py)
+            from mmtok.cli.unimoe_cmds import eval_unimoe
 
-    if is_unimoe_run(checkpoint):  # held-out pairs of the run's own data (cli/unimoe_cmds.py)
-        from mmtok.cli.unimoe_cmds import eval_unimoe
-
-        eval_unimoe(checkpoint, out, batch_size, as_json)
-        return
-    if not data and not pairs and not lm_eval_tasks:
-        fail("give --data and/or --pairs token shard directories to evaluate on (or --lm-eval TASKS)")
-    if lm_eval_tasks:
-        from mmtok.trainer.hf_export import run_lm_eval
-
-        harness = run_lm_eval(checkpoint, [t.strip() for t in lm_eval_tasks.split(",") if t.strip()],
-                              out or checkpoint / "eval", lm_eval_include, lm_eval_limit, tokenizer)
-        if not data and not pairs:
-            _harness_report(harness, out or checkpoint / "eval", as_json)
+            eval_unimoe(checkpoint, out, batch_size, as_json)
             return
-    result = run_eval(str(checkpoint), [str(d) for d in data], [str(p) for p in pairs], batch_size, max_docs, seq_len,
-                      progress=not quiet and not as_json)
-    out = out or checkpoint / "eval"
-    result["files"] = write_report(result, out, checkpoint / "metrics.jsonl")
-    if lm_eval_tasks:
-        result["lm_eval"] = harness
-    rows = [(label, str(m["tokens"]), *("-" if m[k] is None else f"{m[k]:.3f}" for k in ("loss", "ppl")))
-            for label, m in summary_rows(result)]
-    eval_report(result, out, f"mmtok eval: {checkpoint}", ("measure", "tokens", "loss", "perplexity"), rows, as_json)
-    if not as_json:
-        from rich.console import Console
-        from rich.markup import escape
+        if not data and not pairs and not lm_eval_tasks:
+            fail("give --data and/or --pairs token shard directories to evaluate on (or --lm-eval TASKS)")
+        if lm_eval_tasks:
+            from mmtok.trainer.hf_export import run_lm_eval
 
-        for note in result.get("notes", []):
-            Console(stderr=True).print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False)
+            harness = run_lm_eval(checkpoint, [t.strip() for t in lm_eval_tasks.split(",") if t.strip()],
+                                  out, lm_eval_include, lm_eval_limit, tokenizer)
+            if not data and not pairs:
+                _harness_report(harness, out, as_json)
+                return
+        result = run_eval(str(checkpoint), [str(d) for d in data], [str(p) for p in pairs], batch_size, max_docs, seq_len,
+                          progress=not quiet and not as_json)
+        result["files"] = write_report(result, out, checkpoint / "metrics.jsonl")
+        if lm_eval_tasks:
+            result["lm_eval"] = harness
+        rows = [(label, str(m["tokens"]), *("-" if m[k] is None else f"{m[k]:.3f}" for k in ("loss", "ppl")))
+                for label, m in summary_rows(result)]
+        eval_report(result, out, f"mmtok eval: {given}", ("measure", "tokens", "loss", "perplexity"), rows, as_json)
+        if not as_json:
+            from rich.console import Console
+            from rich.markup import escape
+
+            for note in result.get("notes", []):
+                Console(stderr=True).print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False)
 
 
 def _harness_report(results: dict, out: Path, as_json: bool) -> None:
@@ -262,14 +266,14 @@ def _harness_report(results: dict, out: Path, as_json: bool) -> None:
 
 @friendly_errors
 def export(
-    run: Path = typer.Argument(..., file_okay=False, metavar="RUN", help="Run directory of `mmtok train`."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", file_okay=False, help="Output directory: model.safetensors + config.json."),
-    old_to: Optional[Path] = typer.Option(None, "--to", file_okay=False, hidden=True, help="Old spelling of --out."),
+    run: str = typer.Argument(..., metavar="RUN", help="Run directory of `mmtok train` (a URL is pulled into the cache first)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory or URL: model.safetensors + config.json."),
+    old_to: Optional[str] = typer.Option(None, "--to", hidden=True, help="Old spelling of --out."),
     fmt: str = typer.Option("mmtok", "--format", help="mmtok (safetensors + config.json, for mmtok) or hf (a Hugging "
                             "Face model directory: transformers' Chameleon for dense models with Chameleon's QK-norm, "
                             "else its own modelling code, trust_remote_code=True)."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", file_okay=False, help="The tokenizer directory the model "
-                                             "was trained with, bundled into the export (required for --format hf)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="The tokenizer directory (or URL) the model "
+                                            "was trained with, bundled into the export (required for --format hf)."),
     as_json: bool = JSON_OUT,
     quiet: bool = QUIET,
 ):
@@ -279,10 +283,16 @@ def export(
     """
     from mmtok.trainer.export import export as run_export
 
+    from mmtok.fs import absolute
+    from mmtok.mirror import all_files, remote_output
+
     to = renamed(out, old_to, "--out", "--to")
     if to is None:
         fail("give --out, the directory to export to")
-    summary = run_export(run, to, fmt, tokenizer, progress=not quiet and not as_json)
+    with contextlib.ExitStack() as stack:
+        local_run, tok = pulled(stack, run), pulled(stack, tokenizer)
+        target = stack.enter_context(remote_output(str(to), ours=all_files))
+        summary = run_export(local_run, target, fmt, tok, progress=not quiet and not as_json, source=absolute(run))
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     else:

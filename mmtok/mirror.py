@@ -50,6 +50,12 @@ def all_files(rel: str) -> bool:
     return True
 
 
+def _plain(rel: str) -> bool:
+    """A key that names a file under the mirrored prefix: object keys may hold `..` or empty
+    segments, and a key never decides where anything is written outside the local copy."""
+    return bool(rel) and all(p not in ("", ".", "..") and "\\" not in p for p in rel.split("/"))
+
+
 def _skipped(rel: str) -> bool:
     """Names that are never complete files of their own: temporaries and the lock."""
     from mmtok.locks import LOCK_FILE
@@ -105,7 +111,7 @@ class Mirror:
         files = {}
         for p, info in found.items():
             rel = p[len(root):].strip("/")
-            if info.get("type", "file") == "file" and rel and self.ours(rel) and not _skipped(rel):
+            if (info.get("type", "file") == "file" and _plain(rel) and self.ours(rel) and not _skipped(rel)):
                 files[rel] = info
         return files
 
@@ -256,3 +262,25 @@ def remote_output(out: str | os.PathLike, *, ours: Callable[[str], bool] = stage
             except RemoteError:
                 if not failed:
                     raise  # else the block's own error is the one to report
+
+
+@contextlib.contextmanager
+def remote_input(src: str | os.PathLike, *, ours: Callable[[str], bool] = all_files) -> Iterator[Path]:
+    """A local directory to read for `src` (a run, an export, a tokenizer): a local path is
+    itself; a URL is pulled into `$MMTOK_CACHE/remote/<hash of the URL>/in`, fetching only
+    what is new or changed since the last pull (a second read costs one listing), and is
+    never pushed back: what the reader writes goes elsewhere."""
+    loc = as_location(src)
+    if isinstance(loc, Path):
+        yield loc
+        return
+    from mmtok.locks import exclusive
+
+    home = cache_root() / "remote" / hashlib.sha256(loc.url.encode()).hexdigest()[:24] / "in"
+    with exclusive(home):
+        mirror = Mirror(loc, home, ours)
+        with remote_errors(loc.url):
+            mirror.pull()
+        if not mirror.state:
+            raise FileNotFoundError(f"{loc.url}: nothing there (no such run, export or tokenizer)")
+        yield mirror.local

@@ -583,3 +583,37 @@ def test_an_input_url_without_credentials_is_one_line(tmp_path, monkeypatch):
         r = CliRunner().invoke(app, cmd)
         assert r.exit_code == 2, r.output
         assert "Traceback" not in r.output and "s3://no-such-bucket-here/" in r.output and "credentials" in r.output
+
+
+def test_cli_reads_a_run_and_a_tokenizer_from_a_bucket(ref, bucket, tmp_path):
+    """eval, export and generate take a run (and a tokenizer) at a URL: pulled into the cache,
+    scored or exported as the local directory is; eval's default report goes back under the run."""
+    _put(ref / "run", f"{bucket}/run")
+    _put(ref / "tok", f"{bucket}/tok")
+    run, tok = f"s3://{bucket}/run", f"s3://{bucket}/tok"
+    here = json.loads(_cli("eval", ref / "run", "--data", ref / "tokens", "--out", tmp_path / "e", "--json").stdout)
+    there = json.loads(_cli("eval", run, "--data", ref / "tokens", "--json").stdout)
+    assert there["heldout"]["all"]["loss"] == pytest.approx(here["heldout"]["all"]["loss"], rel=1e-6)
+    report = json.loads(_s3().cat_file(f"{bucket}/run/eval/eval.json"))
+    assert report["heldout"]["all"]["tokens"] == here["heldout"]["all"]["tokens"] > 0
+    _cli("export", ref / "run", "--out", tmp_path / "x", "--tokenizer", ref / "tok")
+    _cli("export", run, "--out", f"s3://{bucket}/export", "--tokenizer", tok)
+    _same_output(f"{bucket}/export", tmp_path / "x", swap={ref / "tok": tok})
+    # the export in the bucket bundles its tokenizer: generate needs nothing else
+    r = _cli("generate", f"s3://{bucket}/export", "--prompt", "text", "--max-tokens", 4, "--temperature", 0,
+             "--out", tmp_path / "g", "--json")
+    assert json.loads(r.stdout)["new_tokens"] >= 1
+
+
+def test_a_pull_never_writes_outside_its_copy(bucket, tmp_path):
+    """Object keys may hold `..`: a pulled run's files stay in the cache's copy."""
+    from mmtok.mirror import remote_input
+
+    s3 = _s3()
+    s3.pipe(f"{bucket}/run/config.json", b"{}")
+    import boto3
+
+    boto3.client("s3").put_object(Bucket=bucket, Key="run/../../../../escaped.txt", Body=b"x")
+    with remote_input(f"s3://{bucket}/run") as local:
+        assert sorted(p.name for p in local.rglob("*") if p.is_file()) == ["config.json"]
+    assert not list(tmp_path.rglob("escaped.txt")) and not (tmp_path.parent / "escaped.txt").exists()

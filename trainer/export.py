@@ -19,11 +19,12 @@ TOKENIZER = "tokenizer"  # the bundled tokenizer directory of an export
 
 
 def export(run: str | Path, to: str | Path, fmt: str = "mmtok", tokenizer: str | Path | None = None,
-           progress: bool = False) -> dict:
+           progress: bool = False, source: str | None = None) -> dict:
     """`fmt` "mmtok": model.safetensors + config.json (+ the tokenizer directory as
     `tokenizer/` when given). "hf": a Hugging Face model directory with the tokenizer
     bundled (trainer/hf_export.py), which needs the tokenizer. `progress`: a spinner on
-    stderr naming the step under way (reading and writing the whole model)."""
+    stderr naming the step under way (reading and writing the whole model). `source`: the run
+    as config.json names it (default: `run` resolved; the URL when `run` is its pulled copy)."""
     import contextlib
 
     from rich.console import Console
@@ -55,7 +56,7 @@ def export(run: str | Path, to: str | Path, fmt: str = "mmtok", tokenizer: str |
 
         shutil.rmtree(to / TOKENIZER, ignore_errors=True)
         shutil.copytree(tokdir, to / TOKENIZER, ignore=shutil.ignore_patterns(".*"))
-    meta = {"format": EXPORT_FORMAT, "model": cfg.as_dict()["model"], "step": step, "source_run": str(Path(run).resolve())}
+    meta = {"format": EXPORT_FORMAT, "model": cfg.as_dict()["model"], "step": step, "source_run": source or str(Path(run).resolve())}
     atomic_write(to / "config.json", json.dumps(meta, indent=1, sort_keys=True).encode())
     return {**summary, "format": "mmtok", "tensors": len(tensors), "tokenizer": None if tokdir is None else str(tokdir)}
 
