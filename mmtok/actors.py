@@ -48,19 +48,17 @@ class Encoder:
         except Exception as e:  # a tokenizer missing on this node, say: reported by `run`, in one line
             self.error = f"{type(e).__name__}: {e}"
 
-    def run(self, share: Share) -> int:
-        """Run the share into its part; returns the items it held."""
+    def run(self, share: Share) -> None:
+        """Run the share into its part."""
         s, node = self.stage, os.uname().nodename
         if s is None:
             raise StageError(f"the stage does not start on Ray node {node}: {self.error}")
         if s.config != share.config:  # another tokenizer or other inputs at these paths on this node
             raise StageError(f"{s.name} on Ray node {node} sees other inputs or another tokenizer than the driver "
                              "at the same paths; install the same files on every node")
-        summary = run_share(s.name, s.items, s, Path(share.out), config=share.config, weights=share.weights,
-                            rank=share.rank, world_size=share.world_size, batch_fn=s.batch,
-                            batch_size=s.batch_size, progress=False, overwrite=share.overwrite,
-                            max_count=share.max_count, max_size=share.max_size)
-        return summary.items
+        run_share(s.name, s.items, s, Path(share.out), config=share.config, weights=share.weights, rank=share.rank,
+                  world_size=share.world_size, batch_fn=s.batch, batch_size=s.batch_size, progress=False,
+                  overwrite=share.overwrite, max_count=share.max_count, max_size=share.max_size)
 
 
 def actor_plan(ray, actors: int | None, workers: int, device: str | None) -> tuple[int, dict, str]:
