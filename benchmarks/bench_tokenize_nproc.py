@@ -1,9 +1,10 @@
-"""`mmtok tokenize-images --nproc 2` against `--nproc 1`, same inputs, side by side.
+"""`mmtok tokenize-images --nproc 2` and `--backend ray --actors 2` against `--nproc 1`, same
+inputs, side by side.
 
 Each contender is the CLI as a user runs it (start-up, tokenizer load, torchrun for --nproc,
-rank 0's join included), one thread of torch per process (OMP_NUM_THREADS=1, as torchrun
-sets it), so N processes use N cores; one process with every core's threads is reported
-too. A VQ with random weights (speed does not depend on them), generated JPEGs in several
+the local Ray instance and its actors for --backend ray, the join included), one thread of
+torch per process (OMP_NUM_THREADS=1, as torchrun and Ray's 1-CPU actors set it), so N
+processes use N cores; one process with every core's threads is reported too. A VQ with random weights (speed does not depend on them), generated JPEGs in several
 input shards (the unit the ranks split). The outputs are checked byte-identical.
 
 Run: .venv/bin/python benchmarks/bench_tokenize_nproc.py [--images 256 --resolution 128]
@@ -26,11 +27,11 @@ from mmtok.runner import Item, run_stage
 from mmtok.vq import VQConfig
 
 
-def run(shards: Path, tok: Path, out: Path, nproc: int, threads: int, batch_size: int) -> float:
+def run(shards: Path, tok: Path, out: Path, threads: int, batch_size: int, spread: list[str]) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "mmtok.cli.app", "tokenize-images", str(shards), "--tokenizer", str(tok),
-                    "--out", str(out), "--nproc", str(nproc), "--device", "cpu", "--batch-size", str(batch_size),
+                    "--out", str(out), *spread, "--device", "cpu", "--batch-size", str(batch_size),
                     "--quiet", "--json"], env=env, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
 
@@ -57,14 +58,15 @@ def main() -> None:
         items = [Item(str(i), (i, jpeg(i, a.resolution))) for i in range(a.images)]
         run_stage("shard", items, _image_sample, tmp / "shards", config={"bench": a.images}, progress=False,
                   max_count=a.per_shard)
-        contenders = {"1 process, 1 thread": (1, 1), "2 processes, 1 thread each": (2, 1),
-                      f"1 process, {cores} threads": (1, cores)}
+        contenders = {"1 process, 1 thread": (1, ["--nproc", "1"]), "2 processes, 1 thread each": (1, ["--nproc", "2"]),
+                      f"1 process, {cores} threads": (cores, ["--nproc", "1"]),
+                      "2 Ray actors, 1 thread each": (1, ["--backend", "ray", "--actors", "2"])}
         best, outputs = {}, {}
         for _ in range(a.repeat):  # interleaved, so load from other jobs hits each alike
-            for name, (nproc, threads) in contenders.items():
-                out = tmp / f"out-{nproc}-{threads}-{len(outputs)}"
-                best[name] = min(best.get(name, float("inf")), run(tmp / "shards", tmp / "tok", out, nproc, threads,
-                                                                   a.batch_size))
+            for name, (threads, spread) in contenders.items():
+                out = tmp / f"out-{len(outputs)}"
+                best[name] = min(best.get(name, float("inf")), run(tmp / "shards", tmp / "tok", out, threads,
+                                                                   a.batch_size, spread))
                 outputs[out] = files(out)
         first = next(iter(outputs.values()))
         identical = all(o == first for o in outputs.values())

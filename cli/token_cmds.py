@@ -20,17 +20,23 @@ DEVICE = typer.Option("auto", "--device", callback=lambda v: None if v == "auto"
 NPROC = typer.Option(1, "--nproc", min=1, help="Processes on this machine (torchrun), each on its share of the input "
                      "shards (and its own GPU); the output is byte for byte one process's. Or launch `torchrun ... "
                      "mmtok tokenize...` yourself for several machines (OUT on a shared filesystem).")
+ACTORS = typer.Option(None, "--actors", min=1, help="With --backend ray: Ray actors, each loading the tokenizer once "
+                      "and encoding its share of the input shards (default: one per GPU of the cluster; on a cluster "
+                      "without GPUs, --workers, one CPU each). OUT on a filesystem every node sees.")
 
 
-def _ranks(nproc: int, backend: str, device: Optional[str]) -> tuple[bool, int, int, Optional[str]]:
+def _ranks(nproc: int, backend: str, actors: Optional[int],
+           device: Optional[str]) -> tuple[bool, int, int, Optional[str]]:
     """(relaunched, rank, world size, device): with --nproc > 1 outside torchrun, this command
     was rerun under torchrun and is done; under torchrun each rank takes GPU LOCAL_RANK."""
+    from mmtok.actors import check_placement
     from mmtok.tokenize import world
 
     rank, world_size = world()
+    check_placement(backend, actors, world_size)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         if backend != "local":
-            fail("--nproc runs processes on this machine; with --backend ray leave it out")
+            fail("--nproc runs processes on this machine; with --backend ray use --actors N")
         from mmtok.cli.train_cmds import _relaunch
 
         _relaunch(nproc)
@@ -157,6 +163,7 @@ def tokenize_images(
     workers: int = WORKERS,
     backend: str = BACKEND,
     nproc: int = NPROC,
+    actors: Optional[int] = ACTORS,
     max_error_rate: float = MAX_ERROR_RATE,
     overwrite: bool = OVERWRITE,
     as_json: bool = JSON_OUT,
@@ -165,18 +172,20 @@ def tokenize_images(
     """Encode the images and pairs of shards into VQ codes (bf16 on CUDA), for `tokenize --codes`.
 
     Example: mmtok tokenize-images shards/ --tokenizer tok/ --out codes/ --batch-size 64 --nproc 8
+
+    On a Ray cluster (one actor per GPU): mmtok tokenize-images /shared/shards -t /shared/tok --out /shared/codes --backend ray
     """
     from mmtok.tokenize import Tokenizer
     from mmtok.tokenize import tokenize_images as run
 
     inputs = check_inputs(inputs, out, shard_dirs=True)
-    staged = _remote_out(out, nproc)
-    relaunched, rank, world_size, device = _ranks(nproc, backend, device)
+    staged = _remote_out(out, nproc, backend)
+    relaunched, rank, world_size, device = _ranks(nproc, backend, actors, device)
     if relaunched:
         return
     tok = Tokenizer.load(tokenizer, device)
     with staged as local:
-        summary = run(inputs, tok, local, batch_size=batch_size, workers=workers, backend=backend,
+        summary = run(inputs, tok, local, batch_size=batch_size, workers=workers, backend=backend, actors=actors,
                       max_error_rate=max_error_rate, progress=not quiet and not as_json, overwrite=overwrite,
                       rank=rank, world_size=world_size)
     if summary is not None:  # rank 0 joined the shares and reports; the other ranks are done
@@ -192,17 +201,17 @@ def _local(inputs: list, command: str) -> list:
     return inputs
 
 
-def _remote_out(out: str, nproc: int):
-    """`remote_output(out)`, refused at once for a URL with several processes (each would
-    mirror its own staging directory, and rank 0's join needs the others' parts on one
+def _remote_out(out: str, nproc: int, backend: str):
+    """`remote_output(out)`, refused at once for a URL with several processes or Ray actors
+    (each would mirror its own staging directory, and the join needs every part on one
     filesystem)."""
     from mmtok.fs import is_url
     from mmtok.mirror import remote_output
     from mmtok.tokenize import world
 
-    if is_url(out) and max(nproc, world()[1]) > 1:
-        raise ValueError(f"--out {out}: a URL is written by one process; leave out --nproc (or torchrun), or write "
-                         "to a shared filesystem and copy it to the bucket")
+    if is_url(out) and (max(nproc, world()[1]) > 1 or backend == "ray"):
+        raise ValueError(f"--out {out}: a URL is written by one process; leave out --nproc (or torchrun) and "
+                         "--backend ray, or write to a shared filesystem and copy it to the bucket")
     return remote_output(out)
 
 
@@ -228,6 +237,7 @@ def tokenize(
     workers: int = WORKERS,
     backend: str = BACKEND,
     nproc: int = NPROC,
+    actors: Optional[int] = ACTORS,
     max_error_rate: float = MAX_ERROR_RATE,
     overwrite: bool = OVERWRITE,
     as_json: bool = JSON_OUT,
@@ -250,14 +260,14 @@ def tokenize(
     for c in codes:
         if not (c.is_dir() if isinstance(c, Path) else (c / "manifest.json").exists()):
             raise FileNotFoundError(f"--codes {c} is not a directory")
-    staged = _remote_out(out, nproc)
-    relaunched, rank, world_size, device = _ranks(nproc, backend, device)
+    staged = _remote_out(out, nproc, backend)
+    relaunched, rank, world_size, device = _ranks(nproc, backend, actors, device)
     if relaunched:
         return
     tok = Tokenizer.load(tokenizer, device)
     with staged as local:
         summary, skipped = run(inputs, tok, local, codes_dir=codes, seed=seed, batch_size=batch_size, workers=workers,
-                               backend=backend, max_error_rate=max_error_rate, progress=not quiet and not as_json,
+                               backend=backend, actors=actors, max_error_rate=max_error_rate, progress=not quiet and not as_json,
                                overwrite=overwrite, rank=rank, world_size=world_size)
     if summary is None:
         return

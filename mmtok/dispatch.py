@@ -103,20 +103,9 @@ def _ordered_map(fn, tasks: Iterator[list], workers: int, threads: bool = False,
 
 
 def _ray_tasks(fn, workers: int, stack: contextlib.ExitStack):
-    """(submit, result) for running `_apply(fn, task)` as Ray tasks.
-
-    Joins the cluster named by RAY_ADDRESS, or starts a local instance of `workers` CPUs,
-    unless Ray is already initialized (then it is the caller's, and left running). `fn` goes
-    to the object store once; Ray's cloudpickle carries closures.
-    """
-    try:
-        import ray
-    except ImportError:
-        raise StageError("--backend ray needs Ray: pip install 'mmtok[ray]'") from None
-    if not ray.is_initialized():
-        local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": workers}
-        ray.init(include_dashboard=False, log_to_driver=False, **local)
-        stack.callback(ray.shutdown)
+    """(submit, result) for running `_apply(fn, task)` as Ray tasks (on `ray_session`'s
+    Ray). `fn` goes to the object store once; Ray's cloudpickle carries closures."""
+    ray = ray_session(workers, stack)
     fn_ref = ray.put(fn)
     apply = ray.remote(_apply)
 
@@ -128,6 +117,21 @@ def _ray_tasks(fn, workers: int, stack: contextlib.ExitStack):
                              "rerun the same command to resume") from None
 
     return (lambda t: apply.remote(fn_ref, t)), result
+
+
+def ray_session(cpus: int, stack: contextlib.ExitStack):
+    """The `ray` module, initialized: joins the cluster named by RAY_ADDRESS, or starts a
+    local instance of `cpus` CPUs (shut down when `stack` closes), unless Ray is already
+    initialized (then it is the caller's, and left running)."""
+    try:
+        import ray
+    except ImportError:
+        raise StageError("--backend ray needs Ray: pip install 'mmtok[ray]'") from None
+    if not ray.is_initialized():
+        local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": cpus}
+        ray.init(include_dashboard=False, log_to_driver=False, **local)
+        stack.callback(ray.shutdown)
+    return ray
 
 
 def _tasks(items: Iterable[Item], start: int, size: int) -> Iterator[list[tuple[int, Item]]]:

@@ -49,9 +49,24 @@ def run_stage_ranks(stage: str, items_of: Callable[[int, int], Iterable[Item]], 
     gives an item the same result whatever else is in its model batch (and the stage does
     not dedup: duplicates would be found per part). The join copies the parts' bytes once
     (rank 0's I/O, no model work), then deletes OUT/_parts. Returns the summary on rank 0,
-    None on the others.
+    None on the others. (mmtok.actors runs the same shares on Ray actors.)
     """
     out = Path(out)
+    finished = shares_finished(stage, out, config, overwrite, check=rank == 0)
+    if not finished:  # a rerun of a finished job has nothing to stage: its join below is empty
+        run_share(stage, items_of, fn, out, config=config, weights=weights, rank=rank, world_size=world_size,
+                  progress=progress and rank == 0, overwrite=overwrite, max_count=max_count, max_size=max_size,
+                  **kwargs)
+    _barrier()
+    if rank != 0:
+        return None
+    return join_shares(stage, out, world_size, finished=finished, config=config, total=total,
+                       overwrite=overwrite, max_error_rate=max_error_rate, max_count=max_count, max_size=max_size)
+
+
+def shares_finished(stage: str, out: Path, config: dict, overwrite: bool, check: bool) -> bool:
+    """Whether OUT already holds this job, finished. If not and `check` (rank 0, or the Ray
+    driver), an OUT of another job is refused now, not after the shares are done."""
     check_paths(config.get("inputs", ()), out)
     listing = input_listing(config.get("inputs", ()))
     want = {"stage": stage, "config": config, "inputs": listing}
@@ -59,24 +74,36 @@ def run_stage_ranks(stage: str, items_of: Callable[[int, int], Iterable[Item]], 
         finished = (out / MANIFEST).is_file() and json.loads((out / STAGE_FILE).read_text()) == want
     except (OSError, ValueError):
         finished = False
-    parts = [out / PARTS / f"rank-{r:05d}-of-{world_size:05d}" for r in range(world_size)]
-    if not finished:  # a rerun of a finished job has nothing to stage: its replay below is empty
-        if rank == 0:  # refuse an OUT of another job now, not after the work
-            with disk_full_resumes(out), exclusive(out):
-                _check_stage_file(out, stage, config, listing, overwrite)
-        start, end = split_shares(weights, world_size)[rank]
-        run_stage(stage, items_of(start, end), fn, parts[rank], progress=progress and rank == 0, max_count=max_count,
-                  max_size=max_size,
-                  config={**config, "rank": rank, "world_size": world_size, "share": [start, end]},
-                  overwrite=overwrite, max_error_rate=1.0, **kwargs)
-    _barrier()
-    if rank != 0:
-        return None
-    joined = (item for part in ([] if finished else parts) for item in _part_results(part))
-    summary = run_stage(stage, joined, lambda results: results, out, config=config, total=total, progress=False,
-                        overwrite=overwrite, max_error_rate=max_error_rate, max_count=max_count, max_size=max_size)
+    if not finished and check:
+        with disk_full_resumes(out), exclusive(out):
+            _check_stage_file(out, stage, config, listing, overwrite)
+    return finished
+
+
+def _part(out: Path, rank: int, world_size: int) -> Path:
+    return out / PARTS / f"rank-{rank:05d}-of-{world_size:05d}"
+
+
+def run_share(stage: str, items_of: Callable[[int, int], Iterable[Item]], fn: Callable, out: Path, *, config: dict,
+              weights: list[int], rank: int, world_size: int, **kwargs) -> Summary:
+    """Share `rank` of `world_size` (`split_shares`) through `run_stage` into its part of OUT.
+    Its own quarantine never fails it: the join counts the error rate over every share."""
+    start, end = split_shares(weights, world_size)[rank]
+    return run_stage(stage, items_of(start, end), fn, _part(out, rank, world_size),
+                     config={**config, "rank": rank, "world_size": world_size, "share": [start, end]},
+                     max_error_rate=1.0, **kwargs)
+
+
+def join_shares(stage: str, out: Path, world_size: int, *, finished: bool, config: dict, total: int | None,
+                overwrite: bool, max_error_rate: float, max_count: int, max_size: int) -> Summary:
+    """The parts' results, part after part, through `run_stage` into OUT (nothing to feed
+    when OUT is `finished`), then OUT/_parts deleted."""
     import shutil
 
+    parts = [] if finished else [_part(out, r, world_size) for r in range(world_size)]
+    joined = (item for part in parts for item in _part_results(part))
+    summary = run_stage(stage, joined, lambda results: results, out, config=config, total=total, progress=False,
+                        overwrite=overwrite, max_error_rate=max_error_rate, max_count=max_count, max_size=max_size)
     shutil.rmtree(out / PARTS, ignore_errors=True)  # our own staging area: every part is in OUT now
     return summary
 

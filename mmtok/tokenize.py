@@ -22,13 +22,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from mmtok.ranks import run_stage_ranks
-from mmtok.runner import Item, Quarantined, Sample, Summary, run_stage
+from mmtok.actors import spread
+from mmtok.codes import BadCodes, Codes
+from mmtok.runner import Item, Quarantined, Sample, Summary
 from mmtok.fs import absolute, as_location
-from mmtok.shards import (ShardError, ShardReader, content_hash, group_samples, iter_tar, load_manifest, load_npy,
-                          npy_bytes)
-from mmtok.tokenizer import IMAGE_EXTS, Tokenizer  # noqa: F401 (re-exported: callers import them here)
-from mmtok.vocab import VocabError
+from mmtok.shards import ShardError, ShardReader, content_hash, group_samples, iter_tar, load_manifest, npy_bytes
+from mmtok.tokenizer import IMAGE_EXTS, StageRecipe, Tokenizer  # noqa: F401 (re-exported: callers import them here)
 
 IMAGE_SHA256 = "image_sha256"  # index column: the image's own content_hash, its codes' join key
 
@@ -138,15 +137,11 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _run(stage, shard_dirs: list, out, *, rank: int, world_size: int, **kwargs) -> Summary | None:
-    """run_stage over every input shard, or over this rank's share when `world_size` > 1
-    (`run_stage_ranks`: rank 0 then joins the shares into the output one process writes)."""
-    common = dict(config=stage.config, batch_fn=stage.batch, batch_size=stage.batch_size, **kwargs)
-    if world_size == 1:
-        return run_stage(stage.name, stage.items(0, None), stage, out, **common)
+def _run(stage, shard_dirs: list, out, **kwargs) -> Summary | None:
+    """The stage on this process, on torchrun's ranks or on Ray actors (mmtok.actors.spread),
+    its shares split by the samples of the input shards it reads."""
     weights = [rec["samples"] if stage.reads(_group(rec["name"])) else 0 for _, _, rec in _input_shards(shard_dirs)]
-    return run_stage_ranks(stage.name, stage.items, stage, out, weights=weights, rank=rank, world_size=world_size,
-                           **common)
+    return spread(stage, out, weights=weights, **kwargs)
 
 
 # ---------------------------------------------------------------- tokenize-images
@@ -182,6 +177,7 @@ class ImageCodes:
 
     def __init__(self, shard_dirs: list, tok: Tokenizer, batch_size: int = 32):
         self.shard_dirs, self.tok, self.batch_size = list(shard_dirs), tok, batch_size
+        self.recipe = StageRecipe(ImageCodes, str(tok.dir), {"shard_dirs": self.shard_dirs, "batch_size": batch_size})
         self.dtype = np.uint16 if tok.vocab.n_image_codes <= 1 << 16 else np.uint32
         self.grid = tok.vq.cfg.grid
         self.config = {"tokenizer": tok.fingerprint(), "resolution": tok.resolution, "inputs": _paths(shard_dirs),
@@ -215,14 +211,17 @@ class ImageCodes:
 
 
 def tokenize_images(shard_dirs: list[str | Path], tok: Tokenizer, out: str | Path, *, batch_size: int = 32,
-                    workers: int = 1, backend: str = "local", max_error_rate: float = 0.05, progress: bool = True,
-                    overwrite: bool = False, rank: int = 0, world_size: int = 1) -> Summary | None:
+                    workers: int = 1, backend: str = "local", actors: int | None = None, max_error_rate: float = 0.05,
+                    progress: bool = True, overwrite: bool = False, rank: int = 0,
+                    world_size: int = 1) -> Summary | None:
     """Encode every image into its VQ codes: group `codes`, member `npy` (uint16 [tokens_per_image]).
     With `world_size` > 1 (torchrun ranks) each rank encodes its share of the input shards;
-    the output is the one-process output, returned by rank 0 (None on the others)."""
+    the output is the one-process output, returned by rank 0 (None on the others). With
+    `backend="ray"`, `actors` Ray actors do the shares (default: one per GPU of the cluster)."""
     stage = ImageCodes(shard_dirs, tok, batch_size)
     return _run(stage, shard_dirs, out, rank=rank, world_size=world_size, workers=workers, backend=backend,
-                max_error_rate=max_error_rate, total=stage.total(), progress=progress, overwrite=overwrite)
+                actors=actors, max_error_rate=max_error_rate, total=stage.total(), progress=progress,
+                overwrite=overwrite)
 
 
 # ---------------------------------------------------------------- tokenize
@@ -233,50 +232,6 @@ class _Image:
 
     pixels: np.ndarray | None = None
     codes: np.ndarray | None = None
-
-
-class _Codes:
-    """Codes written by `tokenize-images` into one or more directories, found by the image's
-    `image_sha256` (read where they lie, never copied; the first directory holding an image wins)."""
-
-    def __init__(self, codes_dirs: list[str | Path], tok: Tokenizer):
-        self.readers, self.where = [], {}
-        for d in codes_dirs:
-            reader = ShardReader(d)
-            have = reader.manifest.get("config", {}).get("tokenizer")
-            if reader.manifest.get("stage") != "tokenize-images":
-                raise ValueError(f"--codes {d}: not a `mmtok tokenize-images` output")
-            if have != tok.fingerprint():
-                raise VocabError(f"--codes {d} was made with a different tokenizer than {tok.dir}; "
-                                 "rerun tokenize-images with this tokenizer or leave out --codes")
-            index = reader.index()
-            rows = index.select(["image_sha256", "shard", "members"]).to_pylist() if index.num_rows else []
-            for r in rows:
-                m = next(m for m in r["members"] if m["ext"] == "npy")
-                self.where.setdefault(r["image_sha256"], (reader, r["shard"], m))
-            self.readers.append(reader)
-        self.n_codes, self.per_image = tok.vocab.n_image_codes, tok.vocab.image_tokens_per_image
-
-    def get(self, image_sha: str) -> np.ndarray | None:
-        """The image's codes; raises _Bad (a quarantine record naming the codes shard) on codes
-        that do not fit the codebook: an edited or damaged codes directory, never silently used."""
-        hit = self.where.get(image_sha)
-        if hit is None:
-            return None
-        reader, shard, m = hit
-        where = f"--codes {reader.directory / shard}"
-        try:
-            codes = load_npy(reader.read_member(shard, m["offset"], m["size"]))
-        except (ValueError, ShardError) as e:
-            raise _Bad(f"{where}: unreadable codes of image {image_sha[:12]} ({e}); rerun tokenize-images") from None
-        if codes.shape != (self.per_image,) or codes.dtype.kind not in "iu":
-            raise _Bad(f"{where}: codes of image {image_sha[:12]} are {codes.dtype} {codes.shape}, expected "
-                       f"{self.per_image} integer codes; rerun tokenize-images")
-        codes = codes.astype(np.int64)
-        if len(codes) and (codes.min() < 0 or codes.max() >= self.n_codes):
-            raise _Bad(f"{where}: codes of image {image_sha[:12]} outside the codebook [0, {self.n_codes}) "
-                       f"(found {codes.min()}..{codes.max()}); rerun tokenize-images")
-        return codes
 
 
 @dataclass
@@ -358,7 +313,9 @@ class Tokenize:
 
     def __init__(self, shard_dirs: list, tok: Tokenizer, codes_dirs: list, seed: int = 0, batch_size: int = 32):
         self.shard_dirs, self.tok, self.seed, self.batch_size = list(shard_dirs), tok, seed, batch_size
-        self.codes = _Codes(codes_dirs, tok) if codes_dirs else None
+        self.recipe = StageRecipe(Tokenize, str(tok.dir), {"shard_dirs": self.shard_dirs, "codes_dirs": list(codes_dirs),
+                                                           "seed": seed, "batch_size": batch_size})
+        self.codes = Codes(codes_dirs, tok) if codes_dirs else None
         self.readers = [ShardReader(d) for d in shard_dirs]
         self.doc_images = [_doc_images(r) if any(_group(s["name"]) == "doc" for s in r.manifest["shards"]) else {}
                            for r in self.readers]
@@ -431,7 +388,7 @@ class Tokenize:
                     parts.reverse()
             else:
                 parts = [self._doc_part(seg, d.dir_pos) for seg in _segments(d.segments)]
-        except _Bad as e:
+        except (_Bad, BadCodes) as e:
             return Quarantined("", str(e))
         return _Prepared(d.modality, d.key, parts)
 
@@ -457,15 +414,17 @@ class Tokenize:
 def tokenize(shard_dirs: list[str | Path], tok: Tokenizer, out: str | Path, *,
              codes_dir: str | Path | list[str | Path] | None = None,
              seed: int = 0, batch_size: int = 32, workers: int = 1, backend: str = "local",
-             max_error_rate: float = 0.05, progress: bool = True, overwrite: bool = False, rank: int = 0,
-             world_size: int = 1) -> tuple[Summary | None, dict]:
+             actors: int | None = None, max_error_rate: float = 0.05, progress: bool = True,
+             overwrite: bool = False, rank: int = 0, world_size: int = 1) -> tuple[Summary | None, dict]:
     """Write token shards (docs/FORMATS.md, "Token shards"); returns the summary and the
     count of samples of other modalities that were left out. `codes_dir`: one or several
-    `tokenize-images` outputs, read where they are. `rank`, `world_size`: as tokenize_images."""
+    `tokenize-images` outputs, read where they are. `rank`, `world_size`, `backend`,
+    `actors`: as tokenize_images."""
     codes_dirs = [codes_dir] if isinstance(codes_dir, (str, Path)) else list(codes_dir or [])
     stage = Tokenize(shard_dirs, tok, codes_dirs, seed, batch_size)
     summary = _run(stage, shard_dirs, out, rank=rank, world_size=world_size, workers=workers, backend=backend,
-                   max_error_rate=max_error_rate, total=stage.total(), progress=progress, overwrite=overwrite)
+                   actors=actors, max_error_rate=max_error_rate, total=stage.total(), progress=progress,
+                   overwrite=overwrite)
     return summary, stage.skipped()
 
 

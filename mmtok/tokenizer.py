@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,20 @@ def image_alone(members: dict[str, bytes]) -> dict[str, bytes] | None:
     """A sample's image member as `{ext: bytes}`. Its `content_hash` names the image: the
     `sha256` of a stand-alone image sample, a document's image reference, `image_sha256`."""
     return next(({e: members[e]} for e in IMAGE_EXTS if e in members), None)
+
+
+@dataclass
+class StageRecipe:
+    """How to build a tokenizer-backed stage elsewhere (a Ray actor, mmtok.actors): its class,
+    the tokenizer directory and its other arguments, paths and numbers only; called with
+    the device the tokenizer loads on there."""
+
+    cls: type
+    tokdir: str
+    kwargs: dict
+
+    def __call__(self, device: str):
+        return self.cls(tok=Tokenizer.load(self.tokdir, device), **self.kwargs)
 
 
 class Tokenizer:

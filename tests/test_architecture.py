@@ -13,9 +13,10 @@ PACKAGES = {"mmtok": "mmtok", "cli": "mmtok.cli", "trainer": "mmtok.trainer"}
 # Lowest first. A module not named here fails the test: a new module must be given a layer.
 LAYERS = {
     "formats": ["mmtok.shards", "mmtok.shardwriter", "mmtok.fs", "mmtok.locks", "mmtok.images", "mmtok.vocab", "mmtok.plan"],
-    "runner": ["mmtok.runner", "mmtok.packing", "mmtok.ranks", "mmtok.dispatch", "mmtok.stagelog", "mmtok.mirror"],
+    "runner": ["mmtok.runner", "mmtok.packing", "mmtok.ranks", "mmtok.actors", "mmtok.dispatch", "mmtok.stagelog",
+               "mmtok.mirror"],
     "stages": ["mmtok.ingest", "mmtok.manifests", "mmtok.sniff", "mmtok.media", "mmtok.audio", "mmtok.video",
-               "mmtok.bpe", "mmtok.tokenizer", "mmtok.tokenize", "mmtok.detokenize", "mmtok.vq", "mmtok.chameleon", "mmtok.mix",
+               "mmtok.bpe", "mmtok.tokenizer", "mmtok.tokenize", "mmtok.codes", "mmtok.detokenize", "mmtok.vq", "mmtok.chameleon", "mmtok.mix",
                "mmtok.loader", "mmtok.speech_standin"],
     "models": ["mmtok.trainer", "mmtok.trainer.config", "mmtok.trainer.context", "mmtok.trainer.attention",
                "mmtok.trainer.block", "mmtok.trainer.ffn", "mmtok.trainer.moe", "mmtok.trainer.depth",

@@ -11,9 +11,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+from typer.testing import CliRunner
+
 from helpers.media import draw_image, make_shards
 from test_tokenize import TRICKY, tokdir  # noqa: F401  (the tiny tokenizer fixture)
 
+from mmtok.cli.app import app
 from mmtok.shards import ShardReader
 from mmtok.tokenize import Tokenizer, tokenize, tokenize_images
 
@@ -125,3 +128,9 @@ def test_several_codes_directories_are_read_in_place(tokdir, tmp_path):  # noqa:
     assert shards("plain") == shards("reused")  # the same tokens as encoding them here
     config = json.loads((tmp_path / "reused" / "manifest.json").read_text())["config"]
     assert config["codes"] == [str((tmp_path / "codes_a").resolve()), str((tmp_path / "codes_b").resolve())]
+    # the command: --codes repeated, the same bytes as the library call
+    r = CliRunner().invoke(app, ["tokenize", str(a), str(b), "-t", str(tokdir), "--device", "cpu", "--quiet",
+                                 "--codes", str(tmp_path / "codes_a"), "--codes", str(tmp_path / "codes_b"),
+                                 "--out", str(tmp_path / "cli")])
+    assert r.exit_code == 0, r.output
+    assert files(tmp_path / "cli") == files(tmp_path / "reused")
