@@ -133,7 +133,7 @@ def train_vq(
 ) -> None:
     """Train the VQ image tokenizer on the images and pairs in shards.
 
-    Resumes automatically from OUT/vq_ckpt.safetensors when OUT holds a checkpoint of the
+    Resumes automatically from OUT/checkpoints/ when OUT holds a checkpoint of the
     same options. Under torchrun each process trains on its share of the images (DDP).
 
     Example: mmtok train-vq shards/ --out tok/ --steps 100000 --resolution 512 --downsample 16

@@ -8,7 +8,8 @@ from PIL import Image
 
 from mmtok.vocab import Vocab
 from mmtok.vq import PerceptualLoss, Quantizer, VQConfig, VQModel, load_image, to_unit
-from mmtok.trainer.vq_train import CKPT, LOG, psnr, ssim, train_vq
+from mmtok.trainer.checkpoint import intact_checkpoint
+from mmtok.trainer.vq_train import LOG, OLD_CHECKPOINT, psnr, ssim, train_vq
 from helpers.media import bomb_png, draw_image, make_shards, old_load_image, photo
 
 TINY = dict(resolution=16, downsample=2, codebook_size=64, code_dim=8, channels=16, res_blocks=1)
@@ -149,10 +150,11 @@ def test_train_beats_constant_image_and_uses_codebook(tmp_path, images):
     assert used >= 0.5 * 64
 
 
-def test_resume_continues_from_checkpoint(tmp_path, images):
+@pytest.mark.parametrize("disc_start", [4, 8])  # 8: the stop at step 7 is before the discriminator's first step
+def test_resume_continues_from_checkpoint(tmp_path, images, disc_start):
     shards = make_shards(tmp_path / "in", images=images[:40] + [b"broken image bytes"])
     opts = dict(batch_size=8, lr=2e-3, log_every=5, checkpoint_every=5, restart_every=5, disc_weight=0.1,
-                disc_start=4, log=lambda m: None)
+                disc_start=disc_start, log=lambda m: None)
     train_vq([shards], tmp_path / "straight", VQConfig(**TINY), steps=12, **opts)
     first = train_vq([shards], tmp_path / "resumed", VQConfig(**TINY), steps=7, **opts)
     assert first["step"] == 7
@@ -163,12 +165,40 @@ def test_resume_continues_from_checkpoint(tmp_path, images):
     a = VQModel.load(tmp_path / "straight").state_dict()
     b = VQModel.load(tmp_path / "resumed").state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    last = lambda run: json.loads((tmp_path / run / LOG).read_text().splitlines()[-1])  # noqa: E731
+    assert last("resumed")["recon"] == pytest.approx(last("straight")["recon"], rel=1e-5)
     steps = [json.loads(l)["step"] for l in (tmp_path / "resumed" / LOG).read_text().splitlines()]
     assert steps == [5, 7, 10, 12]  # the first run logged its last step too
 
     with pytest.raises(ValueError, match="other options"):
         train_vq([shards], tmp_path / "resumed", VQConfig(**TINY), steps=14, **{**opts, "lr": 1e-3})
-    assert (tmp_path / "resumed" / CKPT).exists()
+    assert intact_checkpoint(tmp_path / "resumed").name == "step-00000012"  # the refusal left it as it was
+
+
+def test_saving_checkpoints_does_not_change_the_training(tmp_path, images):
+    # a checkpoint before the discriminator's first step must not give its optimizer a state
+    shards = make_shards(tmp_path / "in", images=images[:40])
+    opts = dict(steps=9, batch_size=8, lr=2e-3, restart_every=4, disc_weight=0.1, disc_start=6, log=lambda m: None)
+    train_vq([shards], tmp_path / "often", VQConfig(**TINY), checkpoint_every=3, **opts)
+    train_vq([shards], tmp_path / "once", VQConfig(**TINY), checkpoint_every=100, **opts)
+    a, b = VQModel.load(tmp_path / "often").state_dict(), VQModel.load(tmp_path / "once").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_an_old_format_checkpoint_is_refused_unread_and_restart_replaces_it(tmp_path, images):
+    shards = make_shards(tmp_path / "in", images=images[:8])
+    out = tmp_path / "tok"
+    out.mkdir()
+    # what an earlier mmtok wrote; the bytes are a pickle, which must never be loaded
+    (out / "vq_ckpt.json").write_text('{"step": 3}')
+    (out / "vq_ckpt.safetensors").write_bytes(b"\x80\x04K\x01.")
+    opts = dict(steps=2, batch_size=4, disc_weight=0, log=lambda m: None)
+    with pytest.raises(ValueError, match=r"vq_ckpt\.json is a train-vq checkpoint in the format of an earlier mmtok.*--restart"):
+        train_vq([shards], out, VQConfig(**TINY), **opts)
+    assert not (out / "vq.safetensors").exists() and (out / "vq_ckpt.safetensors").exists()
+    m = train_vq([shards], out, VQConfig(**TINY), restart=True, **opts)
+    assert m["step"] == 2 and not any((out / name).exists() for name in OLD_CHECKPOINT)
+    assert intact_checkpoint(out).name == "step-00000002"
 
 
 def test_codebook_must_match_vocab(tmp_path, images):
@@ -207,14 +237,22 @@ def test_train_vq_under_torchrun_two_processes(tmp_path, images):
     import sys
 
     shards = make_shards(tmp_path / "in", images=images[:24])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mmtok.cli.app", "train-vq",
-           str(shards), "--out", str(tmp_path / "tok"), "--steps", "4", "--codebook-size", "64", "--resolution", "16",
-           "--downsample", "2", "--channels", "8", "--res-blocks", "1", "--batch-size", "4", "--log-every", "2",
-           "--restart-every", "2", "--disc-start", "2", "--checkpoint-every", "2", "--json"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
-    summary = json.loads(r.stdout[r.stdout.index("{"):])  # rank 0 alone prints it
+
+    def train(out, steps):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mmtok.cli.app",
+               "train-vq", str(shards), "--out", str(tmp_path / out), "--steps", str(steps), "--codebook-size", "64",
+               "--resolution", "16", "--downsample", "2", "--channels", "8", "--res-blocks", "1", "--batch-size", "4",
+               "--log-every", "2", "--restart-every", "3", "--disc-start", "2", "--checkpoint-every", "2", "--json"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout[r.stdout.index("{"):])  # rank 0 alone prints it
+
+    summary = train("tok", 4)
     assert summary["step"] == 4 and summary["disc"] is True
     rows = [json.loads(l) for l in (tmp_path / "tok" / LOG).read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4]
     assert VQModel.load(tmp_path / "tok").encode(torch.zeros(1, 3, 16, 16)).shape == (1, 64)
+    # resumed on two processes (mid restart window, each rank at its own image position) as if never stopped
+    assert train("tok", 7)["step"] == 7 and train("straight", 7)["step"] == 7
+    a, b = VQModel.load(tmp_path / "straight").state_dict(), VQModel.load(tmp_path / "tok").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

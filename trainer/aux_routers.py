@@ -7,9 +7,15 @@ The run's newest checkpoint is saved again, through the loop's checkpoint manage
 the trained auxiliary routers; its step, main optimizer state and loader position are
 unchanged, so the main training could still continue from it. One process or many under
 torchrun, sharded and in mixed precision as the run's `mmtok train` was (`parallel.use_bf16`).
-Its own loop is short on purpose: one micro-batch per step of a frozen model in eval mode,
-a constant learning rate and no schedule, checkpoint or metrics.jsonl of its own (the
-curve goes to aux_routers.json).
+
+It shares the loop's process-group setup, bf16 rule, checkpoint manager and rank-0 checks,
+not `train.run_job`, whose step it would have to replace almost whole: a frozen model in
+eval mode, sharded with `keep_gathered` (no block output needs a gradient, so FSDP2's
+pre-backward gather never runs); an optimizer over the auxiliary routers alone at a
+constant learning rate, while the main optimizer's state and the loader position pass
+through untouched; the plan from its start, repeated; and one save at the checkpoint's
+own step, with no config files, metrics.jsonl or step-numbered checkpoints of its own
+(the curve goes to aux_routers.json).
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ files (model + optimizer), `train_state.json` (step, world size, global batch an
 job's own fields), `rank-R.json` (that rank's loader position and RNG state) and
 `checksums.json` (written last); `checkpoints/latest` names the newest complete one.
 
-`Checkpointer` saves and restores model, optimizer, loader position and RNG for the
-training loop and for the recipes that derive a checkpoint (aux-router stage, upcycling,
---init-from). `load_run` is what every reader of a run uses (export, eval, generate,
+`Checkpointer` saves and restores model, optimizer(s), loader position and RNG for the
+training loop, for VQ training (VQ + discriminator, two optimizers) and for the recipes
+that derive a checkpoint (aux-router stage, upcycling, --init-from). `load_run` is what every reader of a run uses (export, eval, generate,
 upcycle, Uni-MoE's next stage): the newest intact checkpoint as a model in one process,
 read through `checkpoint_io` (nothing in it is unpickled freely).
 """
@@ -122,7 +122,8 @@ class Checkpointer:
             dist.barrier()
 
     def save(self, step: int, model, optimizer, loader, meta: dict) -> Path:
-        """`meta`: train_state.json's fields beside step (the job's `checkpoint_meta`); a
+        """`optimizer`: one, or a tuple over disjoint parameters of `model` (DCP keys each
+        state by parameter name). `meta`: train_state.json's fields beside step (the job's `checkpoint_meta`); a
         `world_size` there (a checkpoint derived from another) replaces this group's."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -220,7 +221,7 @@ def load_run(run: str | Path, kind: str | None = None) -> LoadedRun:
 
 def truncate_jsonl(path: Path, step: int) -> None:
     """Drop a log's records past the checkpoint a run resumes from (a killed run may have
-    written them); every job's log is kept so (metrics.jsonl, vq_log.jsonl)."""
+    written them); `train.Metrics` keeps every job's log so (metrics.jsonl, vq_log.jsonl)."""
     if not path.exists():
         return
     keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= step]

@@ -6,8 +6,13 @@ in the spirit of torchtitan's TrainSpec, so that the loop never asks which model
   (`trainer.checkpoint.load_run`).
 - A `Job` is one training of a kind: the pieces the loop calls. `train.DecoderJob`
   (dense, moe, moma, mod-moma on a balance-mix plan) and `unimoe_train.UniMoEJob` (one
-  Uni-MoE stage) are the jobs; the auxiliary-router stage and upcycling derive a run's
-  checkpoint from another one through the same checkpoint manager.
+  Uni-MoE stage) are the jobs.
+- Two trainings keep a step of their own and share the loop's pieces instead (process
+  group, bf16 rule, `checkpoint.Checkpointer`, `train.Metrics`); each module says why.
+  The auxiliary-router stage (`aux_routers.py`) trains a frozen model's routers and
+  saves the run's checkpoint again at its own step; VQ training (`vq_train.py`) is a GAN
+  step of two optimizers into a tokenizer directory. Upcycling derives a run's first
+  checkpoint from another run through the same checkpoint manager.
 """
 
 from __future__ import annotations

@@ -13,12 +13,15 @@ import torch
 import torch.distributed as dist
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Under torchrun: NCCL on GPUs, gloo on CPU."""
+def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun: NCCL on GPUs, gloo on CPU. The device is
+    this rank's GPU, else the CPU, unless `device` names one ("auto" or None: that default)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+    if device in (None, "auto"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized() and (world > 1 or cuda):

@@ -101,15 +101,18 @@ def check_same_model(saved: dict, current: dict, where: str) -> None:
 
 
 class Metrics:
-    """JSONL + TensorBoard on rank 0."""
+    """A job's metrics log on rank 0: JSONL (`name`, cut back to the step a run resumes from)
+    and, with `tensorboard`, TensorBoard event files in tb/."""
 
-    def __init__(self, run: Path, rank: int, resume_step: int):
+    def __init__(self, run: Path, rank: int, resume_step: int, name: str = METRICS, tensorboard: bool = True):
         self.rank = rank
-        self.path = run / METRICS
+        self.path = run / name
         self.tb = None
         if rank != 0:
             return
         truncate_jsonl(self.path, resume_step)
+        if not tensorboard:
+            return
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(run / "tb"), purge_step=resume_step + 1)
@@ -117,8 +120,10 @@ class Metrics:
     def write(self, rec: dict) -> None:
         if self.rank != 0:
             return
-        with open(self.path, "a") as f:
+        with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
+        if self.tb is None:
+            return
         for k, v in rec.items():
             if isinstance(v, (int, float)) and k != "step":
                 self.tb.add_scalar(k, v, rec["step"])

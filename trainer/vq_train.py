@@ -1,37 +1,50 @@
 """`train-vq`: train the VQ image tokenizer on the images in shard directories.
 
 One process on CPU or one GPU; under torchrun (WORLD_SIZE > 1) each rank reads its share
-of the images and gradients are averaged with DistributedDataParallel. Every
-`--checkpoint-every` steps the full training state (model, discriminator, optimizers,
-restart RNG, step) goes to `vq_ckpt.safetensors` + `vq_ckpt.json` in the output
-directory; a later run with the same options resumes from it automatically. The image
-stream is a pure function of (seed, step), so a resumed run sees the same batches.
+of the images and gradients are averaged with DistributedDataParallel. It shares the
+training loop's pieces: the process-group setup (`parallel.init_distributed`), the bf16
+rule (`parallel.use_bf16`: bf16 autocast on a GPU), the one checkpoint manager
+(`checkpoint.Checkpointer`: model + discriminator + dead-code window, both optimizers,
+each rank's image position and RNG, in OUT/checkpoints/) and the metrics log
+(`train.Metrics`, to vq_log.jsonl, cut back on resume). A later run with the same options
+resumes from the newest checkpoint automatically. The image stream is a pure function of
+(seed, step), so a resumed run sees the same batches and ends where an uninterrupted one does.
+
+Its step stays its own and is not a `Job` of `train.run_job`: a GAN step is two optimizers
+stepping in turn on a DDP-wrapped VQ and discriminator at a constant learning rate, with
+dead-code restarts between steps, where the loop's step is one FSDP2 model, gradient
+accumulation, clipping and a cosine schedule; and a tokenizer directory is not a run
+directory (no config.json, other files beside it).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
+import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from mmtok import runner
-from mmtok.shards import ShardReader, atomic_write
+from mmtok.shards import ShardReader, read_json
 from mmtok.tokenizer import image_alone
-from mmtok.trainer.checkpoint import truncate_jsonl
+from mmtok.trainer.checkpoint import CKPT_DIR, TRAIN_STATE, Checkpointer, intact_checkpoint
+from mmtok.trainer.parallel import init_distributed, use_bf16
+from mmtok.trainer.train import Metrics
 from mmtok.vocab import VOCAB_FILE, Vocab
 from mmtok.vq import PatchDiscriminator, PerceptualLoss, VQConfig, VQModel, load_image, to_unit
 
-CKPT = "vq_ckpt.safetensors"
-CKPT_META = "vq_ckpt.json"
 LOG = "vq_log.jsonl"
+# The checkpoint files of mmtok before train-vq used the one checkpoint manager: never read.
+OLD_CHECKPOINT = ("vq_ckpt.json", "vq_ckpt.safetensors")
 
 
 def iter_images(shard_dirs: list[str | Path]) -> Iterator[tuple[str, bytes]]:
@@ -70,17 +83,24 @@ def shuffled_images(shard_dirs, seed: int, rank: int = 0, world: int = 1, buffer
 
 class Batches:
     """Decoded uint8 batches [batch, 3, R, R] from the image stream, decoded by a thread pool (PIL
-    releases the GIL) in stream order. `consumed` counts the stream entries taken (bad
-    ones too), so a resumed run skips exactly those without decoding."""
+    releases the GIL) in stream order. Its state is `consumed`, the stream entries taken (bad
+    ones too), so a resumed run skips exactly those without decoding (the loader contract
+    the checkpoint manager saves per rank)."""
 
-    def __init__(self, entries: Iterator, batch: int, resolution: int, skip: int = 0, threads: int = 4):
+    def __init__(self, entries: Iterator, batch: int, resolution: int, threads: int = 4):
         from concurrent.futures import ThreadPoolExecutor
 
         self.entries, self.batch, self.resolution = entries, batch, resolution
-        self.consumed, self.bad = skip, {}
+        self.consumed, self.bad = 0, {}
         self.pool = ThreadPoolExecutor(threads)
-        for _ in range(skip):
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        for _ in range(state["consumed"] - self.consumed):  # a fresh stream: skip to the saved position
             next(self.entries)
+        self.consumed = state["consumed"]
 
     def _load(self, entry):
         name, data = entry
@@ -125,22 +145,34 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return s.flatten(1).mean(1)
 
 
-def _flatten_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict) -> dict:
-    """Optimizer state as flat tensors (for safetensors) plus its JSON-able rest."""
-    sd = opt.state_dict()
-    for pid, st in sd["state"].items():
-        for name, t in st.items():
-            tensors[f"{prefix}.{pid}.{name}"] = torch.as_tensor(t).detach().cpu().contiguous()
-    return {"param_groups": sd["param_groups"]}
 
 
-def _unflatten_optimizer(prefix: str, meta: dict, tensors: dict) -> dict:
-    state: dict = {}
-    for k, t in tensors.items():
-        if k.startswith(prefix + "."):
-            _, pid, name = k.split(".", 2)
-            state.setdefault(int(pid), {})[name] = t
-    return {"state": state, "param_groups": meta["param_groups"]}
+@dataclass(frozen=True)
+class VQTrain:
+    """train-vq's options that decide what a checkpoint continues (`--steps` may grow on
+    resume, and the log and checkpoint cadence may change)."""
+
+    batch_size: int
+    lr: float
+    restart_every: int
+    disc_weight: float
+    disc_start: int
+    perceptual_weights: str | None
+    perceptual_weight: float
+    seed: int
+    mixed_precision: str = "auto"  # parallel.use_bf16's rule: bf16 autocast on a GPU
+
+
+class Trainee(torch.nn.Module):
+    """What a checkpoint holds beside the optimizers, as one module for the checkpoint
+    manager: the VQ, its discriminator (None when --disc-weight is 0) and the dead-code
+    window's counts (a restart depends on the partial window)."""
+
+    def __init__(self, cfg: VQConfig, disc_weight: float):
+        super().__init__()
+        self.vq = VQModel(cfg)
+        self.disc = PatchDiscriminator() if disc_weight > 0 else None
+        self.register_buffer("window_counts", torch.zeros(cfg.codebook_size, dtype=torch.long))
 
 
 def train_vq(shard_dirs: list[str | Path], out: str | Path, cfg: VQConfig, *, steps: int, batch_size: int = 8,
@@ -152,6 +184,38 @@ def train_vq(shard_dirs: list[str | Path], out: str | Path, cfg: VQConfig, *, st
     Refuses (ValueError, naming settings that fit) when the memory estimate exceeds what the
     device has available, unless `memory_check` is off."""
     out = Path(out)
+    opts = VQTrain(batch_size, lr, restart_every, disc_weight, disc_start, perceptual_weights, perceptual_weight, seed)
+    _check_out(out, cfg, restart)
+    rank, world, device = init_distributed(device)
+    try:
+        trainee, perceptual, est = _build(shard_dirs, cfg, opts, steps, device, rank, memory_check, log)
+        if restart and rank == 0:  # --restart: the earlier run's state goes, old format or new
+            shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
+            for name in OLD_CHECKPOINT:
+                (out / name).unlink(missing_ok=True)
+        if world > 1:
+            dist.barrier()
+        run = {"model": cfg.to_dict(), **asdict(opts), "world_size": world, "inputs": [str(d) for d in shard_dirs]}
+        metrics, step, bad = _train(out, trainee, perceptual, opts, run, steps, log_every, checkpoint_every,
+                                    rank, world, device, progress, log)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    if rank == 0:
+        trainee.vq.eval().save(out)
+        if (out / VOCAB_FILE).exists():
+            vocab = Vocab.load(out)
+            vocab.image_tokens_per_image = cfg.tokens_per_image
+            vocab.save(out)
+        if bad:
+            name, reason = next(iter(bad.items()))
+            log(f"skipped {len(bad)} images that do not decode, e.g. {name}: {reason}")
+    return {**metrics, "step": step, "skipped_images": len(bad), "out": str(out), "memory_estimate_bytes": est["total"]}
+
+
+def _check_out(out: Path, cfg: VQConfig, restart: bool) -> None:
+    """Refuse an `out` whose vocabulary does not fit `cfg`, or that holds an old-format
+    checkpoint (unless --restart, which trains from scratch)."""
     out.mkdir(parents=True, exist_ok=True)
     if (out / VOCAB_FILE).exists():
         vocab = Vocab.load(out)
@@ -160,140 +224,147 @@ def train_vq(shard_dirs: list[str | Path], out: str | Path, cfg: VQConfig, *, st
         if vocab.n_image_codes != cfg.codebook_size:
             raise ValueError(f"{out}/{VOCAB_FILE} reserves {vocab.n_image_codes} image codes but --codebook-size is "
                              f"{cfg.codebook_size}; use --codebook-size {vocab.n_image_codes} or another --out")
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    distributed = world > 1
-    if device is None or device == "auto":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
+    old = [name for name in OLD_CHECKPOINT if (out / name).exists()]
+    if old and not restart:
+        raise ValueError(f"{out / old[0]} is a train-vq checkpoint in the format of an earlier mmtok, which this one "
+                         f"does not read; finish that run with the mmtok that wrote it, or pass --restart to train "
+                         f"again from scratch (it deletes {' and '.join(old)})")
 
-    run = {"model": cfg.to_dict(), "batch_size": batch_size, "lr": lr, "restart_every": restart_every,
-           "disc_weight": disc_weight, "disc_start": disc_start, "perceptual_weights": perceptual_weights,
-           "perceptual_weight": perceptual_weight, "seed": seed, "world_size": world,
-           "inputs": [str(d) for d in shard_dirs]}
-    torch.manual_seed(seed)
-    model = VQModel(cfg)
-    disc = PatchDiscriminator() if disc_weight > 0 else None
-    perceptual = PerceptualLoss(perceptual_weights) if perceptual_weights else None
+
+def _build(shard_dirs, cfg: VQConfig, opts: VQTrain, steps: int, device: torch.device, rank: int, memory_check: bool,
+           log) -> tuple[Trainee, PerceptualLoss | None, dict]:
+    """The models on `device`, after the memory estimate allowed them there."""
+    torch.manual_seed(opts.seed)
+    trainee = Trainee(cfg, opts.disc_weight)
+    perceptual = PerceptualLoss(opts.perceptual_weights) if opts.perceptual_weights else None
     # before anything large is allocated: a run that cannot fit is refused, not killed by the kernel
-    est = memory_estimate(model, disc if steps > disc_start else None, perceptual, batch_size, shard_dirs, device)
+    disc = trainee.disc if steps > opts.disc_start else None
+    est = memory_estimate(trainee.vq, disc, perceptual, opts.batch_size, shard_dirs, str(device))
     if rank == 0:
-        log(f"train-vq: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {cfg.resolution} px, "
-            f"batch {batch_size}, {steps} steps on {device}; estimated peak memory {est['total'] / 2**30:.1f} GiB "
+        log(f"train-vq: {sum(p.numel() for p in trainee.vq.parameters()) / 1e6:.1f}M parameters, {cfg.resolution} px, "
+            f"batch {opts.batch_size}, {steps} steps on {device}; estimated peak memory {est['total'] / 2**30:.1f} GiB "
             f"per process, {est['available'] / 2**30:.1f} GiB available (lower with --batch-size or --resolution)")
     if memory_check and est["needed"] > est["available"]:
         raise ValueError(f"train-vq would need about {est['needed'] / 2**30:.1f} GiB of {est['where']} memory (estimate) but "
-                         f"{est['available'] / 2**30:.1f} GiB is available; {fitting_settings(est, cfg, batch_size)}, "
+                         f"{est['available'] / 2**30:.1f} GiB is available; {fitting_settings(est, cfg, opts.batch_size)}, "
                          "or pass --no-memory-check to try anyway")
-    if distributed:
-        import torch.distributed as dist
+    torch.manual_seed(opts.seed + 1)  # the dead-code restarts' stream (the checkpoint manager keeps its state)
+    return trainee.to(device), perceptual.to(device) if perceptual is not None else None, est
 
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    model.to(device)
-    disc = disc.to(device) if disc is not None else None
-    perceptual = perceptual.to(device) if perceptual is not None else None
-    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9)) if disc else None
-    gen = torch.Generator().manual_seed(seed + 1)
 
-    window_counts = torch.zeros(cfg.codebook_size, dtype=torch.long, device=device)
-    step, consumed = 0, 0
-    if (out / CKPT_META).exists() and not restart:
-        step, consumed = _load_checkpoint(out, run, model, disc, opt, opt_d, gen, window_counts)
-        log(f"resuming from {out / CKPT} at step {step}")
-    log_path = out / LOG
-    if rank == 0:
-        truncate_jsonl(log_path, step)
+def _optimizers(trainee: Trainee, opts: VQTrain) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+    adam = lambda m: torch.optim.Adam(m.parameters(), lr=opts.lr, betas=(0.5, 0.9))  # noqa: E731
+    return adam(trainee.vq), adam(trainee.disc) if trainee.disc is not None else None
 
-    ddp_model, ddp_disc = model, disc
-    if distributed:
+
+def _saved(opt, opt_d, step: int, opts: VQTrain) -> tuple:
+    """The optimizers a checkpoint at `step` holds: the discriminator's once it has stepped
+    (an unstepped Adam would get a stand-in state from DCP, and its first real step another
+    bias correction)."""
+    return (opt, opt_d) if opt_d is not None and step > opts.disc_start else (opt,)
+
+
+def _resume(out: Path, ckptr: Checkpointer, trainee: Trainee, opt, opt_d, batches: Batches, opts: VQTrain,
+            run: dict, log) -> int:
+    """The step of `out`'s newest checkpoint, loaded (0 without one); other options are refused."""
+    ckpt = intact_checkpoint(out)
+    if ckpt is None:
+        return 0
+    saved = read_json(ckpt / TRAIN_STATE)
+    if saved.get("vq_run") != run:
+        diff = sorted(k for k in run if (saved.get("vq_run") or {}).get(k) != run[k])
+        raise ValueError(f"{out} holds a train-vq checkpoint with other options ({', '.join(diff)}); "
+                         "rerun with the same options to resume, or pass --restart to start again")
+    step = ckptr.load(ckpt, trainee, _saved(opt, opt_d, int(saved["step"]), opts), batches)
+    log(f"resuming from {ckpt} at step {step}")
+    return step
+
+
+def _train(out: Path, trainee: Trainee, perceptual, opts: VQTrain, run: dict, steps: int, log_every: int,
+           checkpoint_every: int, rank: int, world: int, device: torch.device, progress: bool,
+           log) -> tuple[dict, int, dict]:
+    """The GAN loop from the newest checkpoint to `steps`: (last metrics, step, undecodable images)."""
+    opt, opt_d = _optimizers(trainee, opts)
+    batches = Batches(shuffled_images(run["inputs"], opts.seed, rank, world), opts.batch_size,
+                      trainee.vq.cfg.resolution, threads=min(8, os.cpu_count() or 1))
+    ckptr = Checkpointer(out, rank, world, keep=1)
+    step = _resume(out, ckptr, trainee, opt, opt_d, batches, opts, run, log)
+    log_file = Metrics(out, rank, step, name=LOG, tensorboard=False)
+    vq, disc = trainee.vq, trainee.disc
+    if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ids = [torch.device(device).index] if device.startswith("cuda") else None
-        ddp_model = DDP(model, device_ids=ids)
-        ddp_disc = DDP(disc, device_ids=ids) if disc else None
-
-    batches = Batches(shuffled_images(shard_dirs, seed, rank, world), batch_size, cfg.resolution, skip=consumed,
-                      threads=min(8, os.cpu_count() or 1))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
-    def fresh() -> dict:
-        return {"n": 0, "sums": torch.zeros(3, device=device), "counts": torch.zeros_like(window_counts)}
-
-    interval, metrics = fresh(), {}
-    t0 = time.perf_counter()
+        ids = [device.index] if device.type == "cuda" else None
+        vq, disc = DDP(vq, device_ids=ids), DDP(disc, device_ids=ids) if disc is not None else None
+    bf16 = use_bf16(opts, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    step_fn = lambda x, use_disc: _gan_step(vq, disc, perceptual, opt, opt_d, x, use_disc, opts, autocast)  # noqa: E731
+    interval, metrics, t0 = _fresh(trainee, device), {}, time.perf_counter()
     with runner.progress_bar("train-vq", steps, step, progress and rank == 0) as bar:
         while step < steps:
             x = to_unit(next(batches).to(device, non_blocking=True))
-            use_disc = disc is not None and step >= disc_start
-            with autocast:
-                recon, idx, qloss, z = ddp_model(x)
-                rec_loss = (recon.float() - x).abs().mean()
-                loss = rec_loss + qloss
-                if perceptual is not None:
-                    loss = loss + perceptual_weight * perceptual(recon.float(), x)
-                if use_disc:
-                    loss = loss - disc_weight * ddp_disc(recon).float().mean()  # hinge generator loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if use_disc:
-                with autocast:  # real and fake in one forward (one DDP reduction)
-                    real, fake = ddp_disc(torch.cat([x, recon.detach()])).float().chunk(2)
-                    d_loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
-                opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                opt_d.step()
+            use_disc = disc is not None and step >= opts.disc_start
+            recon, idx, z, rec_loss = step_fn(x, use_disc)
             step += 1
             bar.advance()
-
-            with torch.no_grad():
-                counts = torch.bincount(idx.flatten(), minlength=cfg.codebook_size)
-                window_counts += counts
-                interval["counts"] += counts
-                interval["n"] += 1
-                # summed on the device: no host sync per step
-                interval["sums"] += torch.stack([rec_loss.detach().float(), psnr(recon, x).mean(), ssim(recon, x).mean()])
-                if step % restart_every == 0:
-                    _restart_dead(model, window_counts, z, gen, distributed)
-                    window_counts.zero_()
-
+            _count(trainee, interval, idx, z, recon, x, rec_loss, step % opts.restart_every == 0, world)
             if step % log_every == 0 or step == steps:
-                metrics = _interval_metrics(interval, step, distributed)
+                metrics = _interval_metrics(interval, step, world > 1)
                 metrics["disc"] = use_disc
-                metrics["images_per_s"] = round(interval["n"] * batch_size * world / (time.perf_counter() - t0), 2)
+                metrics["images_per_s"] = round(interval["n"] * opts.batch_size * world / (time.perf_counter() - t0), 2)
                 if rank == 0:
-                    log(f"step {step}: recon {metrics['recon']:.4f}  PSNR {metrics['psnr']:.2f} dB  "
-                        f"SSIM {metrics['ssim']:.3f}  codes used {metrics['usage']:.1%}  perplexity {metrics['perplexity']:.1f}")
-                    with open(log_path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(metrics, sort_keys=True) + "\n")
-                interval = fresh()
-                t0 = time.perf_counter()
+                    log(f"step {step}: recon {metrics['recon']:.4f}  PSNR {metrics['psnr']:.2f} dB  SSIM "
+                        f"{metrics['ssim']:.3f}  codes used {metrics['usage']:.1%}  perplexity {metrics['perplexity']:.1f}")
+                log_file.write(metrics)
+                interval, t0 = _fresh(trainee, device), time.perf_counter()
             if step % checkpoint_every == 0 or step == steps:
-                if distributed:  # the checkpoint keeps the global counts: gather them onto rank 0
-                    import torch.distributed as dist
+                if world > 1:  # every rank keeps the global window: only which codes it missed matters to a restart
+                    dist.all_reduce(trainee.window_counts)
+                ckptr.save(step, trainee, _saved(opt, opt_d, step, opts), batches, {"vq_run": run})
+    log_file.close()
+    return metrics, step, batches.bad
 
-                    dist.all_reduce(window_counts)
-                    if rank != 0:
-                        window_counts.zero_()
-                if rank == 0:
-                    _save_checkpoint(out, run, step, batches.consumed, model, disc, opt, opt_d, gen, window_counts)
 
-    if rank == 0:
-        model.eval().save(out)
-        if (out / VOCAB_FILE).exists():
-            vocab = Vocab.load(out)
-            vocab.image_tokens_per_image = cfg.tokens_per_image
-            vocab.save(out)
-    if batches.bad and rank == 0:
-        name, reason = next(iter(batches.bad.items()))
-        log(f"skipped {len(batches.bad)} images that do not decode, e.g. {name}: {reason}")
-    if distributed:
-        import torch.distributed as dist
+def _gan_step(vq, disc, perceptual, opt, opt_d, x: torch.Tensor, use_disc: bool, opts: VQTrain, autocast):
+    """One generator step, then (from --disc-start) one discriminator step; returns the
+    reconstruction, codes, encoder outputs and L1 loss."""
+    with autocast:
+        recon, idx, qloss, z = vq(x)
+        rec_loss = (recon.float() - x).abs().mean()
+        loss = rec_loss + qloss
+        if perceptual is not None:
+            loss = loss + opts.perceptual_weight * perceptual(recon.float(), x)
+        if use_disc:
+            loss = loss - opts.disc_weight * disc(recon).float().mean()  # hinge generator loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if use_disc:
+        with autocast:  # real and fake in one forward (one DDP reduction)
+            real, fake = disc(torch.cat([x, recon.detach()])).float().chunk(2)
+            d_loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+    return recon, idx, z, rec_loss
 
-        dist.destroy_process_group()
-    return {**metrics, "step": step, "skipped_images": len(batches.bad), "out": str(out),
-            "memory_estimate_bytes": est["total"]}
 
+def _fresh(trainee: Trainee, device) -> dict:
+    return {"n": 0, "sums": torch.zeros(3, device=device), "counts": torch.zeros_like(trainee.window_counts)}
+
+
+@torch.no_grad()
+def _count(trainee: Trainee, interval: dict, idx, z, recon, x, rec_loss, restart: bool, world: int) -> None:
+    """A step's code counts and metric sums (on the device: no host sync per step); at the
+    window's end, dead codes restarted."""
+    counts = torch.bincount(idx.flatten(), minlength=trainee.vq.cfg.codebook_size)
+    trainee.window_counts += counts
+    interval["counts"] += counts
+    interval["n"] += 1
+    interval["sums"] += torch.stack([rec_loss.detach().float(), psnr(recon, x).mean(), ssim(recon, x).mean()])
+    if restart:
+        _restart_dead(trainee.vq, trainee.window_counts, z, world > 1)
+        trainee.window_counts.zero_()
 
 # Backward keeps every saved activation and adds the gradients of the largest ones, plus
 # the allocator's slack; measured peak RSS / (resident + estimate) on CPU was 0.8-1.1 with
@@ -408,8 +479,6 @@ def _interval_metrics(interval: dict, step: int, distributed: bool) -> dict:
     sums = torch.cat([interval["sums"].double(), torch.tensor([interval["n"]], dtype=torch.float64, device=interval["sums"].device)])
     counts = interval["counts"].clone()
     if distributed:
-        import torch.distributed as dist
-
         dist.all_reduce(sums)
         dist.all_reduce(counts)
     sums = sums.cpu()
@@ -420,55 +489,15 @@ def _interval_metrics(interval: dict, step: int, distributed: bool) -> dict:
             "usage": (counts > 0).float().mean().item(), "perplexity": math.exp(entropy)}
 
 
+
+
 @torch.no_grad()
-def _restart_dead(model: VQModel, window_counts: torch.Tensor, z: torch.Tensor, gen: torch.Generator,
-                  distributed: bool) -> None:
-    """Codes unused for a whole window move onto current encoder outputs. Under DDP the
-    counts are summed over ranks and rank 0's new codebook is broadcast."""
+def _restart_dead(model: VQModel, window_counts: torch.Tensor, z: torch.Tensor, distributed: bool) -> None:
+    """Codes unused for a whole window move onto current encoder outputs (drawn from the
+    global RNG, which the checkpoint manager keeps). Under DDP the counts are summed over
+    ranks and rank 0's new codebook is broadcast."""
     if distributed:
-        import torch.distributed as dist
-
         dist.all_reduce(window_counts)
-        model.quantizer.restart(window_counts == 0, z, gen)
+    model.quantizer.restart(window_counts == 0, z, None)
+    if distributed:
         dist.broadcast(model.quantizer.codebook.data, 0)
-    else:
-        model.quantizer.restart(window_counts == 0, z, gen)
-
-
-def _save_checkpoint(out: Path, run: dict, step: int, consumed: int, model, disc, opt, opt_d, gen,
-                     window_counts: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"step": step, "consumed": consumed, "run": run, "opt": _flatten_optimizer("opt", opt, tensors)}
-    if disc is not None:
-        tensors.update({f"disc.{k}": v.detach().cpu().contiguous() for k, v in disc.state_dict().items()})
-        meta["opt_d"] = _flatten_optimizer("opt_d", opt_d, tensors)
-    tensors["rng"] = gen.get_state()
-    tensors["window_counts"] = window_counts.cpu()  # dead-code restarts depend on the partial window
-    tmp = out / f".{CKPT}.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(out / CKPT)  # weights first, then the metadata that points at them
-    atomic_write(out / CKPT_META, json.dumps(meta, sort_keys=True, indent=1).encode())
-
-
-def _load_checkpoint(out: Path, run: dict, model, disc, opt, opt_d, gen, window_counts) -> tuple[int, int]:
-    from safetensors.torch import load_file
-
-    meta = json.loads((out / CKPT_META).read_text())
-    if meta["run"] != run:
-        diff = sorted(k for k in run if meta["run"].get(k) != run[k])
-        raise ValueError(f"{out} holds a train-vq checkpoint with other options ({', '.join(diff)}); "
-                         "rerun with the same options to resume, or pass --restart to start again")
-    tensors = load_file(str(out / CKPT))
-    dev = next(model.parameters()).device
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    opt.load_state_dict(_unflatten_optimizer("opt", meta["opt"], tensors))
-    if disc is not None:
-        disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
-        opt_d.load_state_dict(_unflatten_optimizer("opt_d", meta["opt_d"], tensors))
-    gen.set_state(tensors["rng"])
-    window_counts.copy_(tensors["window_counts"])
-    model.to(dev)
-    return int(meta["step"]), int(meta["consumed"])
-
