@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from benchutil import machine, save  # noqa: E402
+from benchutil import machine, save, t_interval  # noqa: E402
 from helpers.tokens import make_token_shards, make_vocab  # noqa: E402  (the tests' shard writer)
 
 from mmtok.loader import PlanLoader  # noqa: E402
@@ -87,17 +87,6 @@ def synthetic_corpus(root: Path, n_docs: int, seed: int = 0) -> tuple[list[Path]
     docs = [np.array(d, dtype=np.uint32) for d in docs]
     cut = n_docs * 9 // 10
     return [make_token_shards(root, docs[:cut], vocab, "train")], [make_token_shards(root, docs[cut:], vocab, "heldout")]
-
-
-def t_interval(values) -> tuple[float, float, float]:
-    """Mean, sample std and the half-width of the 95% t-interval of the mean (0 for one value)."""
-    from scipy import stats
-
-    x = np.asarray(values, dtype=np.float64)
-    if len(x) < 2:
-        return float(x.mean()), 0.0, 0.0
-    sd = float(x.std(ddof=1))
-    return float(x.mean()), sd, float(stats.t.ppf(0.975, len(x) - 1) * sd / np.sqrt(len(x)))
 
 
 def welch_gap(a, b) -> tuple[float, float]:

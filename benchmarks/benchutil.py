@@ -76,3 +76,15 @@ def device_waits():
             return sum(self.count.values())
 
     return Waits()
+
+
+def t_interval(values) -> tuple[float, float, float]:
+    """Mean, sample std and the half-width of the 95% t-interval of the mean (0 for one value)."""
+    import numpy as np
+    from scipy import stats
+
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) < 2:
+        return float(x.mean()), 0.0, 0.0
+    sd = float(x.std(ddof=1))
+    return float(x.mean()), sd, float(stats.t.ppf(0.975, len(x) - 1) * sd / np.sqrt(len(x)))
