@@ -598,7 +598,7 @@ def test_cli_reads_a_run_and_a_tokenizer_from_a_bucket(ref, bucket, tmp_path):
     assert report["heldout"]["all"]["tokens"] == here["heldout"]["all"]["tokens"] > 0
     _cli("export", ref / "run", "--out", tmp_path / "x", "--tokenizer", ref / "tok")
     _cli("export", run, "--out", f"s3://{bucket}/export", "--tokenizer", tok)
-    _same_output(f"{bucket}/export", tmp_path / "x", swap={ref / "tok": tok})
+    _same_output(f"{bucket}/export", tmp_path / "x", swap={ref / "run": run, ref / "tok": tok})
     # the export in the bucket bundles its tokenizer: generate needs nothing else
     r = _cli("generate", f"s3://{bucket}/export", "--prompt", "text", "--max-tokens", 4, "--temperature", 0,
              "--out", tmp_path / "g", "--json")
