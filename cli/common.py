@@ -71,7 +71,18 @@ def pulled(stack: contextlib.ExitStack, value: str | None) -> Path | None:
     copy pulled into the cache for as long as `stack` lasts (mmtok.mirror.remote_input)."""
     from mmtok.mirror import remote_input
 
-    return None if value is None else stack.enter_context(remote_input(value))
+    if value is None:
+        return None
+    not_a_file(value)
+    return stack.enter_context(remote_input(value))
+
+
+def not_a_file(value: str | None) -> None:
+    """Refuse a local file given where a directory goes (what typer's file_okay=False did)."""
+    from mmtok.fs import is_url
+
+    if value is not None and not is_url(value) and Path(value).is_file():
+        raise FileNotFoundError(f"{value} is a file; give a directory")
 
 
 class Exit(IntEnum):

@@ -14,8 +14,8 @@ from typing import List, Optional
 
 import typer
 
-from mmtok.cli.common import (JSON_OUT, QUIET, Exit, deprecated, eval_report, fail, friendly_errors, positive, pulled,
-                              renamed)
+from mmtok.cli.common import (JSON_OUT, QUIET, Exit, deprecated, eval_report, fail, friendly_errors, not_a_file, positive,
+                              pulled, renamed)
 
 
 def register(app: typer.Typer) -> None:
@@ -212,6 +212,7 @@ def evaluate(
     given = renamed(run, old_checkpoint, "RUN", "--checkpoint")
     if given is None:
         fail("give RUN, the run (or `mmtok export`) directory to evaluate")
+    not_a_file(out)
     with contextlib.ExitStack() as stack:  # URLs: the run pulled, the report pushed when done
         checkpoint, tokenizer = pulled(stack, str(given)), pulled(stack, tokenizer)
         out = stack.enter_context(remote_output(out or f"{str(given).rstrip('/')}/eval", ours=all_files))
@@ -289,6 +290,7 @@ def export(
     to = renamed(out, old_to, "--out", "--to")
     if to is None:
         fail("give --out, the directory to export to")
+    not_a_file(to)
     with contextlib.ExitStack() as stack:
         local_run, tok = pulled(stack, run), pulled(stack, tokenizer)
         target = stack.enter_context(remote_output(str(to), ours=all_files))
