@@ -39,7 +39,7 @@ def make_batch(cfg: UniMoEConfig, b: int, t: int, device) -> dict:
             "positions": torch.arange(t, dtype=torch.int32).repeat(b, 1).to(device),
             "span": torch.zeros(b, dtype=torch.long, device=device),
             # mixed modalities: samples spread over the experts' modalities
-            "modality": torch.arange(b, device=device) % len(cfg.modalities)}
+            "sample_modality": torch.arange(b, device=device) % len(cfg.modalities)}
 
 
 def step_fn(name: str, cfg: UniMoEConfig, batch: dict, device):

@@ -142,7 +142,7 @@ def test_aux_router_stage_on_two_processes(data, tmp_path):
     """`--stage aux-routers --nproc 2`: FSDP2 over two ranks that read their own micro-batches;
     only the auxiliary routers move, and the checkpoint keeps the main run's step, world size
     and global batch, so the main training resumes from it without a warning."""
-    from test_train import run_cli
+    from helpers.runs import cli_subprocess as run_cli
 
     run = tmp_path / "run"
     assert cli("train", "--plan", data["plan"], "--out", run, *MOMA, "--steps", 10, "--json").exit_code == 0

@@ -1,35 +1,16 @@
 import json
-import random
 
 import pytest
 import sentencepiece as spm
 
 from mmtok.bpe import train_bpe
 from mmtok.vocab import Vocab
-from helpers.media import draw_image, make_shards
-
-TRICKY = [
-    "Emoji 🎉👩‍👩‍👧 and flags 🇫🇷!",
-    "中文文本，日本語のテキスト、한국어 텍스트",
-    "control\tchars\x00\x01\x1b[31m and \r\n newlines\n\n  double  spaces  ",
-    " leading and trailing space ",
-    "digits 1234567890 and 3.14159",
-    "",
-]
-
-
-def corpus(n=1500, seed=0):
-    r = random.Random(seed)
-    syl = ["ka", "to", "mi", "ran", "se", "lo", "pu", "ne", "dor", "vi", "qua", "zen", "bri", "ho"]
-    words = ["".join(r.choice(syl) for _ in range(r.randint(1, 4))) for _ in range(800)]
-    return [" ".join(r.choice(words) for _ in range(r.randint(4, 20))) + r.choice([".", "!", "?", " 42."])
-            for _ in range(n)]
-
+from helpers.media import TRICKY, draw_image, make_shards, sentences
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bpe")
-    texts = corpus()
+    texts = sentences()
     docs = [["intro text of the doc", draw_image(1), "closing words of the doc"]]
     pairs = [(draw_image(2), "a caption about shapes")]
     shards = make_shards(tmp / "in", texts=texts + [b"\xff\xfe not utf8"], pairs=pairs, docs=docs)
@@ -53,7 +34,7 @@ def test_layout_and_stock_loader(trained):
 def test_text_round_trip_exact(trained):
     tok, _, _ = trained
     sp = spm.SentencePieceProcessor(model_file=str(tok / "bpe.model"))
-    for text in TRICKY + corpus(20, seed=5):
+    for text in TRICKY + sentences(20, seed=5):
         ids = sp.encode(text)
         assert sp.decode(ids) == text
         assert all(0 <= i < sp.get_piece_size() for i in ids)
@@ -64,13 +45,13 @@ def test_digits_split_and_merges_learned(trained):
     tok, _, _ = trained
     sp = spm.SentencePieceProcessor(model_file=str(tok / "bpe.model"))
     assert sp.encode("424242", out_type=str) == ["4", "2"] * 3  # "42" is frequent, yet never merged
-    line = corpus(1, seed=0)[0]
+    line = sentences(1, seed=0)[0]
     assert len(sp.encode(line)) < len(line.encode()) / 2  # real merges, not bytes
 
 
 def test_sampling_is_deterministic(trained, tmp_path):
     tok, _, _ = trained
-    shards = make_shards(tmp_path / "in", texts=corpus(1500))
+    shards = make_shards(tmp_path / "in", texts=sentences(1500))
     a = train_bpe([shards], tmp_path / "a", vocab_size=2000, image_codes=64, input_sentence_size=1000, log=lambda m: None)
     b = train_bpe([shards], tmp_path / "b", vocab_size=2000, image_codes=64, input_sentence_size=1000, log=lambda m: None)
     assert a["sampled_lines"] == b["sampled_lines"] == 1000
@@ -93,7 +74,7 @@ def test_no_text_is_a_clear_error(tmp_path):
 
 
 def test_vq_trained_first_decides_the_image_side(tmp_path):
-    shards = make_shards(tmp_path / "in", texts=corpus(1500))
+    shards = make_shards(tmp_path / "in", texts=sentences(1500))
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok/vq.json").write_text(json.dumps({"codebook_size": 64, "resolution": 16, "downsample": 2}))
     with pytest.raises(ValueError, match="--image-codes 64"):

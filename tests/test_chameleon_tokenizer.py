@@ -15,14 +15,12 @@ import torch
 from PIL import Image
 from helpers.media import draw_image, make_shards, photo
 
-import transformers  # noqa: E402  (the test extra installs the references; no silent skip)
+from helpers.chameleon import CODEBOOK, RES, TEXTS, TPI, VQ, save_chameleon, text_tokenizer
 
-from helpers.chameleon import CODEBOOK, RES, TEXTS, TPI, VQ, save_chameleon, text_tokenizer  # noqa: E402
-
-from mmtok.chameleon import ROLES, code_of, image_token_name, import_chameleon  # noqa: E402
-from mmtok.shards import ShardReader, load_npy  # noqa: E402
-from mmtok.tokenize import Tokenizer  # noqa: E402
-from mmtok.vocab import FORMAT_ANY, Vocab  # noqa: E402
+from mmtok.chameleon import ROLES, code_of, image_token_name, import_chameleon
+from mmtok.shards import ShardReader, load_npy
+from mmtok.tokenize import Tokenizer
+from mmtok.vocab import FORMAT_ANY, Vocab
 
 
 @pytest.fixture(scope="module")

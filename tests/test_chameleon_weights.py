@@ -13,8 +13,6 @@ from helpers.chameleon import save_chameleon, text_tokenizer
 from helpers.tokens import make_doc, make_token_shards
 from helpers.runs import cli, metrics
 
-import transformers  # noqa: F401  (the test extra installs the reference; no silent skip)
-
 from mmtok.chameleon import import_chameleon
 from mmtok.mix import plan_mix, write_plan
 from mmtok.trainer.config import ModelConfig

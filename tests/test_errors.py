@@ -250,17 +250,16 @@ def test_the_plan_as_written_passes_the_checks(corpus):
 def two_tokenizers(tmp_path_factory):
     """Tokenizers A and B: the same vocabulary layout (equal vocab.json dicts), BPE models
     trained on different text; token shards of one text corpus made with each."""
-    from helpers.media import make_shards
-    from test_bpe import corpus as words
+    from helpers.media import make_shards, sentences
 
     from mmtok.bpe import train_bpe
     from mmtok.tokenize import Tokenizer, tokenize
 
     root = tmp_path_factory.mktemp("twotok")
     out = {"root": root}
-    docs = make_shards(root / "docs", texts=words(40, seed=7))
+    docs = make_shards(root / "docs", texts=sentences(40, seed=7))
     for name, seed in (("A", 0), ("B", 1)):
-        src = make_shards(root / f"src{name}", texts=words(seed=seed))
+        src = make_shards(root / f"src{name}", texts=sentences(seed=seed))
         train_bpe([src], root / f"tok{name}", vocab_size=600, image_codes=16, image_tokens_per_image=4,
                   log=lambda m: None)
         tok = Tokenizer.load(root / f"tok{name}", "cpu")
@@ -300,17 +299,16 @@ def test_a_run_records_its_tokenizer_and_eval_and_generate_refuse_another(two_to
 
 # ------------------------------------------------------------ --codes that do not fit the codebook
 
-def test_out_of_range_codes_are_quarantined_naming_the_shard(tmp_path):
+def test_out_of_range_codes_are_quarantined_naming_the_shard(tmp_path, bpe_tokdir):
     import torch
     from helpers.media import draw_image, make_shards
-    from test_image_inputs import _tokdir
 
     from mmtok.shards import ShardReader
     from mmtok.tokenize import Tokenizer, tokenize, tokenize_images
     from mmtok.vq import VQConfig, VQModel
 
     torch.manual_seed(0)
-    tok_dir = _tokdir(tmp_path)
+    tok_dir = bpe_tokdir
     VQModel(VQConfig(resolution=16, downsample=2, codebook_size=64, channels=8, res_blocks=1)).save(tok_dir)
     tok = Tokenizer.load(tok_dir, "cpu")
     images = [draw_image(i) for i in range(3)]

@@ -20,8 +20,7 @@ from typer.testing import CliRunner
 from helpers.runs import cli
 from mmtok import runner
 from mmtok.cli.app import app
-from helpers.media import draw_image, make_shards
-from test_bpe import corpus
+from helpers.media import draw_image, make_shards, sentences
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VQ = ["--codebook-size", "64", "--resolution", "16", "--downsample", "2", "--channels", "8", "--res-blocks", "1",
@@ -73,7 +72,7 @@ def world(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("first_hour")
     images = [draw_image(i) for i in range(12)]
-    shards = make_shards(root / "shards", texts=corpus(200), images=images[:5],
+    shards = make_shards(root / "shards", texts=sentences(200), images=images[:5],
                          pairs=[(im, f"caption {i}") for i, im in enumerate(images[5:9])],
                          docs=[["some words", images[9], "more words"], ["a doc", images[10], images[11]]])
     train_bpe([shards], root / "tok", vocab_size=600, image_codes=64, log=lambda m: None)

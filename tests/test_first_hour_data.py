@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image
-from helpers.media import draw_image
-from test_bpe import corpus
+from helpers.media import draw_image, sentences
 
 from helpers.runs import cli
 from mmtok.shards import ShardReader, read_jsonl
@@ -53,7 +52,7 @@ def pipeline(tmp_path_factory):
     for i in range(6):
         (raw / f"img{i}.png").write_bytes(draw_image(i))
         (raw / f"img{i}.txt").write_text(f"shapes number {i}")
-    (raw / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus(400)))
+    (raw / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(400)))
     sf.write(raw / "clip.wav", tone(), 16000)
     subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=10:duration=1",
                     "-pix_fmt", "yuv420p", "-c:v", "libx264", str(raw / "clip.mp4")], check=True)

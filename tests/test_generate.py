@@ -100,11 +100,10 @@ def tokdir(tmp_path_factory):
     from mmtok.bpe import train_bpe
     from mmtok.vq import VQConfig
     from mmtok.trainer.vq_train import train_vq
-    from helpers.media import draw_image, make_shards
-    from test_bpe import corpus
+    from helpers.media import draw_image, make_shards, sentences
 
     tmp = tmp_path_factory.mktemp("tok")
-    shards = make_shards(tmp / "train", texts=corpus(), images=[draw_image(i) for i in range(8)])
+    shards = make_shards(tmp / "train", texts=sentences(), images=[draw_image(i) for i in range(8)])
     train_bpe([shards], tmp / "tok", vocab_size=1000, image_codes=64, log=lambda m: None)
     train_vq([shards], tmp / "tok", VQConfig(resolution=16, downsample=2, codebook_size=64, channels=8, res_blocks=1),
              steps=2, batch_size=4, disc_weight=0, log=lambda m: None)

@@ -14,8 +14,6 @@ from helpers.tokens import make_doc, make_token_shards
 from helpers.runs import cli
 from helpers.media import make_shards
 
-import transformers  # noqa: F401  (the test extra installs the references; no silent skip)
-
 from mmtok.chameleon import import_chameleon
 from mmtok.mix import plan_mix, write_plan
 from mmtok.tokenize import Tokenizer

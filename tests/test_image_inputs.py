@@ -96,7 +96,7 @@ def test_extreme_aspect_ratio_refused_before_any_resize(monkeypatch):
     assert load_image(wide, 16).shape == (3, 16, 16)
 
 
-def test_tokenize_images_quarantines_a_strip(tmp_path):
+def test_tokenize_images_quarantines_a_strip(tmp_path, bpe_tokdir):
     """The stage names the reason in quarantine.jsonl and goes on with the good images."""
     import json
 
@@ -107,7 +107,7 @@ def test_tokenize_images_quarantines_a_strip(tmp_path):
     from mmtok.vq import VQConfig, VQModel
 
     torch.manual_seed(0)
-    tok_dir = _tokdir(tmp_path)
+    tok_dir = bpe_tokdir
     VQModel(VQConfig(resolution=16, downsample=2, codebook_size=64, channels=8, res_blocks=1)).save(tok_dir)
     strip = encode(Image.new("RGB", (2, 3000), RED), "PNG")
     shards = make_shards(tmp_path / "in", images=[draw_image(1), strip, draw_image(2)])
@@ -116,15 +116,3 @@ def test_tokenize_images_quarantines_a_strip(tmp_path):
     assert summary.samples == 2 and summary.quarantined == 1
     (rec,) = [json.loads(x) for x in (tmp_path / "codes" / "quarantine.jsonl").read_text().splitlines()]
     assert "2x3000: aspect ratio over the 50:1 limit" in rec["reason"]
-
-
-def _tokdir(tmp_path):
-    from helpers.media import make_shards
-    from test_bpe import corpus
-
-    from mmtok.bpe import train_bpe
-
-    shards = make_shards(tmp_path / "bpe", texts=corpus())
-    train_bpe([shards], tmp_path / "tok", vocab_size=2000, image_codes=64, image_tokens_per_image=64,
-              log=lambda m: None)
-    return tmp_path / "tok"

@@ -22,10 +22,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
 
+from helpers.media import png_bytes, write_tar
+from helpers.outputs import quarantine, read_all
 from mmtok.cli.app import app
 from mmtok.shards import ShardError, group_samples, iter_tar
-from test_shard import png_bytes, quarantine, read_all, runner, write_tar
+
+runner = CliRunner()
 
 
 def run_shard(inputs: list, out: Path, *extra: str):

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from helpers.media import make_video, png_bytes
+from helpers.outputs import quarantine, tree_bytes
 from helpers.procs import kill_midway
 from mmtok.cli.app import app
 from mmtok.runner import Item, Sample, StageError, run_stage
 from mmtok.shards import ShardReader
-from test_shard import _tree_bytes, corpus, make_video, png_bytes, quarantine  # noqa: F401 (corpus: fixture)
 
 pytestmark = pytest.mark.slow  # a Ray instance takes seconds to start here: about 40 s in all on 2 cores
 runner = CliRunner()
@@ -65,7 +66,7 @@ def test_closures_run_as_ray_tasks_and_come_back_in_order(tmp_path: Path, ray_cl
     assert os.getpid() not in pids and len(pids) >= 2  # ran in Ray's worker processes
 
 
-def test_shard_on_ray_equals_local(corpus: Path, tmp_path: Path, ray_cluster, ray_runs):  # noqa: F811 (the fixture)
+def test_shard_on_ray_equals_local(corpus: Path, tmp_path: Path, ray_cluster, ray_runs):
     (corpus / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     (corpus / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     local, on_ray = tmp_path / "local", tmp_path / "ray"
@@ -77,7 +78,7 @@ def test_shard_on_ray_equals_local(corpus: Path, tmp_path: Path, ray_cluster, ra
     assert ray_runs == [1]
     assert {q["input"].rsplit("/", 1)[-1] for q in quarantine(on_ray)} == {"broken", "latin1"}
     assert len(list(on_ray.glob("*.tar"))) > 3
-    assert _tree_bytes(on_ray) == _tree_bytes(local)  # shards, index, manifest, quarantine log
+    assert tree_bytes(on_ray) == tree_bytes(local)  # shards, index, manifest, quarantine log
     assert ray_cluster.is_initialized(), "the runner shut down a Ray instance it did not start"
 
 
@@ -97,7 +98,7 @@ def test_extract_keyframes_on_ray_equals_local(tmp_path: Path, ray_cluster, ray_
     assert ray_runs == [1]  # the local run did not take the Ray path, the Ray run did
     assert json.loads((outs[1] / "manifest.json").read_text())["totals"]["samples"] == 6
     assert [q["input"].rsplit("/", 1)[-1] for q in quarantine(outs[1])] == ["c.mp4"]
-    assert _tree_bytes(outs[1]) == _tree_bytes(outs[0])
+    assert tree_bytes(outs[1]) == tree_bytes(outs[0])
 
 
 def test_killed_ray_run_resumes(tmp_path: Path, ray_cluster):
@@ -116,7 +117,7 @@ def test_killed_ray_run_resumes(tmp_path: Path, ray_cluster):
                          text=True)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["resumed_shards"] >= done_before > 0
-    assert _tree_bytes(out) == _tree_bytes(tmp_path / "ref")
+    assert tree_bytes(out) == tree_bytes(tmp_path / "ref")
     assert ray_cluster.cluster_resources().get("CPU") == 2, "the cluster did not survive its client's death"
 
 

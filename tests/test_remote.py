@@ -370,15 +370,14 @@ def _cli(*args):
 def ref(tmp_path_factory):
     """The local pipeline the bucket runs must reproduce: raw files, shards, a tiny
     tokenizer, codes, tokens, a plan and a 4-step run, all written by the CLI."""
-    from test_bpe import corpus
-
+    from helpers.media import sentences
     from mmtok.bpe import train_bpe
     from mmtok.trainer.vq_train import train_vq
     from mmtok.vq import VQConfig
 
     root = tmp_path_factory.mktemp("remote_ref")
     raw = _corpus(root / "raw")
-    for i, line in enumerate(corpus(200)):
+    for i, line in enumerate(sentences(200)):
         (raw / f"c{i:03d}.txt").write_text(line)
     _cli("shard", raw, "--out", root / "shards", "--max-count", 40, "--max-error-rate", 1, "--json")
     train_bpe([root / "shards"], root / "tok", vocab_size=600, image_codes=64, log=lambda m: None)

@@ -15,18 +15,19 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from helpers.media import png_bytes
+from helpers.outputs import tree_bytes
 from mmtok.cli.app import app
 from mmtok.locks import LOCK_FILE, LockHeld, exclusive
 from mmtok.runner import Item, Sample, StageError, run_stage
 from mmtok.shards import ShardReader, list_shards
 from mmtok.shardwriter import ShardWriter
-from test_shard import _tree_bytes, png_bytes
 
-cli = CliRunner()
+runner = CliRunner()
 
 
 def shard(*args) -> object:
-    return cli.invoke(app, ["shard", *[str(a) for a in args], "--quiet"])
+    return runner.invoke(app, ["shard", *[str(a) for a in args], "--quiet"])
 
 
 def text_corpus(root: Path, n: int = 10) -> Path:
@@ -67,7 +68,7 @@ def assert_user_files_intact(out: Path) -> None:
 
 
 def stage_bytes(out: Path) -> dict[str, bytes]:
-    return {n: b for n, b in _tree_bytes(out).items() if n not in USER_FILES}
+    return {n: b for n, b in tree_bytes(out).items() if n not in USER_FILES}
 
 
 # ---------------------------------------------------------------- 1. only its own files
@@ -106,16 +107,15 @@ def test_a_user_file_where_the_stage_would_write_is_refused_not_replaced(tmp_pat
 
 
 def test_detokenize_overwrite_deletes_only_its_documents(tmp_path):
-    from helpers.media import make_shards
-    from test_bpe import corpus
+    from helpers.media import make_shards, sentences
 
     from mmtok.bpe import train_bpe
     from mmtok.detokenize import detokenize
     from mmtok.tokenize import Tokenizer, tokenize
 
-    train_bpe([make_shards(tmp_path / "train", texts=corpus())], tmp_path / "tok", vocab_size=2000, image_codes=16,
+    train_bpe([make_shards(tmp_path / "train", texts=sentences())], tmp_path / "tok", vocab_size=2000, image_codes=16,
               log=lambda m: None)
-    shards = make_shards(tmp_path / "shards", texts=corpus()[:6])
+    shards = make_shards(tmp_path / "shards", texts=sentences()[:6])
     tok = Tokenizer.load(tmp_path / "tok", device="cpu")
     tokenize([shards], tok, tmp_path / "tokens1", seed=1, progress=False)
     tokenize([shards], tok, tmp_path / "tokens2", seed=2, progress=False)
@@ -136,7 +136,7 @@ def test_detokenize_overwrite_deletes_only_its_documents(tmp_path):
     with pytest.raises(StageError, match=f"{keys[1]}.json is in the way"):
         detokenize(tmp_path / "tokens1", tok, fresh, progress=False)
     assert (fresh / f"{keys[1]}.json").read_text() == "mine"
-    r = cli.invoke(app, ["detokenize", str(tmp_path / "tokens1"), "--tokenizer", str(tmp_path / "tok"),
+    r = runner.invoke(app, ["detokenize", str(tmp_path / "tokens1"), "--tokenizer", str(tmp_path / "tok"),
                          "--out", str(tmp_path / "tokens1")])
     assert r.exit_code == 2 and "inside input" in r.output
 
@@ -179,13 +179,13 @@ def test_a_locked_out_is_refused_naming_the_holder(tmp_path):
     src = text_corpus(tmp_path / "in")
     out = tmp_path / "o"
     assert shard(src, "--out", out, "--max-count", "3").exit_code == 0
-    before = _tree_bytes(out)
+    before = tree_bytes(out)
     with exclusive(out):
         r = shard(src, "--out", out, "--max-count", "2", "--overwrite")  # would delete, were it not refused
         assert r.exit_code == 2 and f"pid {os.getpid()}" in r.output, r.output
         with pytest.raises(LockHeld):
             run_stage("shard", [], str, out, config={}, progress=False)
-    assert {n: b for n, b in _tree_bytes(out).items() if n != LOCK_FILE} == \
+    assert {n: b for n, b in tree_bytes(out).items() if n != LOCK_FILE} == \
         {n: b for n, b in before.items() if n != LOCK_FILE}
     assert shard(src, "--out", out, "--max-count", "2", "--overwrite").exit_code == 0
     assert (out / LOCK_FILE).exists()
@@ -217,7 +217,7 @@ def test_changed_inputs_are_refused_on_rerun(tmp_path):
     assert r.exit_code == 0
     fresh = tmp_path / "fresh"
     assert shard(src, "--out", fresh).exit_code == 0
-    assert _tree_bytes(out) == _tree_bytes(fresh)
+    assert tree_bytes(out) == tree_bytes(fresh)
 
 
 def _texts(n: int, tag: str = "") -> list[Item]:
@@ -267,7 +267,7 @@ def test_a_damaged_finished_shard_is_redone(tmp_path, damage):
         victim.write_bytes(data[:600] + bytes([data[600] ^ 1]) + data[601:])
     r = shard(src, "--out", out, "--max-count", "3")
     assert r.exit_code == 0, r.output
-    assert _tree_bytes(out) == _tree_bytes(ref)  # every sample back, in the same bytes
+    assert tree_bytes(out) == tree_bytes(ref)  # every sample back, in the same bytes
 
 
 # ---------------------------------------------------------------- 5. streaming
@@ -320,4 +320,4 @@ def test_a_full_disk_is_one_line_and_a_rerun_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(ShardWriter, "_write", real)
     r = shard(src, "--out", out, "--max-count", "3", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["resumed_shards"] > 0
-    assert _tree_bytes(out) == _tree_bytes(ref)
+    assert tree_bytes(out) == tree_bytes(ref)

@@ -2,105 +2,31 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile as sf
 from PIL import Image
 from typer.testing import CliRunner
 
+from helpers.media import make_video, png_bytes, write_tar
+from helpers.outputs import quarantine, read_all, tree_bytes
 from helpers.procs import kill_midway
 from mmtok.cli.app import app
-from mmtok.demo import draw_shape
 from mmtok.ingest import ShardFn, shard_items
-from mmtok.media import ffmpeg_exe
 from mmtok.runner import Item, run_stage
 from mmtok.shards import ShardReader, content_hash, dumps_meta, list_shards
 
 runner = CliRunner()
 
 
-def png_bytes(shape="circle", fg="red", bg="blue", size=48, seed=0, fmt="PNG") -> bytes:
-    b = io.BytesIO()
-    draw_shape(shape, fg, bg, size=size, seed=seed).save(b, fmt)
-    return b.getvalue()
-
-
-def wav_bytes(seconds=0.5, sr=16000, freq=440.0, fmt="WAV") -> bytes:
-    t = np.arange(int(seconds * sr)) / sr
-    b = io.BytesIO()
-    sf.write(b, (0.3 * np.sin(2 * np.pi * freq * t)).astype("float32"), sr, format=fmt)
-    return b.getvalue()
-
-
-def make_video(path: Path, seconds=1, src="testsrc") -> Path:
-    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", f"{src}=size=64x48:rate=10:duration={seconds}",
-                    "-pix_fmt", "yuv420p", "-c:v", "libx264", str(path)], check=True)
-    return path
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as t:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    return path
-
-
 def shard(args: list[str]):
     return runner.invoke(app, ["shard", *args, "--quiet"])
-
-
-def read_all(d: Path) -> dict[str, dict]:
-    return {s.key: s.members for s in ShardReader(d)}
-
-
-def quarantine(d: Path) -> list[dict]:
-    return [json.loads(l) for l in (d / "quarantine.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    """A directory with every good input kind."""
-    root = tmp_path / "in"
-    (root / "imgs").mkdir(parents=True)
-    (root / "imgs" / "cat.png").write_bytes(png_bytes("circle", "red", "blue"))
-    (root / "imgs" / "cat.txt").write_text("a red circle on a blue background")
-    (root / "imgs" / "dog.jpg").write_bytes(png_bytes("square", "green", "white", fmt="JPEG"))
-    (root / "imgs" / "note.txt").write_text("plain text sample: naïve café, 日本語, emoji 🎉")
-    (root / "sound.wav").write_bytes(wav_bytes())
-    (root / "speech.flac").write_bytes(wav_bytes(freq=200, fmt="FLAC"))
-    (root / "speech.txt").write_text("hello world")
-    make_video(root / "clip.mp4")
-    (root / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in [
-        {"text": "a text row"},
-        {"image": "imgs/dog.jpg", "caption": "a green square"},
-        {"segments": [{"text": "first"}, {"image": "imgs/cat.png"}, {"text": "then more"}]},
-    ]) + "\n")
-    with open(root / "rows.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, ["text", "image", "caption"])
-        w.writeheader()
-        w.writerow({"text": "a csv text row"})
-        w.writerow({"image": "imgs/tri.png", "caption": "a triangle"})
-    (root / "imgs" / "tri.png").write_bytes(png_bytes("triangle", "yellow", "black"))
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.Table.from_pylist([{"text": "a parquet row", "audio": None},
-                                         {"text": None, "audio": "sound.wav"}]), root / "rows.parquet")
-    write_tar(root / "old.tar", [("s1.jpg", png_bytes("stripe", "orange", "purple", fmt="JPEG")), ("s1.txt", b"stripes"),
-                                 ("s2.txt", b"tar text")])
-    return root
 
 
 def test_every_input_kind(corpus: Path, tmp_path: Path):
@@ -234,18 +160,12 @@ def test_output_dir_of_another_job_refused(tmp_path: Path, corpus: Path):
     assert shard([str(corpus / "imgs"), "--out", str(tmp_path / "o"), "--max-count", "3", "--overwrite"]).exit_code == 0
 
 
-def _tree_bytes(d: Path) -> dict[str, bytes]:
-    # not the resume records, nor the lock file (it holds the pid of the last writer)
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir())
-            if p.is_file() and not p.name.startswith("_") and p.name != ".mmtok.lock"}
-
-
 def test_workers_do_not_change_bytes(corpus: Path, tmp_path: Path):
     a, b = tmp_path / "w1", tmp_path / "w2"
     assert shard([str(corpus), "--out", str(a), "--workers", "1", "--max-count", "3"]).exit_code == 0
     assert shard([str(corpus), "--out", str(b), "--workers", "2", "--max-count", "3"]).exit_code == 0
     assert len(list_shards(a)) > 3
-    assert _tree_bytes(a) == _tree_bytes(b)
+    assert tree_bytes(a) == tree_bytes(b)
 
 
 def test_the_library_call_is_what_the_command_runs(corpus: Path, tmp_path: Path):
@@ -256,7 +176,7 @@ def test_the_library_call_is_what_the_command_runs(corpus: Path, tmp_path: Path)
     assert shard([str(corpus), "--out", str(a), "--max-count", "3"]).exit_code == 0
     summary = mmtok.shard([str(corpus)], b, max_count=3, progress=False)
     assert summary.samples > 3 and summary.out == str(b)
-    assert _tree_bytes(a) == _tree_bytes(b)
+    assert tree_bytes(a) == tree_bytes(b)
 
 
 class Boom(KeyboardInterrupt):
@@ -301,7 +221,7 @@ def test_resume_after_interrupt_gives_same_bytes(tmp_path: Path):
     s = run_stage("shard", items, counting, out, config=cfg, max_count=4, dedup=True, progress=False, max_error_rate=1)
     assert s.resumed_shards == done_before
     assert min(seen) > 0, "finished work was redone from the start"
-    assert _tree_bytes(out) == _tree_bytes(ref)
+    assert tree_bytes(out) == tree_bytes(ref)
 
 
 @pytest.mark.slow
@@ -316,7 +236,7 @@ def test_killed_process_resumes(tmp_path: Path):
     out = tmp_path / "out"
     assert kill_midway(cmd, out) >= 3
     subprocess.run(cmd + ["--out", str(out)], check=True)
-    assert _tree_bytes(out) == _tree_bytes(tmp_path / "ref")
+    assert tree_bytes(out) == tree_bytes(tmp_path / "ref")
 
 
 def test_stock_readers_open_the_shards(corpus: Path, tmp_path: Path):

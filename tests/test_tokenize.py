@@ -6,31 +6,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from helpers.media import draw_image, make_shards
-from test_bpe import TRICKY, corpus
+from helpers.media import TRICKY, draw_image, make_shards, sentences
+from helpers.runs import cli
 
-from mmtok.bpe import train_bpe
 from mmtok.runner import StageError
 from mmtok.shards import ShardReader, content_hash, load_npy
 from mmtok.detokenize import detokenize
 from mmtok.tokenize import Tokenizer, pair_image_first, tokenize, tokenize_images
 from mmtok.tokenizer import image_alone
 from mmtok.vocab import Vocab, VocabError
-from mmtok.vq import VQConfig
-from mmtok.trainer.vq_train import train_vq
 
 TPI = 64  # (16 / 2)^2 codes per image for the tiny VQ
-
-
-@pytest.fixture(scope="module")
-def tokdir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tok")
-    torch.set_num_threads(1)
-    shards = make_shards(tmp / "train", texts=corpus(), images=[draw_image(i) for i in range(16)])
-    train_bpe([shards], tmp / "tok", vocab_size=2000, image_codes=64, log=lambda m: None)
-    train_vq([shards], tmp / "tok", VQConfig(resolution=16, downsample=2, codebook_size=64, channels=8, res_blocks=1),
-             steps=10, batch_size=8, disc_weight=0, log=lambda m: None)
-    return tmp / "tok"
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +57,7 @@ def blocks(ids, tok):
 
 
 def test_text_round_trip_in_unified_ids(tok):
-    for text in TRICKY + corpus(10, seed=3):
+    for text in TRICKY + sentences(10, seed=3):
         ids = tok.encode_text(text)
         assert ids.dtype == np.uint32
         assert all(tok.vocab.text_range[0] <= i < tok.vocab.text_range[1] for i in ids)
@@ -245,7 +231,7 @@ def test_detokenize_resumes_and_redoes_interrupted_documents(tok, inputs, tmp_pa
     redone = {n for n in first if first[n][1:] != again[n][1:]}
     assert redone == {"d0000.json", "d0000.txt", "d0000-0.png", "d0000-1.png"}
 
-    r = run_cli("detokenize", tmp_path / "tokens", "--tokenizer", tok.dir, "--out", out, "--overwrite", "--json")
+    r = cli("detokenize", tmp_path / "tokens", "--tokenizer", tok.dir, "--out", out, "--overwrite", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout) == {"out": str(out), "documents": 16, "images": 12, "skipped": 0}
     after = _files(out)
@@ -271,13 +257,13 @@ def test_detokenize_refuses_output_of_other_tokens_or_tokenizer(tok, tokdir, inp
             (other / p.name).write_bytes(p.read_bytes())
     weights = load_file(other / "vq.safetensors")
     save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, other / "vq.safetensors")
-    r = run_cli("detokenize", tmp_path / "tokens", "--tokenizer", other, "--out", out)
+    r = cli("detokenize", tmp_path / "tokens", "--tokenizer", other, "--out", out)
     assert r.exit_code == 2 and "another tokenizer" in r.output and "Traceback" not in r.output
     keys = [s.key for s in ShardReader(tmp_path / "tokens4")]
     assert sorted(p.name for p in out.glob("*.json")) == sorted(["detokenize.json"] + [f"{k}.json" for k in keys[:3]])
 
     # --overwrite clears the other job's documents and starts again
-    r = run_cli("detokenize", tmp_path / "tokens4", "--tokenizer", tokdir, "--out", out, "--limit", 1,
+    r = cli("detokenize", tmp_path / "tokens4", "--tokenizer", tokdir, "--out", out, "--limit", 1,
                 "--overwrite", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["documents"] == 1, r.output
     detokenize(tmp_path / "tokens4", tok, tmp_path / "fresh", limit=1, progress=False)
@@ -310,19 +296,12 @@ def test_wrong_or_missing_tokenizer(tok, tokdir, inputs, tmp_path):
         Tokenizer.load(other)
 
 
-def run_cli(*args):
-    from mmtok.cli.app import app
-    from typer.testing import CliRunner
-
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def test_cli_errors_are_clear(tmp_path, inputs, tokdir):
-    r = run_cli("tokenize", inputs, "--tokenizer", tmp_path / "missing", "--out", tmp_path / "o")
+    r = cli("tokenize", inputs, "--tokenizer", tmp_path / "missing", "--out", tmp_path / "o")
     assert r.exit_code == 2 and "tokenizer directory not found" in r.output and "Traceback" not in r.output
-    r = run_cli("detokenize", inputs, "--tokenizer", tokdir, "--out", tmp_path / "o")
+    r = cli("detokenize", inputs, "--tokenizer", tokdir, "--out", tmp_path / "o")
     assert r.exit_code == 2 and "not a `mmtok tokenize` output" in r.output
-    r = run_cli("train-vq", inputs, "--out", tmp_path / "vq", "--steps", 1, "--downsample", 3)
+    r = cli("train-vq", inputs, "--out", tmp_path / "vq", "--steps", 1, "--downsample", 3)
     assert r.exit_code == 2 and "power of two" in r.output
 
 
@@ -330,29 +309,29 @@ def test_cli_errors_are_clear(tmp_path, inputs, tokdir):
 def test_cli_end_to_end_from_mmtok_shard(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
-    rows = [{"text": t} for t in corpus(1500)]
+    rows = [{"text": t} for t in sentences(1500)]
     for i in range(12):
         (raw / f"img{i}.png").write_bytes(draw_image(i))
         rows.append({"image": f"img{i}.png", "caption": f"shapes number {i}"})
     rows.append({"segments": [{"text": "Look: "}, {"image": "img0.png"}, {"text": " done."}]})
     (raw / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert run_cli("shard", raw / "corpus.jsonl", "--out", tmp_path / "shards", "--quiet").exit_code == 0
+    assert cli("shard", raw / "corpus.jsonl", "--out", tmp_path / "shards", "--quiet").exit_code == 0
 
     tok = tmp_path / "tok"
-    r = run_cli("train-bpe", tmp_path / "shards", "--out", tok, "--vocab-size", 2000, "--image-codes", 64, "--json")
+    r = cli("train-bpe", tmp_path / "shards", "--out", tok, "--vocab-size", 2000, "--image-codes", 64, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["vocab"]["image_range"] == [1936, 2000]
-    r = run_cli("train-vq", tmp_path / "shards", "--out", tok, "--steps", 4, "--codebook-size", 64, "--resolution", 16,
+    r = cli("train-vq", tmp_path / "shards", "--out", tok, "--steps", 4, "--codebook-size", 64, "--resolution", 16,
                 "--downsample", 2, "--channels", 8, "--res-blocks", 1, "--batch-size", 4, "--log-every", 2, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["step"] == 4 and Vocab.load(tok).image_tokens_per_image == 64
-    r = run_cli("tokenize-images", tmp_path / "shards", "--tokenizer", tok, "--out", tmp_path / "codes", "--json")
+    r = cli("tokenize-images", tmp_path / "shards", "--tokenizer", tok, "--out", tmp_path / "codes", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["samples"] == 13, r.output
-    r = run_cli("tokenize", tmp_path / "shards", "--tokenizer", tok, "--codes", tmp_path / "codes",
+    r = cli("tokenize", tmp_path / "shards", "--tokenizer", tok, "--codes", tmp_path / "codes",
                 "--out", tmp_path / "tokens", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["by_modality"] == {"doc": 1, "pair": 12, "text": 1500}
-    r = run_cli("detokenize", tmp_path / "tokens", "--tokenizer", tok, "--out", tmp_path / "dec", "--json")
+    r = cli("detokenize", tmp_path / "tokens", "--tokenizer", tok, "--out", tmp_path / "dec", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout) == {"out": str(tmp_path / "dec"), "documents": 1513, "images": 13,
                                                          "skipped": 0}
     first = sorted((tmp_path / "dec").glob("*.txt"))[0].read_text()

@@ -13,18 +13,12 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from helpers.media import draw_image, make_shards
-from test_tokenize import TRICKY, tokdir  # noqa: F401  (the tiny tokenizer fixture)
+from helpers.media import TRICKY, draw_image, make_shards
+from helpers.outputs import files
 
 from mmtok.cli.app import app
 from mmtok.shards import ShardReader
 from mmtok.tokenize import Tokenizer, tokenize, tokenize_images
-
-
-def files(d: Path) -> dict[str, bytes]:
-    """Every file under `d` by relative path, but the lock (it holds a pid)."""
-    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
-            if p.is_file() and p.name != ".mmtok.lock"}
 
 
 def env() -> dict:
@@ -87,7 +81,7 @@ def mmtok(*args) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-def test_tokenize_images_and_tokenize_on_two_processes(tokdir, tmp_path):  # noqa: F811
+def test_tokenize_images_and_tokenize_on_two_processes(tokdir, tmp_path):
     shards = make_shards(tmp_path / "in", texts=TRICKY[:5] + [b"bad \xff bytes"],
                          images=[draw_image(200 + i) for i in range(9)],
                          pairs=[(draw_image(300 + i), f"caption {i}") for i in range(16)] + [(b"not an image", "x")],
@@ -107,7 +101,7 @@ def test_tokenize_images_and_tokenize_on_two_processes(tokdir, tmp_path):  # noq
     assert summary["samples"] == 9 + 16 + 1 and summary["quarantined"] == 1
 
 
-def test_several_codes_directories_are_read_in_place(tokdir, tmp_path):  # noqa: F811
+def test_several_codes_directories_are_read_in_place(tokdir, tmp_path):
     tok = Tokenizer.load(tokdir, device="cpu")
     a = make_shards(tmp_path / "a", pairs=[(draw_image(500 + i), f"a {i}") for i in range(5)])
     b = make_shards(tmp_path / "b", pairs=[(draw_image(600 + i), f"b {i}") for i in range(5)])

@@ -9,9 +9,8 @@ import pickle
 import pytest
 from typer.testing import CliRunner
 
-from helpers.media import draw_image, make_shards
-from test_tokenize import TRICKY, tokdir  # noqa: F401  (the tiny tokenizer fixture)
-from test_tokenize_nproc import files
+from helpers.media import TRICKY, draw_image, make_shards
+from helpers.outputs import files
 
 import mmtok.actors
 from mmtok.actors import Share, actor_plan

@@ -10,42 +10,28 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from helpers.tokens import make_doc, make_token_shards, make_vocab
-from helpers.runs import VOCAB, cli, make_plan, metrics
+from helpers.runs import MMTOK, MOMA, VOCAB, cli, cli_subprocess, curve, metrics
 from mmtok.trainer.config import TrainConfig
 from mmtok.trainer.train import lr_at
 
-MOMA = ["--model", "moma", "--experts", "2t2i", "--lr", "0.01", "--warmup", "2"]
-MMTOK = [sys.executable, "-m", "mmtok.cli.app"]
-
-
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_plan(tmp_path_factory.mktemp("train"), steps=40, world_size=2, micro_batch=2)
-
-
-def curve(run: Path, keys=("loss", "grad_norm", "text_loss", "image_loss")) -> list[tuple]:
-    return [tuple(r[k] for k in ("step",) + keys) for r in metrics(run)]
-
-
-@pytest.fixture(scope="module")
-def runs(data):
+def runs(train_plan):
     """A: 6 steps straight. B: stopped after step 3, exported, then resumed to 6."""
-    a, b = data["root"] / "A", data["root"] / "B"
-    assert cli("train", "--plan", data["plan"], "--out", a, *MOMA, "--steps", 6, "--ckpt-every", 2, "--json").exit_code == 0
-    r = cli("train", "--plan", data["plan"], "--out", b, *MOMA, "--steps", 6, "--ckpt-every", 2, "--stop-at-step", 3, "--json")
+    a, b = train_plan["root"] / "A", train_plan["root"] / "B"
+    assert cli("train", "--plan", train_plan["plan"], "--out", a, *MOMA, "--steps", 6, "--ckpt-every", 2, "--json").exit_code == 0
+    r = cli("train", "--plan", train_plan["plan"], "--out", b, *MOMA, "--steps", 6, "--ckpt-every", 2, "--stop-at-step", 3, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["status"] == "stopped"
-    assert cli("export", b, "--to", data["root"] / "B3").exit_code == 0
+    assert cli("export", b, "--to", train_plan["root"] / "B3").exit_code == 0
     first = curve(b)
-    r = cli("train", "--plan", data["plan"], "--out", b, *MOMA, "--steps", 6, "--ckpt-every", 2, "--resume", "--json")
+    r = cli("train", "--plan", train_plan["plan"], "--out", b, *MOMA, "--steps", 6, "--ckpt-every", 2, "--resume", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["step"] == 6
-    return {"A": a, "B": b, "B_first": first, "B3": data["root"] / "B3"}
+    return {"A": a, "B": b, "B_first": first, "B3": train_plan["root"] / "B3"}
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -76,17 +62,17 @@ def test_metrics_have_losses_by_modality_and_expert_load(runs):
     assert list((runs["A"] / "tb").glob("events.out.tfevents.*"))
 
 
-def test_throughput_counts_every_step_of_a_log_interval(data):
+def test_throughput_counts_every_step_of_a_log_interval(train_plan):
     """`tokens` (and so tokens/s) covers all steps since the previous record, not the last one."""
     from mmtok.loader import PlanLoader
 
-    run = data["root"] / "interval"
-    assert cli("train", "--plan", data["plan"], "--out", run, *MOMA, "--steps", 4, "--log-every", 2).exit_code == 0
-    real = [int((b["doc_ids"] > 0).sum()) for _, b in zip(range(4), PlanLoader(data["plan"], 0, 1))]
+    run = train_plan["root"] / "interval"
+    assert cli("train", "--plan", train_plan["plan"], "--out", run, *MOMA, "--steps", 4, "--log-every", 2).exit_code == 0
+    real = [int((b["doc_ids"] > 0).sum()) for _, b in zip(range(4), PlanLoader(train_plan["plan"], 0, 1))]
     assert [r["tokens"] for r in metrics(run)] == [real[0] + real[1], real[2] + real[3]]
 
 
-def test_export_holds_the_weights_training_continued_from(runs, data):
+def test_export_holds_the_weights_training_continued_from(runs, train_plan):
     """The exported step-3 model scores the 4th micro-batch exactly as training logged it."""
     from mmtok.loader import PlanLoader
     from mmtok.trainer.checkpoint import load_run
@@ -94,7 +80,7 @@ def test_export_holds_the_weights_training_continued_from(runs, data):
     from mmtok.trainer.model import loss_terms
 
     model, cfg = load_model(runs["B3"])
-    loader = PlanLoader(data["plan"], 0, 1)
+    loader = PlanLoader(train_plan["plan"], 0, 1)
     batch = list(loader)[3]
     with torch.no_grad():
         logits, stats = model(batch["input_ids"], batch["positions"], batch["doc_ids"])
@@ -111,23 +97,23 @@ def test_export_holds_the_weights_training_continued_from(runs, data):
     assert json.loads((a6 / "config.json").read_text())["model"]["model"] == "moma"
 
 
-def expected_counts(data) -> dict:
+def expected_counts(train_plan) -> dict:
     lo, hi = VOCAB["image_range"]
-    all_docs = data["text_docs"] + data["pair_docs"]
+    all_docs = train_plan["text_docs"] + train_plan["pair_docs"]
     nxt = [d[1:] for d in all_docs]
     image = sum(int(((x >= lo) & (x < hi)).sum()) for x in nxt)
-    first = [d for d in data["pair_docs"] if d[0] == VOCAB["specials"]["<boi>"]]
+    first = [d for d in train_plan["pair_docs"] if d[0] == VOCAB["specials"]["<boi>"]]
     return {"all": sum(len(x) for x in nxt), "image": image, "i2t": 10 * len(first),
-            "t2i": 8 * (len(data["pair_docs"]) - len(first))}
+            "t2i": 8 * (len(train_plan["pair_docs"]) - len(first))}
 
 
-def test_eval_reports_perplexities_and_expert_load(runs, data, tmp_path):
+def test_eval_reports_perplexities_and_expert_load(runs, train_plan, tmp_path):
     out = tmp_path / "report"
-    r = cli("eval", "--checkpoint", runs["A"], "--data", data["text"], "--data", data["pairs"], "--pairs", data["pairs"],
+    r = cli("eval", "--checkpoint", runs["A"], "--data", train_plan["text"], "--data", train_plan["pairs"], "--pairs", train_plan["pairs"],
             "--out", out, "--json")
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
-    want = expected_counts(data)
+    want = expected_counts(train_plan)
     h = res["heldout"]
     assert h["all"]["tokens"] == want["all"] and h["image"]["tokens"] == want["image"]
     assert h["text"]["tokens"] == want["all"] - want["image"]
@@ -142,11 +128,11 @@ def test_eval_reports_perplexities_and_expert_load(runs, data, tmp_path):
         assert (out / name).stat().st_size > 0
     # an export evaluates to the same numbers
     assert cli("export", runs["A"], "--to", tmp_path / "exported").exit_code == 0
-    r2 = cli("eval", "--checkpoint", tmp_path / "exported", "--data", data["text"], "--data", data["pairs"], "--json")
+    r2 = cli("eval", "--checkpoint", tmp_path / "exported", "--data", train_plan["text"], "--data", train_plan["pairs"], "--json")
     assert abs(json.loads(r2.stdout)["heldout"]["all"]["loss"] - h["all"]["loss"]) < 1e-9
 
 
-def test_bad_inputs_fail_before_training_with_a_clear_message(runs, data, tmp_path):
+def test_bad_inputs_fail_before_training_with_a_clear_message(runs, train_plan, tmp_path):
     cases = [
         (["--model", "sparse"], "unknown model"),
         (["--model", "moma", "--experts", "4x4"], "NtMi"),
@@ -155,16 +141,16 @@ def test_bad_inputs_fail_before_training_with_a_clear_message(runs, data, tmp_pa
         (["--preset", "7b"], "unknown preset"),
     ]
     for args, message in cases:
-        r = cli("train", "--plan", data["plan"], "--out", tmp_path / "x", *args)
+        r = cli("train", "--plan", train_plan["plan"], "--out", tmp_path / "x", *args)
         assert r.exit_code == 2 and message in r.output, (args, r.output)
         assert not (tmp_path / "x" / "config.json").exists()
-    r = cli("train", "--plan", data["plan"], "--out", runs["A"], "--model", "dense", "--steps", "8", "--resume")
+    r = cli("train", "--plan", train_plan["plan"], "--out", runs["A"], "--model", "dense", "--steps", "8", "--resume")
     assert r.exit_code == 2 and "another model" in r.output and "model: checkpoint 'moma' vs now 'dense'" in r.output
-    r = cli("train", "--plan", data["plan"], "--out", runs["A"], *MOMA, "--steps", "6")
+    r = cli("train", "--plan", train_plan["plan"], "--out", runs["A"], *MOMA, "--steps", "6")
     assert r.exit_code == 2 and "--resume" in r.output
     toml = tmp_path / "run.toml"
     toml.write_text("[model]\nvocab_size = 65536\n")
-    r = cli("train", "--plan", data["plan"], "--out", tmp_path / "y", "--config", toml)
+    r = cli("train", "--plan", train_plan["plan"], "--out", tmp_path / "y", "--config", toml)
     assert r.exit_code == 2 and "vocab_size" in r.output
     r = cli("train", "--plan", tmp_path, "--out", tmp_path / "z")
     assert r.exit_code == 2 and "balance-mix" in r.output
@@ -176,18 +162,13 @@ def test_bad_inputs_fail_before_training_with_a_clear_message(runs, data, tmp_pa
     assert r.exit_code == 2 and "not a training run" in r.output
 
 
-def run_cli(args, **kw):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(MMTOK + [str(a) for a in args], capture_output=True, text=True, env=env, **kw)
-
-
 @pytest.mark.slow
-def test_fsdp_on_two_processes_matches_one_process_and_resumes_exactly(data):
+def test_fsdp_on_two_processes_matches_one_process_and_resumes_exactly(train_plan):
     """2 ranks x 1 micro-batch == 1 process x grad_accum 2 over the same micro-batches;
     a 2-process run stopped and resumed equals the uninterrupted 2-process run exactly."""
-    root = data["root"]
-    common = ["--plan", data["plan"], *MOMA, "--steps", 4, "--ckpt-every", 2, "--json"]
-    r = run_cli(["train", "--out", root / "F", "--nproc", 2, *common])
+    root = train_plan["root"]
+    common = ["--plan", train_plan["plan"], *MOMA, "--steps", 4, "--ckpt-every", 2, "--json"]
+    r = cli_subprocess(["train", "--out", root / "F", "--nproc", 2, *common])
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["world_size"] == 2
     assert cli("train", "--out", root / "R", "--grad-accum", 2, *common).exit_code == 0
@@ -203,16 +184,16 @@ def test_fsdp_on_two_processes_matches_one_process_and_resumes_exactly(data):
     for k in f:
         torch.testing.assert_close(f[k], g[k], rtol=1e-4, atol=1e-5)
 
-    r = run_cli(["train", "--out", root / "S", "--nproc", 2, *common, "--stop-at-step", 1])
+    r = cli_subprocess(["train", "--out", root / "S", "--nproc", 2, *common, "--stop-at-step", 1])
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_cli(["train", "--out", root / "S", "--nproc", 2, *common, "--resume"])
+    r = cli_subprocess(["train", "--out", root / "S", "--nproc", 2, *common, "--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert curve(root / "S") == fsdp
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_exact(data, tmp_path):
-    common = ["--plan", data["plan"], *MOMA, "--steps", 20, "--ckpt-every", 100, "--json"]
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_exact(train_plan, tmp_path):
+    common = ["--plan", train_plan["plan"], *MOMA, "--steps", 20, "--ckpt-every", 100, "--json"]
     run = tmp_path / "T"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.Popen(MMTOK + ["train", "--out", str(run)] + [str(a) for a in common], stdout=subprocess.PIPE,
@@ -232,7 +213,7 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_exact(data, tmp_path)
     assert curve(run) == curve(tmp_path / "U")
 
 
-def test_saving_a_step_again_never_leaves_latest_without_a_checkpoint(runs, data, tmp_path):
+def test_saving_a_step_again_never_leaves_latest_without_a_checkpoint(runs, train_plan, tmp_path):
     """The aux-router stage saves the newest step again. The old copy is set aside, not
     deleted first; if the process dies between the two renames, the next reader restores it."""
     import shutil
@@ -247,23 +228,23 @@ def test_saving_a_step_again_never_leaves_latest_without_a_checkpoint(runs, data
     ckpt.rename(aside)  # the state after the first rename of a save that was killed
     assert latest_checkpoint(run) == ckpt and not aside.exists()
     assert sorted(p.name for p in ckpt.iterdir()) == before
-    r = cli("train", "--stage", "aux-routers", "--out", run, "--plan", data["plan"], "--resume", "--steps", 2, "--json")
+    r = cli("train", "--stage", "aux-routers", "--out", run, "--plan", train_plan["plan"], "--resume", "--steps", 2, "--json")
     assert r.exit_code == 0, r.output
     assert latest_checkpoint(run) == ckpt and not aside.exists()
-    r = cli("eval", "--checkpoint", run, "--data", data["text"], "--out", tmp_path / "eval", "--json")
+    r = cli("eval", "--checkpoint", run, "--data", train_plan["text"], "--out", tmp_path / "eval", "--json")
     assert r.exit_code == 0, r.output
 
 
-def test_resuming_with_another_global_batch_warns(data, tmp_path):
+def test_resuming_with_another_global_batch_warns(train_plan, tmp_path):
     from mmtok.trainer.train import GlobalBatchChanged
 
-    common = ["--plan", data["plan"], "--out", tmp_path / "g", *MOMA, "--steps", 4, "--json"]
+    common = ["--plan", train_plan["plan"], "--out", tmp_path / "g", *MOMA, "--steps", 4, "--json"]
     assert cli("train", *common, "--stop-at-step", 1).exit_code == 0
     with pytest.warns(GlobalBatchChanged, match="trained with 1 micro-batches per step .* resumed with 1 x 2"):
         r = cli("train", *common, "--grad-accum", 2, "--resume")
     assert r.exit_code == 0, r.output
     # back to 1 x 1 (resuming keeps the run's saved --grad-accum 2 unless told); the CLI shows it plainly
-    r = run_cli(["train", *common, "--resume", "--steps", 5, "--grad-accum", 1])
+    r = cli_subprocess(["train", *common, "--resume", "--steps", 5, "--grad-accum", 1])
     assert r.returncode == 0 and "warning: " in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 

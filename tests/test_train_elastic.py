@@ -11,11 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_train
 import torch
-from test_train import MOMA, cli, curve, metrics, run_cli
 
-data = test_train.data  # its plan fixture: a 1:2 text:image plan of 2-sequence micro-batches
+from helpers.runs import MOMA, cli, cli_subprocess, curve, metrics
 
 STEPS, STOP = 6, 3
 COMMON = [*MOMA, "--steps", STEPS, "--ckpt-every", STOP, "--json"]
@@ -31,7 +29,7 @@ def launch(world: list, out: Path, plan: Path, *extra) -> dict:
     """One `mmtok train` on 1 process (in this process) or 2 (torchrun); its JSON summary."""
     args = ["train", "--plan", plan, "--out", out, *world, *COMMON, *extra]
     if world is TWO:
-        r = run_cli(args)
+        r = cli_subprocess(args)
         assert r.returncode == 0, r.stderr[-3000:]
         return json.loads(r.stdout)
     r = cli(*args)
@@ -44,9 +42,9 @@ def loader_states(ckpt: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def elastic(data):
+def elastic(train_plan):
     """Uninterrupted references on 1 and 2 processes; 2 -> 1 and 1 -> 2 resumed runs."""
-    root, plan = data["root"] / "elastic", data["plan"]
+    root, plan = train_plan["root"] / "elastic", train_plan["plan"]
     runs = {"ref1": (ONE, ONE), "ref2": (TWO, TWO), "2to1": (TWO, ONE), "1to2": (ONE, TWO)}
     out = {"root": root, "first": {}, "summary": {}, "stopped": {}}
     for name, (first, then) in runs.items():
@@ -83,7 +81,7 @@ def test_resume_at_another_world_size_continues_from_the_checkpoint(elastic, nam
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["2to1", "1to2"])
-def test_the_first_resumed_step_reads_the_next_micro_batches_of_the_plan(elastic, data, name):
+def test_the_first_resumed_step_reads_the_next_micro_batches_of_the_plan(elastic, train_plan, name):
     """The first step after the resume trains on micro-batches 2*STOP and 2*STOP+1 of the
     plan: its logged loss is the checkpointed model's loss on exactly those two, and not on
     a pair repeating or skipping one (the micro-batches all hold the same token counts, so
@@ -96,7 +94,7 @@ def test_the_first_resumed_step_reads_the_next_micro_batches_of_the_plan(elastic
     model, cfg = load_model(elastic["root"] / f"{name}-step{STOP}")
     with torch.no_grad():
         losses = []
-        for _, b in zip(range(2 * STEPS), PlanLoader(data["plan"], 0, 1)):
+        for _, b in zip(range(2 * STEPS), PlanLoader(train_plan["plan"], 0, 1)):
             logits, stats = model(b["input_ids"], b["positions"], b["doc_ids"])
             losses.append(float(loss_terms(cfg, logits, b["targets"], stats)["loss"]))
     pairs = {g: (losses[g] + losses[g + 1]) / 2 for g in range(2 * STEPS - 1)}

@@ -69,10 +69,8 @@ def write_corpus(root):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from test_bpe import corpus as bpe_text
-
+    from helpers.media import make_shards, sentences
     from mmtok.bpe import train_bpe
-    from helpers.media import make_shards
 
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("unimoe")
@@ -83,7 +81,7 @@ def corpus(tmp_path_factory):
     cli("extract-audio", root / "sounds_shards", "--out", root / "sound_feats", "--features", "fbank", "--quiet", "--json")
     cli("extract-keyframes", root / "videos_shards", "--out", root / "frames", "--frames", 4, "--size", 32, "--quiet", "--json")
     captions = [p.read_text() for p in root.glob("*/*.txt")]
-    text = make_shards(root / "bpe_text", texts=list(bpe_text()) + captions * 4)
+    text = make_shards(root / "bpe_text", texts=sentences() + captions * 4)
     train_bpe([text], root / "tok", vocab_size=2000, image_codes=64, log=lambda m: None)
     sources = dict(speech=[root / "speech_feats"], audio=[root / "sound_feats"], video=[root / "frames"],
                    image=[root / "images_shards"])
@@ -289,19 +287,19 @@ def test_a_stage_on_two_fsdp_processes_matches_one_process_with_the_same_micro_b
     """2 ranks x 4 pairs == 1 process x grad_accum 2 x 4 pairs: rank r takes the r-th block of
     each step's pairs, as the one process's r-th micro-batch does. Frozen parts stay frozen
     under FSDP (the whole decoder outside the LoRA experts in stage experts)."""
-    from test_train import run_cli
+    from helpers.runs import cli_subprocess
 
     src = corpus["sources"]
     data = ["--speech", src["speech"][0], "--audio", src["audio"][0], "--image", src["image"][0],
             "--tokenizer", corpus["tok"], "--queries", 4, "--connector-layers", 1, "--batch-size", 4,
             "--holdout", 0.25, "--warmup", 1, "--lr", "0.01", "--json"]
-    r = run_cli(["train", "--model", "uni-moe", "--stage", "align", "--out", tmp_path / "align", "--steps", 1, *data])
+    r = cli_subprocess(["train", "--model", "uni-moe", "--stage", "align", "--out", tmp_path / "align", "--steps", 1, *data])
     assert r.returncode == 0, r.stderr[-3000:]
     stage = ["--model", "uni-moe", "--stage", "experts", "--init", tmp_path / "align", "--steps", 3, *data]
-    r = run_cli(["train", "--out", tmp_path / "F", "--nproc", 2, *stage])
+    r = cli_subprocess(["train", "--out", tmp_path / "F", "--nproc", 2, *stage])
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["world_size"] == 2
-    r = run_cli(["train", "--out", tmp_path / "R", "--grad-accum", 2, *stage])
+    r = cli_subprocess(["train", "--out", tmp_path / "R", "--grad-accum", 2, *stage])
     assert r.returncode == 0, r.stderr[-3000:]
     curve = lambda run: [(r["step"], r["loss"], r["grad_norm"]) + tuple(r[k] for k in sorted(r) if k.startswith("text_given_"))  # noqa: E731
                          for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]

@@ -372,10 +372,10 @@ class UniMoE(nn.Module):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, list[dict]]:
         """Logits [B, T, V] and per-layer routing statistics. A sample's tokens go to the expert
-        of its modality in stage "experts" (`batch["modality"]`: one index per sample)."""
+        of its modality in stage "experts" (`batch["sample_modality"]`: one index per sample)."""
         ids = batch["input_ids"]
         return self.decoder(ids, batch["positions"], batch["doc_ids"], embed_hook=lambda x: self.write_spans(x, batch),
-                            expert_route=batch["modality"][:, None].expand_as(ids))
+                            expert_route=batch["sample_modality"][:, None].expand_as(ids))
 
     def write_spans(self, x: torch.Tensor, batch: dict) -> torch.Tensor:
         """The token embeddings x [B, T, d] with the connector outputs of each modality's rows

@@ -157,7 +157,7 @@ def collate(examples: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], cfg:
     batch = {"input_ids": torch.zeros(b, t, dtype=torch.long), "targets": torch.full((b, t), -100, dtype=torch.long),
              "doc_ids": torch.zeros(b, t, dtype=torch.int32), "positions": torch.zeros(b, t, dtype=torch.int32),
              "span": torch.full((b,), 2, dtype=torch.long),
-             "modality": torch.tensor([cfg.modalities.index(e[0]) for e in examples])}
+             "sample_modality": torch.tensor([cfg.modalities.index(e[0]) for e in examples])}
     for i, (_, _, ids, targets) in enumerate(examples):
         n = len(ids)
         batch["input_ids"][i, :n], batch["targets"][i, :n] = torch.from_numpy(ids), torch.from_numpy(targets)

@@ -114,7 +114,7 @@ def modality_nll(logits: torch.Tensor, batch: dict, modalities) -> dict:
     nll = token_nll(logits, t)[0]
     out = {}
     for i, m in enumerate(modalities):
-        rows = (batch["modality"] == i)[:, None]
+        rows = (batch["sample_modality"] == i)[:, None]
         out[m] = ((nll * rows).sum(), (valid & rows).sum())
     return out
 
@@ -182,7 +182,7 @@ def score(model: UniMoE, batches) -> dict:
         for m, (s, n) in modality_nll(logits, batch, mods).items():
             sums[m][0] += float(s)
             sums[m][1] += int(n)
-        sample_mod = batch["modality"][:, None].expand_as(batch["input_ids"]).reshape(-1)
+        sample_mod = batch["sample_modality"][:, None].expand_as(batch["input_ids"]).reshape(-1)
         for layer, s in enumerate(stats):
             if "all" not in s or model.stage != "tune":
                 continue

@@ -1,4 +1,5 @@
-"""Test helpers by purpose: `tokens` (vocabularies, documents, token shards), `media`
-(images and raw shard inputs), `runs` (a small plan, the CLI runner, tiny models), `procs`
-(kill-and-resume), `chameleon` (a Chameleon-format tokenizer and checkpoint). Fixtures are in
-tests/conftest.py."""
+"""Test helpers by purpose: `media` (raw inputs: text, pictures, sound, video, tars, and input
+shard directories), `outputs` (reading a stage's output back), `tokens` (vocabularies,
+documents, token shards), `runs` (a small plan, the CLI in process and as a child process,
+tiny models), `procs` (kill-and-resume), `chameleon` (a Chameleon-format tokenizer and
+checkpoint). Fixtures are in tests/conftest.py. No test module imports another."""

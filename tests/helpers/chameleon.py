@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+# at import, so a test module that uses these fails, never skips, without the reference installed
+from transformers import ChameleonConfig, ChameleonForConditionalGeneration, PreTrainedTokenizerFast
 
 from mmtok.chameleon import image_token_name
 
@@ -36,8 +38,6 @@ def save_chameleon(out: Path, tok, seed: int = 0, randomize: bool = False, **con
     `randomize` redraws every weight of the language model at a scale where logits spread
     over several units and norm gains and biases differ from 1 and 0, so a parity test
     sees each tensor and each layout detail."""
-    from transformers import ChameleonConfig, ChameleonForConditionalGeneration, PreTrainedTokenizerFast
-
     torch.manual_seed(seed)
     cfg = ChameleonConfig(**{**dict(vocab_size=tok.get_vocab_size(),  # as Chameleon: exactly the tokenizer's ids
                                     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

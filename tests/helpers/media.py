@@ -1,15 +1,74 @@
-"""Input shard directories in `mmtok shard`'s layout (docs/FORMATS.md), made with the stage
-runner from small generated content, for the tokenizer tests."""
+"""Raw inputs made here: text (a syllable corpus, tricky strings), pictures, sound, video and
+tars, and input shard directories in `mmtok shard`'s layout (docs/FORMATS.md), made with the
+stage runner, for the tokenizer tests."""
 
 from __future__ import annotations
 
 import io
 import random
+import subprocess
+import tarfile
+from pathlib import Path
 
 import numpy as np
 
 from mmtok.runner import Item, Sample, run_stage
 from mmtok.shards import content_hash, dumps_meta
+
+
+TRICKY = [
+    "Emoji 🎉👩‍👩‍👧 and flags 🇫🇷!",
+    "中文文本，日本語のテキスト、한국어 텍스트",
+    "control\tchars\x00\x01\x1b[31m and \r\n newlines\n\n  double  spaces  ",
+    " leading and trailing space ",
+    "digits 1234567890 and 3.14159",
+    "",
+]
+
+
+def sentences(n=1500, seed=0) -> list[str]:
+    """`n` sentences of made-up words from a few syllables: enough text to train a small BPE."""
+    r = random.Random(seed)
+    syl = ["ka", "to", "mi", "ran", "se", "lo", "pu", "ne", "dor", "vi", "qua", "zen", "bri", "ho"]
+    words = ["".join(r.choice(syl) for _ in range(r.randint(1, 4))) for _ in range(800)]
+    return [" ".join(r.choice(words) for _ in range(r.randint(4, 20))) + r.choice([".", "!", "?", " 42."])
+            for _ in range(n)]
+
+
+def png_bytes(shape="circle", fg="red", bg="blue", size=48, seed=0, fmt="PNG") -> bytes:
+    """One of the demo's shapes, encoded."""
+    from mmtok.demo import draw_shape
+
+    b = io.BytesIO()
+    draw_shape(shape, fg, bg, size=size, seed=seed).save(b, fmt)
+    return b.getvalue()
+
+
+def wav_bytes(seconds=0.5, sr=16000, freq=440.0, fmt="WAV") -> bytes:
+    import soundfile as sf
+
+    t = np.arange(int(seconds * sr)) / sr
+    b = io.BytesIO()
+    sf.write(b, (0.3 * np.sin(2 * np.pi * freq * t)).astype("float32"), sr, format=fmt)
+    return b.getvalue()
+
+
+def make_video(path: Path, seconds=1, src="testsrc") -> Path:
+    """A 64 x 48, 10 fps H.264 clip of one of ffmpeg's test sources."""
+    from mmtok.media import ffmpeg_exe
+
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", f"{src}=size=64x48:rate=10:duration={seconds}",
+                    "-pix_fmt", "yuv420p", "-c:v", "libx264", str(path)], check=True)
+    return path
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return path
 
 
 def draw_image(seed: int, size: int = 48, mode: str = "RGB", fmt: str = "PNG") -> bytes:

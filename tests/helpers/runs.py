@@ -4,6 +4,9 @@ runner, tiny models and random batches."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,8 @@ from mmtok.mix import plan_mix, write_plan
 from mmtok.trainer.config import ModelConfig
 
 VOCAB = make_vocab(image_tokens_per_image=8, n_text=200, n_image=64)
+MOMA = ["--model", "moma", "--experts", "2t2i", "--lr", "0.01", "--warmup", "2"]  # a tiny MoMa that learns in a few steps
+MMTOK = [sys.executable, "-m", "mmtok.cli.app"]
 
 
 def make_plan(root: Path, steps: int = 60, world_size: int = 1, micro_batch: int = 4, seed: int = 0) -> dict:
@@ -31,13 +36,25 @@ def make_plan(root: Path, steps: int = 60, world_size: int = 1, micro_batch: int
 
 
 def cli(*args):
+    """The command in this process; a traceback in its output fails the test."""
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert "Traceback" not in (result.output or ""), result.output
     return result
 
 
+def cli_subprocess(args, **kw) -> subprocess.CompletedProcess:
+    """The command in a child process (torchrun for `--nproc`), one thread per process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(MMTOK + [str(a) for a in args], capture_output=True, text=True, env=env, **kw)
+
+
 def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def curve(run: Path, keys=("loss", "grad_norm", "text_loss", "image_loss")) -> list[tuple]:
+    """A run's logged (step, *keys) per step."""
+    return [tuple(r[k] for k in ("step",) + keys) for r in metrics(run)]
 
 
 def tiny(model: str, experts: str = "2t2i", **kw) -> ModelConfig:
