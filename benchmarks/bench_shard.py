@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchutil import machine, save
+from benchutil import finish_cpu_run, load_average
 
 
 def make_files(d: Path, n: int, size: int, distinct: int = 100) -> int:
@@ -146,12 +146,11 @@ def main() -> None:
         contenders |= {"pil_decode": pil_loop, "shard_validate_w1": mmtok(True, 1), "shard_validate_w2": mmtok(True, 2)}
     tar()  # warm the page cache
     times: dict[str, list[float]] = {k: [] for k in contenders}
-    load = [round(os.getloadavg()[0], 2)]
+    load_before = load_average()
     for _ in range(a.repeat):
         for name, fn in contenders.items():
             times[name].append(timed(fn))
             shutil.rmtree(out, ignore_errors=True)  # untimed: each mmtok run starts from an empty OUT
-    load.append(round(os.getloadavg()[0], 2))
     res = {"files": len(files), "bytes": nbytes, "width": a.size, "repeat": a.repeat}
     res |= {k: summary(v) for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -160,10 +159,7 @@ def main() -> None:
         res[f"novalidate_w{w}_throughput_vs_bare_loop"] = round(med["bare_loop"] / med[f"shard_novalidate_w{w}"], 3)
         if a.validate:
             res[f"validate_w{w}_time_vs_pil"] = round(med[f"shard_validate_w{w}"] / med["pil_decode"], 3)
-    res["machine"] = machine()
-    res["load_average_before_after"] = load
-    save(a.out, res)
-    shutil.rmtree(work)
+    finish_cpu_run(a.out, res, load_before, work)
 
 
 if __name__ == "__main__":

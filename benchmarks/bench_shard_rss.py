@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from bench_shard import jpeg_corpus
-from benchutil import machine, save
+from benchutil import finish_cpu_run, load_average
 
 
 def peak_rss_mb(src: Path, out: Path, max_size: str, workers: int) -> float:
@@ -51,21 +51,17 @@ def main() -> None:
     shutil.copy(sorted(src.iterdir())[0], one)
     runs = {"one_file": (one, "1G"), "corpus_1GiB_shards": (src, "1G"), "corpus_64MiB_shards": (src, "64M")}
     peaks: dict[str, list[float]] = {k: [] for k in runs}
-    load = [round(os.getloadavg()[0], 2)]
+    load_before = load_average()
     for _ in range(a.repeat):
         for name, (inp, max_size) in runs.items():
             peaks[name].append(peak_rss_mb(inp, work / "out", max_size, a.workers))
-    load.append(round(os.getloadavg()[0], 2))
     res = {"files": a.files, "bytes": sum(p.stat().st_size for p in src.iterdir()), "workers": a.workers,
            "repeat": a.repeat}
     for name, v in peaks.items():
         res[name] = {"median_mb": round(statistics.median(v), 1), "min_mb": round(min(v), 1),
                      "max_mb": round(max(v), 1)}
     res["corpus_over_one_file_mb"] = round(res["corpus_1GiB_shards"]["median_mb"] - res["one_file"]["median_mb"], 1)
-    res["machine"] = machine()
-    res["load_average_before_after"] = load
-    save(a.out, res)
-    shutil.rmtree(work)
+    finish_cpu_run(a.out, res, load_before, work)
 
 
 if __name__ == "__main__":

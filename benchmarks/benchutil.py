@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -42,6 +43,20 @@ def save(out: str | Path, result: dict, lines: list[str] | None = None) -> None:
         return
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def load_average() -> float:
+    """The one-minute load average: recorded before and after a CPU benchmark, so a reader
+    can tell whether other work on the machine shared its cores."""
+    return round(os.getloadavg()[0], 2)
+
+
+def finish_cpu_run(out: str | Path, result: dict, load_before: float, work: Path) -> None:
+    """Record the machine and the load around the run, save the figures, remove the scratch tree."""
+    result["machine"] = machine()
+    result["load_average_before_after"] = [load_before, load_average()]
+    save(out, result)
+    shutil.rmtree(work)
 
 
 def device_waits():

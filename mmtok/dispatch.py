@@ -10,6 +10,7 @@ import contextlib
 import multiprocessing
 import multiprocessing.pool
 import os
+import signal
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,10 @@ _WORKER_FN: Callable | None = None  # in a pool's worker process: the stage it r
 
 
 def _install(fn: Callable) -> None:
+    # The pool stops its workers with SIGTERM. A handler the parent set (the trainer's, Ray's
+    # driver's, a user's) survives the fork and would keep a worker alive, so the pool's exit
+    # would wait for it forever.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     global _WORKER_FN
     _WORKER_FN = fn
 

@@ -321,3 +321,21 @@ def test_a_full_disk_is_one_line_and_a_rerun_resumes(tmp_path, monkeypatch):
     r = shard(src, "--out", out, "--max-count", "3", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["resumed_shards"] > 0
     assert tree_bytes(out) == tree_bytes(ref)
+
+
+
+def test_pool_workers_die_on_sigterm_whatever_handler_the_parent_set():
+    # The pool ends its workers with SIGTERM when it closes; a handler inherited through the
+    # fork (the trainer's, Ray's driver's) kept a worker alive and the suite hung on it.
+    import signal
+
+    from mmtok.dispatch import _ordered_map
+
+    old = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        tasks = iter([[(i, Item(str(i), i))] for i in range(4)])
+        seen = [r for task in _ordered_map(lambda _: signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, tasks,
+                                           workers=2) for _, r in task]
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert seen == [[True]] * 4
