@@ -134,6 +134,8 @@ def ray_session(cpus: int, stack: contextlib.ExitStack):
         raise StageError("--backend ray needs Ray: pip install 'mmtok[ray]'") from None
     if not ray.is_initialized():
         local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": cpus}
+        # ray.init replaces this process's SIGTERM handler and shutdown leaves it there
+        stack.callback(signal.signal, signal.SIGTERM, signal.getsignal(signal.SIGTERM))
         ray.init(include_dashboard=False, log_to_driver=False, **local)
         stack.callback(ray.shutdown)
     return ray

@@ -26,11 +26,15 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def ray_cluster():
     """One local Ray instance for the module, started the way a user would start their own."""
+    import signal
+
     import ray
 
+    handler = signal.getsignal(signal.SIGTERM)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+    signal.signal(signal.SIGTERM, handler)  # Ray's driver handler outlives shutdown
 
 
 def cli(*args: str):
@@ -131,6 +135,26 @@ def test_dead_worker_stops_the_job_with_a_clear_error(tmp_path: Path, ray_cluste
         run_stage("t", [Item(str(i), i) for i in range(8)], fn, tmp_path / "o", config={}, workers=2,
                   backend="ray", progress=False)
     assert ray_cluster.is_initialized()
+
+
+def test_a_ray_session_mmtok_starts_gives_sigterm_back(tmp_path: Path):
+    # ray.init installs its own SIGTERM handler and shutdown leaves it: a later process pool
+    # forked from this process would inherit it (its workers then ignore the pool's SIGTERM).
+    # A fresh process, so that no Ray is running yet and mmtok starts its own.
+    script = tmp_path / "session.py"
+    script.write_text(
+        "import contextlib, signal\n"
+        "from mmtok.dispatch import ray_session\n"
+        "mine = lambda *a: None\n"
+        "signal.signal(signal.SIGTERM, mine)\n"
+        "with contextlib.ExitStack() as stack:\n"
+        "    ray_session(1, stack)\n"
+        "    during = signal.getsignal(signal.SIGTERM) is mine\n"
+        "print(during, signal.getsignal(signal.SIGTERM) is mine)\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "True"  # (the word before it: whether Ray kept ours while it ran)
 
 
 def test_unknown_backend_refused(tmp_path: Path):
