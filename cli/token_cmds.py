@@ -11,10 +11,11 @@ from typing import List, Optional
 import typer
 
 from mmtok.cli.common import (BACKEND, JSON_OUT, MAX_ERROR_RATE, OVERWRITE, QUIET, WORKERS, check_inputs,
-                              fail, friendly_errors, positive, report)
+                              fail, friendly_errors, not_a_file, positive, report)
 
 SHARDS = typer.Argument(..., file_okay=False, help="Shard directories written by `mmtok shard`.")
-TOKENIZER = typer.Option(..., "--tokenizer", "-t", file_okay=False, help="Tokenizer directory (train-bpe + train-vq output).")
+TOKENIZER = typer.Option(..., "--tokenizer", "-t", help="Tokenizer directory (train-bpe + train-vq output), or a URL "
+                         "(s3://...): each process pulls it into the cache (docs/REMOTE.md).")
 DEVICE = typer.Option("auto", "--device", callback=lambda v: None if v == "auto" else v,
                       help="torch device: auto (cuda when present, else cpu), cpu, cuda or cuda:N.")
 NPROC = typer.Option(1, "--nproc", min=1, help="Processes on this machine (torchrun), each on its share of the input "
@@ -156,7 +157,7 @@ def train_vq(
 @friendly_errors
 def tokenize_images(
     inputs: List[str] = SHARDS,
-    tokenizer: Path = TOKENIZER,
+    tokenizer: str = TOKENIZER,
     out: str = typer.Option(..., "--out", "-o", help="Output shard directory of codes, or a URL (s3://...)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per encoder batch."),
     device: Optional[str] = DEVICE,
@@ -175,7 +176,6 @@ def tokenize_images(
 
     On a Ray cluster (one actor per GPU): mmtok tokenize-images /shared/shards -t /shared/tok --out /shared/codes --backend ray
     """
-    from mmtok.tokenize import Tokenizer
     from mmtok.tokenize import tokenize_images as run
 
     inputs = check_inputs(inputs, out, shard_dirs=True)
@@ -183,13 +183,20 @@ def tokenize_images(
     relaunched, rank, world_size, device = _ranks(nproc, backend, actors, device)
     if relaunched:
         return
-    tok = Tokenizer.load(tokenizer, device)
+    tok = _load_tokenizer(tokenizer, device)
     with staged as local:
         summary = run(inputs, tok, local, batch_size=batch_size, workers=workers, backend=backend, actors=actors,
                       max_error_rate=max_error_rate, progress=not quiet and not as_json, overwrite=overwrite,
                       rank=rank, world_size=world_size)
     if summary is not None:  # rank 0 joined the shares and reports; the other ranks are done
         report(_named(summary, out), as_json)
+
+
+def _load_tokenizer(tokenizer: str, device: Optional[str]):
+    from mmtok.tokenize import Tokenizer
+
+    not_a_file(tokenizer)
+    return Tokenizer.load(tokenizer, device)
 
 
 def _local(inputs: list, command: str) -> list:
@@ -227,7 +234,7 @@ def _named(summary, out: str):
 @friendly_errors
 def tokenize(
     inputs: List[str] = SHARDS,
-    tokenizer: Path = TOKENIZER,
+    tokenizer: str = TOKENIZER,
     out: str = typer.Option(..., "--out", "-o", help="Output token shard directory, or a URL (s3://...)."),
     codes: List[str] = typer.Option([], "--codes", help="Reuse image codes written by `tokenize-images` (repeat for "
                                     "several directories; read in place, also at a URL)."),
@@ -250,7 +257,6 @@ def tokenize(
 
     Example: mmtok tokenize shards/ --tokenizer tok/ --out tokens/ --codes codes/
     """
-    from mmtok.tokenize import Tokenizer
     from mmtok.tokenize import tokenize as run
 
     from mmtok.fs import as_location
@@ -264,7 +270,7 @@ def tokenize(
     relaunched, rank, world_size, device = _ranks(nproc, backend, actors, device)
     if relaunched:
         return
-    tok = Tokenizer.load(tokenizer, device)
+    tok = _load_tokenizer(tokenizer, device)
     with staged as local:
         summary, skipped = run(inputs, tok, local, codes_dir=codes, seed=seed, batch_size=batch_size, workers=workers,
                                backend=backend, actors=actors, max_error_rate=max_error_rate, progress=not quiet and not as_json,
@@ -279,7 +285,7 @@ def tokenize(
 @friendly_errors
 def detokenize(
     tokens: str = typer.Argument(..., help="Token shard directory written by `mmtok tokenize`."),
-    tokenizer: Path = TOKENIZER,
+    tokenizer: str = TOKENIZER,
     out: Path = typer.Option(..., "--out", "-o", help="Directory for KEY.json, KEY.txt and KEY-N.png per document."),
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Decode only the first N documents."),
     device: Optional[str] = DEVICE,
@@ -295,10 +301,9 @@ def detokenize(
 
     Example: mmtok detokenize tokens/ --tokenizer tok/ --out decoded/ --limit 10
     """
-    from mmtok.tokenize import Tokenizer
     from mmtok.detokenize import detokenize as run
 
     tokens = check_inputs([tokens], out, shard_dirs=True)[0]
-    result = run(tokens, Tokenizer.load(tokenizer, device), out, limit=limit, overwrite=overwrite,
+    result = run(tokens, _load_tokenizer(tokenizer, device), out, limit=limit, overwrite=overwrite,
                  progress=not quiet and not as_json)
     _print(result, as_json, "detokenize")

@@ -32,7 +32,7 @@ class Codes:
             if reader.manifest.get("stage") != "tokenize-images":
                 raise ValueError(f"--codes {d}: not a `mmtok tokenize-images` output")
             if have != tok.fingerprint():
-                raise VocabError(f"--codes {d} was made with a different tokenizer than {tok.dir}; "
+                raise VocabError(f"--codes {d} was made with a different tokenizer than {tok.source}; "
                                  "rerun tokenize-images with this tokenizer or leave out --codes")
             index = reader.index()
             rows = index.select(["image_sha256", "shard", "members"]).to_pylist() if index.num_rows else []

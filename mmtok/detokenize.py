@@ -76,7 +76,7 @@ def detokenize(token_dir: str | Path, tok: Tokenizer, out: str | Path, *, limit:
     if reader.manifest.get("stage") != "tokenize" or have is None:
         raise ValueError(f"{token_dir}: not a `mmtok tokenize` output")
     if have != tok.vocab.to_dict():
-        raise VocabError(f"{token_dir} was tokenized with a different vocabulary than {tok.dir}")
+        raise VocabError(f"{token_dir} was tokenized with a different vocabulary than {tok.source}")
     out = Path(out)
     job = {"format": "mmtok-detokenize/1", "tokens": str(Path(token_dir).resolve()),
            "tokens_manifest_sha256": hashlib.sha256((Path(token_dir) / MANIFEST).read_bytes()).hexdigest(),

@@ -23,10 +23,10 @@ class LockHeld(ValueError):
 
 
 @contextlib.contextmanager
-def exclusive(directory: str | Path) -> Iterator[Path]:
+def exclusive(directory: str | Path, *, wait: bool = False) -> Iterator[Path]:
     """Hold `directory`'s lock (creating the directory) for the `with` block.
 
-    Raises LockHeld at once, without waiting, when another process holds it.
+    Raises LockHeld at once when another process holds it, or with `wait` waits for it.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -34,7 +34,7 @@ def exclusive(directory: str | Path) -> Iterator[Path]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise LockHeld(f"{directory} is in use by another mmtok process (pid {holder}); "

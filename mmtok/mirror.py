@@ -264,23 +264,46 @@ def remote_output(out: str | os.PathLike, *, ours: Callable[[str], bool] = stage
                     raise  # else the block's own error is the one to report
 
 
+def _input_home(loc: RemotePath) -> Path:
+    return cache_root() / "remote" / hashlib.sha256(loc.url.encode()).hexdigest()[:24] / "in"
+
+
+def _pull(loc: RemotePath, ours: Callable[[str], bool]) -> Path:
+    """Pull `loc` into its copy in the cache (the caller holds the copy's lock)."""
+    mirror = Mirror(loc, _input_home(loc), ours)
+    with remote_errors(loc.url):
+        mirror.pull()
+    if not mirror.state:
+        raise FileNotFoundError(f"{loc.url}: nothing there (no such run, export or tokenizer)")
+    return mirror.local
+
+
 @contextlib.contextmanager
 def remote_input(src: str | os.PathLike, *, ours: Callable[[str], bool] = all_files) -> Iterator[Path]:
     """A local directory to read for `src` (a run, an export, a tokenizer): a local path is
     itself; a URL is pulled into `$MMTOK_CACHE/remote/<hash of the URL>/in`, fetching only
     what is new or changed since the last pull (a second read costs one listing), and is
-    never pushed back: what the reader writes goes elsewhere."""
+    never pushed back: what the reader writes goes elsewhere. The copy stays locked for the
+    block, so no other pull changes it under the reader."""
     loc = as_location(src)
     if isinstance(loc, Path):
         yield loc
         return
     from mmtok.locks import exclusive
 
-    home = cache_root() / "remote" / hashlib.sha256(loc.url.encode()).hexdigest()[:24] / "in"
-    with exclusive(home):
-        mirror = Mirror(loc, home, ours)
-        with remote_errors(loc.url):
-            mirror.pull()
-        if not mirror.state:
-            raise FileNotFoundError(f"{loc.url}: nothing there (no such run, export or tokenizer)")
-        yield mirror.local
+    with exclusive(_input_home(loc)):
+        yield _pull(loc, ours)
+
+
+def local_copy(src: str | os.PathLike) -> Path:
+    """`remote_input`'s copy of `src` for readers that load what they need at once and then
+    let go (a tokenizer): the lock is held only while pulling, waiting for another process's
+    pull, so every rank or actor of a stage on one machine pulls (the second pull costs one
+    listing) and all of them read the same copy."""
+    loc = as_location(src)
+    if isinstance(loc, Path):
+        return loc
+    from mmtok.locks import exclusive
+
+    with exclusive(_input_home(loc), wait=True):
+        return _pull(loc, all_files)

@@ -177,7 +177,7 @@ class ImageCodes:
 
     def __init__(self, shard_dirs: list, tok: Tokenizer, batch_size: int = 32):
         self.shard_dirs, self.tok, self.batch_size = list(shard_dirs), tok, batch_size
-        self.recipe = StageRecipe(ImageCodes, str(tok.dir), {"shard_dirs": self.shard_dirs, "batch_size": batch_size})
+        self.recipe = StageRecipe(ImageCodes, tok.source, {"shard_dirs": self.shard_dirs, "batch_size": batch_size})
         self.dtype = np.uint16 if tok.vocab.n_image_codes <= 1 << 16 else np.uint32
         self.grid = tok.vq.cfg.grid
         self.config = {"tokenizer": tok.fingerprint(), "resolution": tok.resolution, "inputs": _paths(shard_dirs),
@@ -313,7 +313,7 @@ class Tokenize:
 
     def __init__(self, shard_dirs: list, tok: Tokenizer, codes_dirs: list, seed: int = 0, batch_size: int = 32):
         self.shard_dirs, self.tok, self.seed, self.batch_size = list(shard_dirs), tok, seed, batch_size
-        self.recipe = StageRecipe(Tokenize, str(tok.dir), {"shard_dirs": self.shard_dirs, "codes_dirs": list(codes_dirs),
+        self.recipe = StageRecipe(Tokenize, tok.source, {"shard_dirs": self.shard_dirs, "codes_dirs": list(codes_dirs),
                                                            "seed": seed, "batch_size": batch_size})
         self.codes = Codes(codes_dirs, tok) if codes_dirs else None
         self.readers = [ShardReader(d) for d in shard_dirs]
@@ -355,7 +355,7 @@ class Tokenize:
         if image is None:
             raise _Bad("sample has no image member")
         if not self.tok.has_vq:
-            raise _Bad(f"{self.tok.dir} has no image tokenizer; run `mmtok train-vq` into it first")
+            raise _Bad(f"{self.tok.source} has no image tokenizer; run `mmtok train-vq` into it first")
         sha = image.image_sha256 or content_hash(image.image)
         known = self.codes.get(sha) if self.codes else None
         if known is not None:

@@ -40,12 +40,16 @@ class StageRecipe:
 
 
 class Tokenizer:
-    """A tokenizer directory loaded once: BPE + vocabulary (+ the VQ, loaded on first use)."""
+    """A tokenizer directory (or URL, read from a copy in the cache) loaded once: BPE +
+    vocabulary (+ the VQ, loaded on first use)."""
 
     def __init__(self, tokdir: str | Path, device: str | None = None):
         import sentencepiece as spm
 
-        self.dir = Path(tokdir)
+        from mmtok.mirror import local_copy
+
+        self.source = str(tokdir)  # what a Ray actor loads again: a URL is pulled there too
+        self.dir = local_copy(tokdir)
         if not self.dir.is_dir():
             raise FileNotFoundError(f"{tokdir}: tokenizer directory not found; make one with `mmtok train-bpe`")
         self.vocab = Vocab.load(self.dir)

@@ -422,13 +422,14 @@ def test_cli_shards_into_a_bucket(ref, bucket, tmp_path):
 
 
 def test_cli_tokenizes_from_a_bucket_into_a_bucket(ref, bucket):
+    """Shards, tokenizer, codes and tokens all in the bucket: the local run's bytes."""
     _put(ref / "shards", f"{bucket}/shards")
-    shards, codes, tokens = (f"s3://{bucket}/{n}" for n in ("shards", "codes", "tokens"))
-    r = _cli("tokenize-images", shards, "--tokenizer", ref / "tok", "--out", codes, "--json")
+    _put(ref / "tok", f"{bucket}/tok")
+    shards, tok, codes, tokens = (f"s3://{bucket}/{n}" for n in ("shards", "tok", "codes", "tokens"))
+    r = _cli("tokenize-images", shards, "--tokenizer", tok, "--out", codes, "--json")
     assert json.loads(r.stdout)["out"] == codes
     _same_output(f"{bucket}/codes", ref / "codes", {ref / "shards": shards})
-    _cli("tokenize", shards, "--tokenizer", ref / "tok", "--codes", codes, "--out", tokens, "--max-error-rate", 1,
-         "--json")
+    _cli("tokenize", shards, "--tokenizer", tok, "--codes", codes, "--out", tokens, "--max-error-rate", 1, "--json")
     # the manifest's config names the inputs (and --codes) by URL; everything else is the local bytes
     _same_output(f"{bucket}/tokens", ref / "tokens", {ref / "shards": shards, ref / "codes": codes})
 
@@ -602,6 +603,39 @@ def test_cli_reads_a_run_and_a_tokenizer_from_a_bucket(ref, bucket, tmp_path):
     r = _cli("generate", f"s3://{bucket}/export", "--prompt", "text", "--max-tokens", 4, "--temperature", 0,
              "--out", tmp_path / "g", "--json")
     assert json.loads(r.stdout)["new_tokens"] >= 1
+
+
+def test_a_missing_tokenizer_url_is_one_line(ref, bucket):
+    from typer.testing import CliRunner
+
+    from mmtok.cli.app import app
+
+    r = CliRunner().invoke(app, ["tokenize", str(ref / "shards"), "--tokenizer", f"s3://{bucket}/no-tok",
+                                 "--out", str(ref / "never")])
+    assert r.exit_code == 2 and "nothing there" in " ".join(r.output.split()), r.output
+    assert "Traceback" not in r.output and not (ref / "never").exists()
+
+
+def test_ranks_reading_one_tokenizer_url_wait_for_each_others_pull(bucket):
+    """Every rank (or actor) of a stage loads the tokenizer itself: a second one waits for
+    the pull in progress, instead of failing on its lock, and reads the same copy."""
+    import threading
+
+    from mmtok.locks import exclusive
+    from mmtok.mirror import _input_home, local_copy
+    from mmtok.fs import as_location
+
+    url = f"s3://{bucket}/tok"
+    _s3().pipe(f"{bucket}/tok/vocab.json", b"{}")
+    got = []
+    with exclusive(_input_home(as_location(url))):  # another rank's pull in progress
+        t = threading.Thread(target=lambda: got.append(local_copy(url)))
+        t.start()
+        t.join(1.0)
+        assert t.is_alive() and not got  # waiting, not refused
+    t.join(30)
+    assert got and (got[0] / "vocab.json").read_bytes() == b"{}"
+    assert local_copy(url) == got[0]
 
 
 def test_a_pull_never_writes_outside_its_copy(bucket, tmp_path):
