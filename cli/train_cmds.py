@@ -14,8 +14,8 @@ from typing import List, Optional
 
 import typer
 
-from mmtok.cli.common import (JSON_OUT, QUIET, Exit, deprecated, eval_report, fail, friendly_errors, not_a_file, positive,
-                              pulled, renamed)
+from mmtok.cli.common import (JSON_OUT, QUIET, Exit, check_inputs, deprecated, eval_report, fail, friendly_errors,
+                              not_a_file, positive, pulled, renamed)
 
 
 def register(app: typer.Typer) -> None:
@@ -182,9 +182,10 @@ def evaluate(
     run: Optional[str] = typer.Argument(None, metavar="RUN", help="A run directory (newest checkpoint) or an `mmtok export` "
                                        "directory; a URL is pulled into the cache first (docs/REMOTE.md)."),
     old_checkpoint: Optional[str] = typer.Option(None, "--checkpoint", hidden=True, help="Old spelling of the RUN argument."),
-    data: List[Path] = typer.Option([], "--data", file_okay=False, help="Held-out token shard directories (repeat for several)."),
-    pairs: List[Path] = typer.Option([], "--pairs", file_okay=False, help="Token shard directories of image-caption pairs, "
-                                     "for conditional perplexity (repeat for several)."),
+    data: List[str] = typer.Option([], "--data", help="Held-out token shard directories or URLs, read in place (repeat "
+                                   "for several)."),
+    pairs: List[str] = typer.Option([], "--pairs", help="Token shard directories (or URLs) of image-caption pairs, "
+                                    "for conditional perplexity (repeat for several)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Report directory or URL (default: RUN/eval)."),
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="Sequences per forward pass."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", min=2, help="Window length (default: the model's)."),
@@ -213,6 +214,7 @@ def evaluate(
     if given is None:
         fail("give RUN, the run (or `mmtok export`) directory to evaluate")
     not_a_file(out)
+    check_inputs([*data, *pairs], shard_dirs=True)
     with contextlib.ExitStack() as stack:  # URLs: the run pulled, the report pushed when done
         checkpoint, tokenizer = pulled(stack, str(given)), pulled(stack, tokenizer)
         out = stack.enter_context(remote_output(out or f"{str(given).rstrip('/')}/eval", ours=all_files))
@@ -231,7 +233,7 @@ def evaluate(
             if not data and not pairs:
                 _harness_report(harness, out, as_json)
                 return
-        result = run_eval(str(checkpoint), [str(d) for d in data], [str(p) for p in pairs], batch_size, max_docs, seq_len,
+        result = run_eval(str(checkpoint), data, pairs, batch_size, max_docs, seq_len,
                           progress=not quiet and not as_json)
         result["files"] = write_report(result, out, checkpoint / "metrics.jsonl")
         if lm_eval_tasks:

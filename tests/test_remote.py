@@ -586,13 +586,14 @@ def test_an_input_url_without_credentials_is_one_line(tmp_path, monkeypatch):
 
 
 def test_cli_reads_a_run_and_a_tokenizer_from_a_bucket(ref, bucket, tmp_path):
-    """eval, export and generate take a run (and a tokenizer) at a URL: pulled into the cache,
+    """eval, export and generate take a run (and a tokenizer, and eval its data) at a URL: pulled into the cache,
     scored or exported as the local directory is; eval's default report goes back under the run."""
     _put(ref / "run", f"{bucket}/run")
     _put(ref / "tok", f"{bucket}/tok")
     run, tok = f"s3://{bucket}/run", f"s3://{bucket}/tok"
     here = json.loads(_cli("eval", ref / "run", "--data", ref / "tokens", "--out", tmp_path / "e", "--json").stdout)
-    there = json.loads(_cli("eval", run, "--data", ref / "tokens", "--json").stdout)
+    _put(ref / "tokens", f"{bucket}/tokens")  # the held-out tokens in the bucket too, read in place
+    there = json.loads(_cli("eval", run, "--data", f"s3://{bucket}/tokens", "--json").stdout)
     assert there["heldout"]["all"]["loss"] == pytest.approx(here["heldout"]["all"]["loss"], rel=1e-6)
     report = json.loads(_s3().cat_file(f"{bucket}/run/eval/eval.json"))
     assert report["heldout"]["all"]["tokens"] == here["heldout"]["all"]["tokens"] > 0
