@@ -26,10 +26,11 @@ ACTORS = typer.Option(None, "--actors", min=1, help="With --backend ray: Ray act
                       "without GPUs, --workers, one CPU each). OUT on a filesystem every node sees.")
 
 
-def _ranks(nproc: int, backend: str, actors: Optional[int],
-           device: Optional[str]) -> tuple[bool, int, int, Optional[str]]:
+def _ranks(nproc: int, backend: str, actors: Optional[int], device: Optional[str], out: str,
+           local: Path) -> tuple[bool, int, int, Optional[str]]:
     """(relaunched, rank, world size, device): with --nproc > 1 outside torchrun, this command
-    was rerun under torchrun and is done; under torchrun each rank takes GPU LOCAL_RANK."""
+    was rerun under torchrun, writing `local` (OUT, or the staged copy of a URL OUT), and is
+    done; under torchrun each rank takes GPU LOCAL_RANK."""
     from mmtok.actors import check_placement
     from mmtok.tokenize import world
 
@@ -40,7 +41,7 @@ def _ranks(nproc: int, backend: str, actors: Optional[int],
             fail("--nproc runs processes on this machine; with --backend ray use --actors N")
         from mmtok.cli.train_cmds import _relaunch
 
-        _relaunch(nproc)
+        _relaunch(nproc, out=(out, local))
         return True, 0, 1, device
     if world_size > 1 and device in (None, "cuda"):
         import torch
@@ -179,12 +180,11 @@ def tokenize_images(
     from mmtok.tokenize import tokenize_images as run
 
     inputs = check_inputs(inputs, out, shard_dirs=True)
-    staged = _remote_out(out, nproc, backend)
-    relaunched, rank, world_size, device = _ranks(nproc, backend, actors, device)
-    if relaunched:
-        return
-    tok = _load_tokenizer(tokenizer, device)
-    with staged as local:
+    with _remote_out(out, backend) as local:
+        relaunched, rank, world_size, device = _ranks(nproc, backend, actors, device, out, local)
+        if relaunched:
+            return
+        tok = _load_tokenizer(tokenizer, device)
         summary = run(inputs, tok, local, batch_size=batch_size, workers=workers, backend=backend, actors=actors,
                       max_error_rate=max_error_rate, progress=not quiet and not as_json, overwrite=overwrite,
                       rank=rank, world_size=world_size)
@@ -208,24 +208,27 @@ def _local(inputs: list, command: str) -> list:
     return inputs
 
 
-def _remote_out(out: str, nproc: int, backend: str):
-    """`remote_output(out)`, refused at once for a URL with several processes or Ray actors
-    (each would mirror its own staging directory, and the join needs every part on one
-    filesystem)."""
+def _remote_out(out: str, backend: str):
+    """`remote_output(out)`: a URL is staged in a local directory mirrored to it; refused at
+    once under your own torchrun or with Ray actors (each process or node would mirror its
+    own copy, and the join needs every part in one directory). `--nproc` works: this process
+    mirrors, and the processes it starts write the one copy (`_ranks`)."""
     from mmtok.fs import is_url
     from mmtok.mirror import remote_output
     from mmtok.tokenize import world
 
-    if is_url(out) and (max(nproc, world()[1]) > 1 or backend == "ray"):
-        raise ValueError(f"--out {out}: a URL is written by one process; leave out --nproc (or torchrun) and "
-                         "--backend ray, or write to a shared filesystem and copy it to the bucket")
+    if is_url(out) and (world()[1] > 1 or backend == "ray"):
+        raise ValueError(f"--out {out}: a URL is written from one machine; use --nproc rather than your own torchrun, "
+                         "leave out --backend ray, or write to a shared filesystem and copy it to the bucket")
     return remote_output(out)
 
 
 def _named(summary, out: str):
     """The summary naming the URL a stage wrote, not its staging directory."""
+    from mmtok.cli.train_cmds import OUT_AS
     from mmtok.fs import is_url
 
+    out = os.environ.get(OUT_AS) or out  # a process --nproc started writes the copy of this URL
     if is_url(out):
         summary.out = out
     return summary
@@ -266,12 +269,11 @@ def tokenize(
     for c in codes:
         if not (c.is_dir() if isinstance(c, Path) else (c / "manifest.json").exists()):
             raise FileNotFoundError(f"--codes {c} is not a directory")
-    staged = _remote_out(out, nproc, backend)
-    relaunched, rank, world_size, device = _ranks(nproc, backend, actors, device)
-    if relaunched:
-        return
-    tok = _load_tokenizer(tokenizer, device)
-    with staged as local:
+    with _remote_out(out, backend) as local:
+        relaunched, rank, world_size, device = _ranks(nproc, backend, actors, device, out, local)
+        if relaunched:
+            return
+        tok = _load_tokenizer(tokenizer, device)
         summary, skipped = run(inputs, tok, local, codes_dir=codes, seed=seed, batch_size=batch_size, workers=workers,
                                backend=backend, actors=actors, max_error_rate=max_error_rate, progress=not quiet and not as_json,
                                overwrite=overwrite, rank=rank, world_size=world_size)

@@ -8,7 +8,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -104,13 +104,16 @@ def train(
         given["stage"], given["train_aux_routers"] = _legacy_stage(stage, train_aux_routers)
     names = {f.name for f in fields(TrainOptions)} - {"sets", "live"}
     opts = TrainOptions(**{k: given[k] for k in names}, sets=set_, live=not as_json)
-    outcome = launch(opts)
-    if outcome.kind == "relaunch":
-        _relaunch(nproc, _without_init_from(sys.argv[1:]) + ["--resume"] if outcome.resume else None)
-        return
+    with _staged_for_processes(out, nproc) as here:
+        outcome = launch(replace(opts, out=here))
+        if outcome.kind == "relaunch":
+            _relaunch(nproc, _without_init_from(sys.argv[1:]) + ["--resume"] if outcome.resume else None, out=(out, here))
+            return
     if int(os.environ.get("RANK", "0")) != 0:
         return
     summary = outcome.summary
+    if os.environ.get(OUT_AS) and isinstance(summary.get("checkpoint"), str):  # name it in the bucket
+        summary["checkpoint"] = summary["checkpoint"].replace(out, os.environ[OUT_AS], 1)
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     elif outcome.kind == "uni-moe":
@@ -126,6 +129,17 @@ def train(
                                    f" on {summary['world_size']} process(es); checkpoint {summary['checkpoint']}")
     if outcome.kind == "main" and summary["status"] == "interrupted":
         fail(f"interrupted at step {summary['step']}; checkpoint saved; continue with --resume", Exit.FAILED)
+
+
+def _staged_for_processes(out: str, nproc: int):
+    """With --nproc and a URL --out, the local copy of the run this process mirrors to the URL
+    while the processes it starts train into it (mmtok.mirror.remote_output); else OUT."""
+    from mmtok.fs import is_url
+    from mmtok.mirror import all_files, remote_output
+
+    if is_url(out) and nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return remote_output(out, ours=all_files)
+    return contextlib.nullcontext(out)
 
 
 def _legacy_stage(stage: Optional[str], train_aux_routers: bool) -> tuple[Optional[str], bool]:
@@ -156,17 +170,27 @@ def _print_aux_routers(summary: dict) -> None:
                                f"checkpoint {summary['checkpoint']}")
 
 
-def _relaunch(nproc: int, args: list[str] | None = None) -> None:
-    """Run this same command (or `args`) under torchrun with `nproc` processes on this machine."""
+OUT_AS = "MMTOK_OUT_AS"  # set for the processes `_relaunch` starts: the URL their --out is the staged copy of
+
+
+def _relaunch(nproc: int, args: list[str] | None = None, out: tuple[str, Path] | None = None) -> None:
+    """Run this same command (or `args`) under torchrun with `nproc` processes on this machine.
+    `out`: (--out as given, the directory the processes write): for a URL, the local copy
+    this process mirrors to it while they run."""
+    from mmtok.fs import is_url
+
     args = sys.argv[1:] if args is None else args
     i = args.index("--nproc") if "--nproc" in args else None
     if i is None:
         args = [a for a in args if not a.startswith("--nproc=")]
     else:
         del args[i:i + 2]
+    env = dict(os.environ)
+    if out is not None and is_url(out[0]):
+        args, env[OUT_AS] = _with_out(args, str(out[1])), out[0]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "mmtok.cli.app", *args]
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env=env)
     while True:
         try:
             rc = proc.wait()
@@ -175,6 +199,18 @@ def _relaunch(nproc: int, args: list[str] | None = None) -> None:
             continue
     if rc:
         raise typer.Exit(rc)
+
+
+def _with_out(args: list[str], out: str) -> list[str]:
+    """The command line with its --out (-o) value replaced."""
+    got = []
+    for i, a in enumerate(args):
+        if i and args[i - 1] in ("--out", "-o"):
+            a = out
+        elif a.startswith("--out="):
+            a = f"--out={out}"
+        got.append(a)
+    return got
 
 
 @friendly_errors

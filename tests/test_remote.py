@@ -483,14 +483,37 @@ def test_cli_refuses_what_a_bucket_cannot_do_yet(bucket, ref):
 
     from mmtok.cli.app import app
 
+    # your own torchrun would mirror one copy per process: refused (--nproc is the way)
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
     r = CliRunner().invoke(app, ["tokenize-images", str(ref / "shards"), "--tokenizer", str(ref / "tok"),
-                                 "--out", f"s3://{bucket}/codes", "--nproc", "2"])
-    assert r.exit_code == 2 and "one process" in " ".join(r.output.split())
-    r = CliRunner().invoke(app, ["train", "--plan", str(ref / "plan"), "--out", f"s3://{bucket}/run", "--nproc", "2"])
-    assert r.exit_code == 2 and "one process" in " ".join(r.output.split())
+                                 "--out", f"s3://{bucket}/codes"], env=env)
+    assert r.exit_code == 2 and "use --nproc" in " ".join(r.output.split()), r.output
+    r = CliRunner().invoke(app, ["train", "--plan", str(ref / "plan"), "--out", f"s3://{bucket}/run"], env=env)
+    assert r.exit_code == 2 and "rather than your own torchrun" in " ".join(r.output.split()), r.output
     _put(ref / "shards", f"{bucket}/shards")
     r = CliRunner().invoke(app, ["train-bpe", f"s3://{bucket}/shards", "--out", str(ref / "tok2")])
     assert r.exit_code == 2 and "copy s3://" in " ".join(r.output.split())
+
+
+@pytest.mark.slow
+def test_nproc_processes_write_one_copy_of_a_bucket(ref, bucket):
+    """--nproc with a URL --out: this process mirrors the URL while the processes it starts
+    write its one local copy: tokenize-images on 2 processes leaves one process's bytes in
+    the bucket, and a 2-process run's checkpoints land there, named by URL."""
+    from helpers.runs import cli_subprocess
+
+    codes, run = f"s3://{bucket}/codes", f"s3://{bucket}/run"
+    r = cli_subprocess(["tokenize-images", ref / "shards", "--tokenizer", ref / "tok", "--out", codes, "--nproc", 2,
+                        "--json"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["out"] == codes
+    _same_output(f"{bucket}/codes", ref / "codes")
+    r = cli_subprocess(["train", "--plan", ref / "plan", "--out", run, *TINY_MOMA, "--steps", 2, "--nproc", 2, "--json"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout)
+    assert summary["world_size"] == 2 and summary["checkpoint"] == f"{run}/checkpoints/step-00000002"
+    got = _bucket_files(f"{bucket}/run")
+    assert got["checkpoints/latest"] == b"step-00000002" and len(got["metrics.jsonl"].splitlines()) == 2
 
 
 def _raw_tree(root: Path) -> Path:

@@ -92,8 +92,8 @@ def train(opts: TrainOptions) -> Outcome:
             raise ValueError(f"--out {opts.out} is a file; give the run's directory")
         return _train(opts)
     if opts.nproc > 1 or "WORLD_SIZE" in os.environ:
-        raise ValueError(f"--out {opts.out}: a run at a URL is trained by one process for now; leave out --nproc "
-                         "(or torchrun), or train into a shared filesystem")
+        raise ValueError(f"--out {opts.out}: a run at a URL is trained from one machine: use `mmtok train --nproc` "
+                         "rather than your own torchrun, or train into a shared filesystem")
     with remote_output(opts.out, ours=all_files) as local:
         outcome = _train(replace(opts, out=local))
     if outcome.summary and isinstance(outcome.summary.get("checkpoint"), str):  # name it in the bucket
