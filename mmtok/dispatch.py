@@ -105,6 +105,12 @@ def _ordered_map(fn, tasks: Iterator[list], workers: int, threads: bool = False,
                 yield result(pending.popleft())
         while pending:
             yield result(pending.popleft())
+        if backend == "local" and not threads:
+            # Done: the workers leave on the pool's end marker. The SIGTERM of the pool's exit
+            # is for errors only: a worker still starting may yet hold the parent's handler,
+            # or a stage may set its own, and the pool would wait on it forever.
+            pool.close()
+            pool.join()
 
 
 def _ray_tasks(fn, workers: int, stack: contextlib.ExitStack):

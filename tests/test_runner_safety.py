@@ -339,3 +339,22 @@ def test_pool_workers_die_on_sigterm_whatever_handler_the_parent_set():
     finally:
         signal.signal(signal.SIGTERM, old)
     assert seen == [[True]] * 4
+
+
+@pytest.mark.timeout(60)
+def test_a_finished_pool_ends_its_workers_without_a_signal(monkeypatch):
+    """The SIGTERM of a pool's exit can hang it: a worker still starting holds the parent's
+    handler and swallows it, while another, killed holding the task queue's lock, leaves it
+    waiting for that lock forever (seen in the full suite). A finished map ends its workers
+    through the task queue instead, signalling none."""
+    import multiprocessing.process
+
+    from mmtok.dispatch import _ordered_map
+
+    signalled = []
+    real = multiprocessing.process.BaseProcess.terminate
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "terminate",
+                        lambda self: (signalled.append(self.pid), real(self)))
+    tasks = iter([[(i, Item(str(i), i))] for i in range(6)])
+    assert [r for task in _ordered_map(abs, tasks, workers=2) for _, r in task] == [[i] for i in range(6)]
+    assert signalled == []
