@@ -107,7 +107,7 @@ def test_actor_plan_places_one_actor_per_gpu_or_cpu_and_refuses_what_cannot_be_p
 @pytest.mark.parametrize("args, message", [
     (["--actors", "2"], "--actors sets the Ray actors of --backend ray; for processes on this machine use --nproc"),
     (["--backend", "ray", "--nproc", "2"], "--nproc runs processes on this machine; with --backend ray use --actors N"),
-    (["--backend", "ray", "--out", "s3://bucket/codes"], "a URL is written by one process"),
+    (["--backend", "ray", "--out", "s3://bucket/codes"], "a URL is written from one machine"),
 ])
 def test_bad_combinations_are_refused_before_any_work(tokdir, shards, tmp_path, args, message):  # noqa: F811
     out = ["--out", str(tmp_path / "codes")] if "--out" not in args else []
