@@ -3,8 +3,11 @@ train 1t1i for S1 steps (the parent), then S2 more steps in several arms that al
 from that parent with a fresh optimizer and a restarted schedule (warm-up + cosine) and
 see the same batches S1..S1+S2-1:
 
-- `up-gumbel`   upcycled to NtMi (experts copy the FFN, fresh routers), Gumbel-sigmoid router noise
+- `up-gumbel`   upcycled to NtMi as `mmtok upcycle` does (experts copy the FFN, routers the
+                parent's router plus a 1% random part), Gumbel-sigmoid router noise
 - `up-none`     the same without router noise
+- `up-fresh-router` / `up-fresh-gumbel`: upcycled with fresh routers (mmtok before the fix),
+                without / with noise
 - `continued`   the parent itself, trained on with the same LR restart
 - `scratch`     NtMi from scratch for S1 + S2 steps, one schedule
 - diagnostics: `up-gumbel-lr0.3` / `continued-lr0.3` (the restart at 0.3x the peak LR) and
@@ -14,7 +17,7 @@ see the same batches S1..S1+S2-1:
 With expert choice at capacity factor 1, 1t1i and NtMi cost the same FLOPs per token, so
 every arm but `up-gumbel-cf2` spends the same total training FLOPs (S1 + S2 steps). Each
 arm's held-out loss is also taken right after the switch (step 0 of S2): the upcycling
-shock, what copying the experts and adding fresh routers costs before any training.
+shock, what the switch costs before any training.
 Comparisons are paired (each arm minus `continued` within a seed, then mean and 95%
 t-interval over seeds), since every arm of a seed shares its parent.
 
@@ -51,7 +54,10 @@ ARMS = {"up-gumbel": dict(start="up", noise="gumbel"), "up-none": dict(start="up
         "continued": dict(start="cont"), "scratch": dict(start="scratch"),
         "up-gumbel-lr0.3": dict(start="up", noise="gumbel", lr_scale=0.3),
         "continued-lr0.3": dict(start="cont", lr_scale=0.3),
-        "up-gumbel-cf2": dict(start="up", noise="gumbel", capacity=2.0)}
+        "up-gumbel-cf2": dict(start="up", noise="gumbel", capacity=2.0),
+        # the upcycle before it took the parent's router (routers started fresh)
+        "up-fresh-router": dict(start="up", noise="none", router="fresh"),
+        "up-fresh-gumbel": dict(start="up", noise="gumbel", router="fresh")}
 KINDS = ("text", "image")
 
 
@@ -172,7 +178,8 @@ def run_seed(seed: int, arms: list[str], base: dict, args, data: Synthetic, devi
                 torch.manual_seed(1000 + seed)  # the fresh routers' init
                 model = Decoder(ModelConfig(model="moma", experts=args.experts, router_noise=arm["noise"],
                                             capacity_factor=arm.get("capacity", 1.0), **base)).to(device)
-                upcycle_weights(parent, model, from_dense=False)
+                upcycle_weights(parent, model, from_dense=False,
+                                **({"router_spread": None} if arm.get("router") == "fresh" else {}))
             else:
                 model = copy.deepcopy(parent)
             rec = {"shock": heldout(model, data, args.batch, device)}

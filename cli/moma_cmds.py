@@ -28,11 +28,12 @@ def upcycle(
     out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="The new run directory (a checkpoint at step 0)."),
     router_noise: str = typer.Option("gumbel", "--router-noise", help="gumbel (MoMa's choice) or none, "
                                      "for the upcycled training."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the fresh routers."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the routers' random parts."),
     as_json: bool = JSON_OUT,
 ):
-    """Start an NtMi run from a trained 1t1i (or dense) one: experts copy their modality's FFN,
-    routers start fresh, the LR schedule restarts and the data position carries over."""
+    """Start an NtMi run from a trained 1t1i (or dense) one: experts copy their modality's FFN
+    and routers its router (a dense run's start fresh), the LR schedule restarts and the
+    data position carries over."""
     from mmtok.trainer.upcycle import upcycle as run_upcycle
 
     summary = run_upcycle(run, experts, out, router_noise=router_noise, seed=seed)

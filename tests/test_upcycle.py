@@ -31,7 +31,7 @@ def _loader_next(run) -> int:
     return json.loads((ckpt / "rank-0.json").read_text())["loader"]["next_microbatch"]
 
 
-def test_upcycled_experts_copy_the_ffn_and_routers_start_fresh(parent, tmp_path):
+def test_upcycled_experts_copy_the_ffn_and_routers_start_at_the_parents(parent, tmp_path):
     r = cli("upcycle", parent["run"], "--experts", "3t2i", "--out", tmp_path / "up", "--json")
     assert r.exit_code == 0, r.output
     old, _, _ = load_run(parent["run"])
@@ -43,8 +43,36 @@ def test_upcycled_experts_copy_the_ffn_and_routers_start_fresh(parent, tmp_path)
             for w in ("w1", "w2", "w3"):
                 assert torch.equal(getattr(g_new.experts, w), getattr(g_old.experts, w).expand(n, -1, -1))
             assert g_new.router.weight.shape == (n, 64)
+            row = g_old.router.weight[0]
+            assert torch.allclose(g_new.router.weight, row.expand(n, -1), atol=0.05 * row.abs().max().item())
         assert torch.equal(lo.attn.qkv.weight, ln.attn.qkv.weight)
     assert torch.equal(old.embed.weight, new.embed.weight) and torch.equal(old.head.weight, new.head.weight)
+
+
+def test_upcycled_gates_start_at_the_parents_and_the_experts_split_the_tokens(parent):
+    """Fresh routers gate the copied experts near 0.5 instead of the parent's trained gate
+    (the upcycling shock, docs/SCIENCE.md); routers from the parent's row keep its gates,
+    and their small random parts still send each expert its own tokens."""
+    from dataclasses import replace
+
+    from mmtok.trainer.model import Decoder
+    from mmtok.trainer.upcycle import upcycle_weights
+
+    old, cfg, _ = load_run(parent["run"])
+    x = torch.randn(4096, cfg.model.d_model)
+    gap = {}
+    for spread in (0.01, None):
+        torch.manual_seed(0)
+        new = Decoder(replace(cfg.model, experts="4t4i")).eval()
+        upcycle_weights(old, new, from_dense=False, router_spread=spread)
+        g_old, g_new = old.layers[0].ffn.text, new.layers[0].ffn.text
+        with torch.no_grad():
+            want = torch.sigmoid(g_old.router(x)).expand(-1, 4)
+            gap[spread] = (torch.sigmoid(g_new.router(x)) - want).abs().mean().item()
+            _, idx, _ = g_new.route(x)
+        if spread is not None:  # four independent quarters would reach 1 - (3/4)^4 = 68% of tokens
+            assert idx.unique().numel() / x.shape[0] > 0.6
+    assert gap[0.01] < 0.01 and gap[None] > 0.05, gap
 
 
 def test_upcycled_training_continues_from_the_parent_loss_and_data_position(parent, tmp_path):

@@ -1,7 +1,8 @@
 """MoMa upcycling (`mmtok upcycle`): turn a trained 1t1i (or dense) run into the first
 checkpoint (step 0) of an NtMi run. Every expert of a group starts as a copy of that
-modality's FFN, expert routers start fresh, the learning-rate schedule restarts (step 0)
-and the loader position carries over from the parent, so no data is seen twice.
+modality's FFN, each expert's router as the parent's router plus a small random part (from a
+dense parent: fresh), the learning-rate schedule restarts (step 0) and the loader position
+carries over from the parent, so no data is seen twice.
 """
 
 from __future__ import annotations
@@ -57,15 +58,27 @@ def _upcycle(run: Path, parent: LoadedRun, experts: str, out: Path, router_noise
             "model": cfg.model.model, "experts": experts, "copied_tensors": copied, "loader": position}
 
 
-def upcycle_weights(old: Decoder, new: Decoder, from_dense: bool) -> int:
-    """Everything but the expert routers from `old`; each group's experts from the
-    modality's FFN (a dense parent's one FFN serves both modalities)."""
+ROUTER_SPREAD = 0.01  # the random part of an upcycled router row, relative to the parent row's scale
+
+
+def upcycle_weights(old: Decoder, new: Decoder, from_dense: bool, router_spread: float | None = ROUTER_SPREAD) -> int:
+    """Everything but the auxiliary routers from `old`; each group's experts from the
+    modality's FFN (a dense parent's one FFN serves both modalities). From a 1t1i parent each
+    expert's router row is the parent's row plus a random part `router_spread` times its
+    scale: the gates start at the parent's trained gate (a fresh router's sit near 0.5, and
+    the copied experts stop computing the parent's function: docs/SCIENCE.md measures the
+    shock), while selection ranks on scores centred over the experts (moe.selection_scores),
+    where the shared row cancels and the random parts split the tokens. `router_spread=None`
+    leaves the routers fresh (the benchmark's control)."""
     src, dst = old.state_dict(), new.state_dict()
     copied = 0
     for name, t in dst.items():
-        if ".ffn." in name and (".router." in name or ".aux." in name):
-            continue  # expert routers start fresh
-        if ".experts." in name:
+        if ".ffn." in name and ".router." in name and not from_dense and router_spread is not None:
+            row = src[name][0]
+            t.copy_(row + router_spread * row.norm() / row.numel() ** 0.5 * torch.randn_like(t))
+        elif ".ffn." in name and (".router." in name or ".aux." in name):
+            continue  # fresh: a dense parent has no router; the auxiliary routers learn in their own stage
+        elif ".experts." in name:
             prefix, group, _, w = name.rsplit(".", 3)  # layers.i.ffn . text . experts . w1
             if from_dense:
                 ffn = src[f"{prefix}.{w}.weight"].T  # nn.Linear [out, in] -> [in, out]
