@@ -19,7 +19,7 @@ from typing import Callable
 
 from mmtok.dispatch import StageError, ray_session
 from mmtok.ranks import join_shares, run_share, run_stage_ranks, shares_finished
-from mmtok.runner import Summary, run_stage
+from mmtok.runner import Summary, progress_bar, run_stage
 
 
 @dataclass
@@ -37,12 +37,13 @@ class Share:
 
 
 class Encoder:
-    """A Ray actor: the stage, built once on this actor's device, runs shares of it."""
+    """A Ray actor: the stage, built once on this actor's device, runs shares of it and
+    counts the items done, which the driver reads while `run` goes on (two threads)."""
 
     def __init__(self, make_stage: Callable[[str], object], device: str, cwd: str):
         if os.path.isdir(cwd):  # relative input paths mean what they mean on the driver
             os.chdir(cwd)
-        self.stage, self.error = None, ""
+        self.stage, self.error, self.done = None, "", 0
         try:
             self.stage = make_stage(device)
         except Exception as e:  # a tokenizer missing on this node, say: reported by `run`, in one line
@@ -57,8 +58,14 @@ class Encoder:
             raise StageError(f"{s.name} on Ray node {node} sees other inputs or another tokenizer than the driver "
                              "at the same paths; install the same files on every node")
         run_share(s.name, s.items, s, Path(share.out), config=share.config, weights=share.weights, rank=share.rank,
-                  world_size=share.world_size, batch_fn=s.batch, batch_size=s.batch_size, progress=False,
+                  world_size=share.world_size, batch_fn=s.batch, batch_size=s.batch_size, progress=self._tell,
                   overwrite=share.overwrite, max_count=share.max_count, max_size=share.max_size)
+
+    def _tell(self, n: int) -> None:
+        self.done += n
+
+    def items_done(self) -> int:
+        return self.done
 
 
 def actor_plan(ray, actors: int | None, workers: int, device: str | None) -> tuple[int, dict, str]:
@@ -84,11 +91,11 @@ def actor_plan(ray, actors: int | None, workers: int, device: str | None) -> tup
 def run_stage_actors(stage: str, make_stage: Callable[[str], object], out: str | Path, *, config: dict,
                      weights: list[int], actors: int | None = None, workers: int = 1, device: str | None = None,
                      total: int | None = None, overwrite: bool = False, max_error_rate: float = 0.05,
-                     max_count: int = 10_000, max_size: int = 1 << 30) -> Summary:
+                     max_count: int = 10_000, max_size: int = 1 << 30, progress: bool = False) -> Summary:
     """`run_stage_ranks` with Ray actors for the ranks and this process (the driver) doing
     rank 0's join: `make_stage(device)` builds the stage in each actor (with the driver's
     `config`). `actors`: how many (default: one per GPU of the cluster, else `workers`).
-    The actors run without a progress bar."""
+    `progress`: the driver's bar, over `total` items, counts what every actor has done."""
     out = Path(out)
     finished = shares_finished(stage, out, config, overwrite, check=True)
     n = 0  # a finished job has no parts to join
@@ -96,12 +103,17 @@ def run_stage_actors(stage: str, make_stage: Callable[[str], object], out: str |
         with contextlib.ExitStack() as stack:
             ray = ray_session(max(workers, actors or 1), stack)
             n, resources, actor_device = actor_plan(ray, actors, workers, device)
-            encoder = ray.remote(**resources)(Encoder)
+            encoder = ray.remote(**resources, max_concurrency=2)(Encoder)  # `items_done` answers during `run`
             shares = [Share(str(out.resolve()), config, weights, r, n, overwrite, max_count, max_size)
                       for r in range(n)]
             pool = [encoder.remote(make_stage, actor_device, os.getcwd()) for _ in range(n)]
             refs = [a.run.remote(s) for a, s in zip(pool, shares)]
             try:
+                with progress_bar(stage, total, 0, progress) as bar:
+                    running = refs
+                    while running:
+                        _, running = ray.wait(running, num_returns=len(running), timeout=0.5)
+                        bar.set(sum(ray.get([a.items_done.remote() for a in pool])))
                 ray.get(refs)
             except ray.exceptions.RayTaskError as e:  # the stage raised in an actor: its own message
                 cause = e.cause if isinstance(e.cause, Exception) else e
@@ -130,7 +142,7 @@ def spread(stage, out: str | Path, *, weights: list[int], rank: int, world_size:
     check_placement(backend, actors, world_size)
     if backend == "ray":
         return run_stage_actors(stage.name, stage.recipe, out, config=stage.config, weights=weights, actors=actors,
-                                workers=workers, device=stage.tok.device, **kwargs)
+                                workers=workers, device=stage.tok.device, progress=progress, **kwargs)
     common = dict(config=stage.config, batch_fn=stage.batch, batch_size=stage.batch_size, workers=workers,
                   backend=backend, progress=progress, **kwargs)
     if world_size == 1:

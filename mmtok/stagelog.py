@@ -43,6 +43,18 @@ class _NoBar:
     def advance(self):
         pass
 
+    def set(self, done: int):
+        pass
+
+
+class _Told(_NoBar):
+    def __init__(self, tell, done: int):
+        self.tell = tell
+        tell(done)
+
+    def advance(self):
+        self.tell(1)
+
 
 class _Bar(_NoBar):
     def __init__(self, stage, total, done, count=None):
@@ -86,8 +98,15 @@ class _Bar(_NoBar):
     def advance(self):
         self.p.advance(self.task)
 
+    def set(self, done: int):
+        self.p.update(self.task, completed=done)
+
 
 def progress_bar(stage, total, done, enabled, count=None):
-    """A rich progress bar for a stage (a no-op when disabled): `advance()` per item done.
-    `count`: where `total` is None, an iterable counted in a thread to find it."""
+    """A rich progress bar for a stage (a no-op when disabled): `advance()` per item done,
+    or `set(n)` items done in all. `count`: where `total` is None, an iterable counted in a
+    thread to find it. `enabled` may be a function instead, told the items done so far and
+    then each one (a Ray actor's counter, which the driver's bar reads)."""
+    if callable(enabled):
+        return _Told(enabled, done)
     return _Bar(stage, total, done, count) if enabled else _NoBar()

@@ -66,6 +66,11 @@ def test_two_ray_actors_write_the_bytes_of_one_process(tokdir, shards, tmp_path,
         cli("tokenize-images", shards, "-t", tokdir, "--out", tmp_path / "codes-ray", "--backend", "ray",
             "--actors", "2")
         assert len(plans) == 3 and files(tmp_path / "codes-ray") == before
+        # the driver's bar counts the actors' items up to the stage's true total
+        r = runner.invoke(app, ["tokenize-images", str(shards), "-t", str(tokdir), "--out", str(tmp_path / "codes-bar"),
+                                "--backend", "ray", "--actors", "2", "--device", "cpu", "--max-error-rate", "1"])
+        assert r.exit_code == 0, r.output
+        assert f"{totals['samples'] + totals['quarantined']}/{totals['samples'] + totals['quarantined']}" in r.output
         assert ray.is_initialized(), "the command shut down a Ray instance it did not start"
     finally:
         ray.shutdown()
