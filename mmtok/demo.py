@@ -226,9 +226,22 @@ def _step(title: str, args: list[str], log) -> None:
 
 
 def run_demo(out: Path, workers: int = 2) -> None:
-    from rich.console import Console
+    """Every stage on a corpus made here, as a user runs them (the CLI), in OUT; a step that
+    fails stops the demo naming it (`_step`)."""
+    out = _fresh(Path(out))
+    corpus = make_corpus(out / "corpus")
+    log: list[dict] = []
+    w = ["--workers", str(workers)]
+    tok = _data_steps(out, corpus, w, log)
+    _moma_steps(out, tok, log)
+    chameleon = _chameleon_steps(out, corpus, w, log)
+    _unimoe_steps(out, corpus, w, tok, log)
+    (out / "demo-steps.json").write_text(json.dumps(log, indent=1))
+    _tell_where(out, corpus, tok, *chameleon)
 
-    out = Path(out)
+
+def _fresh(out: Path) -> Path:
+    """OUT, empty: a previous demo's output is removed, anything else refused."""
     marker = out / ".mmtok-demo"
     if out.exists() and any(out.iterdir()):
         if not (marker.exists() or (out / "demo-steps.json").exists()):
@@ -236,10 +249,12 @@ def run_demo(out: Path, workers: int = 2) -> None:
         shutil.rmtree(out)  # a previous demo: start again from scratch
     out.mkdir(parents=True, exist_ok=True)
     marker.touch()
-    corpus = make_corpus(out / "corpus")
-    log: list[dict] = []
-    w = ["--workers", str(workers)]
-    c = corpus
+    return out
+
+
+def _data_steps(out: Path, c: Path, w: list[str], log: list[dict]) -> str:
+    """Raw files to token shards: shard, media features, both tokenizers, codes, tokens,
+    and back. Returns the tokenizer directory."""
     _step("shard the raw corpus", ["shard", str(c / "images"), str(c / "texts"), str(c / "docs.jsonl"),
                                    str(c / "audio"), str(c / "video"), str(c / "broken"),
                                    "--out", str(out / "shards"), "--max-count", "40", *w], log)
@@ -262,6 +277,11 @@ def run_demo(out: Path, workers: int = 2) -> None:
           log)
     _step("decode tokens back to text and PNG", ["detokenize", str(out / "tokens"), "--tokenizer", tok, "--out",
                                                  str(out / "decoded"), "--limit", "20"], log)
+    return tok
+
+
+def _moma_steps(out: Path, tok: str, log: list[dict]) -> None:
+    """Plan, MoMa training on 2 processes, the auxiliary routers, eval, upcycling, generation, export."""
     _step("plan a balanced 1:1 mixture for 2 ranks", ["balance-mix", str(out / "tokens"), "--out", str(out / "plan"),
                                                       "--world-size", "2", "--experts", "1t1i", "--seq-len", "256",
                                                       "--micro-batch", "2", "--steps", "40", "--seed", "0", "--plot",
@@ -289,7 +309,11 @@ def run_demo(out: Path, workers: int = 2) -> None:
                                 str(out / "generated-image")], log)
     _step("export to safetensors", ["export", str(out / "run"), "--out", str(out / "model")], log)
     _step("inspect the training run", ["inspect", str(out / "run")], log)
-    # Chameleon: a checkpoint's tokenizer in, its weights as a run's start, the model out in HF format
+
+
+def _chameleon_steps(out: Path, c: Path, w: list[str], log: list[dict]) -> tuple[Path, str, dict]:
+    """A Chameleon checkpoint's tokenizer in, its weights as a run's start, the model out in
+    HF format and loaded back. Returns (checkpoint, tokenizer directory, the load check)."""
     texts = [p.read_text() for p in sorted((c / "texts").glob("*.txt"))]
     hf = make_chameleon_checkpoint(out / "chameleon-hf", texts)
     tc = str(out / "tokenizer-chameleon")
@@ -309,7 +333,11 @@ def run_demo(out: Path, workers: int = 2) -> None:
     check = check_hf_export(out / "model-hf", out / "run-chameleon", Path(tc))
     log.append({"step": "load the export back through transformers", "command": "python: from_pretrained", **check,
                 "exit": 0})
-    # Uni-MoE: speech, audio, video and image features through connectors into a LoRA-expert MoE
+    return hf, tc, check
+
+
+def _unimoe_steps(out: Path, c: Path, w: list[str], tok: str, log: list[dict]) -> None:
+    """Speech, audio, video and image features through connectors into a LoRA-expert MoE."""
     _step("shard the speech corpus", ["shard", str(c / "speech"), "--out", str(out / "shards-speech"), *w], log)
     _step("Whisper features of the speech", ["extract-audio", str(out / "shards-speech"), "--out",
                                              str(out / "speech-features"), "--features", "whisper", *w], log)
@@ -326,7 +354,11 @@ def run_demo(out: Path, workers: int = 2) -> None:
                                          str(out / "unimoe" / stage), "--init", prev, *uni, *nproc], log)
         prev = str(out / "unimoe" / stage)
     _step("evaluate Uni-MoE (loss per modality, routing)", ["eval", prev], log)
-    (out / "demo-steps.json").write_text(json.dumps(log, indent=1))
+
+
+def _tell_where(out: Path, corpus: Path, tok: str, hf: Path, tc: str, check: dict) -> None:
+    from rich.console import Console
+
     con = Console(stderr=True)
     con.rule("[bold green]demo finished")
     con.print(f"corpus:  {corpus}")
