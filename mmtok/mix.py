@@ -260,62 +260,20 @@ def plan_mix(dirs: list[str | Path], *, out: str | Path, ratio: tuple[int, int],
     `out` is where the plan will be written (source paths are stored relative to it).
     `holdout`: the share of documents to leave out of the plan (`held_out`).
     """
-    if world_size < 1 or seq_len < 1 or micro_batch < 1 or steps < 1:
-        raise ValueError("--world-size, --seq-len, --micro-batch and --steps must be positive")
-    if not 0 < tolerance < 1:
-        raise ValueError(f"--tolerance {tolerance}: expected a fraction between 0 and 1, e.g. 0.02")
-    if not 0 <= holdout < 1:
-        raise ValueError(f"--holdout {holdout}: expected a fraction from 0 to below 1, e.g. 0.05")
+    _check_plan_args(world_size, seq_len, micro_batch, steps, tolerance, holdout)
     corpus = TokenCorpus(dirs)
-    n_src = len(corpus.dirs)
     held = held_out(document_keys(corpus.dirs), holdout) if holdout else np.zeros(len(corpus.n_tokens), bool)
     keep = ~held
-    if weights is None:
-        w = np.array([corpus.n_tokens[(corpus.source == s) & keep].sum() for s in range(n_src)], dtype=np.float64)
-    else:
-        if len(weights) != n_src or any(x < 0 for x in weights) or sum(weights) <= 0:
-            raise ValueError(f"--weights: expected {n_src} non-negative numbers (one per source), got {weights}")
-        w = np.array(weights, dtype=np.float64)
-    w = w / w.sum()
-    for s in range(n_src):
-        if w[s] > 0 and not keep[corpus.source == s].any():
-            left = " left after --holdout" if corpus.n_docs[s] else ""
-            raise ValueError(f"{corpus.dirs[s]}: holds no documents{left} but has a weight; drop it or give it weight 0")
-
+    w = _source_weights(corpus, keep, weights)
     A = _atoms(corpus, seq_len, keep)
     is_text = np.flatnonzero((corpus.n_image == 0) & keep)
-    # each source's weight splits over the pools in the proportion of its own tokens
-    tok = np.zeros((2, n_src))
-    tok[IMAGE] = np.bincount(corpus.source[A["doc"]], weights=A["len"], minlength=n_src)
-    tok[TEXT] = np.bincount(corpus.source[is_text], weights=corpus.n_tokens[is_text], minlength=n_src)
-    src_tok = tok.sum(axis=0)
-    pool_w = np.where(src_tok > 0, w * tok / np.maximum(src_tok, 1), 0.0)
-    pool_w = pool_w / np.maximum(pool_w.sum(axis=1, keepdims=True), 1e-300)
-
+    tok, pool_w = _pool_weights(corpus, A, is_text, w)
     a_rho = ratio[0] / ratio[1]
     n_mb = steps * world_size
-    C = seq_len * micro_batch
-    img_frac = 1 / (1 + a_rho)
-    atom_per_img = A["len"].sum() / max(1, A["img"].sum())
-    need = np.array([n_mb * C * img_frac * atom_per_img, n_mb * C * (1 - img_frac)]) * 1.05 + 2 * C
-    # atoms of one document are consecutive, so a permutation of documents expands to atoms
-    doc_first = np.flatnonzero(np.diff(A["doc"], prepend=-1))
-    doc_count = np.diff(np.concatenate([doc_first, [len(A["doc"])]]))
-    while True:
-        a_items = _stream(corpus.source[A["doc"][doc_first]], [doc_first, doc_count], A["len"], pool_w[IMAGE],
-                          need[IMAGE], seed, IMAGE)
-        a_stream = {k: v[a_items] for k, v in A.items()}
-        d_doc = is_text[_stream(corpus.source[is_text], None, corpus.n_tokens[is_text], pool_w[TEXT], need[TEXT],
-                                seed, TEXT)]
-        d_stream = {"doc": d_doc, "len": corpus.n_tokens[d_doc]}
-        try:
-            arrays, (ia, tpos) = _pack(a_stream, d_stream, n_mb, seq_len, micro_batch, a_rho, tolerance * 0.95)
-            break
-        except _Exhausted:
-            need = need * 2
-
-    report = _report(corpus, arrays, A, a_stream, d_stream, ia, tpos, tok, w, weights is not None, a_rho, tolerance, C,
-                     [str(d) for d in dirs])
+    arrays, (ia, tpos), a_stream, d_stream = _pack_streams(corpus, A, is_text, pool_w, a_rho, n_mb, seq_len, micro_batch,
+                                                           tolerance, seed)
+    report = _report(corpus, arrays, A, a_stream, d_stream, ia, tpos, tok, w, weights is not None, a_rho, tolerance,
+                     seq_len * micro_batch, [str(d) for d in dirs])
     order_inputs = {
         "sources": corpus.manifest_sha256, "weights": w.tolist(), "ratio": list(ratio), "tolerance": tolerance,
         "seq_len": seq_len, "micro_batch": micro_batch, "seed": seed,
@@ -333,6 +291,77 @@ def plan_mix(dirs: list[str | Path], *, out: str | Path, ratio: tuple[int, int],
         "tokenizer": corpus.tokenizer,  # its full fingerprint: train records it, eval and generate compare it
         "report": report,
     }
+    parts = _holdout_parts(corpus, dirs, held, holdout, meta)
+    return Plan(meta, arrays, parts)
+
+
+def _check_plan_args(world_size: int, seq_len: int, micro_batch: int, steps: int, tolerance: float,
+                     holdout: float) -> None:
+    if world_size < 1 or seq_len < 1 or micro_batch < 1 or steps < 1:
+        raise ValueError("--world-size, --seq-len, --micro-batch and --steps must be positive")
+    if not 0 < tolerance < 1:
+        raise ValueError(f"--tolerance {tolerance}: expected a fraction between 0 and 1, e.g. 0.02")
+    if not 0 <= holdout < 1:
+        raise ValueError(f"--holdout {holdout}: expected a fraction from 0 to below 1, e.g. 0.05")
+
+
+def _source_weights(corpus: TokenCorpus, keep: np.ndarray, weights: list[float] | None) -> np.ndarray:
+    """Each source's share of the mixture: `weights`, or its tokens left in the plan."""
+    n_src = len(corpus.dirs)
+    if weights is None:
+        w = np.array([corpus.n_tokens[(corpus.source == s) & keep].sum() for s in range(n_src)], dtype=np.float64)
+    else:
+        if len(weights) != n_src or any(x < 0 for x in weights) or sum(weights) <= 0:
+            raise ValueError(f"--weights: expected {n_src} non-negative numbers (one per source), got {weights}")
+        w = np.array(weights, dtype=np.float64)
+    w = w / w.sum()
+    for s in range(n_src):
+        if w[s] > 0 and not keep[corpus.source == s].any():
+            left = " left after --holdout" if corpus.n_docs[s] else ""
+            raise ValueError(f"{corpus.dirs[s]}: holds no documents{left} but has a weight; drop it or give it weight 0")
+    return w
+
+
+def _pool_weights(corpus: TokenCorpus, A: dict, is_text: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens per pool and source [2, n_src], each pool's source weights): a source's weight
+    splits over the pools in the proportion of its own tokens."""
+    n_src = len(corpus.dirs)
+    tok = np.zeros((2, n_src))
+    tok[IMAGE] = np.bincount(corpus.source[A["doc"]], weights=A["len"], minlength=n_src)
+    tok[TEXT] = np.bincount(corpus.source[is_text], weights=corpus.n_tokens[is_text], minlength=n_src)
+    src_tok = tok.sum(axis=0)
+    pool_w = np.where(src_tok > 0, w * tok / np.maximum(src_tok, 1), 0.0)
+    pool_w = pool_w / np.maximum(pool_w.sum(axis=1, keepdims=True), 1e-300)
+    return tok, pool_w
+
+
+def _pack_streams(corpus: TokenCorpus, A: dict, is_text: np.ndarray, pool_w: np.ndarray, a_rho: float, n_mb: int,
+                  seq_len: int, micro_batch: int, tolerance: float, seed: int):
+    """(arrays, packing positions, image-pool stream, text stream): both pools streamed long
+    enough for `n_mb` micro-batches (doubled until the packer has enough)."""
+    C = seq_len * micro_batch
+    img_frac = 1 / (1 + a_rho)
+    atom_per_img = A["len"].sum() / max(1, A["img"].sum())
+    need = np.array([n_mb * C * img_frac * atom_per_img, n_mb * C * (1 - img_frac)]) * 1.05 + 2 * C
+    # atoms of one document are consecutive, so a permutation of documents expands to atoms
+    doc_first = np.flatnonzero(np.diff(A["doc"], prepend=-1))
+    doc_count = np.diff(np.concatenate([doc_first, [len(A["doc"])]]))
+    while True:
+        a_items = _stream(corpus.source[A["doc"][doc_first]], [doc_first, doc_count], A["len"], pool_w[IMAGE],
+                          need[IMAGE], seed, IMAGE)
+        a_stream = {k: v[a_items] for k, v in A.items()}
+        d_doc = is_text[_stream(corpus.source[is_text], None, corpus.n_tokens[is_text], pool_w[TEXT], need[TEXT],
+                                seed, TEXT)]
+        d_stream = {"doc": d_doc, "len": corpus.n_tokens[d_doc]}
+        try:
+            arrays, positions = _pack(a_stream, d_stream, n_mb, seq_len, micro_batch, a_rho, tolerance * 0.95)
+            return arrays, positions, a_stream, d_stream
+        except _Exhausted:
+            need = need * 2
+
+
+def _holdout_parts(corpus: TokenCorpus, dirs: list, held: np.ndarray, holdout: float, meta: dict) -> list:
+    """The held-out documents per source, to write under PLAN/holdout/ (recorded in `meta`)."""
     parts = []
     if holdout:
         names = _holdout_names(corpus.dirs)
@@ -343,7 +372,7 @@ def plan_mix(dirs: list[str | Path], *, out: str | Path, ratio: tuple[int, int],
                                                "path": f"{HOLDOUT_DIR}/{names[s]}" if len(local) else None})
             if len(local):
                 parts.append((d, names[s], local))
-    return Plan(meta, arrays, parts)
+    return parts
 
 
 def balance_mix(dirs: list[str | Path], out: str | Path, *, world_size: int, micro_batch: int, seq_len: int = 4096,
