@@ -255,6 +255,53 @@ def disk_full_resumes(out: Path) -> Iterator[None]:
                          "command: it resumes where it stopped") from None
 
 
+class _Results:
+    """Where each item's results go, in input order: samples to the writer, quarantine
+    records to the log; with `batch_fn`, the stage's values wait for a batch first (a
+    quarantined item flushes the batch before it, so the order holds)."""
+
+    def __init__(self, stage: str, writer: _Writer, qlog: _Log, dlog: _Log, batch_fn, batch_size: int):
+        self.stage, self.writer, self.qlog, self.dlog = stage, writer, qlog, dlog
+        self.batch_fn, self.batch_size = batch_fn, batch_size
+        self.names: dict[int, str] = {}
+        self.pending: list[tuple[int, Any]] = []
+
+    def named(self, tasks):
+        """The tasks, remembering each item's name for its records."""
+        for t in tasks:
+            for i, item in t:
+                self.names[i] = item.name
+            yield t
+
+    def add(self, i: int, res: list) -> None:
+        if self.batch_fn is None or (res and isinstance(res[0], Quarantined)):
+            if self.batch_fn is not None:
+                self.flush()
+            self._emit(i, res)
+        else:
+            self.pending.append((i, res[0]))
+            if len(self.pending) >= self.batch_size:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        outs = self.batch_fn([v for _, v in self.pending])
+        for (i, _), res in zip(self.pending, outs):
+            self._emit(i, res)
+        self.pending.clear()
+
+    def _emit(self, i: int, results: list) -> None:
+        name, sub = self.names.pop(i), 0
+        for r in results:
+            if isinstance(r, Quarantined):
+                rec = {"index": i, "input": r.input or name, "stage": self.stage, "reason": r.reason}
+                self.qlog.add(rec if r.counts else {**rec, "counts": False})
+            else:
+                self.writer.add(i, sub, r, self.dlog, name)
+                sub += 1
+
+
 def run_stage(
     stage: str,
     items: Iterable[Item],
@@ -298,61 +345,25 @@ def run_stage(
     with disk_full_resumes(out), exclusive(out):
         _check_stage_file(out, stage, config, input_listing(config.get("inputs", ())), overwrite)
         writer = _Writer(out, max_count, max_size, dedup, workers)
-        qlog, dlog = _Log(out / QUARANTINE), _Log(out / DUPLICATES)
+        results = _Results(stage, writer, _Log(out / QUARANTINE), _Log(out / DUPLICATES), batch_fn, batch_size)
         summary = Summary(stage=stage, out=str(out), max_error_rate=max_error_rate, resumed_shards=len(writer.finished))
         start = writer.frontier
         n_items = start
-        bar = progress_bar(stage, total, start, progress, count)
-
-        def emit(i: int, name: str, results: list) -> None:
-            sub = 0
-            for r in results:
-                if isinstance(r, Quarantined):
-                    rec = {"index": i, "input": r.input or name, "stage": stage, "reason": r.reason}
-                    qlog.add(rec if r.counts else {**rec, "counts": False})
-                else:
-                    writer.add(i, sub, r, dlog, name)
-                    sub += 1
-
-        names: dict[int, str] = {}
-
-        def remember(tasks):
-            for t in tasks:
-                for i, item in t:
-                    names[i] = item.name
-                yield t
-
-        pending: list[tuple[int, Any]] = []
-
-        def run_batch():
-            values = [v for _, v in pending]
-            outs = batch_fn(values)
-            for (i, _), res in zip(pending, outs):
-                emit(i, names.pop(i), res)
-            pending.clear()
-
         try:
-            with bar:
-                for task_out in _ordered_map(fn, remember(_tasks(items, start, task_size)), workers, threads, backend):
+            with progress_bar(stage, total, start, progress, count) as bar:
+                tasks = results.named(_tasks(items, start, task_size))
+                for task_out in _ordered_map(fn, tasks, workers, threads, backend):
                     for i, res in task_out:
                         n_items = i + 1
-                        if batch_fn is None or (res and isinstance(res[0], Quarantined)):
-                            if batch_fn is not None and pending:
-                                run_batch()  # keep output order: flush earlier items first
-                            emit(i, names.pop(i), res)
-                        else:
-                            pending.append((i, res[0]))
-                            if len(pending) >= batch_size:
-                                run_batch()
+                        results.add(i, res)
                         bar.advance()
-                if pending:
-                    run_batch()
+                results.flush()
             writer.close(n_items)
         except BaseException:
             writer.abort()
             raise
         finally:
-            q_rows, d_rows = qlog.finish(), dlog.finish()
+            q_rows, d_rows = results.qlog.finish(), results.dlog.finish()
 
         n_items = max(n_items, max((r["index"] + 1 for r in q_rows), default=0))
         summary.items = n_items if total is None else max(total, n_items)
