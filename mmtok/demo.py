@@ -234,6 +234,7 @@ def run_demo(out: Path, workers: int = 2) -> None:
     w = ["--workers", str(workers)]
     tok = _data_steps(out, corpus, w, log)
     _moma_steps(out, tok, log)
+    _mot_steps(out, log)
     chameleon = _chameleon_steps(out, corpus, w, log)
     _unimoe_steps(out, corpus, w, tok, log)
     (out / "demo-steps.json").write_text(json.dumps(log, indent=1))
@@ -311,6 +312,14 @@ def _moma_steps(out: Path, tok: str, log: list[dict]) -> None:
     _step("inspect the training run", ["inspect", str(out / "run")], log)
 
 
+def _mot_steps(out: Path, log: list[dict]) -> None:
+    """Mixture-of-Transformers on the same plan: every weight untied by modality, no router."""
+    _step("train Mixture-of-Transformers (weights untied by modality, no router)",
+          ["train", "--model", "mot", "--plan", str(out / "plan"), "--out", str(out / "run-mot"), "--preset", "tiny",
+           "--steps", "20"], log)
+    _step("evaluate MoT", ["eval", str(out / "run-mot"), "--data", str(out / "tokens"), "--max-docs", "100"], log)
+
+
 def _chameleon_steps(out: Path, c: Path, w: list[str], log: list[dict]) -> tuple[Path, str, dict]:
     """A Chameleon checkpoint's tokenizer in, its weights as a run's start, the model out in
     HF format and loaded back. Returns (checkpoint, tokenizer directory, the load check)."""
@@ -368,6 +377,7 @@ def _tell_where(out: Path, corpus: Path, tok: str, hf: Path, tc: str, check: dic
     con.print(f"mixture plan: {out / 'plan'} (plot {out / 'plan.png'});  training run: {out / 'run'};  "
               f"exported model: {out / 'model'}")
     con.print(f"upcycled run: {out / 'run-2t2i'};  samples: {out / 'generated'}, {out / 'generated-image'}")
+    con.print(f"Mixture-of-Transformers run: {out / 'run-mot'} (eval report in run-mot/eval)")
     con.print(f"Chameleon: checkpoint {hf}, tokenizer {tc}, run {out / 'run-chameleon'}, HF export {out / 'model-hf'} "
               f"(loaded back: {check})")
     con.print(f"Uni-MoE stages: {out / 'unimoe'} (align, experts, tune; eval report in tune/eval)")

@@ -37,6 +37,8 @@ def test_demo_runs_every_stage_end_to_end(tmp_path: Path):
     # 20 tiny training steps already beat guessing uniformly over the vocabulary
     assert report["heldout"]["all"]["tokens"] > 0 and report["heldout"]["all"]["loss"] < math.log(vocab["vocab_size"])
     assert (out / "model" / "config.json").exists()
+    mot = json.loads((out / "run-mot" / "eval" / "eval.json").read_text())
+    assert mot["config"]["model"] == "mot" and mot["heldout"]["all"]["loss"] < math.log(vocab["vocab_size"])
     assert (out / "unimoe" / "tune" / "eval" / "eval.json").exists()
     assert "inspect" in commands
     assert json.loads((out / "run" / "aux_routers.json").read_text())["world_size"] == 2  # the aux stage on 2 processes
