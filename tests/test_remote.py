@@ -421,8 +421,9 @@ def test_cli_shards_into_a_bucket(ref, bucket, tmp_path):
     _same_output(f"{bucket}/shards", ref / "shards")
 
 
-def test_cli_tokenizes_from_a_bucket_into_a_bucket(ref, bucket):
-    """Shards, tokenizer, codes and tokens all in the bucket: the local run's bytes."""
+def test_cli_tokenizes_from_a_bucket_into_a_bucket(ref, bucket, tmp_path):
+    """Shards, tokenizer, codes and tokens all in the bucket: the local run's bytes; and
+    detokenize with the tokenizer in the bucket decodes what the local tokenizer does."""
     _put(ref / "shards", f"{bucket}/shards")
     _put(ref / "tok", f"{bucket}/tok")
     shards, tok, codes, tokens = (f"s3://{bucket}/{n}" for n in ("shards", "tok", "codes", "tokens"))
@@ -432,6 +433,10 @@ def test_cli_tokenizes_from_a_bucket_into_a_bucket(ref, bucket):
     _cli("tokenize", shards, "--tokenizer", tok, "--codes", codes, "--out", tokens, "--max-error-rate", 1, "--json")
     # the manifest's config names the inputs (and --codes) by URL; everything else is the local bytes
     _same_output(f"{bucket}/tokens", ref / "tokens", {ref / "shards": shards, ref / "codes": codes})
+    _cli("detokenize", ref / "tokens", "--tokenizer", ref / "tok", "--out", tmp_path / "here", "--limit", 6)
+    _cli("detokenize", ref / "tokens", "--tokenizer", tok, "--out", tmp_path / "there", "--limit", 6)
+    here = {p.name: p.read_bytes() for p in (tmp_path / "here").iterdir() if p.suffix in (".txt", ".png")}
+    assert here and here == {p.name: p.read_bytes() for p in (tmp_path / "there").iterdir() if p.suffix in (".txt", ".png")}
 
 
 def test_cli_plans_a_mix_of_a_bucket_into_a_bucket(ref, bucket):
