@@ -3,7 +3,8 @@
 The library API, as the README's "Use mmtok from Python" shows it:
 
 - `mmtok.ShardReader(dir)`: the samples of a shard directory (any stage's output);
-- `mmtok.Tokenizer.load(tok_dir)`: the unified tokenizer (BPE text ids, VQ image codes);
+- `mmtok.Tokenizer.load(tok_dir)`: the unified tokenizer (BPE text ids, VQ image codes; a URL
+  is read from a copy in the cache);
 - `mmtok.PlanLoader(plan_dir, rank, world_size)`: the micro-batches of a `balance-mix` plan;
 - `mmtok.load_run(run_dir)`: a run's newest checkpoint as (model, config, step), on CPU;
 - `mmtok.shard`, `mmtok.train_bpe`, `mmtok.tokenize_images`, `mmtok.extract_keyframes`, `mmtok.extract_audio`:
