@@ -146,7 +146,8 @@ def make_chameleon_checkpoint(out: Path, texts: list[str], seed: int = 0) -> Pat
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from mmtok.chameleon import ChameleonVQ, ChameleonVQConfig, image_token_name
+    from mmtok.chameleon import image_token_name
+    from mmtok.chameleon_vq import ChameleonVQ, ChameleonVQConfig
     from mmtok.trainer.config import ModelConfig
     from mmtok.trainer.hf_export import VQ_PREFIX, to_hf_state
     from mmtok.trainer.model import Decoder

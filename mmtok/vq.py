@@ -289,9 +289,9 @@ def load_vq(tokdir: str | Path, device: str = "cpu"):
         kind = json.loads((Path(tokdir) / CONFIG).read_text()).get("kind")
     except (OSError, ValueError, AttributeError):
         kind = None  # VQModel.load names what is missing or malformed
-    if kind == "chameleon-vqgan":
-        from mmtok.chameleon import ChameleonVQ
+    from mmtok.chameleon_vq import KIND, ChameleonVQ
 
+    if kind == KIND:
         return ChameleonVQ.load(tokdir, device)
     return VQModel.load(tokdir, device)
 

@@ -260,7 +260,7 @@ def _vq_part(tokdir: Path, n_codes: int) -> tuple[dict, dict]:
     Chameleon's (mmtok.chameleon keeps transformers' names), else a small random stand-in
     of that architecture (transformers' Chameleon always has a VQ; images then come in as
     ids from `mmtok tokenize-images`, not through its image processor)."""
-    from mmtok.chameleon import KIND, ChameleonVQ, ChameleonVQConfig
+    from mmtok.chameleon_vq import KIND, ChameleonVQ, ChameleonVQConfig
     from mmtok.vq import CONFIG as VQ_CONFIG
 
     vq_json = tokdir / VQ_CONFIG
