@@ -76,7 +76,7 @@ def _print(result: dict, as_json: bool, title: str) -> None:
 @friendly_errors
 def train_bpe(
     inputs: List[str] = SHARDS,
-    out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="Tokenizer directory to write (bpe.model, vocab.json)."),
+    out: str = typer.Option(..., "--out", "-o", help="Tokenizer directory to write (bpe.model, vocab.json), or a URL."),
     vocab_size: int = typer.Option(65536, "--vocab-size", min=1, help="All ids: specials + text pieces + image codes."),
     image_codes: int = typer.Option(8192, "--image-codes", min=1, help="Ids reserved for image codes (= VQ codebook size)."),
     resolution: int = typer.Option(512, "--resolution", min=1, help="VQ input size, for codes per image (a trained VQ in OUT wins)."),
@@ -96,17 +96,19 @@ def train_bpe(
     """
     from mmtok.bpe import train_bpe as run
 
-    inputs = _local(check_inputs(inputs, shard_dirs=True), "train-bpe")
-    result = run(inputs, out, vocab_size=vocab_size, image_codes=image_codes,
-                 image_tokens_per_image=(resolution // downsample) ** 2, input_sentence_size=input_sentence_size,
-                 seed=seed, threads=threads, log=_log)
-    _print(result, as_json, "train-bpe")
+    inputs = check_inputs(inputs, shard_dirs=True)
+    with _tokenizer_out(out) as local:
+        result = run(inputs, local, vocab_size=vocab_size, image_codes=image_codes,
+                     image_tokens_per_image=(resolution // downsample) ** 2, input_sentence_size=input_sentence_size,
+                     seed=seed, threads=threads, log=_log)
+    _print(_named(result, out), as_json, "train-bpe")
 
 
 @friendly_errors
 def train_vq(
     inputs: List[str] = SHARDS,
-    out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="Tokenizer directory (vq.safetensors, vq.json, checkpoint, log)."),
+    out: str = typer.Option(..., "--out", "-o", help="Tokenizer directory (vq.safetensors, vq.json, checkpoints, log), "
+                            "or a URL."),
     steps: int = typer.Option(..., "--steps", min=1, help="Total optimizer steps (a resumed run continues to it)."),
     codebook_size: int = typer.Option(8192, "--codebook-size", min=2, help="Codes in the codebook."),
     resolution: int = typer.Option(512, "--resolution", min=1, help="Images are resized and centre-cropped to this."),
@@ -143,16 +145,17 @@ def train_vq(
     from mmtok.vq import VQConfig
     from mmtok.trainer.vq_train import train_vq as run
 
-    inputs = _local(check_inputs(inputs, shard_dirs=True), "train-vq")
+    inputs = check_inputs(inputs, shard_dirs=True)
     cfg = VQConfig(resolution=resolution, downsample=downsample, codebook_size=codebook_size, code_dim=code_dim,
                    channels=channels, res_blocks=res_blocks)
-    result = run(inputs, out, cfg, steps=steps, batch_size=batch_size, lr=lr, log_every=log_every,
-                 checkpoint_every=checkpoint_every, restart_every=restart_every, disc_weight=disc_weight,
-                 disc_start=disc_start, perceptual_weights=str(perceptual_weights) if perceptual_weights else None,
-                 perceptual_weight=perceptual_weight, seed=seed, device=device, restart=restart,
-                 memory_check=memory_check, progress=not quiet and not as_json, log=_log)
+    with _tokenizer_out(out) as local:
+        result = run(inputs, local, cfg, steps=steps, batch_size=batch_size, lr=lr, log_every=log_every,
+                     checkpoint_every=checkpoint_every, restart_every=restart_every, disc_weight=disc_weight,
+                     disc_start=disc_start, perceptual_weights=str(perceptual_weights) if perceptual_weights else None,
+                     perceptual_weight=perceptual_weight, seed=seed, device=device, restart=restart,
+                     memory_check=memory_check, progress=not quiet and not as_json, log=_log)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
-        _print(result, as_json, "train-vq")
+        _print(_named(result, out), as_json, "train-vq")
 
 
 @friendly_errors
@@ -199,13 +202,18 @@ def _load_tokenizer(tokenizer: str, device: Optional[str]):
     return Tokenizer.load(tokenizer, device)
 
 
-def _local(inputs: list, command: str) -> list:
-    """The tokenizer trainers read local shards only, for now."""
-    remote = [str(d) for d in inputs if not isinstance(d, Path)]
-    if remote:
-        raise ValueError(f"{command} reads local shard directories; copy {remote[0]} here first "
-                         "(the other stages read URLs in place: docs/REMOTE.md)")
-    return inputs
+def _tokenizer_out(out: str):
+    """The tokenizer directory to write for `out`: itself, or for a URL a local copy mirrored
+    to it (pulled first, so train-vq resumes from the bucket's checkpoints); refused under
+    torchrun, where each process would mirror a copy of its own."""
+    from mmtok.fs import is_url
+    from mmtok.mirror import all_files, remote_output
+
+    not_a_file(out)
+    if is_url(out) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"--out {out}: a URL is written by one process; train into a shared filesystem under "
+                         "torchrun and copy the tokenizer to the bucket")
+    return remote_output(out, ours=all_files)
 
 
 def _remote_out(out: str, backend: str):
@@ -224,12 +232,15 @@ def _remote_out(out: str, backend: str):
 
 
 def _named(summary, out: str):
-    """The summary naming the URL a stage wrote, not its staging directory."""
+    """The summary (a stage's, or a trainer's dict) naming the URL it wrote, not its staging
+    directory."""
     from mmtok.cli.train_cmds import OUT_AS
     from mmtok.fs import is_url
 
     out = os.environ.get(OUT_AS) or out  # a process --nproc started writes the copy of this URL
     if is_url(out):
+        if isinstance(summary, dict):
+            return {**summary, "out": out}
         summary.out = out
     return summary
 

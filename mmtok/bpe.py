@@ -11,13 +11,13 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import mmap
 import os
 import re
 import time
 from pathlib import Path
 from typing import Iterator
 
+from mmtok.fs import read_ranges
 from mmtok.shards import ShardReader, atomic_write
 from mmtok.vocab import Vocab
 
@@ -26,30 +26,37 @@ MAX_LINE_CHARS = 4096
 # Peak trainer memory per byte of sampled text, measured with benchmarks/bench_bpe.py
 # (max RSS of the bare trainer on 2-64 MB samples); a conservative round-up.
 BYTES_OF_MEMORY_PER_TEXT_BYTE = 16
+RANGES_PER_READ = 1024  # members read at once: bounded memory, and few round trips to a bucket
 SP_BASE_MEMORY = 160 << 20
 
 
 def iter_raw_texts(shard_dirs: list[str | Path]) -> Iterator[tuple[str, bytes]]:
     """(sample name, raw text) for each `txt` member (text samples, captions) and each text
     segment of a document. Members are sliced out of the tars by the offsets in
-    index.parquet, which is several times faster than parsing every tar header."""
+    index.parquet, which is several times faster than parsing every tar header; a shard at
+    a URL is read the same way, a batch of ranges at a time."""
     for d in shard_dirs:
-        index = ShardReader(d).index()
+        reader = ShardReader(d)
+        index = reader.index()
         if "members" not in index.column_names:
             continue  # an empty shard directory
         rows = index.select(["key", "shard", "group", "members"]).to_pylist()
         for shard, group_rows in itertools.groupby(rows, key=lambda r: r["shard"]):
-            with open(Path(d) / shard, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                for r in group_rows:
-                    at = {x["ext"]: (x["offset"], x["offset"] + x["size"]) for x in r["members"]}
-                    name = f"{d}/{shard}:{r['key']}"
-                    if r["group"] == "doc" and "json" in at:
-                        segments = json.loads(m[slice(*at["json"])]).get("segments") or []
-                        for seg in segments:
-                            if isinstance(seg, dict) and isinstance(seg.get("text"), str):
-                                yield name, seg["text"].encode("utf-8")
-                    elif "txt" in at:
-                        yield name, m[slice(*at["txt"])]
+            wanted = []  # (name, a document's json, (start, end))
+            for r in group_rows:
+                at = {x["ext"]: (x["offset"], x["offset"] + x["size"]) for x in r["members"]}
+                doc = r["group"] == "doc" and "json" in at
+                if doc or "txt" in at:
+                    wanted.append((f"{d}/{shard}:{r['key']}", doc, at["json" if doc else "txt"]))
+            for i in range(0, len(wanted), RANGES_PER_READ):
+                batch = wanted[i:i + RANGES_PER_READ]
+                for (name, doc, _), data in zip(batch, read_ranges(reader.directory / shard, [w[2] for w in batch])):
+                    if not doc:
+                        yield name, data
+                        continue
+                    for seg in json.loads(data).get("segments") or []:
+                        if isinstance(seg, dict) and isinstance(seg.get("text"), str):
+                            yield name, seg["text"].encode("utf-8")
 
 
 def training_lines(shard_dirs: list[str | Path], stats: dict) -> Iterator[str]:

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmtok.demo import draw_shape
 from mmtok.fs import RemoteError, RemotePath, as_location, is_url
@@ -495,9 +496,29 @@ def test_cli_refuses_what_a_bucket_cannot_do_yet(bucket, ref):
     assert r.exit_code == 2 and "use --nproc" in " ".join(r.output.split()), r.output
     r = CliRunner().invoke(app, ["train", "--plan", str(ref / "plan"), "--out", f"s3://{bucket}/run"], env=env)
     assert r.exit_code == 2 and "rather than your own torchrun" in " ".join(r.output.split()), r.output
+    r = CliRunner().invoke(app, ["train-vq", str(ref / "shards"), "--out", f"s3://{bucket}/tok", "--steps", "1"],
+                           env=env)
+    assert r.exit_code == 2 and "a URL is written by one process" in " ".join(r.output.split()), r.output
+
+
+def test_cli_trains_the_tokenizers_from_a_bucket_into_a_bucket(ref, bucket):
+    """train-bpe (members read by ranges at the index's offsets) and train-vq read shards at a
+    URL and write the tokenizer to one: the local tokenizer's files."""
+    from safetensors.torch import load
+
     _put(ref / "shards", f"{bucket}/shards")
-    r = CliRunner().invoke(app, ["train-bpe", f"s3://{bucket}/shards", "--out", str(ref / "tok2")])
-    assert r.exit_code == 2 and "copy s3://" in " ".join(r.output.split())
+    shards, tok = f"s3://{bucket}/shards", f"s3://{bucket}/tok"
+    r = _cli("train-bpe", shards, "--out", tok, "--vocab-size", 600, "--image-codes", 64, "--json")
+    assert json.loads(r.stdout)["out"] == tok
+    _cli("train-vq", shards, "--out", tok, "--steps", 2, "--batch-size", 4, "--codebook-size", 64, "--resolution", 16,
+         "--downsample", 2, "--channels", 8, "--res-blocks", 1, "--disc-weight", 0, "--json")
+    got = _bucket_files(f"{bucket}/tok")
+    for name in ("bpe.model", "bpe.vocab", "vocab.json", "vq.json"):
+        assert got[name] == (ref / "tok" / name).read_bytes(), name
+    there, here = load(got["vq.safetensors"]), load((ref / "tok" / "vq.safetensors").read_bytes())
+    assert sorted(there) == sorted(here)
+    for k in here:  # the same two steps on the same images: only summation order could differ
+        assert torch.allclose(there[k], here[k], rtol=1e-5, atol=1e-6), k
 
 
 @pytest.mark.slow
