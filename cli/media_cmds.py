@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import List
 
 import typer
 
 from mmtok.cli.common import (BACKEND, JSON_OUT, MAX_COUNT, MAX_ERROR_RATE, OVERWRITE, QUIET, WORKERS, check_inputs,
-                               friendly_errors, report)
+                               friendly_errors, not_a_file, report)
 
 INPUTS = typer.Argument(..., help="Shard directories made by `mmtok shard`, directories of media files "
                         "(walked recursively, by extension) or single files, in any mix.")
-OUT = typer.Option(..., "--out", "-o", file_okay=False, help="Output shard directory.")
+OUT = typer.Option(..., "--out", "-o", help="Output shard directory, or a URL (s3://...).")
 
 
 def register(app: typer.Typer) -> None:
@@ -23,7 +22,7 @@ def register(app: typer.Typer) -> None:
 @friendly_errors
 def extract_keyframes(
     inputs: List[str] = INPUTS,
-    out: Path = OUT,
+    out: str = OUT,
     mode: str = typer.Option("uniform", "--mode", help="uniform: N frames evenly spread over the duration; "
                              "keyframes: I-frames only (no full decode, fast); scene: the first frame and the N-1 strongest scene changes, in time order."),
     frames: int = typer.Option(8, "--frames", "-n", min=1, help="Frames per video (uniform), or at most this many (keyframes, scene)."),
@@ -50,10 +49,11 @@ def extract_keyframes(
     """
     from mmtok.video import FrameOptions, extract_keyframes as run
 
+    not_a_file(out)
     check_inputs(inputs, out)
     opts = FrameOptions(mode=mode, frames=frames, size=size, crop=crop, scene_threshold=scene_threshold,
                         quality=quality)
-    summary = run(list(inputs), str(out), opts, workers=workers, backend=backend, max_count=max_count,
+    summary = run(list(inputs), out, opts, workers=workers, backend=backend, max_count=max_count,
                   max_error_rate=max_error_rate, overwrite=overwrite, progress=not quiet and not as_json)
     report(summary, as_json)
 
@@ -61,7 +61,7 @@ def extract_keyframes(
 @friendly_errors
 def extract_audio(
     inputs: List[str] = INPUTS,
-    out: Path = OUT,
+    out: str = OUT,
     features: str = typer.Option("whisper,fbank", "--features", help="Comma-separated: whisper (log-mel, "
                                  "n_mels x 3000 per 30 s chunk), fbank (BEATs' Kaldi fbank, 128 bins)."),
     n_mels: int = typer.Option(80, "--n-mels", help="Whisper mel bins: 80, or 128 (large-v3)."),
@@ -84,9 +84,10 @@ def extract_audio(
     """
     from mmtok.audio import AudioOptions, extract_audio as run
 
+    not_a_file(out)
     check_inputs(inputs, out)
     opts = AudioOptions(features=tuple(f.strip() for f in features.split(",") if f.strip()), n_mels=n_mels,
                         max_chunks=max_chunks)
-    summary = run(list(inputs), str(out), opts, workers=workers, backend=backend, max_count=max_count,
+    summary = run(list(inputs), out, opts, workers=workers, backend=backend, max_count=max_count,
                   max_error_rate=max_error_rate, overwrite=overwrite, progress=not quiet and not as_json)
     report(summary, as_json)

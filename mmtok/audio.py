@@ -214,10 +214,10 @@ def audio_stage(payload, opts: AudioOptions):
 
 def extract_audio(inputs: list[str], out: str, opts: AudioOptions, **run_kw):
     """Run the extract-audio stage over shard dirs / files; returns the runner Summary."""
-    from mmtok.runner import run_stage
+    from mmtok.mirror import run_stage_to
 
     items, total = media_items(inputs, ("audio", "video"), AUDIO_EXTS + VIDEO_EXTS)
     config = {"inputs": [str(i) for i in inputs], "features": list(opts.features), "n_mels": opts.n_mels,
               "max_chunks": opts.max_chunks}
-    return run_stage("extract-audio", items, functools.partial(audio_stage, opts=opts), out,
-                     config=config, total=total, **run_kw)
+    return run_stage_to(out, "extract-audio", items, functools.partial(audio_stage, opts=opts),
+                        config=config, total=total, **run_kw)

@@ -18,7 +18,7 @@ from typing import Iterator
 from mmtok.manifests import (MANIFEST_EXTS, Columns, bad_item, check_manifest, csv_items,  # noqa: F401
                              img2dataset_shards, img2dataset_stats, jsonl_items, parquet_items)
 from mmtok.fs import RemotePath, as_location, is_url, join_location, remote_errors
-from mmtok.runner import DUPLICATES, STAGE_FILE, STATS_DIR, Item, Quarantined, Sample, run_stage
+from mmtok.runner import DUPLICATES, STAGE_FILE, STATS_DIR, Item, Quarantined, Sample
 from mmtok.shards import (INDEX, MANIFEST, QUARANTINE, content_hash, dumps_meta, group_samples, is_stage_output,
                           iter_tar, printable)
 from mmtok.sniff import Bad, Part, sniff
@@ -428,7 +428,7 @@ def shard(inputs: list[str], out, *, max_count: int = 10_000, max_size: int = 1 
     """`mmtok shard`: raw files, manifests and tars -> WebDataset shards in `out` (a path or a
     URL, written through a staging directory: mmtok.mirror). Returns the runner's Summary,
     whose `out` names what was given."""
-    from mmtok.mirror import remote_output
+    from mmtok.mirror import run_stage_to
 
     columns = columns or Columns()
     for spec in inputs:  # a manifest given by name is checked before any work (those in folders when reached)
@@ -441,12 +441,9 @@ def shard(inputs: list[str], out, *, max_count: int = 10_000, max_size: int = 1 
     named = {k: v for k, v in columns.__dict__.items() if v}
     if named:  # likewise: only when given
         config["columns"] = named
-    with remote_output(out) as local:
-        summary = run_stage(
-            "shard", shard_items(list(inputs), max_member_bytes, columns), ShardFn(validate, max_pixels, max_member_bytes),
-            local, config=config, workers=workers, max_count=max_count, max_size=max_size,
-            max_error_rate=max_error_rate, dedup=dedup, progress=progress, overwrite=overwrite, task_size=8,
-            backend=backend, count=shard_items(list(inputs), max_member_bytes, columns),  # the bar's total, in a thread
-            threads=True)  # reading, hashing and decoding release the GIL: no bytes through pipes
-    summary.out = str(out) if is_url(out) else summary.out  # the URL, not the staging directory
-    return summary
+    return run_stage_to(
+        out, "shard", shard_items(list(inputs), max_member_bytes, columns), ShardFn(validate, max_pixels, max_member_bytes),
+        config=config, workers=workers, max_count=max_count, max_size=max_size,
+        max_error_rate=max_error_rate, dedup=dedup, progress=progress, overwrite=overwrite, task_size=8,
+        backend=backend, count=shard_items(list(inputs), max_member_bytes, columns),  # the bar's total, in a thread
+        threads=True)  # reading, hashing and decoding release the GIL: no bytes through pipes

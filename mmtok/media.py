@@ -177,21 +177,23 @@ def file_key(path: str, data: bytes) -> str:
 def media_items(inputs: list[str], modalities: tuple[str, ...], exts: tuple[str, ...]):
     """Enumerate media inputs as runner Items, lazily, in a deterministic order.
 
-    Each input is a shard directory (it has a manifest.json; groups `<modality>-<ext>` and
-    `<modality>_pair-<ext>` are read with ShardReader), a directory of plain files (walked
-    recursively, by extension), or a single file. Payloads are
+    Each input is a shard directory, also at a URL (it has a manifest.json; groups
+    `<modality>-<ext>` and `<modality>_pair-<ext>` are read with ShardReader), a directory of
+    plain files (walked recursively, by extension), or a single file. Payloads are
     `(key, ext, data_or_path, parent_meta)`. Returns (items, total).
     """
-    from pathlib import Path
-
+    from mmtok.fs import RemotePath, as_location
     from mmtok.shards import MANIFEST, ShardReader
 
     readers, files, total = [], [], 0
     for inp in inputs:
-        p = Path(inp)
+        p = as_location(inp)
+        if isinstance(p, RemotePath) and not (p / MANIFEST).exists():
+            raise FileNotFoundError(f"{inp}: not a shard directory; at a URL these stages read the shards of "
+                                    "`mmtok shard` (shard raw media first, into the bucket if you like)")
         if not p.exists():
             raise FileNotFoundError(f"{inp}: no such file or directory")
-        if p.is_dir() and (p / MANIFEST).exists():
+        if isinstance(p, RemotePath) or (p.is_dir() and (p / MANIFEST).exists()):
             r = ShardReader(p)
             groups = tuple(sorted({s["group"] for s in r.manifest["shards"]
                                    if s["group"].split("-")[0] in modalities + tuple(m + "_pair" for m in modalities)}))

@@ -278,6 +278,19 @@ def _pull(loc: RemotePath, ours: Callable[[str], bool]) -> Path:
     return mirror.local
 
 
+def run_stage_to(out: str | os.PathLike, stage: str, items, fn, **kw):
+    """`runner.run_stage` into `out`, a path or a URL (written through `remote_output`);
+    the Summary's `out` names what was given, not the staging directory."""
+    from mmtok.fs import is_url
+    from mmtok.runner import run_stage
+
+    with remote_output(out) as local:
+        summary = run_stage(stage, items, fn, local, **kw)
+    if is_url(str(out)):
+        summary.out = str(out)
+    return summary
+
+
 @contextlib.contextmanager
 def remote_input(src: str | os.PathLike, *, ours: Callable[[str], bool] = all_files) -> Iterator[Path]:
     """A local directory to read for `src` (a run, an export, a tokenizer): a local path is

@@ -225,10 +225,10 @@ def extract_keyframes(inputs: list[str], out: str, opts: FrameOptions, **run_kw)
     import functools
 
     from mmtok.media import VIDEO_EXTS, media_items
-    from mmtok.runner import run_stage
+    from mmtok.mirror import run_stage_to
 
     ffmpeg_exe()  # a missing or too old ffmpeg stops the command here, not each video
     items, total = media_items(inputs, ("video",), VIDEO_EXTS)
     config = {"inputs": [str(i) for i in inputs], **opts.__dict__}
-    return run_stage("extract-keyframes", items, functools.partial(keyframes_stage, opts=opts), out,
-                     config=config, total=total, **run_kw)
+    return run_stage_to(out, "extract-keyframes", items, functools.partial(keyframes_stage, opts=opts),
+                        config=config, total=total, **run_kw)

@@ -501,6 +501,32 @@ def test_cli_refuses_what_a_bucket_cannot_do_yet(bucket, ref):
     assert r.exit_code == 2 and "a URL is written by one process" in " ".join(r.output.split()), r.output
 
 
+def test_cli_extracts_media_from_a_bucket_into_a_bucket(bucket, tmp_path):
+    """extract-keyframes and extract-audio read shards at a URL and write to one: the local
+    outputs' bytes (configs and quarantine name the URL where the local ones name the path)."""
+    from typer.testing import CliRunner
+
+    from helpers.media import make_video, wav_bytes
+    from mmtok.cli.app import app
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    make_video(raw / "clip.mp4", seconds=2)
+    (raw / "tone.wav").write_bytes(wav_bytes(seconds=1.0))
+    _cli("shard", raw, "--out", tmp_path / "shards", "--json")
+    _put(tmp_path / "shards", f"{bucket}/shards")
+    shards = f"s3://{bucket}/shards"
+    for command, opts in (("extract-keyframes", ["--frames", 2, "--size", 32]), ("extract-audio", ["--features", "fbank"])):
+        _cli(command, tmp_path / "shards", "--out", tmp_path / command, *opts, "--json")
+        r = _cli(command, shards, "--out", f"s3://{bucket}/{command}", *opts, "--json")
+        assert json.loads(r.stdout)["out"] == f"s3://{bucket}/{command}"
+        assert json.loads((tmp_path / command / "manifest.json").read_text())["totals"]["samples"] > 0
+        _same_output(f"{bucket}/{command}", tmp_path / command, {tmp_path / "shards": shards})
+    _put(raw, f"{bucket}/raw-media")  # raw files at a URL: shard them first
+    r = CliRunner().invoke(app, ["extract-audio", f"s3://{bucket}/raw-media", "--out", str(tmp_path / "never")])
+    assert r.exit_code == 2 and "not a shard directory" in " ".join(r.output.split()), r.output
+
+
 def test_cli_trains_the_tokenizers_from_a_bucket_into_a_bucket(ref, bucket):
     """train-bpe (members read by ranges at the index's offsets) and train-vq read shards at a
     URL and write the tokenizer to one: the local tokenizer's files."""
