@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 
 from mmtok.cli.common import (BACKEND, JSON_OUT, MAX_ERROR_RATE, OVERWRITE, QUIET, WORKERS, check_inputs,
-                              friendly_errors, report)
+                              friendly_errors, not_a_file, report)
 
 
 
@@ -89,9 +89,9 @@ def _parse_size(text: str, option: str = "--max-size") -> int:
 
 @friendly_errors
 def inspect(
-    directory: Path = typer.Argument(..., file_okay=False, help="Any directory mmtok writes: shards, frames, audio "
-                                     "features, codes or tokens (any stage's --out), a tokenizer, a balance-mix plan, a "
-                                     "training run or an export."),
+    directory: str = typer.Argument(..., help="Any directory mmtok writes: shards, frames, audio features, codes or "
+                                    "tokens (any stage's --out, also at a URL), a tokenizer, a balance-mix plan, a "
+                                    "training run or an export."),
     samples: int = typer.Option(3, "--samples", min=0, help="How many sample keys to show per group."),
     as_json: bool = JSON_OUT,
 ) -> None:
@@ -104,26 +104,16 @@ def inspect(
     import collections
 
     from mmtok.shards import MANIFEST, QUARANTINE, ShardReader, read_jsonl, require_keys
-    from mmtok.vocab import VOCAB_FILE
 
-    if (directory / "config.json").exists() and (directory / "checkpoints").is_dir():
-        _inspect_run(directory, as_json)
-        return
-    if (directory / "plan.json").exists():
-        _inspect_plan(directory, as_json)
-        return
-    if (directory / "config.json").exists() and (directory / "model.safetensors").exists():
-        _inspect_export(directory, as_json)
-        return
-    if not (directory / MANIFEST).exists() and ((directory / VOCAB_FILE).exists() or (directory / "vq.json").exists()):
-        _inspect_tokenizer(directory, as_json)
+    directory = _inspected(directory)
+    if isinstance(directory, Path) and _inspect_other(directory, as_json):
         return
 
     reader = ShardReader(directory)
     m = reader.manifest
     require_keys(m["totals"], ("by_group", "by_modality", "duplicates", "quarantined"), f"{directory / MANIFEST} (totals)")
     reasons = collections.Counter()
-    qpath = Path(directory) / QUARANTINE
+    qpath = directory / QUARANTINE
     if qpath.exists():
         for rec in read_jsonl(qpath):
             r = str(rec.get("reason", "(no reason recorded)"))
@@ -154,6 +144,41 @@ def inspect(
     c.print(f"{kind}: " + ", ".join(f"{k} {_show(v)}" for k, v in facts.items() if v is not None), highlight=False)
     for r, n in reasons.most_common(10):
         c.print(f"  {n} x {r}")
+
+
+def _inspected(directory: str):
+    """The directory to inspect: a local path, or a stage's output at a URL (its manifest,
+    index and quarantine are read there; shards are never fetched)."""
+    from mmtok.fs import RemotePath, as_location, remote_errors
+    from mmtok.shards import MANIFEST
+
+    not_a_file(directory)
+    loc = as_location(directory)
+    if isinstance(loc, RemotePath):
+        with remote_errors(directory):  # no credentials, no bucket: one line naming the URL
+            found = (loc / MANIFEST).exists()
+        if not found:
+            raise FileNotFoundError(f"{directory}: no {MANIFEST} there; at a URL, inspect reads a stage's output "
+                                    "(shards, frames, features, codes, tokens)")
+    return loc
+
+
+def _inspect_other(directory: Path, as_json: bool) -> bool:
+    """Inspect a run, a plan, an export or a tokenizer; False for anything else."""
+    from mmtok.shards import MANIFEST
+    from mmtok.vocab import VOCAB_FILE
+
+    if (directory / "config.json").exists() and (directory / "checkpoints").is_dir():
+        _inspect_run(directory, as_json)
+    elif (directory / "plan.json").exists():
+        _inspect_plan(directory, as_json)
+    elif (directory / "config.json").exists() and (directory / "model.safetensors").exists():
+        _inspect_export(directory, as_json)
+    elif not (directory / MANIFEST).exists() and ((directory / VOCAB_FILE).exists() or (directory / "vq.json").exists()):
+        _inspect_tokenizer(directory, as_json)
+    else:
+        return False
+    return True
 
 
 # what each stage's output is called, as the README names them

@@ -260,6 +260,25 @@ def test_a_shard_dir_in_a_bucket_reads_like_the_local_one(bucket, tmp_path):
         load_manifest(f"s3://{bucket}/nothing-here")
 
 
+def test_inspect_reads_a_stage_output_at_a_url(bucket, tmp_path):
+    """`mmtok inspect URL`: the local directory's report from the bucket's manifest, index and
+    quarantine; a URL that holds no stage output is one line."""
+    from typer.testing import CliRunner
+
+    from mmtok.cli.app import app
+
+    local = tmp_path / "local"
+    _shard(_corpus(tmp_path / "in"), local)
+    _put(local, f"{bucket}/shards")
+    url = f"s3://{bucket}/shards"
+    here, there = (json.loads(_cli("inspect", d, "--json").stdout) for d in (local, url))
+    assert there.pop("directory") == url and here.pop("directory") == str(local)
+    assert there == here and here["quarantined"] > 0 and here["quarantine_reasons"]
+    r = CliRunner().invoke(app, ["inspect", f"s3://{bucket}/nothing-here"])
+    message = " ".join(r.output.split())
+    assert r.exit_code == 2 and "no manifest.json there" in message and "credentials" not in message, r.output
+
+
 # ---------------------------------------------------------------- writing to a bucket
 
 def test_a_stage_writes_into_a_bucket_byte_for_byte(bucket, tmp_path):
