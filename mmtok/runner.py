@@ -321,7 +321,7 @@ def run_stage(
     backend: str = "local",
     total: int | None = None,
     count: Iterable | None = None,
-    progress: bool = True,
+    progress: bool | Callable[[int], None] = True,
     overwrite: bool = False,
 ) -> Summary:
     """Map `fn` over `items` and write shards into `out`; see the module docstring.
@@ -332,7 +332,8 @@ def run_stage(
     `config` names everything that decides the output (not `workers`, not `backend`).
     `threads` runs the workers as threads instead of processes (see `_ordered_map`).
     `count`, where `total` is unknown: the items again (a cheap listing), counted in a thread
-    while the work runs, for the progress bar's total.
+    while the work runs, for the progress bar's total. `progress` may be a function instead
+    of the bar, told the items already done, then 1 per item (a Ray actor's counter).
     `backend="ray"` runs `fn` as Ray tasks (a cluster named by RAY_ADDRESS, or a local
     instance); `batch_fn` and the writing stay in this process (docs/DISTRIBUTED.md).
     """
