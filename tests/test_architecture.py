@@ -17,7 +17,7 @@ LAYERS = {
                "mmtok.mirror"],
     "stages": ["mmtok.ingest", "mmtok.manifests", "mmtok.sniff", "mmtok.media", "mmtok.audio", "mmtok.video",
                "mmtok.bpe", "mmtok.tokenizer", "mmtok.tokenize", "mmtok.codes", "mmtok.detokenize", "mmtok.vq",
-               "mmtok.chameleon", "mmtok.chameleon_vq", "mmtok.mix", "mmtok.loader", "mmtok.speech_standin"],
+               "mmtok.chameleon", "mmtok.chameleon_vq", "mmtok.mix", "mmtok.holdout", "mmtok.loader", "mmtok.speech_standin"],
     "models": ["mmtok.trainer", "mmtok.trainer.config", "mmtok.trainer.context", "mmtok.trainer.attention",
                "mmtok.trainer.block", "mmtok.trainer.ffn", "mmtok.trainer.moe", "mmtok.trainer.depth",
                "mmtok.trainer.mot", "mmtok.trainer.kernels", "mmtok.trainer.model", "mmtok.trainer.unimoe",

@@ -159,7 +159,7 @@ def test_balance_mix_warns_when_a_source_repeats(tmp_path):
 # --- 4. held-out split; eval warns of overlap with the training plan ---
 
 def _keys(d) -> set:
-    from mmtok.mix import document_keys
+    from mmtok.holdout import document_keys
 
     return set(document_keys([d]))
 
@@ -167,7 +167,7 @@ def _keys(d) -> set:
 def test_holdout_is_deterministic_and_stable_when_documents_are_added(tmp_path):
     from mmtok.loader import TokenCorpus
     from mmtok.plan import read_plan
-    from mmtok.mix import document_keys
+    from mmtok.holdout import document_keys
 
     rng = np.random.default_rng(2)
     docs = [make_doc(rng, VOCAB, [int(rng.integers(5, 30)), "img"]) for _ in range(120)]
@@ -196,7 +196,7 @@ def test_holdout_is_deterministic_and_stable_when_documents_are_added(tmp_path):
 
 def test_eval_warns_when_its_data_is_in_the_training_plan(data, tmp_path):
     from mmtok.plan import read_plan
-    from mmtok.mix import document_keys
+    from mmtok.holdout import document_keys
 
     plan = tmp_path / "plan"
     r = cli("balance-mix", *data["dirs"], "--out", plan, "--world-size", 1, "--ratio", "1:2", "--seq-len", 64,

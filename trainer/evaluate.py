@@ -216,7 +216,7 @@ def _training_plan(model_path: str | Path) -> str | None:
 def overlap_notes(model_path: str | Path, corpora: dict, max_docs: int | None) -> dict:
     """`overlap` (documents scored that the run trained on, by input) and `notes` warning of
     it: perplexity on training documents is not a held-out measure."""
-    from mmtok.mix import plan_overlap
+    from mmtok.holdout import plan_overlap
     from mmtok.shards import ShardError
 
     plan = _training_plan(model_path)
