@@ -90,8 +90,8 @@ def _parse_size(text: str, option: str = "--max-size") -> int:
 @friendly_errors
 def inspect(
     directory: str = typer.Argument(..., help="Any directory mmtok writes: shards, frames, audio features, codes or "
-                                    "tokens (any stage's --out, also at a URL), a tokenizer, a balance-mix plan, a "
-                                    "training run or an export."),
+                                    "tokens (any stage's --out), a tokenizer, a balance-mix plan, a training run or "
+                                    "an export; a path or a URL (s3://, gs://, ...)."),
     samples: int = typer.Option(3, "--samples", min=0, help="How many sample keys to show per group."),
     as_json: bool = JSON_OUT,
 ) -> None:
@@ -100,14 +100,17 @@ def inspect(
     stage's own facts. A tokenizer: its vocabulary layout and VQ. A balance-mix plan: its
     sources, shape and balance report. A training run (`mmtok train --out`, upcycle,
     uni-moe): the model, its progress, the newest checkpoint and the last metrics. An
-    export: the model and its parameter count. Reads JSON and headers only (no torch)."""
+    export: the model and its parameter count. Reads JSON and headers only (no torch; at a
+    URL, no shard or checkpoint is fetched)."""
     import collections
 
+    from mmtok.fs import remote_errors
     from mmtok.shards import MANIFEST, QUARANTINE, ShardReader, read_jsonl, require_keys
 
     directory = _inspected(directory)
-    if isinstance(directory, Path) and _inspect_other(directory, as_json):
-        return
+    with remote_errors(directory):  # at a URL: a store's failure mid-way is one line naming it
+        if _inspect_other(directory, as_json):
+            return
 
     reader = ShardReader(directory)
     m = reader.manifest
@@ -147,24 +150,27 @@ def inspect(
 
 
 def _inspected(directory: str):
-    """The directory to inspect: a local path, or a stage's output at a URL (its manifest,
-    index and quarantine are read there; shards are never fetched)."""
+    """The directory to inspect: a local path, or a URL (mmtok.fs), whose JSON files, index and
+    headers are read there; shards and checkpoints are never fetched."""
     from mmtok.fs import RemotePath, as_location, remote_errors
+    from mmtok.plan import PLAN_FILE
     from mmtok.shards import MANIFEST
+    from mmtok.vocab import VOCAB_FILE
 
     not_a_file(directory)
     loc = as_location(directory)
     if isinstance(loc, RemotePath):
-        with remote_errors(directory):  # no credentials, no bucket: one line naming the URL
-            found = (loc / MANIFEST).exists()
+        markers = (MANIFEST, PLAN_FILE, "config.json", VOCAB_FILE, "vq.json")  # what `_inspect_other` looks for
+        with remote_errors(loc):  # no credentials, no bucket: one line naming the URL
+            found = any((loc / name).exists() for name in markers)
         if not found:
-            raise FileNotFoundError(f"{directory}: no {MANIFEST} there; at a URL, inspect reads a stage's output "
-                                    "(shards, frames, features, codes, tokens)")
+            raise FileNotFoundError(f"{directory}: nothing mmtok writes is there (no {', '.join(markers)}); pass "
+                                    "a stage's --out, a tokenizer, a plan, a run or an export")
     return loc
 
 
-def _inspect_other(directory: Path, as_json: bool) -> bool:
-    """Inspect a run, a plan, an export or a tokenizer; False for anything else."""
+def _inspect_other(directory, as_json: bool) -> bool:
+    """Inspect a run, a plan, an export or a tokenizer (a path or a URL); False for anything else."""
     from mmtok.shards import MANIFEST
     from mmtok.vocab import VOCAB_FILE
 
@@ -232,7 +238,7 @@ def _safetensors_params(path: Path) -> dict:
     without loading a tensor (the header is bounded: a stranger's file may lie about it)."""
     from mmtok.shards import ShardError
 
-    with open(path, "rb") as f:
+    with path.open("rb") as f:  # a path or a URL: only the header's bytes are read
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
         if not 0 < n <= 100 << 20:

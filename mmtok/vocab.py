@@ -20,6 +20,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mmtok.fs import as_location
+
 FORMAT = "mmtok-vocab/1"  # mmtok's own layout: specials, text, image codes, contiguous
 FORMAT_ANY = "mmtok-vocab/2"  # any layout, e.g. an imported model's (the checks below say which)
 VOCAB_FILE = "vocab.json"
@@ -164,7 +166,7 @@ class Vocab:
 
     @classmethod
     def load(cls, tokdir: str | Path) -> "Vocab":
-        path = Path(tokdir) / VOCAB_FILE
+        path = as_location(tokdir) / VOCAB_FILE  # a path or a URL (read in place by `mmtok inspect`)
         if not path.exists():
             raise VocabError(f"{tokdir}: no {VOCAB_FILE}; is this a tokenizer directory? Make one with `mmtok train-bpe`")
         try:

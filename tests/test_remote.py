@@ -276,7 +276,7 @@ def test_inspect_reads_a_stage_output_at_a_url(bucket, tmp_path):
     assert there == here and here["quarantined"] > 0 and here["quarantine_reasons"]
     r = CliRunner().invoke(app, ["inspect", f"s3://{bucket}/nothing-here"])
     message = " ".join(r.output.split())
-    assert r.exit_code == 2 and "no manifest.json there" in message and "credentials" not in message, r.output
+    assert r.exit_code == 2 and "nothing mmtok writes is there" in message and "credentials" not in message, r.output
 
 
 # ---------------------------------------------------------------- writing to a bucket
@@ -698,6 +698,23 @@ def test_cli_reads_a_run_and_a_tokenizer_from_a_bucket(ref, bucket, tmp_path):
     r = _cli("generate", f"s3://{bucket}/export", "--prompt", "text", "--max-tokens", 4, "--temperature", 0,
              "--out", tmp_path / "g", "--json")
     assert json.loads(r.stdout)["new_tokens"] >= 1
+
+
+def test_inspect_reads_a_run_a_plan_an_export_and_a_tokenizer_at_a_url(ref, bucket, tmp_path):
+    """`mmtok inspect URL` of each directory kind that is not a stage's output gives the local
+    directory's report (paths inside read as URLs), from its JSON files and headers alone."""
+    _cli("export", ref / "run", "--out", tmp_path / "export", "--tokenizer", ref / "tok")
+    kinds = {"run": ref / "run", "plan": ref / "plan", "export": tmp_path / "export", "tokenizer": ref / "tok"}
+    for kind, local in kinds.items():
+        _put(local, f"{bucket}/{kind}")
+        url = f"s3://{bucket}/{kind}"
+        here = _cli("inspect", local, "--json").stdout.replace(str(local), url)
+        there = json.loads(_cli("inspect", url, "--json").stdout)
+        assert there == json.loads(here) and there["kind"] == kind, kind
+    # a run's files are read, never its checkpoint tensors: the report holds without them
+    _s3().rm(f"{bucket}/run/checkpoints", recursive=True)
+    _put(ref / "run" / "checkpoints" / "latest", f"{bucket}/run/checkpoints/latest")
+    assert json.loads(_cli("inspect", f"s3://{bucket}/run", "--json").stdout)["kind"] == "run"
 
 
 def test_a_missing_tokenizer_url_is_one_line(ref, bucket):
