@@ -51,6 +51,16 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def without_pandas(work: Path) -> dict:
+    """The environment of a subprocess that cannot import pandas, as after `pip install mmtok`:
+    pandas comes only with the test extras (datasets, lm-eval), and pyarrow imports it, when it
+    is there, the first time it builds an array (0.2-0.3 s on a 2-core machine)."""
+    shadow = work / "no-pandas"
+    (shadow / "pandas").mkdir(parents=True, exist_ok=True)
+    (shadow / "pandas" / "__init__.py").write_text('raise ImportError("pandas hidden by the benchmark")\n')
+    return {**os.environ, "PYTHONPATH": str(shadow)}
+
+
 def finish_cpu_run(out: str | Path, result: dict, load_before: float, work: Path) -> None:
     """Record the machine and the load around the run, save the figures, remove the scratch tree."""
     result["machine"] = machine()
