@@ -22,9 +22,10 @@ import torch
 
 from bench_step import batch
 from mmtok.trainer.config import PRESETS, ModelConfig, TrainConfig
+from mmtok.trainer.metrics import peak_flops
 from mmtok.trainer.model import Decoder, flops_per_token, loss_terms
 from mmtok.trainer.parallel import init_distributed, parallelize
-from mmtok.trainer.train import build_optimizer, _peak_flops
+from mmtok.trainer.train import build_optimizer
 
 MODELS = {"dense": {}, "moma 4t4i": dict(model="moma", experts="4t4i"), "mod-moma 4t4i": dict(model="mod-moma", experts="4t4i")}
 BATCH = {"90m": 4, "435m": 2, "1.4b": 1}  # micro-batch rows of seq-len tokens (MoMa 4t4i at 1.4b: ~10B parameters)
@@ -68,7 +69,7 @@ def measure(preset: str, model: str, args, device) -> dict:
     times = sorted(step() for _ in range(args.steps))
     row["step_s"] = times[len(times) // 2]
     row["tokens_per_s"] = b * seq / row["step_s"]
-    peak = _peak_flops(device)
+    peak = peak_flops(device)
     row["mfu"] = row["tokens_per_s"] * flops_per_token(cfg, seq) / peak if peak else None
     row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return row

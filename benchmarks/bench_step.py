@@ -23,7 +23,7 @@ import torch
 from benchutil import device_waits, machine, save
 from mmtok.trainer.config import PRESETS, ModelConfig
 from mmtok.trainer.model import Decoder, flops_per_token, loss_terms
-from mmtok.trainer.train import PEAK_BF16_FLOPS
+from mmtok.trainer.metrics import PEAK_BF16_FLOPS
 
 VARIANTS = [("dense", {}), ("moma 1t1i", dict(model="moma", experts="1t1i")),
             ("moma 4t4i", dict(model="moma", experts="4t4i")), ("moe 8x", dict(model="moe", experts="8"))]

@@ -23,7 +23,7 @@ LAYERS = {
                "mmtok.trainer.mot", "mmtok.trainer.kernels", "mmtok.trainer.model", "mmtok.trainer.unimoe",
                "mmtok.trainer.hf_modeling_mmtok"],
     "trainer": ["mmtok.trainer.parallel", "mmtok.trainer.checkpoint_io", "mmtok.trainer.checkpoint",
-                "mmtok.trainer.job", "mmtok.trainer.train", "mmtok.trainer.vq_train", "mmtok.trainer.unimoe_data",
+                "mmtok.trainer.job", "mmtok.trainer.metrics", "mmtok.trainer.train", "mmtok.trainer.vq_train", "mmtok.trainer.vq_memory", "mmtok.trainer.unimoe_data",
                 "mmtok.trainer.unimoe_train", "mmtok.trainer.unimoe_prep", "mmtok.trainer.aux_routers",
                 "mmtok.trainer.upcycle", "mmtok.trainer.export", "mmtok.trainer.hf_export",
                 "mmtok.trainer.evaluate", "mmtok.trainer.generate", "mmtok.trainer.launch"],

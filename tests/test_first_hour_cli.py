@@ -110,13 +110,13 @@ def test_train_vq_estimate_is_within_2x_of_the_measured_peak(tmp_path):
 
 
 def test_train_vq_refuses_what_cannot_fit_and_names_settings_that_would(tmp_path, monkeypatch):
-    from mmtok.trainer import vq_train
+    from mmtok.trainer import vq_memory
 
     # MemAvailable is what the check reads on Linux
     mem = next(int(l.split()[1]) * 1024 for l in open("/proc/meminfo") if l.startswith("MemAvailable:"))
-    assert abs(vq_train.available_memory("cpu") - mem) < 2**30
+    assert abs(vq_memory.available_memory("cpu") - mem) < 2**30
     shards = make_shards(tmp_path / "in", images=[draw_image(i) for i in range(8)])
-    monkeypatch.setattr(vq_train, "available_memory", lambda device: 8 << 30)  # 8 GiB free
+    monkeypatch.setattr(vq_memory, "available_memory", lambda device: 8 << 30)  # 8 GiB free
     # the defaults (512 px, batch 8, 128 channels) need tens of GiB: refused before any work
     r = cli("train-vq", shards, "--out", tmp_path / "tok", "--steps", 3)
     out = flat(r.output)
@@ -124,10 +124,10 @@ def test_train_vq_refuses_what_cannot_fit_and_names_settings_that_would(tmp_path
     assert "GiB" in out and "--no-memory-check" in out and re.search(r"--batch-size \d|--resolution \d", out), out
     assert not (tmp_path / "tok" / "vq.safetensors").exists()
     # a tiny model fits in what the estimate finds free once the resident interpreter is counted
-    monkeypatch.setattr(vq_train, "available_memory", lambda device: 1 << 40)
+    monkeypatch.setattr(vq_memory, "available_memory", lambda device: 1 << 40)
     assert cli("train-vq", shards, "--out", tmp_path / "tok", "--steps", 1, *TINY_VQ, "--json").exit_code == 0
     # the override: it runs although the estimate says it does not fit
-    monkeypatch.setattr(vq_train, "available_memory", lambda device: 1 << 20)
+    monkeypatch.setattr(vq_memory, "available_memory", lambda device: 1 << 20)
     r = cli("train-vq", shards, "--out", tmp_path / "tok2", "--steps", 1, *TINY_VQ, "--no-memory-check", "--json")
     assert r.exit_code == 0, r.output
 

@@ -277,7 +277,7 @@ def test_uni_moe_routing_figure_has_a_colour_bar():
 def test_unrouted_share_goes_to_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from mmtok.trainer.train import Metrics
+    from mmtok.trainer.metrics import Metrics
 
     m = Metrics(tmp_path, 0, 0)
     m.write({"step": 1, "loss": 2.0, "expert_load": {"text": [0.5, 0.5]}, "unrouted": {"text": 0.25, "image": 0.125}})

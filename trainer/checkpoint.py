@@ -221,7 +221,7 @@ def load_run(run: str | Path, kind: str | None = None) -> LoadedRun:
 
 def truncate_jsonl(path: Path, step: int) -> None:
     """Drop a log's records past the checkpoint a run resumes from (a killed run may have
-    written them); `train.Metrics` keeps every job's log so (metrics.jsonl, vq_log.jsonl)."""
+    written them); `metrics.Metrics` keeps every job's log so (metrics.jsonl, vq_log.jsonl)."""
     if not path.exists():
         return
     keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= step]

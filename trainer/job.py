@@ -8,7 +8,7 @@ in the spirit of torchtitan's TrainSpec, so that the loop never asks which model
   (dense, moe, moma, mod-moma on a balance-mix plan) and `unimoe_train.UniMoEJob` (one
   Uni-MoE stage) are the jobs.
 - Two trainings keep a step of their own and share the loop's pieces instead (process
-  group, bf16 rule, `checkpoint.Checkpointer`, `train.Metrics`); each module says why.
+  group, bf16 rule, `checkpoint.Checkpointer`, `metrics.Metrics`); each module says why.
   The auxiliary-router stage (`aux_routers.py`) trains a frozen model's routers and
   saves the run's checkpoint again at its own step; VQ training (`vq_train.py`) is a GAN
   step of two optimizers into a tokenizer directory. Upcycling derives a run's first

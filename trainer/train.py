@@ -41,13 +41,12 @@ import torch.distributed as dist
 from mmtok.locks import LOCK_FILE, exclusive
 from mmtok.shards import atomic_write
 from mmtok.trainer.checkpoint import (CKPT_DIR, LATEST, Checkpointer, intact_checkpoint, latest_checkpoint,
-                                      loader_position, truncate_jsonl)
+                                      loader_position)
 from mmtok.trainer.config import RunConfig, to_toml
 from mmtok.trainer.job import CONFIG, CONFIG_TOML, METRICS, Job, RunKind, TrainError, json_bytes
+from mmtok.trainer.metrics import Metrics, accumulate, live_bar, memory_gb, peak_flops, reduce_interval
 from mmtok.trainer.model import Decoder, expert_load, flops_per_token, is_aux_param, loss_terms
 from mmtok.trainer.parallel import init_distributed, parallelize, use_bf16
-
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peak
 
 
 class GlobalBatchChanged(UserWarning):
@@ -98,60 +97,6 @@ def check_same_model(saved: dict, current: dict, where: str) -> None:
     if diff:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in diff)
         raise TrainError(f"{where} is from another model ({detail}); use a new --out, or the same model options")
-
-
-class Metrics:
-    """A job's metrics log on rank 0: JSONL (`name`, cut back to the step a run resumes from)
-    and, with `tensorboard`, TensorBoard event files in tb/."""
-
-    def __init__(self, run: Path, rank: int, resume_step: int, name: str = METRICS, tensorboard: bool = True):
-        self.rank = rank
-        self.path = run / name
-        self.tb = None
-        if rank != 0:
-            return
-        truncate_jsonl(self.path, resume_step)
-        if not tensorboard:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(str(run / "tb"), purge_step=resume_step + 1)
-
-    def write(self, rec: dict) -> None:
-        if self.rank != 0:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
-        if self.tb is None:
-            return
-        for k, v in rec.items():
-            if isinstance(v, (int, float)) and k != "step":
-                self.tb.add_scalar(k, v, rec["step"])
-        for group, shares in rec.get("expert_load", {}).items():
-            for e, share in enumerate(shares):
-                self.tb.add_scalar(f"expert_load/{group}/{e}", share, rec["step"])
-        for group, share in rec.get("unrouted", {}).items():  # tokens that reached no expert
-            self.tb.add_scalar(f"unrouted/{group}", share, rec["step"])
-        self.tb.flush()
-
-    def close(self):
-        if self.tb:
-            self.tb.close()
-
-
-def _peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-def _memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
 class _Stop:
@@ -301,14 +246,14 @@ def _train(job: Job, run: Path, rank: int, world: int, device, loader, ckpt_path
     step = ckpt.load(ckpt_path, model, optimizer, loader) if ckpt_path else 0
     metrics = Metrics(run, rank, step)
     flops_tok = job.flops_per_token()
-    peak = _peak_flops(device)
+    peak = peak_flops(device)
     batches = iter(loader)
     status, last_saved = "finished", step if ckpt_path else -1
     t_log, interval_tokens = time.perf_counter(), 0.0
     fsdp = hasattr(model, "set_requires_gradient_sync")
     # the auxiliary routers (joint mode) stay out of the clipping norm: they must not change the model's updates
     clipped = [p for n, p in model.named_parameters() if p.requires_grad and not is_aux_param(n)]
-    with _Stop() as stop, _live(live and rank == 0, tc.steps, step) as bar:
+    with _Stop() as stop, live_bar(live and rank == 0, tc.steps, step) as bar:
         while step < end:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, tc)
@@ -324,7 +269,7 @@ def _train(job: Job, run: Path, rank: int, world: int, device, loader, ckpt_path
                     model.set_requires_gradient_sync(micro == tc.grad_accum - 1)
                 terms, stats, groups = job.forward(model, batch)
                 (terms["loss"] / tc.grad_accum).backward()
-                acc = _accumulate(acc, terms, groups, expert_load(stats), (batch["doc_ids"] > 0).sum())
+                acc = accumulate(acc, terms, groups, expert_load(stats), (batch["doc_ids"] > 0).sum())
             if status != "finished":
                 break
             grad_norm = torch.nn.utils.clip_grad_norm_(clipped, tc.grad_clip, foreach=True)
@@ -334,11 +279,11 @@ def _train(job: Job, run: Path, rank: int, world: int, device, loader, ckpt_path
             interval_tokens = interval_tokens + acc["tokens_real"]  # on the device: no sync per step
             if step % tc.log_every == 0 or step == end:
                 acc["tokens_real"] = interval_tokens  # throughput counts every step since the last record
-                rec = _reduce(acc, world, tc.grad_accum)
+                rec = reduce_interval(acc, world, tc.grad_accum)
                 dt = time.perf_counter() - t_log
                 rec["tokens"] = rec.pop("tokens_real")
                 rec.update(step=step, lr=lr_at(step - 1, tc), grad_norm=float(_full(grad_norm)),
-                           tokens_per_s=rec["tokens"] / dt, memory_gb=_memory_gb(device))
+                           tokens_per_s=rec["tokens"] / dt, memory_gb=memory_gb(device))
                 if peak and flops_tok:
                     rec["mfu"] = rec["tokens_per_s"] * flops_tok / (peak * world)
                 metrics.write(rec)
@@ -389,49 +334,6 @@ def _is_run_config(path: Path) -> bool:
     return isinstance(d, dict) and isinstance(d.get("model"), dict) and isinstance(d.get("train"), dict)
 
 
-LOSSES = ("loss", "ce", "z_loss", "aux_loss", "aux_router_bce")
-
-
-def _accumulate(acc, terms, groups, load, tokens_real):
-    vals = {k: terms[k].detach().float() for k in LOSSES}
-    vals["tokens_real"] = tokens_real.float()
-    for g, (nll, n) in groups.items():
-        vals[f"nll/{g}"] = torch.stack([nll.detach().float(), n.float()])
-    for group, s in load.items():
-        vals[f"load/{group}"] = s["load"].float()
-        vals[f"unrouted/{group}"] = torch.stack([s["unrouted"], s["tokens"]]).float()
-    if acc is None:
-        return vals
-    return {k: acc[k] + v for k, v in vals.items()}
-
-
-def _reduce(acc: dict, world: int, accum: int) -> dict:
-    """Sum every accumulated value over ranks with one all-reduce; turn sums into means.
-    Per group g (text and image tokens, or Uni-MoE's text given each modality):
-    `g_loss` (null when the interval had none of its tokens) and `g_tokens`."""
-    keys = sorted(acc)
-    flat = torch.cat([acc[k].reshape(-1).double() for k in keys])
-    if world > 1:
-        dist.all_reduce(flat)
-    flat = flat.cpu()
-    out, i = {}, 0
-    for k in keys:
-        n = acc[k].numel()
-        out[k] = flat[i:i + n]
-        i += n
-    rec = {k: float(out[k]) / (world * accum) for k in LOSSES}
-    for k in keys:
-        if k.startswith("nll/"):
-            (s, n), g = out[k].tolist(), k.split("/", 1)[1]
-            rec[f"{g}_loss"], rec[f"{g}_tokens"] = (s / n if n else None), int(n)
-    rec["tokens_real"] = int(out["tokens_real"])
-    loads = {k.split("/", 1)[1]: out[k] for k in keys if k.startswith("load/")}
-    if loads:
-        rec["expert_load"] = {g: (v / v.sum().clamp(min=1)).tolist() for g, v in loads.items()}
-        rec["unrouted"] = {g: float(out[f"unrouted/{g}"][0] / out[f"unrouted/{g}"][1].clamp(min=1)) for g in loads}
-    return rec
-
-
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
@@ -442,33 +344,3 @@ def _any(flag: bool, world: int, device) -> bool:
     t = torch.tensor([int(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-class _live:
-    """A rich progress bar showing the latest metrics (rank 0 only)."""
-
-    def __init__(self, enabled: bool, total: int, done: int):
-        self.enabled, self.total, self.done = enabled, total, done
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda step, rec: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                 TextColumn("{task.description}"), transient=False)
-        self.progress.__enter__()
-        self.task = self.progress.add_task("", total=self.total, completed=self.done)
-
-        def update(step, rec):
-            groups = " ".join(f"{k[:-5].removeprefix('text_given_')} {v:.3f}" for k, v in rec.items()
-                              if k.endswith("_loss") and k not in LOSSES and v is not None)
-            desc = f"loss {rec['loss']:.3f} {groups} {rec['tokens_per_s']:.0f} tok/s"
-            self.progress.update(self.task, completed=step, description=desc)
-
-        return update
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.progress.__exit__(*exc)
-        return False
