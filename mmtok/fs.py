@@ -230,10 +230,12 @@ def read_ranges(loc: Path | RemotePath, spans: list[tuple[int, int]]) -> list[by
 
 def read_parquet(loc: Path | RemotePath, columns: list[str] | None = None):
     """A parquet file as a pyarrow Table; remotely through a file object, so only the
-    footer and the columns asked for are fetched."""
+    footer and the columns asked for are fetched. Read as one file (`ParquetFile`, not the
+    dataset reader of `read_table`), which keeps pyarrow from importing pandas where it is
+    installed: 0.3 s of every reading command's start-up (docs/BENCHMARKS.md "Start-up")."""
     import pyarrow.parquet as pq
 
     if isinstance(loc, RemotePath):
         with loc.open("rb") as f:
-            return pq.read_table(f, columns=columns)
-    return pq.read_table(loc, columns=columns)
+            return pq.ParquetFile(f).read(columns=columns)
+    return pq.ParquetFile(loc).read(columns=columns)

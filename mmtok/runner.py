@@ -379,8 +379,7 @@ def run_stage(
 
 
 def _finish(out: Path, stage: str, config: dict, finished: list[dict], summary: Summary) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from mmtok.indexfile import index_bytes
 
     finished = sorted(finished, key=lambda s: s["name"])
     rows = []
@@ -397,10 +396,7 @@ def _finish(out: Path, stage: str, config: dict, finished: list[dict], summary: 
     summary.bytes = sum(s["bytes"] for s in finished)
     summary.by_modality = dict(sorted(by_mod.items()))
     summary.by_group = dict(sorted(by_group.items()))
-    table = pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string())})
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf)
-    atomic_write(out / INDEX, buf.getvalue().to_pybytes())
+    atomic_write(out / INDEX, index_bytes(rows))
     manifest = {
         "format": "mmtok-shards/1",
         "stage": stage,
