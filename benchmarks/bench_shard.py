@@ -7,11 +7,11 @@ turn --repeat times (interleaved, so that a change in the machine's load hits al
   writes it into one tar (tarfile), then fsyncs: the least a Python sharder that hashes its
   content does;
 - `mmtok shard SRC --out OUT --no-validate` run as a command (interpreter start-up, its
-  fsyncs, manifest and index included), with 1 and 2 workers, a fresh OUT each run; and
-  with 2 workers and pandas hidden, as after `pip install mmtok` (pandas comes only with
-  the test extras, and pyarrow imports it when it is there: `benchutil.without_pandas`).
-Each figure is the median of the runs, with their spread (min-max); the ratios are
-throughputs (tar's time / mmtok's time): aims >= 0.5x tar and >= 1.2x the bare loop.
+  fsyncs, manifest and index included), with 1 and 2 workers, a fresh OUT each run.
+Between runs (untimed) OUT is removed and the disk synced, so that no run pays for the
+writeback of the one before it. Each figure is the median of the runs, with their spread
+(min-max); the ratios are throughputs (tar's time / mmtok's time): aims >= 0.5x tar and
+>= 1.2x the bare loop.
 `--validate` adds `mmtok shard` (validating) and a bare PIL open + decode loop.
 
 Usage: python benchmarks/bench_shard.py [--files 2000]   (2,000 files ~370 MB; 400 by default)
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchutil import finish_cpu_run, load_average, without_pandas
+from benchutil import finish_cpu_run, load_average
 
 
 def make_files(d: Path, n: int, size: int, distinct: int = 100) -> int:
@@ -130,11 +130,11 @@ def main() -> None:
     def tar():
         subprocess.run(["tar", "cf", str(work / "all.tar"), "-C", str(src), "."], check=True)
 
-    def mmtok(validate: bool, workers: int, env: dict | None = None):
+    def mmtok(validate: bool, workers: int):
         def go():
             subprocess.run([sys.executable, "-m", "mmtok.cli.app", "shard", str(src), "--out", str(out), "--quiet",
                             "--workers", str(workers), "--validate" if validate else "--no-validate", "--json"],
-                           check=True, stdout=subprocess.DEVNULL, env=env)
+                           check=True, stdout=subprocess.DEVNULL)
         return go
 
     def pil_loop():
@@ -143,8 +143,7 @@ def main() -> None:
                 im.load()
 
     contenders = {"tar": tar, "bare_loop": lambda: bare_loop(files, work / "loop.tar"),
-                  "shard_novalidate_w1": mmtok(False, 1), "shard_novalidate_w2": mmtok(False, 2),
-                  "shard_novalidate_w2_no_pandas": mmtok(False, 2, without_pandas(work))}
+                  "shard_novalidate_w1": mmtok(False, 1), "shard_novalidate_w2": mmtok(False, 2)}
     if a.validate:
         contenders |= {"pil_decode": pil_loop, "shard_validate_w1": mmtok(True, 1), "shard_validate_w2": mmtok(True, 2)}
     tar()  # warm the page cache
@@ -154,10 +153,11 @@ def main() -> None:
         for name, fn in contenders.items():
             times[name].append(timed(fn))
             shutil.rmtree(out, ignore_errors=True)  # untimed: each mmtok run starts from an empty OUT
+            os.sync()  # untimed: no run pays for the writeback of the one before it
     res = {"files": len(files), "bytes": nbytes, "width": a.size, "repeat": a.repeat}
     res |= {k: summary(v) for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
-    for w in ("w1", "w2", "w2_no_pandas"):
+    for w in ("w1", "w2"):
         res[f"novalidate_{w}_throughput_vs_tar"] = round(med["tar"] / med[f"shard_novalidate_{w}"], 3)
         res[f"novalidate_{w}_throughput_vs_bare_loop"] = round(med["bare_loop"] / med[f"shard_novalidate_{w}"], 3)
     for w in (1, 2) if a.validate else ():

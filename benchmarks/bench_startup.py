@@ -7,7 +7,7 @@ turn --repeat times (interleaved, so a change in the machine's load hits all ali
   a few JSON and Parquet reads, so its time is nearly all start-up;
 - `mmtok shard SRC --out OUT --no-validate` of 50 small files (a fresh OUT each run).
 Each mmtok command runs again with pandas hidden (as after `pip install mmtok`, where pandas
-is absent: it comes with the test extras), and with `--typer DIR` (a folder holding another
+is absent: it comes with the test extras; the two should take the same time), and with `--typer DIR` (a folder holding another
 typer, e.g. `pip install --no-deps --target DIR typer==0.28.0`) with DIR first on PYTHONPATH:
 side by side in the same runs.
 

@@ -52,9 +52,10 @@ def load_average() -> float:
 
 
 def without_pandas(work: Path) -> dict:
-    """The environment of a subprocess that cannot import pandas, as after `pip install mmtok`:
-    pandas comes only with the test extras (datasets, lm-eval), and pyarrow imports it, when it
-    is there, the first time it builds an array (0.2-0.3 s on a 2-core machine)."""
+    """The environment of a subprocess that cannot import pandas, as after `pip install mmtok`
+    (pandas comes only with the test extras: datasets, lm-eval). pyarrow imports pandas, where
+    it is installed, the first time it converts Python objects (0.3 s on a 2-core machine);
+    mmtok's data commands avoid that (mmtok/indexfile.py), and this shows they do."""
     shadow = work / "no-pandas"
     (shadow / "pandas").mkdir(parents=True, exist_ok=True)
     (shadow / "pandas" / "__init__.py").write_text('raise ImportError("pandas hidden by the benchmark")\n')
