@@ -104,13 +104,19 @@ def inspect(
     URL, no shard or checkpoint is fetched)."""
     import collections
 
-    from mmtok.fs import remote_errors
+    from mmtok.fs import RemotePath, as_location, remote_errors
     from mmtok.shards import MANIFEST, QUARANTINE, ShardReader, read_jsonl, require_keys
 
-    directory = _inspected(directory)
-    with remote_errors(directory):  # at a URL: a store's failure mid-way is one line naming it
-        if _inspect_other(directory, as_json):
-            return
+    not_a_file(directory)
+    directory = as_location(directory)  # at a URL: JSON files, the index and headers are read there
+    with remote_errors(directory):  # no credentials, no bucket: one line naming the URL
+        done = _inspect_other(directory, as_json)
+        nothing = not done and isinstance(directory, RemotePath) and not (directory / MANIFEST).exists()
+    if done:
+        return
+    if nothing:  # locally, ShardReader names what is missing
+        raise FileNotFoundError(f"{directory}: nothing mmtok writes is there (no {MANIFEST}, plan.json, config.json "
+                                "or vocab.json); pass a stage's --out, a tokenizer, a plan, a run or an export")
 
     reader = ShardReader(directory)
     m = reader.manifest
@@ -147,26 +153,6 @@ def inspect(
     c.print(f"{kind}: " + ", ".join(f"{k} {_show(v)}" for k, v in facts.items() if v is not None), highlight=False)
     for r, n in reasons.most_common(10):
         c.print(f"  {n} x {r}")
-
-
-def _inspected(directory: str):
-    """The directory to inspect: a local path, or a URL (mmtok.fs), whose JSON files, index and
-    headers are read there; shards and checkpoints are never fetched."""
-    from mmtok.fs import RemotePath, as_location, remote_errors
-    from mmtok.plan import PLAN_FILE
-    from mmtok.shards import MANIFEST
-    from mmtok.vocab import VOCAB_FILE
-
-    not_a_file(directory)
-    loc = as_location(directory)
-    if isinstance(loc, RemotePath):
-        markers = (MANIFEST, PLAN_FILE, "config.json", VOCAB_FILE, "vq.json")  # what `_inspect_other` looks for
-        with remote_errors(loc):  # no credentials, no bucket: one line naming the URL
-            found = any((loc / name).exists() for name in markers)
-        if not found:
-            raise FileNotFoundError(f"{directory}: nothing mmtok writes is there (no {', '.join(markers)}); pass "
-                                    "a stage's --out, a tokenizer, a plan, a run or an export")
-    return loc
 
 
 def _inspect_other(directory, as_json: bool) -> bool:
