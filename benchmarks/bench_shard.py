@@ -12,7 +12,9 @@ Between runs (untimed) OUT is removed and the disk synced, so that no run pays f
 writeback of the one before it. Each figure is the median of the runs, with their spread
 (min-max); the ratios are throughputs (tar's time / mmtok's time): aims >= 0.5x tar and
 >= 1.2x the bare loop.
-`--validate` adds `mmtok shard` (validating) and a bare PIL open + decode loop.
+`--validate` adds `mmtok shard` (validating) and a bare PIL open + decode loop. `--captions`
+puts a one-line caption file beside each JPEG, so that every sample is an image-caption
+pair as img2dataset writes them (the bare loop then reads and hashes both files).
 
 Usage: python benchmarks/bench_shard.py [--files 2000]   (2,000 files ~370 MB; 400 by default)
 The JPEGs are made once into $BENCH_DIR (default: the temporary directory) and kept there.
@@ -64,14 +66,17 @@ def make_files(d: Path, n: int, size: int, distinct: int = 100) -> int:
     return total
 
 
-def jpeg_corpus(n: int, size: int) -> Path:
-    """The folder of `n` JPEGs, made on first use and kept."""
-    d = Path(os.environ.get("BENCH_DIR", tempfile.gettempdir())) / f"mmtok-bench-jpegs-{n}-{size}"
+def jpeg_corpus(n: int, size: int, captions: bool = False) -> Path:
+    """The folder of `n` JPEGs (each with a caption file beside it: `captions`), made on
+    first use and kept."""
+    d = Path(os.environ.get("BENCH_DIR", tempfile.gettempdir())) / f"mmtok-bench-jpegs-{n}-{size}{'-pairs' * captions}"
     done = d.with_name(f"{d.name}.done")  # beside the folder: inside, it would be input
     if not done.exists():
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
         make_files(d, n, size)
+        for i in range(n if captions else 0):  # an img2dataset-like caption: a short line
+            (d / f"img{i:05d}.txt").write_text(f"a photo of a lit wall with a soft round shadow, number {i}")
         done.touch()
     return d
 
@@ -119,9 +124,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1200, help="width of the JPEGs (4:3); 1200 px: ~185 KB each")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--validate", action="store_true", help="also measure --validate against a PIL decode loop")
+    ap.add_argument("--captions", action="store_true", help="a caption .txt beside each JPEG: every sample is a pair")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/shard"))
     a = ap.parse_args()
-    src = jpeg_corpus(a.files, a.size)
+    src = jpeg_corpus(a.files, a.size, a.captions)
     files = sorted(src.iterdir())
     nbytes = sum(p.stat().st_size for p in files)
     work = Path(tempfile.mkdtemp(prefix="mmtok-bench-", dir=os.environ.get("BENCH_DIR")))
@@ -138,7 +144,7 @@ def main() -> None:
         return go
 
     def pil_loop():
-        for f in files:
+        for f in (f for f in files if f.suffix == ".jpg"):
             with Image.open(f) as im:
                 im.load()
 
@@ -154,7 +160,7 @@ def main() -> None:
             times[name].append(timed(fn))
             shutil.rmtree(out, ignore_errors=True)  # untimed: each mmtok run starts from an empty OUT
             os.sync()  # untimed: no run pays for the writeback of the one before it
-    res = {"files": len(files), "bytes": nbytes, "width": a.size, "repeat": a.repeat}
+    res = {"files": len(files), "bytes": nbytes, "width": a.size, "captions": a.captions, "repeat": a.repeat}
     res |= {k: summary(v) for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     for w in ("w1", "w2"):

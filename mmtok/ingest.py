@@ -20,7 +20,7 @@ from mmtok.manifests import (MANIFEST_EXTS, Columns, bad_item, check_manifest, c
 from mmtok.fs import RemotePath, as_location, is_url, join_location, remote_errors
 from mmtok.runner import DUPLICATES, STAGE_FILE, STATS_DIR, Item, Quarantined, Sample
 from mmtok.shards import (INDEX, MANIFEST, QUARANTINE, content_hash, dumps_meta, group_samples, is_stage_output,
-                          iter_tar, printable)
+                          iter_tar, pair_hashes, printable)
 from mmtok.sniff import Bad, Part, sniff
 
 TAR_EXTS = (".tar", ".tar.gz", ".tgz")
@@ -372,15 +372,18 @@ class ShardFn:
             members["txt"] = caption.data
             modality = {"image": "pair", "audio": "audio_pair", "video": "video_pair"}[part.kind]
             group = f"{modality}-{part.ext}"
-        meta = {k: v for k, v in part.meta.items() if k != "member"}
-        meta.update({"modality": modality, "source": source, "sha256": content_hash(members),
-                     "bytes": sum(len(v) for v in members.values()), **extra})
         # the image's own hash, the key its codes are joined by, so that tokenize-images and
         # tokenize read it from index.parquet instead of re-hashing every image (every row
         # has the column: index.parquet takes its columns from its first row)
-        image = meta["sha256"] if caption is None else content_hash({part.ext: part.data})
-        return Sample(key=key, group=group, members=members, meta=meta,
-                      index={"image_sha256": image if part.kind == "image" else None})
+        if part.kind == "image" and caption is not None:
+            sha256, image = pair_hashes(members, part.ext)
+        else:
+            sha256 = content_hash(members)
+            image = sha256 if part.kind == "image" else None
+        meta = {k: v for k, v in part.meta.items() if k != "member"}
+        meta.update({"modality": modality, "source": source, "sha256": sha256,
+                     "bytes": sum(len(v) for v in members.values()), **extra})
+        return Sample(key=key, group=group, members=members, meta=meta, index={"image_sha256": image})
 
 
 def _local(path) -> str | None:

@@ -66,9 +66,27 @@ def content_hash(members: dict[str, bytes]) -> str:
     """
     h = hashlib.sha256()
     for ext in sorted(members):
-        h.update(f"{ext}\0{len(members[ext])}\0".encode())
-        h.update(members[ext])
+        _hash_member(h, ext, members[ext])
     return h.hexdigest()
+
+
+def pair_hashes(members: dict[str, bytes], ext: str) -> tuple[str, str]:
+    """`content_hash(members)` and `content_hash({ext: members[ext]})`: a pair's hash and its
+    image's own. Where `ext` sorts first (jpg or png before txt) the image's bytes are hashed
+    once, its own hash being the pair's state after it (sharding is bound by hashing)."""
+    if min(members) != ext:
+        return content_hash(members), content_hash({ext: members[ext]})
+    h = hashlib.sha256()
+    _hash_member(h, ext, members[ext])
+    alone = h.hexdigest()  # hashlib goes on updating after a digest
+    for other in sorted(members)[1:]:
+        _hash_member(h, other, members[other])
+    return h.hexdigest(), alone
+
+
+def _hash_member(h, ext: str, data: bytes) -> None:
+    h.update(f"{ext}\0{len(data)}\0".encode())
+    h.update(data)
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:

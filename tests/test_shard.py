@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -20,7 +22,7 @@ from helpers.procs import kill_midway
 from mmtok.cli.app import app
 from mmtok.ingest import ShardFn, shard_items
 from mmtok.runner import Item, run_stage
-from mmtok.shards import ShardReader, content_hash, dumps_meta, list_shards
+from mmtok.shards import ShardReader, content_hash, dumps_meta, list_shards, pair_hashes
 
 runner = CliRunner()
 
@@ -79,6 +81,15 @@ def test_content_hash_keeps_member_boundaries():
     assert content_hash({"ab": b"c"}) != content_hash({"a": b"bc"})
     assert content_hash({"txt": b"1", "png": b"2"}) == content_hash({"png": b"2", "txt": b"1"})  # order-free
     assert content_hash({"txt": b"hi"}) == hashlib.sha256(b"txt\x002\x00hi").hexdigest()  # the documented layout
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["jpg", "png", "webp", "txt", "a", "zz"]), st.binary(max_size=300), min_size=1),
+       st.data())
+def test_pair_hashes_are_the_two_content_hashes(members, data):
+    # whichever member sorts first: jpg before txt hashes the image once, webp after it twice
+    ext = data.draw(st.sampled_from(sorted(members)))
+    assert pair_hashes(members, ext) == (content_hash(members), content_hash({ext: members[ext]}))
 
 
 def test_duplicates_dropped_and_counted(tmp_path: Path):
