@@ -28,10 +28,22 @@ class Quarantined:
 
 @dataclass
 class Item:
-    """One unit of input: `name` identifies it in logs; `payload` is what the stage needs."""
+    """One unit of input: `name` identifies it in logs; `payload` is what the stage needs;
+    `nbytes`, where known, what it brings into memory (its files' sizes, its member bytes),
+    which bounds the work in flight (`_tasks`, `_ordered_map`)."""
 
     name: str
     payload: Any
+    nbytes: int = 0
+
+
+# A task ends at its stage's task size or at TASK_BYTES of items; beyond one task per worker,
+# tasks go in flight only while those in flight hold under IN_FLIGHT_BYTES. Memory then holds
+# about max(IN_FLIGHT_BYTES, workers x the larger of TASK_BYTES and the largest item), whatever
+# the item sizes (a folder of 1 GB videos), where a count bound alone would hold 4 x workers
+# tasks of them.
+TASK_BYTES = 64 << 20
+IN_FLIGHT_BYTES = 256 << 20
 
 
 class StageError(Exception):
@@ -98,13 +110,18 @@ def _ordered_map(fn, tasks: Iterator[list], workers: int, threads: bool = False,
             pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers, _install, (fn,)))
             submit = lambda t: pool.apply_async(_apply_installed, (t,))  # noqa: E731
             result = multiprocessing.pool.AsyncResult.get
-        pending: collections.deque = collections.deque()
+        pending: collections.deque = collections.deque()  # (future, its items' bytes), in input order
+        held = 0
         for t in tasks:
-            pending.append(submit(t))
-            if len(pending) >= workers * 4:
-                yield result(pending.popleft())
+            nbytes = sum(item.nbytes for _, item in t)
+            pending.append((submit(t), nbytes))
+            held += nbytes
+            while len(pending) >= workers * 4 or (len(pending) > workers and held >= IN_FLIGHT_BYTES):
+                future, nbytes = pending.popleft()
+                held -= nbytes
+                yield result(future)
         while pending:
-            yield result(pending.popleft())
+            yield result(pending.popleft()[0])
         if backend == "local" and not threads:
             # Done: the workers leave on the pool's end marker. The SIGTERM of the pool's exit
             # is for errors only: a worker still starting may yet hold the parent's handler,
@@ -148,13 +165,15 @@ def ray_session(cpus: int, stack: contextlib.ExitStack):
 
 
 def _tasks(items: Iterable[Item], start: int, size: int) -> Iterator[list[tuple[int, Item]]]:
-    task = []
+    """Tasks of `size` items from item `start` on, or fewer where they reach TASK_BYTES."""
+    task, nbytes = [], 0
     for i, item in enumerate(items):
         if i < start:
             continue
         task.append((i, item))
-        if len(task) >= size:
+        nbytes += item.nbytes
+        if len(task) >= size or nbytes >= TASK_BYTES:
             yield task
-            task = []
+            task, nbytes = [], 0
     if task:
         yield task

@@ -82,7 +82,7 @@ def _walk_dir(d: Path, root: str, limit: int, cols: "Columns") -> Iterator[Item]
         return
     names = {e.name for e in entries}
     own_output = is_stage_output(names)
-    files, folders = [], []
+    files, folders, sizes = [], [], {}
     for e in entries:
         if _not_input(e.name, own_output, e.is_dir(follow_symlinks=False)):
             continue
@@ -101,14 +101,15 @@ def _walk_dir(d: Path, root: str, limit: int, cols: "Columns") -> Iterator[Item]
             if e.is_dir():
                 continue
         try:
-            if not e.is_file():  # the directory entry's type: no stat for a plain file
+            if not e.is_file():  # the directory entry's type
                 yield _not_regular(path, e.stat().st_mode)
                 continue
+            sizes[e.name] = e.stat().st_size
         except OSError as err:  # a dangling symlink
             yield bad_item(e.path, f"cannot read ({err.strerror})")
             continue
         files.append(path)
-    yield from _folder_items(files, names, limit, cols)
+    yield from _folder_items(files, names, limit, cols, sizes)
     for folder in folders:
         yield from _walk_dir(folder, root, limit, cols)
 
@@ -122,11 +123,12 @@ def _walk_remote(d: RemotePath, limit: int, cols: "Columns") -> Iterator[Item]:
     except OSError as e:
         yield bad_item(str(d), f"cannot list this folder ({e})")
         return
+    sizes = {e["name"].rstrip("/").rpartition("/")[2]: e.get("size") or 0 for e in entries}
     entries = [(e["name"].rstrip("/").rpartition("/")[2], e["type"] == "directory") for e in entries]
     names = {name for name, _ in entries}
     own_output = is_stage_output(names)
     kept = [(d / name, is_dir) for name, is_dir in entries if name and not _not_input(name, own_output, is_dir)]
-    yield from _folder_items([p for p, is_dir in kept if not is_dir], names, limit, cols)
+    yield from _folder_items([p for p, is_dir in kept if not is_dir], names, limit, cols, sizes)
     for folder, is_dir in kept:
         if is_dir:
             yield from _walk_remote(folder, limit, cols)
@@ -138,9 +140,9 @@ def _not_input(name: str, own_output: bool, is_dir: bool) -> bool:
     return (own_output and name in _OUTPUT_RECORDS) or (name.startswith(".") and not is_dir)
 
 
-def _folder_items(files: list, names: set[str], limit: int, cols: "Columns") -> Iterator[Item]:
-    """The items of one folder's files (sorted, local Paths or RemotePaths): archives and
-    manifests one by one, then the other files grouped by stem."""
+def _folder_items(files: list, names: set[str], limit: int, cols: "Columns", sizes: dict[str, int]) -> Iterator[Item]:
+    """The items of one folder's files (sorted, local Paths or RemotePaths, their sizes by
+    name): archives and manifests one by one, then the other files grouped by stem."""
     i2d = img2dataset_shards(names)
     if i2d:  # img2dataset's output folder: its per-shard counters are not input
         files = [f for f in files if f.name not in {f"{s}_stats.json" for s in i2d}]
@@ -167,20 +169,22 @@ def _folder_items(files: list, names: set[str], limit: int, cols: "Columns") -> 
                 group.append(f)
         first = group[0]
         name = first.with_name(stem) if isinstance(first, Path) else f"{str(first).rpartition('/')[0]}/{stem}"
-        yield Item(str(name), {"kind": "files", "paths": [str(p) for p in group]})
+        yield Item(str(name), {"kind": "files", "paths": [str(p) for p in group]}, sum(sizes[p.name] for p in group))
         yield from dropped
 
 
 def _file_items(path: Path | RemotePath, limit: int, cols: "Columns") -> Iterator[Item]:
+    size = 0
     if isinstance(path, Path):  # an object in a bucket is always a plain file
         try:
-            mode = path.stat().st_mode
+            st = path.stat()
         except OSError as e:
             yield bad_item(str(path), f"cannot read ({e.strerror})")
             return
-        if not stat.S_ISREG(mode):  # a FIFO would block the open forever; a device may never end
-            yield _not_regular(path, mode)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the open forever; a device may never end
+            yield _not_regular(path, st.st_mode)
             return
+        size = st.st_size
     name = path.name.lower()
     if _is_tar(path):
         yield from _tar_items(path, limit)
@@ -191,7 +195,7 @@ def _file_items(path: Path | RemotePath, limit: int, cols: "Columns") -> Iterato
     elif name.endswith(".parquet"):
         yield from parquet_items(path, cols)
     else:
-        yield Item(str(path), {"kind": "files", "paths": [str(path)]})
+        yield Item(str(path), {"kind": "files", "paths": [str(path)]}, size)
 
 
 def _tar_items(path: Path, limit: int) -> Iterator[Item]:
@@ -200,7 +204,7 @@ def _tar_items(path: Path, limit: int) -> Iterator[Item]:
         if len(s) == 3:
             yield bad_item(name, s[2])
         else:
-            yield Item(name, {"kind": "members", "members": s[1]})
+            yield Item(name, {"kind": "members", "members": s[1]}, sum(map(len, s[1].values())))
 
 
 # ---------------------------------------------------------------- samples

@@ -138,7 +138,7 @@ def _row_item(path: Path, n: int, row, cols: Columns, blobs: dict[str, bytes] | 
         extra = {k: v for k, v in row.items() if k not in (*MEDIA_FIELDS, "caption", "transcript")}
         if extra:
             members["json"] = dumps_meta(extra)  # kept as source_meta, as a row's other columns are
-        return Item(name, {"kind": "members", "members": members})
+        return Item(name, {"kind": "members", "members": members}, sum(map(len, members.values())))
     return Item(name, {"kind": "row", "row": row, "base": str(path.parent)})
 
 

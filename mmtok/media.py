@@ -215,9 +215,14 @@ def media_items(inputs: list[str], modalities: tuple[str, ...], exts: tuple[str,
         for r in readers:
             for s in r:
                 ext = next((e for e in s.members if e in exts), None)
-                yield Item(f"{r.directory}/{s.shard}:{s.key}", (s.key, ext, s.members.get(ext), s.meta))
+                data = s.members.get(ext)
+                yield Item(f"{r.directory}/{s.shard}:{s.key}", (s.key, ext, data, s.meta), len(data or b""))
         for f in files:
-            yield Item(str(f), (None, f.suffix.lower().lstrip("."), str(f), {}))
+            try:
+                size = f.stat().st_size
+            except OSError:  # gone since the listing: the stage's read reports it
+                size = 0
+            yield Item(str(f), (None, f.suffix.lower().lstrip("."), str(f), {}), size)
 
     return gen(), total
 

@@ -18,6 +18,7 @@ from mmtok.chameleon import import_chameleon
 from mmtok.mix import plan_mix, write_plan
 from mmtok.tokenize import Tokenizer
 from mmtok.trainer.checkpoint import load_run
+from mmtok.trainer.job import TrainError
 from mmtok.vocab import Vocab
 
 WORDS = ["the cat sat on the mat", "a dog ran in the park", "the quick brown fox jumps over the lazy dog"]
@@ -170,6 +171,40 @@ def test_export_refuses_what_it_cannot_stand_behind(runs, tmp_path):
     assert r.exit_code == 2 and "something other than" in r.output and (tmp_path / "mine" / "notes.txt").exists()
     r = cli("export", runs["root"] / "cham0", "--out", tmp_path / "a", "--format", "onnx")
     assert r.exit_code == 2 and "unknown export format" in r.output
+
+
+def test_scoring_an_export_runs_none_of_its_code(runs, tmp_path):
+    """`mmtok eval EXPORT --lm-eval` loads a directory that may come from anyone: its
+    modeling_mmtok.py is never imported (mmtok's installed modelling code builds the model)
+    and a pickled weights file is never read."""
+    import pickle
+    import shutil
+
+    from mmtok.trainer.hf_export import MODELING, WEIGHTS, load_export
+
+    marker = tmp_path / "code-ran"
+    evil = f"open({str(marker)!r}, 'w').write('ran')\n"
+    out = tmp_path / "moma"
+    _export(runs["root"] / "moma", out, runs["tok_own"])
+    (out / MODELING).write_text((out / MODELING).read_text() + evil)  # a sender's edit
+    model, tokenizer = load_export(out)
+    ids = _ids(runs["tok_own"], WORDS)
+    _, ours = _mmtok_logits(runs["root"] / "moma", ids, routing="causal")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ours, atol=1e-4, rtol=0)
+    assert tokenizer("the cat", add_special_tokens=False).input_ids
+
+    class Payload:  # unpickling it would write the marker
+        def __reduce__(self):
+            return (exec, (evil,))
+
+    swapped = tmp_path / "swapped"  # safetensors replaced by a pickle
+    shutil.copytree(out, swapped)
+    (swapped / WEIGHTS).unlink()
+    (swapped / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(TrainError, match="not a loadable HF export"):
+        load_export(swapped)
+    assert not marker.exists()
 
 
 def _task(root):

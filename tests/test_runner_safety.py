@@ -295,6 +295,49 @@ def test_the_writer_streams_shards_instead_of_holding_them(tmp_path):
     assert peak < 6 << 20, f"peak Python memory {peak / 2**20:.1f} MiB"
 
 
+@pytest.mark.parametrize("item_mib, threads", [(10, True), (10, False), (300, True)])
+def test_the_work_in_flight_is_bounded_by_its_bytes(item_mib, threads):
+    """Items that declare their bytes (a folder of videos) are cut into smaller tasks and
+    held in flight by bytes, not only by count: 4 x workers tasks of 8 large items each
+    would hold gigabytes. Measured as the declared bytes of the tasks the dispatcher has
+    taken and not yet given back."""
+    from mmtok.dispatch import IN_FLIGHT_BYTES, TASK_BYTES, _ordered_map, _tasks
+
+    size, workers, n = item_mib << 20, 2, 60
+    items = [Item(str(i), i, nbytes=size) for i in range(n)]
+    held, peak, out = 0, 0, []
+
+    def taken():
+        nonlocal held, peak
+        for t in _tasks(items, 0, 8):
+            held += sum(item.nbytes for _, item in t)
+            peak = max(peak, held)
+            yield t
+
+    for task in _ordered_map(abs, taken(), workers, threads=threads):
+        held -= len(task) * size
+        out += [r for _, r in task]
+    assert out == [[i] for i in range(n)]  # all of them, in order
+    largest_task = max(TASK_BYTES + size, size)
+    assert peak <= max(IN_FLIGHT_BYTES + largest_task, (workers + 1) * largest_task), peak >> 20
+    assert peak < 4 * workers * 8 * size  # what the count bound alone let in
+
+
+def test_a_folders_files_declare_their_sizes(tmp_path):
+    from mmtok.ingest import shard_items
+
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    (tmp_path / "a.txt").write_text("a caption")
+    (tmp_path / "b.txt").write_text("text " * 100)
+    (tmp_path / "c.tar").write_bytes(b"")  # an archive: its members declare theirs
+    with tarfile.open(tmp_path / "c.tar", "w") as t:
+        info = tarfile.TarInfo("x.txt")
+        info.size = 7
+        t.addfile(info, io.BytesIO(b"seven b"))
+    got = {Path(item.name).name: item.nbytes for item in shard_items([str(tmp_path)])}
+    assert got == {"c.tar:x": 7, "a": len(png_bytes()) + 9, "b": 500}
+
+
 # ---------------------------------------------------------------- 6. a full disk
 
 

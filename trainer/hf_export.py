@@ -330,19 +330,36 @@ def is_hf_export(path: str | Path) -> bool:
     return isinstance(meta, dict) and meta.get("model_type") in ("chameleon", "mmtok")
 
 
-def harness_lm(model_dir: Path):
-    """The export as lm-evaluation-harness's stock `hf` model (HFLM), handed the loaded model:
-    transformers registers Chameleon as image-text-to-text, not under AutoModelForCausalLM,
-    which is all the harness's own loading tries (mmtok's modelling code is registered there)."""
-    from lm_eval.models.huggingface import HFLM
-    from transformers import AutoModelForCausalLM, AutoTokenizer, ChameleonForConditionalGeneration
+def load_export(model_dir: Path):
+    """(model, tokenizer) of an HF export, for scoring. An export may come from anyone, so
+    nothing in it runs: an mmtok model is built by the modelling code installed with mmtok
+    (the directory's own modeling_mmtok.py is never imported: no trust_remote_code), weights
+    come from safetensors only (never a pickled .bin), and the tokenizer from its JSON."""
+    from transformers import AutoTokenizer, ChameleonForConditionalGeneration
 
-    remote = read_json(Path(model_dir) / "config.json").get("model_type") == "mmtok"
-    loader = AutoModelForCausalLM if remote else ChameleonForConditionalGeneration
-    model = loader.from_pretrained(model_dir, trust_remote_code=remote, dtype=torch.float32).eval()
+    from mmtok.trainer.hf_modeling_mmtok import MmtokForCausalLM
+
+    own = read_json(Path(model_dir) / "config.json").get("model_type") == "mmtok"
+    loader = MmtokForCausalLM if own else ChameleonForConditionalGeneration
+    try:
+        model = loader.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise TrainError(f"{model_dir}: not a loadable HF export ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         "pass an `mmtok export --format hf` directory") from None
+    return model, tokenizer
+
+
+def harness_lm(model_dir: Path):
+    """The export as lm-evaluation-harness's stock `hf` model (HFLM), handed the loaded model
+    (`load_export`): transformers registers Chameleon as image-text-to-text, not under
+    AutoModelForCausalLM, which is all the harness's own loading tries."""
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = load_export(model_dir)
     if torch.cuda.is_available():
         model = model.cuda()
-    return HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(model_dir), backend="causal", batch_size=1,
+    return HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=1,
                 max_length=model.config.max_position_embeddings)
 
 
