@@ -42,7 +42,7 @@ class Item:
 # about max(IN_FLIGHT_BYTES, workers x the larger of TASK_BYTES and the largest item), whatever
 # the item sizes (a folder of 1 GB videos), where a count bound alone would hold 4 x workers
 # tasks of them.
-TASK_BYTES = 64 << 20
+TASK_BYTES = 16 << 20
 IN_FLIGHT_BYTES = 256 << 20
 
 
