@@ -23,7 +23,7 @@ import numpy as np
 # the plan format lives in mmtok.plan; read_plan_meta stays importable from here for older callers
 from mmtok.fs import RemotePath, as_location, join_location, read_parquet, read_range
 from mmtok.plan import check_plan_arrays, read_plan
-from mmtok.shards import INDEX, MANIFEST, ShardError, ShardReader, load_manifest, load_npy
+from mmtok.shards import INDEX, MANIFEST, ShardError, ShardReader, check_index, load_manifest, load_npy
 from mmtok.vocab import Vocab, VocabError
 
 STATE_FORMAT = "mmtok-planloader/1"
@@ -89,6 +89,7 @@ class TokenCorpus:
         shard_paths, shard_id, offset, size = [], [], [], []
         for d in self.dirs:
             t = read_parquet(d / INDEX, columns=["shard", "members"])
+            check_index(t, load_manifest(d), d / INDEX)
             enc = pc.dictionary_encode(t.column("shard")).combine_chunks()
             shard_id.append(enc.indices.to_numpy().astype(np.int32) + len(shard_paths))
             shard_paths += [d / s for s in enc.dictionary.to_pylist()]

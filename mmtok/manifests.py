@@ -155,7 +155,7 @@ def jsonl_items(path: Path | RemotePath, cols: Columns) -> Iterator[Item]:
                 continue
             try:
                 row = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # nested past Python's stack
                 yield bad_item(f"{path}:{n}", f"malformed manifest line: {e}")
                 continue
             if not checked and isinstance(row, dict):  # rows may differ: the first one stands for the file
@@ -176,7 +176,7 @@ def csv_items(path: Path | RemotePath, limit: int, cols: Columns) -> Iterator[It
                 if "segments" in row:
                     try:
                         row["segments"] = json.loads(row["segments"])
-                    except json.JSONDecodeError as e:
+                    except (json.JSONDecodeError, RecursionError) as e:
                         yield bad_item(f"{path}:{n}", f"segments column is not JSON: {e}")
                         continue
                 yield _row_item(path, n, row, cols)

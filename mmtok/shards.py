@@ -32,6 +32,9 @@ INDEX = "index.parquet"
 QUARANTINE = "quarantine.jsonl"
 STAGE_FILE = "_stage.json"  # the job record a stage keeps in its OUT (mmtok.runner writes it)
 SHARD_RE = re.compile(r"^(?P<group>[a-z0-9_-]+?)-(?P<num>\d{6})\.tar$")
+# A sample key as every mmtok stage writes it: a plain name (no dots, slashes or spaces). A
+# key read from a shard directory names members and files downstream, so no other passes.
+KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-\d+$")  # what `temp_path` names
 # Extensions a reader must never hand to a decoder that unpickles.
 PICKLE_EXTS = {"pyd", "pickle", "pkl", "pth", "pt", "ckpt"}
@@ -270,7 +273,7 @@ def read_json(path: str | Path) -> dict:
     refused naming the file."""
     try:
         obj = json.loads(as_location(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ShardError(f"{path}: corrupt JSON ({e}); restore it, or rerun the command that wrote it") from None
     if not isinstance(obj, dict):
         raise ShardError(f"{path}: not a JSON object; restore it, or rerun the command that wrote it")
@@ -290,6 +293,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise ShardError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno}); "
                                  "fix or delete that line") from None
+            except RecursionError:
+                raise ShardError(f"{path} line {n}: JSON nested too deeply to read; fix or delete that line") from None
             if not isinstance(rec, dict):
                 raise ShardError(f"{path} line {n}: not a JSON object; fix or delete that line")
             out.append(rec)
@@ -306,7 +311,7 @@ def read_record(directory, name: str, missing: str, not_a_dir: str, what: str) -
         raise ShardError(f"{directory}: no {name}; {missing}") from None
     except NotADirectoryError:
         raise ShardError(f"{directory}: a file, not {not_a_dir}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ShardError(f"{path}: corrupt {what} ({e})") from None
 
 
@@ -314,11 +319,25 @@ def load_manifest(directory: str | Path) -> dict:
     manifest, path = read_record(directory, MANIFEST, "is this a finished mmtok shard directory?",
                                  "a shard directory", "manifest")
     require_keys(manifest, ("stage", "shards", "totals"), path)
+    redo = "restore the file, or rerun the command that wrote it"
     if not isinstance(manifest["shards"], list):
-        raise ShardError(f"{path}: `shards` is not a list; restore the file, or rerun the command that wrote it")
+        raise ShardError(f"{path}: `shards` is not a list; {redo}")
     for i, s in enumerate(manifest["shards"]):
         require_keys(s, ("name", "group", "samples", "bytes"), f"{path} (shards[{i}])")
+        # the name is joined to the directory: only a shard's own name may be read
+        if not (isinstance(s["name"], str) and SHARD_RE.match(s["name"]) and isinstance(s["group"], str)
+                and _is_count(s["samples"]) and _is_count(s["bytes"])):
+            raise ShardError(f"{path} (shards[{i}]): not a shard record (a name GROUP-NNNNNN.tar in this directory, "
+                             f"a group, sample and byte counts); {redo}")
+    totals = manifest["totals"]
+    if not isinstance(manifest["stage"], str) or not isinstance(totals, dict) or not all(
+            _is_count(v) or (isinstance(v, dict) and all(map(_is_count, v.values()))) for v in totals.values()):
+        raise ShardError(f"{path}: `stage` is not a name or `totals` not counts; {redo}")
     return manifest
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 @dataclass
@@ -366,12 +385,17 @@ class ShardReader:
                 continue
             for item in group_samples(iter_tar(shard)):
                 if len(item) == 2:
+                    if not KEY_RE.match(item[0]):
+                        raise ShardError(f"{shard}: sample key {item[0]!r} is not one mmtok writes (edited or "
+                                         "damaged); rerun the stage that wrote this directory")
                     yield ShardSample(item[0], item[1], shard.name)
 
     def index(self):
-        """The per-sample index as a pyarrow Table."""
+        """The per-sample index as a pyarrow Table, checked against the manifest (`check_index`)."""
         if self._index is None:
-            self._index = read_parquet(self.directory / INDEX)
+            index = read_parquet(self.directory / INDEX)
+            check_index(index, self.manifest, self.directory / INDEX)
+            self._index = index
         return self._index
 
     def lookup(self) -> dict[str, tuple[str, dict]]:
@@ -384,6 +408,25 @@ class ShardReader:
         if len(data) != size:
             raise ShardError(f"{self.directory / shard}: truncated at offset {offset}")
         return data
+
+
+def check_index(index, manifest: dict, where) -> None:
+    """Refuse an index.parquet whose rows name a shard the manifest does not list, or a key
+    that is not a plain name: an index is read by offset, so a row naming `../secret.txt` or
+    `/etc/passwd` would be read as a shard (and a key names members and files downstream)."""
+    import pyarrow.compute as pc
+
+    names = {s["name"] for s in manifest["shards"]}
+    if "shard" in index.column_names:
+        unknown = set(pc.unique(index.column("shard")).to_pylist()) - names
+        if unknown:
+            raise ShardError(f"{where}: names {sorted(map(str, unknown))[0]!r}, not a shard its manifest lists (edited "
+                             "or damaged); rerun the stage that wrote this directory")
+    if "key" in index.column_names and index.num_rows:
+        keys = index.column("key")
+        if keys.null_count or not pc.all(pc.match_substring_regex(keys, KEY_RE.pattern)).as_py():
+            raise ShardError(f"{where}: a sample key is not one mmtok writes (edited or damaged); "
+                             "rerun the stage that wrote this directory")
 
 
 def npy_bytes(array) -> bytes:

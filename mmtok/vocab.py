@@ -17,6 +17,7 @@ ids those of its own text tokenizer (a Hugging Face `tokenizers` file, `text_tok
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from mmtok.fs import as_location
 FORMAT = "mmtok-vocab/1"  # mmtok's own layout: specials, text, image codes, contiguous
 FORMAT_ANY = "mmtok-vocab/2"  # any layout, e.g. an imported model's (the checks below say which)
 VOCAB_FILE = "vocab.json"
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a text model's name: a file beside vocab.json
 N_SPECIALS = 16
 # Named specials first; the rest of the block is reserved for later modalities, so
 # adding one never moves a text or image id.
@@ -156,6 +158,10 @@ class Vocab:
                     n_specials=int(d["n_specials"]), text_range=tuple(int(i) for i in d["text_range"]),
                     image_range=tuple(int(i) for i in d["image_range"]), image_tokens_per_image=int(d["image_tokens_per_image"]),
                     **{"sp_model": str(d.get("sp_model", "bpe.model")), **extra})
+            if len(v.text_range) != 2 or len(v.image_range) != 2:
+                raise ValueError("text_range and image_range must each be [start, end]")
+            if v.text_model is not None and not _FILE_NAME.match(v.text_model):  # read from the tokenizer dir
+                raise ValueError(f"text model {v.text_model!r} is not a file name in the tokenizer directory")
         except (KeyError, TypeError, ValueError) as e:
             raise VocabError(f"{where}: malformed vocabulary ({type(e).__name__}: {e})") from None
         try:

@@ -250,6 +250,22 @@ def test_resume_skips_a_damaged_checkpoint_for_the_newest_intact_one(base, tmp_p
     assert loss == pytest.approx(base_loss, rel=1e-6)  # resuming from step 2 redoes steps 3-4 as they were
 
 
+def test_rotation_deletes_only_the_checkpoints_it_wrote(base, tmp_path):
+    """Older checkpoints go as new ones are saved, but a user's copy beside them
+    (`step-00000002-best`, a folder named like a step without train_state.json) is kept."""
+    run = copy_run(base, tmp_path)
+    ckpts = run / "checkpoints"
+    shutil.copytree(ckpts / "step-00000002", ckpts / "step-00000002-best")
+    (ckpts / "step-00000001").mkdir()
+    (ckpts / "step-00000001" / "notes.txt").write_text("mine")
+    r = cli("train", "--plan", base["plan"], "--out", run, *TRAIN[:-5], "--steps", 8, "--ckpt-every", 2, "--json",
+            "--resume")
+    assert r.exit_code == 0, r.output
+    left = sorted(p.name for p in ckpts.iterdir())
+    assert left == ["latest", "step-00000001", "step-00000002-best", "step-00000006", "step-00000008"], left
+    assert (ckpts / "step-00000001" / "notes.txt").read_text() == "mine"
+
+
 def test_resume_with_no_intact_checkpoint_is_refused(base, tmp_path):
     run = copy_run(base, tmp_path)
     for ckpt in (run / "checkpoints").glob("step-*"):

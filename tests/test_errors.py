@@ -328,3 +328,80 @@ def test_out_of_range_codes_are_quarantined_naming_the_shard(tmp_path, bpe_tokdi
     (rec,) = [json.loads(x) for x in (tmp_path / "tokens" / "quarantine.jsonl").read_text().splitlines()]
     assert f"--codes {tmp_path / 'codes' / row['shard']}" in rec["reason"]
     assert "outside the codebook [0, 64)" in rec["reason"] and "rerun tokenize-images" in rec["reason"]
+
+
+# ------------------------------------------------------------ a sender's edits: nothing outside is read
+
+def _edit_index(d, column, fn):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(d / "index.parquet")
+    values = t.column(column).to_pylist()
+    pq.write_table(t.set_column(t.column_names.index(column), column, pa.array(fn(values))), d / "index.parquet")
+
+
+@pytest.mark.parametrize("edit, shown", [
+    (lambda m: m["shards"][0].update(bytes="x"), "shards[0]"),
+    (lambda m: m["shards"][0].update(samples=True), "shards[0]"),
+    (lambda m: m["shards"][0].update(name="text-/../../secret.txt"), "shards[0]"),
+    (lambda m: m["shards"][0].update(name="/etc/passwd"), "shards[0]"),
+    (lambda m: m["totals"].update(by_group=[1]), "totals"),
+    (lambda m: m.update(stage=["x"]), "stage"),
+])
+def test_a_manifest_of_the_wrong_shape_is_refused(corpus, tmp_path, edit, shown):
+    d = _copy(corpus["text"], tmp_path / "t")
+    _edit(d / "manifest.json", edit)
+    refused(cli("inspect", d), "manifest.json", shown)
+    refused(cli("balance-mix", d, "--out", tmp_path / "p", "--world-size", 1, "--micro-batch", 1, "--steps", 1,
+                "--ratio", "1:1"), "manifest.json")
+
+
+def test_an_index_naming_another_file_is_never_read(tmp_path, bpe_tokdir):
+    """index.parquet is read by offset: a row naming `../secret.txt` (or any path) is refused,
+    so no stage reads a file outside the directory into a tokenizer or token shards."""
+    from helpers.media import make_shards
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("ZQXSECRETZQX password=hunter2\n" * 400)
+    d = make_shards(tmp_path / "shards", texts=[f"plain text number {i}" for i in range(40)])
+    for i, name in enumerate(("../secret.txt", str(secret))):
+        _edit_index(d, "shard", lambda v: [name] * len(v))
+        refused(cli("train-bpe", d, "--out", tmp_path / "tok-evil", "--vocab-size", 600, "--image-codes", 16),
+                "index.parquet", "not a shard its manifest lists")
+        assert not (tmp_path / "tok-evil" / "bpe.vocab").exists()
+        refused(cli("tokenize", d, "-t", bpe_tokdir, "--out", tmp_path / f"tk{i}"), "index.parquet")
+
+
+def test_a_key_that_is_not_a_plain_name_is_refused(corpus, tmp_path):
+    """A key names members and files downstream (tokenize's shards, detokenize's files): one
+    with a slash or dots, from an edited index or tar, is refused, never written or lost."""
+    import tarfile
+
+    from mmtok.shards import ShardReader
+
+    d = _copy(corpus["text"], tmp_path / "t1")
+    _edit_index(d, "key", lambda v: ["../../evil"] + v[1:])
+    with pytest.raises(ShardError, match="sample key"):
+        ShardReader(d).index()
+    d = _copy(corpus["text"], tmp_path / "t2")  # a member renamed in the tar itself
+    shard = sorted(d.glob("*.tar"))[0]
+    with tarfile.open(shard) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as t:
+        for m, data in members:
+            m.name = "sub/" + m.name if m.name.startswith(members[0][0].name.split(".")[0]) else m.name
+            t.addfile(m, __import__("io").BytesIO(data))
+    _edit(d / "manifest.json", lambda m: m["shards"][0].update(bytes=shard.stat().st_size))
+    with pytest.raises(ShardError, match="sample key 'sub/"):
+        list(ShardReader(d))
+
+
+@pytest.mark.parametrize("edit, shown", [({"sp_model": "../outside.model"}, "not a file name"),
+                                         ({"sp_model": "/etc/passwd"}, "not a file name"),
+                                         ({"text_range": [16]}, "[start, end]")])
+def test_a_tokenizer_names_only_its_own_files(edit, shown):
+    from mmtok.vocab import Vocab, VocabError
+
+    with pytest.raises(VocabError, match=__import__("re").escape(shown)):
+        Vocab.from_dict({**make_vocab(), **edit})

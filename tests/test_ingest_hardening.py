@@ -347,3 +347,24 @@ def test_no_validate_never_imports_a_decoder(tmp_path: Path):
             "assert 'PIL' not in sys.modules and 'numpy' not in sys.modules, 'a decoder was imported'\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_json_nested_past_pythons_stack_is_one_bad_row(tmp_path):
+    """A manifest row (or a CSV segments cell) nested deeper than Python's parser can go is
+    quarantined; the good rows beside it are kept."""
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "m.jsonl").write_text('{"text": "good row"}\n{"text": ' + deep + "}\n")
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["text", "segments"], ["good csv row", ""], ["", deep]])
+    run_shard([tmp_path / "m.jsonl", tmp_path / "m.csv"], tmp_path / "out")
+    assert texts(tmp_path / "out") == [b"good csv row", b"good row"]
+    got = reasons(tmp_path / "out")
+    assert set(got) == {"m.jsonl:2", "m.csv:3"} and "recursion" in got["m.jsonl:2"], got
+
+
+def test_a_json_log_nested_past_pythons_stack_is_named(tmp_path):
+    from mmtok.shards import read_jsonl
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(ShardError, match="metrics.jsonl line 2: JSON nested too deeply"):
+        read_jsonl(tmp_path / "metrics.jsonl")

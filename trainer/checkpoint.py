@@ -150,10 +150,16 @@ class Checkpointer:
             os.replace(tmp, final)
             atomic_write(self.dir / LATEST, name.encode())
             shutil.rmtree(aside, ignore_errors=True)
-            for old in sorted(self.dir.glob("step-*"))[:-self.keep]:
+            for old in self._saved()[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         self._barrier()
         return final
+
+    def _saved(self) -> list[Path]:
+        """The checkpoints this manager wrote, oldest first: a `step-NNNNNNNN` directory with its
+        train_state.json. A user's `step-00000050-best` copy or notes are not among them."""
+        ours = [p for p in self.dir.iterdir() if STEP_NAME.fullmatch(p.name) and (p / TRAIN_STATE).is_file()]
+        return sorted(ours, key=lambda p: int(p.name[5:]))
 
     def load(self, path: Path, model, optimizer, loader) -> int:
         """Restore `path` (verified by the caller: intact_checkpoint); returns its step."""
