@@ -90,6 +90,7 @@ class Exit(IntEnum):
     FAILED = 1  # an unexpected failure inside mmtok (a bug: please report it)
     USAGE = 2  # bad options or input paths; nothing was done
     ERROR_BUDGET = 3  # the job finished but more inputs were quarantined than --max-error-rate allows
+    INTERRUPTED = 130  # Ctrl-C or SIGTERM (128 + SIGINT, as shells report it): rerun to resume
 
 
 def fail(message: str, code: Exit = Exit.USAGE) -> None:
@@ -114,7 +115,7 @@ def friendly_errors(fn):
         except (StageError, ShardError, FileNotFoundError, ValueError) as e:
             fail(str(e))
         except KeyboardInterrupt:
-            fail("interrupted; rerun the same command to resume", Exit.FAILED)
+            fail("interrupted; rerun the same command to resume", Exit.INTERRUPTED)
 
     return wrapper
 

@@ -48,7 +48,7 @@ def balance_mix(
     order does not depend on --world-size, so training may resume at another world size.
     Exit status: 0 ok, 2 bad usage or input.
 
-    Example: mmtok balance-mix tok/text tok/pairs --out plan --world-size 8 --experts 4t4i
+    Example: mmtok balance-mix tokens/text tokens/pairs --out plan --world-size 8 --experts 4t4i
     --seq-len 4096 --micro-batch 6 --steps 1000
     """
     from mmtok.mix import balance_mix as plan_and_write
@@ -60,7 +60,7 @@ def balance_mix(
     if missing:
         mix = f"--experts {experts}" if experts else f"--ratio {ratio or '1:1'}"
         length = f"--tokens {tokens}" if tokens else f"--steps {steps or 100}"
-        inputs = " ".join(map(str, token_shards or ["tok/text", "tok/pairs"]))
+        inputs = " ".join(map(str, token_shards or ["tokens/text", "tokens/pairs"]))
         fail(f"missing {', '.join(missing)}; for example: mmtok balance-mix {inputs} --out {out or 'plan'} "
              f"--world-size {world_size or 1} {mix} --seq-len {seq_len} --micro-batch {micro_batch or 4} {length}")
     w = None

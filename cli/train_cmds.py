@@ -128,7 +128,7 @@ def train(
         Console(stderr=True).print(f"[bold]mmtok train[/]: {summary['status']} at step {summary['step']}/{summary['steps']}"
                                    f" on {summary['world_size']} process(es); checkpoint {summary['checkpoint']}")
     if outcome.kind == "main" and summary["status"] == "interrupted":
-        fail(f"interrupted at step {summary['step']}; checkpoint saved; continue with --resume", Exit.FAILED)
+        fail(f"interrupted at step {summary['step']}; checkpoint saved; continue with --resume", Exit.INTERRUPTED)
 
 
 def _staged_for_processes(out: str, nproc: int):

@@ -128,7 +128,7 @@ def train_bpe(shard_dirs: list[str | Path], out: str | Path, *, vocab_size: int 
     # a first cheap pass (no decoding) for the memory estimate shown before training
     n_lines = n_bytes = 0
     for _, raw in iter_raw_texts(shard_dirs):
-        n_lines += raw.count(b"\n") + 1
+        n_lines += raw.count(b"\n") + (not raw.endswith(b"\n"))
         n_bytes += len(raw)
     if not n_bytes:
         raise ValueError(f"no text found in {', '.join(map(str, shard_dirs))}: train-bpe needs text, pair or doc samples")

@@ -27,6 +27,8 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS, max_aspect: float = MA
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:  # its message names a buffer's address, different on every run
         raise ValueError("not a known image format") from None
+    except OSError as e:  # a header cut short
+        raise ValueError(f"not a readable image ({e})") from None
     w, h = img.size
     if w * h > max_pixels:
         raise ValueError(f"{w}x{h} = {w * h:,} pixels is over the {max_pixels:,} limit (possible decompression bomb)")

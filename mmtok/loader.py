@@ -65,10 +65,11 @@ class TokenCorpus:
             self.manifest_sha256.append(hashlib.sha256((d / MANIFEST).read_bytes()).hexdigest())
             try:
                 t = read_parquet(d / INDEX, columns=["n_tokens", "n_image"])
+                counts.append(t.column("n_tokens").to_numpy().astype(np.int64))
+                n_image.append(t.column("n_image").to_numpy().astype(np.int64))
             except (OSError, KeyError, ValueError) as e:
-                raise ShardError(f"{d / INDEX}: unreadable or lacks n_tokens/n_image columns ({e})") from None
-            counts.append(t.column("n_tokens").to_numpy().astype(np.int64))
-            n_image.append(t.column("n_image").to_numpy().astype(np.int64))
+                raise ShardError(f"{d / INDEX}: unreadable or lacks n_tokens/n_image columns ({e}); is {d} the output "
+                                 f"of `mmtok tokenize` (it is of `mmtok {manifest['stage']}`)?") from None
         self.n_docs = np.array([len(c) for c in counts], dtype=np.int64)
         self.first_doc = np.concatenate([[0], np.cumsum(self.n_docs)])
         self.n_tokens = np.concatenate(counts)

@@ -48,8 +48,16 @@ def _paths(dirs: list) -> list[str]:
 
 def _input_shards(shard_dirs: list) -> list[tuple[int, str | Path, dict]]:
     """Every input shard in reading order: (its directory's position, the directory, its
-    manifest record). A share of the work on several processes is a run of this list."""
-    return [(i, d, rec) for i, d in enumerate(shard_dirs) for rec in load_manifest(d)["shards"]]
+    manifest record). A share of the work on several processes is a run of this list.
+    Token and code directories are refused: they hold no sample these stages read."""
+    out = []
+    for i, d in enumerate(shard_dirs):
+        manifest = load_manifest(d)
+        if manifest["stage"] in ("tokenize", "tokenize-images"):
+            raise ShardError(f"{d} is the output of `mmtok {manifest['stage']}`, not of `mmtok shard`: give the "
+                             "shard directory it was made from")
+        out += [(i, d, rec) for rec in manifest["shards"]]
+    return out
 
 
 @dataclass

@@ -405,3 +405,29 @@ def test_a_tokenizer_names_only_its_own_files(edit, shown):
 
     with pytest.raises(VocabError, match=__import__("re").escape(shown)):
         Vocab.from_dict({**make_vocab(), **edit})
+
+
+def test_a_stage_given_the_wrong_kind_of_directory_says_which_it_is(corpus, tmp_path, bpe_tokdir):
+    # token shards where shards go: refused, not an empty run that exits 0
+    refused(cli("tokenize", corpus["text"], "-t", bpe_tokdir, "--out", tmp_path / "t"), "output of `mmtok tokenize`",
+            "shard directory")
+    # a directory with a vocabulary but no token counts (what tokenize-images writes) where tokens go
+    d = _copy(corpus["text"], tmp_path / "codes-like")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pq.read_table(d / "index.parquet").drop(["n_tokens"]), d / "index.parquet")
+    refused(cli("balance-mix", d, "--out", tmp_path / "p", "--world-size", 1, "--micro-batch", 1, "--steps", 1,
+                "--ratio", "1:1"), "index.parquet", "the output of `mmtok tokenize`")
+
+
+def test_an_image_cut_short_in_its_header_is_a_value_error():
+    import io
+
+    from PIL import Image
+
+    from mmtok.images import open_image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    with pytest.raises(ValueError, match="not a readable image"):
+        open_image(buf.getvalue()[:300])

@@ -137,7 +137,7 @@ def _aux_record(step: int, bce: torch.Tensor, stats: list[dict], world: int, dev
     with its trivial rate, precision and recall (`agreement_summary`)."""
     kinds, m = ("experts", "depth"), len(AUX_SUMS)
     agree = aux_agreement(stats)
-    vals = torch.tensor([float(bce)] + [agree.get(k, {}).get(key, 0.0) for k in kinds for key in AUX_SUMS],
+    vals = torch.tensor([bce.item()] + [agree.get(k, {}).get(key, 0.0) for k in kinds for key in AUX_SUMS],
                         dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(vals)

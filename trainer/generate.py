@@ -166,7 +166,12 @@ def generate_to_files(checkpoint: str, tokdir: str, out: str, prompt: str = "", 
     segments = ([Path(image).read_bytes()] if image else []) + ([prompt] if prompt else [])
     if not segments and not generate_image:
         raise ValueError("give --prompt, --image or --generate-image")
-    ids = tok.encode(segments)[:-1].astype(np.int64)  # drop <eod>: the document goes on
+    try:
+        ids = tok.encode(segments)[:-1].astype(np.int64)  # drop <eod>: the document goes on
+    except ValueError as e:  # the image does not open
+        if image is None:
+            raise
+        raise ValueError(f"--image {image}: {e}") from None
     if generate_image:
         ids = np.append(ids, tok.boi)
     model.to(device)
