@@ -266,6 +266,25 @@ def test_rotation_deletes_only_the_checkpoints_it_wrote(base, tmp_path):
     assert (ckpts / "step-00000001" / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("file, edit", [
+    ("rank-0.json", lambda d: d.update(rng={"torch": "AAAA"})),
+    ("rank-0.json", lambda d: d.update(loader="zzz")),
+    ("train_state.json", lambda d: d.update(step="two")),
+])
+def test_a_hand_edited_checkpoint_state_is_one_line_on_resume(base, tmp_path, file, edit):
+    """A sender can rewrite the checksums along with the state they cover: the state's shape
+    is checked too, and resuming names the file instead of a traceback."""
+    run = copy_run(base, tmp_path)
+    ckpt = latest_checkpoint(run)
+    state = json.loads((ckpt / file).read_text())
+    edit(state)
+    (ckpt / file).write_text(json.dumps(state))
+    checkpoint_io.write_checksums(ckpt)
+    r = cli("train", "--plan", base["plan"], "--out", run, *TRAIN, "--resume")
+    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
+    assert file in r.output and "Traceback" not in r.output, r.output
+
+
 def test_resume_with_no_intact_checkpoint_is_refused(base, tmp_path):
     run = copy_run(base, tmp_path)
     for ckpt in (run / "checkpoints").glob("step-*"):

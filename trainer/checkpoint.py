@@ -95,8 +95,30 @@ def intact_checkpoint(run: Path, fallback: bool = False) -> Path | None:
 def loader_position(ckpt: Path, rank: int = 0) -> dict:
     """The loader state `rank` saved (rank 0's where the run had fewer ranks: the position is
     one in the plan's global order, the same on every rank)."""
+    return _rank_state(ckpt, rank)[0]["loader"]
+
+
+ALTERED = "the checkpoint was altered: delete that step directory to resume from the one before, or start again"
+
+
+def _rank_state(ckpt: Path, rank: int) -> tuple[dict, Path]:
+    """A rank's rank-R.json (loader position and RNG) and its path, its shape checked: the
+    checksums catch damage, not a sender's edit."""
     mine = ckpt / f"rank-{rank}.json"
-    return json.loads((mine if mine.exists() else ckpt / "rank-0.json").read_text())["loader"]
+    path = mine if mine.exists() else ckpt / "rank-0.json"
+    state = read_json(path)
+    if not (isinstance(state.get("loader"), dict) and isinstance(state.get("rng"), dict)
+            and all(isinstance(v, str) for v in state["rng"].values()) and "torch" in state["rng"]):
+        raise TrainError(f"{path}: not a loader position and RNG state; {ALTERED}")
+    return state, path
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    """The step train_state.json records, checked to be one."""
+    step = read_json(ckpt / TRAIN_STATE).get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise TrainError(f"{ckpt / TRAIN_STATE}: step {step!r} is not a step number; {ALTERED}")
+    return step
 
 
 class LoaderState:
@@ -170,10 +192,14 @@ class Checkpointer:
         checkpoint_io.load(state, path)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         # A run may resume at another world size: DCP reshards the model and optimizer.
-        loader.load_state_dict(loader_position(path, self.rank))
-        mine = path / f"rank-{self.rank}.json"
-        _set_rng_state(json.loads((mine if mine.exists() else path / "rank-0.json").read_text())["rng"])
-        return int(json.loads((path / TRAIN_STATE).read_text())["step"])
+        state, where = _rank_state(path, self.rank)
+        try:
+            loader.load_state_dict(state["loader"])
+            _set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a position or RNG state of another shape
+            raise TrainError(f"{where}: cannot be restored ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                             f"{ALTERED}") from None
+        return checkpoint_step(path)
 
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
@@ -221,8 +247,7 @@ def load_run(run: str | Path, kind: str | None = None) -> LoadedRun:
         raise TrainError(f"{run}: has no checkpoint yet; train it first")
     model = found.build(cfg)
     load_weights(model, ckpt)
-    state = read_json(ckpt / TRAIN_STATE)
-    return LoadedRun(model.eval(), cfg, int(state["step"]), ckpt, state)
+    return LoadedRun(model.eval(), cfg, checkpoint_step(ckpt), ckpt, read_json(ckpt / TRAIN_STATE))
 
 
 def truncate_jsonl(path: Path, step: int) -> None:

@@ -39,9 +39,9 @@ import torch
 import torch.distributed as dist
 
 from mmtok.locks import LOCK_FILE, exclusive
-from mmtok.shards import atomic_write
-from mmtok.trainer.checkpoint import (CKPT_DIR, LATEST, Checkpointer, intact_checkpoint, latest_checkpoint,
-                                      loader_position)
+from mmtok.shards import atomic_write, read_json
+from mmtok.trainer.checkpoint import (CKPT_DIR, LATEST, TRAIN_STATE, Checkpointer, checkpoint_step, intact_checkpoint,
+                                      latest_checkpoint, loader_position)
 from mmtok.trainer.config import RunConfig, to_toml
 from mmtok.trainer.job import CONFIG, CONFIG_TOML, METRICS, Job, RunKind, TrainError, json_bytes
 from mmtok.trainer.metrics import Metrics, accumulate, live_bar, memory_gb, peak_flops, reduce_interval
@@ -201,8 +201,8 @@ def _start(job: Job, run: Path, rank: int, world: int, ckpt_path: Path | None, s
     each other before anything is written."""
     tc = job.train
     loader = job.make_loader(rank, world)
-    saved = json.loads((ckpt_path / "train_state.json").read_text()) if ckpt_path else {}
-    start = saved.get("step", 0)
+    saved = read_json(ckpt_path / TRAIN_STATE) if ckpt_path else {}
+    start = checkpoint_step(ckpt_path) if ckpt_path else 0
     end = min(tc.steps, stop_at_step) if stop_at_step else tc.steps
     if saved.get("global_batch", world * tc.grad_accum) != world * tc.grad_accum and rank == 0:
         warnings.warn(f"{ckpt_path}: trained with {saved['global_batch']} micro-batches per step (processes x "
