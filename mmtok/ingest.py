@@ -288,8 +288,14 @@ class ShardFn:
             extra = _json_extra(members.pop("json"), f"{source}.json")
             if extra.get("modality") == "doc" and "segments" in extra:  # re-sharding an mmtok doc
                 return self._doc(index, source, extra["segments"], {}, resolve_by_hash=True)
-        parts, bad = [], []
+        parts, bad, kept, twins = [], [], {}, []
         for ext, data in sorted(members.items()):
+            if ext.lower() in kept:  # as in a folder: of `x.PNG` and `x.png`, `x.PNG` sorts first and is kept
+                first = f"{source}.{kept[ext.lower()]}"
+                twins.append(Quarantined(f"{source}.{ext}", f"same stem and extension as {first} but for case; "
+                                                            f"{first} is kept"))
+                continue
+            kept[ext.lower()] = ext
             try:
                 parts.append(self._sniff(data, f"{source}.{ext}"))
             except Bad as e:
@@ -297,7 +303,7 @@ class ShardFn:
             else:
                 parts[-1].meta["member"] = ext
         dropped = _left_out(parts, bad)
-        return self._build(index, source, parts, {k: v for k, v in extra.items() if k == "source_meta"}) + dropped
+        return self._build(index, source, parts, {k: v for k, v in extra.items() if k == "source_meta"}) + dropped + twins
 
     def _row(self, index: int, source: str, row: dict, base: Path) -> list:
         if "segments" in row:

@@ -212,7 +212,7 @@ def iter_tar(path: str | Path, fileobj=None, *, max_member_bytes: int | None = N
                                             f"{max_member_bytes:,}; not read")
                     continue
                 member = info.name
-                data = tar.extractfile(info).read()
+                data = _read_declared(tar.extractfile(info), info.size)
                 member = ""
                 yield parsed[0], parsed[1], data
             if stream.last_block != bytes(tarfile.BLOCKSIZE):
@@ -226,6 +226,19 @@ def iter_tar(path: str | Path, fileobj=None, *, max_member_bytes: int | None = N
         else:
             kept = "; the members before this point are kept" if tar is not None else ""
             yield "", None, f"unreadable tar archive ({e}){kept}"
+
+
+def _read_declared(f, size: int) -> bytes:
+    """A member's `size` bytes, read in 64 MiB pieces: a header may declare gigabytes the
+    archive does not hold, and one read of the declared size would allocate them first."""
+    chunks, left = [], size
+    while left:
+        chunk = f.read(min(left, 64 << 20))
+        if not chunk:
+            raise tarfile.ReadError("unexpected end of data")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def group_samples(members: Iterator) -> Iterator[tuple[str, dict[str, bytes]] | tuple[str, None, str]]:

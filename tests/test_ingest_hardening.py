@@ -368,3 +368,40 @@ def test_a_json_log_nested_past_pythons_stack_is_named(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
     with pytest.raises(ShardError, match="metrics.jsonl line 2: JSON nested too deeply"):
         read_jsonl(tmp_path / "metrics.jsonl")
+
+
+def test_a_member_declaring_more_than_the_archive_holds_is_never_allocated(tmp_path):
+    """A 10 KB tar whose second header declares 3 GiB: the read stops at the archive's end
+    (a record for that member, the first kept) instead of allocating the declared size,
+    which under a memory limit was a MemoryError traceback."""
+    import resource
+
+    with tarfile.open(tmp_path / "huge.tar", "w") as t:
+        info = tarfile.TarInfo("a.txt")
+        info.size = 5
+        t.addfile(info, io.BytesIO(b"hello"))
+        info = tarfile.TarInfo("b.txt")
+        info.size = 3 << 30
+        t.addfile(info)  # the header alone
+    data = (tmp_path / "huge.tar").read_bytes()[:10240]
+    (tmp_path / "huge.tar").write_bytes(data)
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (2_500_000_000, 2_500_000_000))  # noqa: E731
+    p = subprocess.run([sys.executable, "-m", "mmtok.cli.app", "shard", str(tmp_path / "huge.tar"), "--out",
+                        str(tmp_path / "out"), "--quiet", "--max-error-rate", "1"], preexec_fn=limit,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert texts(tmp_path / "out") == [b"hello"]
+    assert "cut short" in reasons(tmp_path / "out")["huge.tar:b.txt"]
+
+
+def test_a_tar_member_twin_but_for_case_is_left_out_as_in_a_folder(tmp_path):
+    """`pair.png`, `pair.PNG` and `pair.txt` in a tar: the pair is kept (with `pair.PNG`,
+    which sorts first, as a folder keeps it) and the twin gets a record, not three samples."""
+    (tmp_path / "case.tar").write_bytes(tar_bytes([("pair.png", png_bytes(fg="red")), ("pair.txt", b"a red square"),
+                                                   ("pair.PNG", png_bytes(fg="green"))]))
+    run_shard([tmp_path / "case.tar"], tmp_path / "out")
+    samples = read_all(tmp_path / "out")
+    assert [sorted(m) for m in samples.values()] == [["json", "png", "txt"]]
+    (sample,) = samples.values()
+    assert sample["png"] == png_bytes(fg="green") and sample["txt"] == b"a red square"
+    assert "but for case" in reasons(tmp_path / "out")["case.tar:pair.png"]
