@@ -193,6 +193,10 @@ def test_missing_keys_in_a_run(tmp_path):
         RunConfig.from_dict({**good, "model": {**good["model"], "n_layerz": 2}}, str(tmp_path / "r3" / "config.json"))
 
 
+def test_resume_of_a_directory_without_a_run_says_so(tmp_path):
+    refused(cli("train", "--out", tmp_path / "no-run", "--resume"), "holds no run", "--resume")
+
+
 # ------------------------------------------------------------ damaged JSON logs
 
 def test_an_invalid_line_in_a_json_log(corpus, tmp_path):

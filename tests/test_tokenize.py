@@ -1,5 +1,6 @@
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -147,6 +148,14 @@ def test_same_output_with_workers_and_with_precomputed_codes(tok, inputs, tmp_pa
     tokenize([inputs], tok, tmp_path / "c", codes_dir=tmp_path / "codes", **opts)
     shards = [json.loads((tmp_path / d / "manifest.json").read_text())["shards"] for d in "abc"]
     assert shards[0] == shards[1] == shards[2]  # byte-identical shards
+    # the codes' tokenizer without its VQ: named as that, not as "another tokenizer"
+    no_vq = tmp_path / "no-vq"
+    no_vq.mkdir()
+    for f in Path(tok.source).iterdir():
+        if f.is_file() and not f.name.startswith("vq."):
+            (no_vq / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(VocabError, match="has no trained VQ"):
+        tokenize([inputs], Tokenizer.load(no_vq), tmp_path / "d", codes_dir=tmp_path / "codes", **opts)
 
 
 def test_uint8_pixels_give_the_codes_of_the_old_float_preprocessing(tok):

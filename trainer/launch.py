@@ -153,6 +153,9 @@ def _resumed(opts: TrainOptions):
 
         base = RunConfig.from_dict(read_json(opts.out / CONFIG), where=str(opts.out / CONFIG))
         plan = plan or (as_location(base.plan) if base.plan else None)
+    if plan is None and opts.resume and base is None:
+        raise ValueError(f"--resume: {opts.out} holds no run (no {CONFIG}); give the --out of the run to continue, "
+                         "or leave out --resume and give --plan to start one")
     if plan is None:
         raise ValueError("give --plan (a `mmtok balance-mix` directory)")
     return base, plan
