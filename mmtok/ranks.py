@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -51,7 +52,7 @@ def run_stage_ranks(stage: str, items_of: Callable[[int, int], Iterable[Item]], 
     (rank 0's I/O, no model work), then deletes OUT/_parts. Returns the summary on rank 0,
     None on the others. (mmtok.actors runs the same shares on Ray actors.)
     """
-    out = Path(out)
+    out, t0 = Path(out), time.perf_counter()
     finished = shares_finished(stage, out, config, overwrite, check=rank == 0)
     if not finished:  # a rerun of a finished job has nothing to stage: its join below is empty
         run_share(stage, items_of, fn, out, config=config, weights=weights, rank=rank, world_size=world_size,
@@ -60,8 +61,10 @@ def run_stage_ranks(stage: str, items_of: Callable[[int, int], Iterable[Item]], 
     _barrier()
     if rank != 0:
         return None
-    return join_shares(stage, out, world_size, finished=finished, config=config, total=total,
-                       overwrite=overwrite, max_error_rate=max_error_rate, max_count=max_count, max_size=max_size)
+    summary = join_shares(stage, out, world_size, finished=finished, config=config, total=total, overwrite=overwrite,
+                          max_error_rate=max_error_rate, max_count=max_count, max_size=max_size)
+    summary.seconds = round(time.perf_counter() - t0, 3)  # the whole job's, not the join's alone
+    return summary
 
 
 def shares_finished(stage: str, out: Path, config: dict, overwrite: bool, check: bool) -> bool:

@@ -27,6 +27,7 @@ def env() -> dict:
 
 RANKS_SCRIPT = textwrap.dedent('''
     import sys
+    import time
     from mmtok.ranks import run_stage_ranks
     from mmtok.runner import Item, Quarantined, Sample, run_stage
     from mmtok.tokenize import world
@@ -39,6 +40,7 @@ RANKS_SCRIPT = textwrap.dedent('''
             yield Item(f"in:{x}", x)
 
     def fn(x):
+        time.sleep(0.01)  # the shares' work: ~0.2 s per rank, which the joined summary counts
         if x % 7 == 3:
             return Quarantined("", f"item {x} is bad")
         return Sample(f"k{x:04d}", "odd" if x % 2 else "even", {"txt": str(x).encode() * (x % 5 + 1)},
@@ -52,6 +54,7 @@ RANKS_SCRIPT = textwrap.dedent('''
         s = run_stage_ranks("t", items_of, fn, sys.argv[1], weights=[len(s) for s in shards], rank=rank,
                             world_size=world_size, **opts)
         assert (s is None) == (rank != 0)
+        assert rank != 0 or s.seconds >= 0.2, s.seconds  # the whole job's time, not the join's alone
 ''')
 
 
