@@ -109,6 +109,8 @@ def inspect(
 
     not_a_file(directory)
     directory = as_location(directory)  # at a URL: JSON files, the index and headers are read there
+    if isinstance(directory, Path) and not directory.exists():
+        raise FileNotFoundError(f"{directory} does not exist")
     with remote_errors(directory):  # no credentials, no bucket: one line naming the URL
         done = _inspect_other(directory, as_json)
         nothing = not done and isinstance(directory, RemotePath) and not (directory / MANIFEST).exists()

@@ -93,8 +93,10 @@ def _atoms(corpus: TokenCorpus, seq_len: int, keep: np.ndarray) -> dict:
             end = legal[np.searchsorted(legal, start + seq_len, "right") - 1]
             if end <= start:
                 src = corpus.source[d]
+                after = legal[legal > start]  # the next cut lies past the image block's end
+                block = int(after[0] - start) if len(after) else len(tokens) - start
                 raise ValueError(f"{corpus.dirs[src]}: document {d - corpus.first_doc[src]} has an image block longer "
-                                 f"than --seq-len {seq_len}; raise --seq-len")
+                                 f"than --seq-len {seq_len}; raise --seq-len to at least {block}")
             spans.append((start, end - start, int(vocab.is_image(tokens[start:end]).sum())))
             start = int(end)
         cuts[d] = spans

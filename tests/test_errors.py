@@ -193,8 +193,9 @@ def test_missing_keys_in_a_run(tmp_path):
         RunConfig.from_dict({**good, "model": {**good["model"], "n_layerz": 2}}, str(tmp_path / "r3" / "config.json"))
 
 
-def test_resume_of_a_directory_without_a_run_says_so(tmp_path):
+def test_a_directory_that_holds_nothing_says_so(tmp_path):
     refused(cli("train", "--out", tmp_path / "no-run", "--resume"), "holds no run", "--resume")
+    refused(cli("inspect", tmp_path / "nowhere"), "nowhere does not exist")
 
 
 # ------------------------------------------------------------ damaged JSON logs

@@ -188,7 +188,8 @@ def test_text_heavy_interleaved_documents_are_reported(tmp_path):
 def test_an_image_block_longer_than_seq_len_is_a_clear_error(tmp_path):
     rng = np.random.default_rng(0)
     d = make_token_shards(tmp_path, [make_doc(rng, VOCAB, ["img", 3])], VOCAB, "img")
-    with pytest.raises(ValueError, match="image block longer than --seq-len 12"):
+    block = VOCAB["image_tokens_per_image"] + 2  # <boi>, the codes, <eoi>
+    with pytest.raises(ValueError, match=f"image block longer than --seq-len 12; raise --seq-len to at least {block}$"):
         plan_mix([d], out=tmp_path / "p", ratio=(1, 1), world_size=1, seq_len=12, micro_batch=2, steps=1)
 
 
