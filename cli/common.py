@@ -90,7 +90,7 @@ class Exit(IntEnum):
     FAILED = 1  # an unexpected failure inside mmtok (a bug: please report it)
     USAGE = 2  # bad options or input paths; nothing was done
     ERROR_BUDGET = 3  # the job finished but more inputs were quarantined than --max-error-rate allows
-    INTERRUPTED = 130  # Ctrl-C or SIGTERM (128 + SIGINT, as shells report it): rerun to resume
+    INTERRUPTED = 130  # Ctrl-C, or the trainer's SIGTERM (128 + SIGINT, as shells report it): rerun to resume
 
 
 def fail(message: str, code: Exit = Exit.USAGE) -> None:

@@ -68,8 +68,9 @@ class TokenCorpus:
                 counts.append(t.column("n_tokens").to_numpy().astype(np.int64))
                 n_image.append(t.column("n_image").to_numpy().astype(np.int64))
             except (OSError, KeyError, ValueError) as e:
-                raise ShardError(f"{d / INDEX}: unreadable or lacks n_tokens/n_image columns ({e}); is {d} the output "
-                                 f"of `mmtok tokenize` (it is of `mmtok {manifest['stage']}`)?") from None
+                hint = "" if manifest["stage"] == "tokenize" else \
+                    f"; {d} is the output of `mmtok {manifest['stage']}`: give a `mmtok tokenize` output"
+                raise ShardError(f"{d / INDEX}: unreadable or lacks n_tokens/n_image columns ({e}){hint}") from None
         self.n_docs = np.array([len(c) for c in counts], dtype=np.int64)
         self.first_doc = np.concatenate([[0], np.cumsum(self.n_docs)])
         self.n_tokens = np.concatenate(counts)

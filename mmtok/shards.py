@@ -31,10 +31,10 @@ MANIFEST = "manifest.json"
 INDEX = "index.parquet"
 QUARANTINE = "quarantine.jsonl"
 STAGE_FILE = "_stage.json"  # the job record a stage keeps in its OUT (mmtok.runner writes it)
-SHARD_RE = re.compile(r"^(?P<group>[a-z0-9_-]+?)-(?P<num>\d{6})\.tar$")
+SHARD_RE = re.compile(r"^(?P<group>[a-z0-9_-]+?)-(?P<num>\d{6})\.tar\Z")  # \Z: no trailing newline
 # A sample key as every mmtok stage writes it: a plain name (no dots, slashes or spaces). A
 # key read from a shard directory names members and files downstream, so no other passes.
-KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+KEY_RE = re.compile(r"[A-Za-z0-9_-]+")  # whole keys: fullmatch (and ^...$ in pyarrow's RE2)
 TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-\d+$")  # what `temp_path` names
 # Extensions a reader must never hand to a decoder that unpickles.
 PICKLE_EXTS = {"pyd", "pickle", "pkl", "pth", "pt", "ckpt"}
@@ -191,6 +191,11 @@ def iter_tar(path: str | Path, fileobj=None, *, max_member_bytes: int | None = N
             data_stream = _decompressed(raw)
             if data_stream is not raw:
                 stack.callback(data_stream.close)
+                end = None  # a compressed archive's length is known only once it is read
+            else:  # a plain one's: a member's declared size is checked against it before its one read
+                here = raw.tell()
+                end = raw.seek(0, io.SEEK_END)
+                raw.seek(here)
             stream = _HeaderReads(data_stream)
             # random-access mode: a member that is not read is seeked over, not looped over
             tar = tarfile.open(fileobj=stream, mode="r:")
@@ -212,7 +217,10 @@ def iter_tar(path: str | Path, fileobj=None, *, max_member_bytes: int | None = N
                                             f"{max_member_bytes:,}; not read")
                     continue
                 member = info.name
-                data = _read_declared(tar.extractfile(info), info.size)
+                if end is not None and info.offset_data + info.size <= end:
+                    data = tar.extractfile(info).read()
+                else:
+                    data = _read_declared(tar.extractfile(info), info.size)
                 member = ""
                 yield parsed[0], parsed[1], data
             if stream.last_block != bytes(tarfile.BLOCKSIZE):
@@ -229,8 +237,10 @@ def iter_tar(path: str | Path, fileobj=None, *, max_member_bytes: int | None = N
 
 
 def _read_declared(f, size: int) -> bytes:
-    """A member's `size` bytes, read in 64 MiB pieces: a header may declare gigabytes the
-    archive does not hold, and one read of the declared size would allocate them first."""
+    """A member's `size` bytes from an archive of unknown length, read in 64 MiB pieces: a
+    header may declare gigabytes the archive does not hold, and one read of the declared
+    size would allocate them first (the pieces are joined at the end: twice a large
+    member's size for a moment, where a plain tar's member is read at once)."""
     chunks, left = [], size
     while left:
         chunk = f.read(min(left, 64 << 20))
@@ -398,9 +408,7 @@ class ShardReader:
                 continue
             for item in group_samples(iter_tar(shard)):
                 if len(item) == 2:
-                    if not KEY_RE.match(item[0]):
-                        raise ShardError(f"{shard}: sample key {item[0]!r} is not one mmtok writes (edited or "
-                                         "damaged); rerun the stage that wrote this directory")
+                    check_key(item[0], shard)
                     yield ShardSample(item[0], item[1], shard.name)
 
     def index(self):
@@ -423,6 +431,13 @@ class ShardReader:
         return data
 
 
+def check_key(key: str, where) -> None:
+    """Refuse a sample key read from a shard (`where`) that is not a plain name (KEY_RE)."""
+    if not KEY_RE.fullmatch(key):
+        raise ShardError(f"{where}: sample key {key!r} is not one mmtok writes (edited or damaged); rerun the stage "
+                         "that wrote this directory")
+
+
 def check_index(index, manifest: dict, where) -> None:
     """Refuse an index.parquet whose rows name a shard the manifest does not list, or a key
     that is not a plain name: an index is read by offset, so a row naming `../secret.txt` or
@@ -437,7 +452,7 @@ def check_index(index, manifest: dict, where) -> None:
                              "or damaged); rerun the stage that wrote this directory")
     if "key" in index.column_names and index.num_rows:
         keys = index.column("key")
-        if keys.null_count or not pc.all(pc.match_substring_regex(keys, KEY_RE.pattern)).as_py():
+        if keys.null_count or not pc.all(pc.match_substring_regex(keys, f"^{KEY_RE.pattern}$")).as_py():
             raise ShardError(f"{where}: a sample key is not one mmtok writes (edited or damaged); "
                              "rerun the stage that wrote this directory")
 

@@ -26,7 +26,8 @@ from mmtok.actors import spread
 from mmtok.codes import BadCodes, Codes
 from mmtok.runner import Item, Quarantined, Sample, Summary
 from mmtok.fs import absolute, as_location
-from mmtok.shards import ShardError, ShardReader, content_hash, group_samples, iter_tar, load_manifest, npy_bytes
+from mmtok.shards import (ShardError, ShardReader, check_key, content_hash, group_samples, iter_tar, load_manifest,
+                          npy_bytes)
 from mmtok.tokenizer import IMAGE_EXTS, StageRecipe, Tokenizer  # noqa: F401 (re-exported: callers import them here)
 
 IMAGE_SHA256 = "image_sha256"  # index column: the image's own content_hash, its codes' join key
@@ -129,6 +130,7 @@ def input_samples(shard_dirs: list, reads: Callable[[str], bool], start: int = 0
         if rows is None:
             for item in group_samples(iter_tar(as_location(d) / rec["name"])):
                 if len(item) == 2:
+                    check_key(item[0], as_location(d) / rec["name"])
                     yield InputSample(i, d, rec["name"], item[0], tuple(item[1]), _members=item[1])
             continue
         for r in rows.get(rec["name"], []):

@@ -12,7 +12,7 @@ import pytest
 from helpers.tokens import make_doc, make_token_shards, make_vocab
 from helpers.runs import cli
 from mmtok.mix import plan_mix, write_plan
-from mmtok.shards import ShardError, load_npy, npy_bytes
+from mmtok.shards import SHARD_RE, ShardError, check_key, load_npy, npy_bytes
 
 VOCAB = make_vocab(image_tokens_per_image=8, n_text=200, n_image=64)
 
@@ -193,9 +193,8 @@ def test_missing_keys_in_a_run(tmp_path):
         RunConfig.from_dict({**good, "model": {**good["model"], "n_layerz": 2}}, str(tmp_path / "r3" / "config.json"))
 
 
-def test_a_directory_that_holds_nothing_says_so(tmp_path):
+def test_resume_of_a_directory_without_a_run_says_so(tmp_path):
     refused(cli("train", "--out", tmp_path / "no-run", "--resume"), "holds no run", "--resume")
-    refused(cli("inspect", tmp_path / "nowhere"), "nowhere does not exist")
 
 
 # ------------------------------------------------------------ damaged JSON logs
@@ -400,6 +399,29 @@ def test_a_key_that_is_not_a_plain_name_is_refused(corpus, tmp_path):
     _edit(d / "manifest.json", lambda m: m["shards"][0].update(bytes=shard.stat().st_size))
     with pytest.raises(ShardError, match="sample key 'sub/"):
         list(ShardReader(d))
+    with pytest.raises(ShardError, match="sample key"):  # a trailing newline is no plain name either
+        check_key("000000001\n", "x")
+    assert SHARD_RE.match("text-000000.tar") and not SHARD_RE.match("text-000000.tar\n")
+
+
+def test_tokenize_streaming_a_shard_checks_its_keys(tmp_path, bpe_tokdir):
+    """A shard directory without image hashes in its index is streamed by tokenize: a key
+    renamed in its tar is refused there too, never written into token shards."""
+    import io
+    import tarfile
+
+    from helpers.media import make_shards
+
+    d = make_shards(tmp_path / "shards", texts=[f"plain text number {i}" for i in range(5)])
+    shard = sorted(d.glob("*.tar"))[0]
+    with tarfile.open(shard) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as t:
+        for m, data in members:
+            m.name = "sub/" + m.name
+            t.addfile(m, io.BytesIO(data))
+    _edit(d / "manifest.json", lambda m: m["shards"][0].update(bytes=shard.stat().st_size))
+    refused(cli("tokenize", d, "-t", bpe_tokdir, "--out", tmp_path / "tk"), "sample key 'sub/")
 
 
 @pytest.mark.parametrize("edit, shown", [({"sp_model": "../outside.model"}, "not a file name"),
@@ -421,8 +443,9 @@ def test_a_stage_given_the_wrong_kind_of_directory_says_which_it_is(corpus, tmp_
     import pyarrow.parquet as pq
 
     pq.write_table(pq.read_table(d / "index.parquet").drop(["n_tokens"]), d / "index.parquet")
+    _edit(d / "manifest.json", lambda m: m.update(stage="tokenize-images"))
     refused(cli("balance-mix", d, "--out", tmp_path / "p", "--world-size", 1, "--micro-batch", 1, "--steps", 1,
-                "--ratio", "1:1"), "index.parquet", "the output of `mmtok tokenize`")
+                "--ratio", "1:1"), "index.parquet", "is the output of `mmtok tokenize-images`: give a `mmtok tokenize`")
 
 
 def test_an_image_cut_short_in_its_header_is_a_value_error():

@@ -292,7 +292,7 @@ def test_reader_names_missing_or_truncated_shard(corpus: Path, tmp_path: Path):
     with pytest.raises(ShardError, match=victim.name):
         ShardReader(out).check()
     res = runner.invoke(app, ["inspect", str(tmp_path / "nowhere")])
-    assert res.exit_code == 2 and "no manifest.json" in res.output
+    assert res.exit_code == 2 and "nowhere does not exist" in res.output
 
 
 def test_inspect_json(corpus: Path, tmp_path: Path):
