@@ -31,10 +31,10 @@ class Codes:
             have = reader.manifest.get("config", {}).get("tokenizer")
             if reader.manifest.get("stage") != "tokenize-images":
                 raise ValueError(f"--codes {d}: not a `mmtok tokenize-images` output")
-            if have != tok.fingerprint() and not tok.has_vq:
-                raise VocabError(f"--codes {d}: {tok.source} has no trained VQ (vq.safetensors + vq.json), so it is not "
-                                 "the tokenizer these codes were made with; give that tokenizer")
             if have != tok.fingerprint():
+                if not tok.has_vq:  # the likelier cause than another tokenizer: name it
+                    raise VocabError(f"--codes {d}: {tok.source} has no trained VQ (vq.safetensors + vq.json), so it "
+                                     "is not the tokenizer these codes were made with; give that tokenizer")
                 raise VocabError(f"--codes {d} was made with a different tokenizer than {tok.source}; "
                                  "rerun tokenize-images with this tokenizer or leave out --codes")
             index = reader.index()

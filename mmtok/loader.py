@@ -41,9 +41,10 @@ class TokenCorpus:
         # the full fingerprint of the tokenizer (BPE model and VQ included, Tokenizer.fingerprint);
         # None where no source records one (shards from before it was recorded)
         self.tokenizer, first_fp = None, None
-        self.manifest_sha256, counts, n_image = [], [], []
+        self.manifest_sha256, self._manifests, counts, n_image = [], [], [], []
         for d in self.dirs:
             manifest = load_manifest(d)
+            self._manifests.append(manifest)  # the shards an index may name (`_load_locations`)
             config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
             vocab = config.get("vocab")
             if not isinstance(vocab, dict) or "image_range" not in vocab:
@@ -89,9 +90,9 @@ class TokenCorpus:
         import pyarrow.compute as pc
 
         shard_paths, shard_id, offset, size = [], [], [], []
-        for d in self.dirs:
+        for d, manifest in zip(self.dirs, self._manifests):
             t = read_parquet(d / INDEX, columns=["shard", "members"])
-            check_index(t, load_manifest(d), d / INDEX)
+            check_index(t, manifest, d / INDEX)
             enc = pc.dictionary_encode(t.column("shard")).combine_chunks()
             shard_id.append(enc.indices.to_numpy().astype(np.int32) + len(shard_paths))
             shard_paths += [d / s for s in enc.dictionary.to_pylist()]

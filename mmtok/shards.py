@@ -349,17 +349,18 @@ def load_manifest(directory: str | Path) -> dict:
         require_keys(s, ("name", "group", "samples", "bytes"), f"{path} (shards[{i}])")
         # the name is joined to the directory: only a shard's own name may be read
         if not (isinstance(s["name"], str) and SHARD_RE.match(s["name"]) and isinstance(s["group"], str)
-                and _is_count(s["samples"]) and _is_count(s["bytes"])):
+                and is_count(s["samples"]) and is_count(s["bytes"])):
             raise ShardError(f"{path} (shards[{i}]): not a shard record (a name GROUP-NNNNNN.tar in this directory, "
                              f"a group, sample and byte counts); {redo}")
     totals = manifest["totals"]
     if not isinstance(manifest["stage"], str) or not isinstance(totals, dict) or not all(
-            _is_count(v) or (isinstance(v, dict) and all(map(_is_count, v.values()))) for v in totals.values()):
+            is_count(v) or (isinstance(v, dict) and all(map(is_count, v.values()))) for v in totals.values()):
         raise ShardError(f"{path}: `stage` is not a name or `totals` not counts; {redo}")
     return manifest
 
 
-def _is_count(v) -> bool:
+def is_count(v) -> bool:
+    """A count as a JSON record holds one: a non-negative int (not a bool)."""
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 

@@ -26,7 +26,7 @@ from mmtok.fs import as_location
 FORMAT = "mmtok-vocab/1"  # mmtok's own layout: specials, text, image codes, contiguous
 FORMAT_ANY = "mmtok-vocab/2"  # any layout, e.g. an imported model's (the checks below say which)
 VOCAB_FILE = "vocab.json"
-_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a text model's name: a file beside vocab.json
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a text model's whole name (fullmatch): a file beside vocab.json
 N_SPECIALS = 16
 # Named specials first; the rest of the block is reserved for later modalities, so
 # adding one never moves a text or image id.
@@ -160,7 +160,7 @@ class Vocab:
                     **{"sp_model": str(d.get("sp_model", "bpe.model")), **extra})
             if len(v.text_range) != 2 or len(v.image_range) != 2:
                 raise ValueError("text_range and image_range must each be [start, end]")
-            if v.text_model is not None and not _FILE_NAME.match(v.text_model):  # read from the tokenizer dir
+            if v.text_model is not None and not _FILE_NAME.fullmatch(v.text_model):  # read from the tokenizer dir
                 raise ValueError(f"text model {v.text_model!r} is not a file name in the tokenizer directory")
         except (KeyError, TypeError, ValueError) as e:
             raise VocabError(f"{where}: malformed vocabulary ({type(e).__name__}: {e})") from None

@@ -377,11 +377,26 @@ def test_an_index_naming_another_file_is_never_read(tmp_path, bpe_tokdir):
         refused(cli("tokenize", d, "-t", bpe_tokdir, "--out", tmp_path / f"tk{i}"), "index.parquet")
 
 
+def _rename_members(d, rename):
+    """Rewrite the first shard of `d` with its members renamed (`rename(name, first sample's
+    key)`), and its manifest's byte count to match: a sender's edit that the checksums miss."""
+    import io
+    import tarfile
+
+    shard = sorted(d.glob("*.tar"))[0]
+    with tarfile.open(shard) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    first = members[0][0].name.split(".")[0]
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as t:
+        for m, data in members:
+            m.name = rename(m.name, first)
+            t.addfile(m, io.BytesIO(data))
+    _edit(d / "manifest.json", lambda m: m["shards"][0].update(bytes=shard.stat().st_size))
+
+
 def test_a_key_that_is_not_a_plain_name_is_refused(corpus, tmp_path):
     """A key names members and files downstream (tokenize's shards, detokenize's files): one
     with a slash or dots, from an edited index or tar, is refused, never written or lost."""
-    import tarfile
-
     from mmtok.shards import ShardReader
 
     d = _copy(corpus["text"], tmp_path / "t1")
@@ -389,14 +404,7 @@ def test_a_key_that_is_not_a_plain_name_is_refused(corpus, tmp_path):
     with pytest.raises(ShardError, match="sample key"):
         ShardReader(d).index()
     d = _copy(corpus["text"], tmp_path / "t2")  # a member renamed in the tar itself
-    shard = sorted(d.glob("*.tar"))[0]
-    with tarfile.open(shard) as t:
-        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
-    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as t:
-        for m, data in members:
-            m.name = "sub/" + m.name if m.name.startswith(members[0][0].name.split(".")[0]) else m.name
-            t.addfile(m, __import__("io").BytesIO(data))
-    _edit(d / "manifest.json", lambda m: m["shards"][0].update(bytes=shard.stat().st_size))
+    _rename_members(d, lambda name, first: "sub/" + name if name.startswith(first) else name)
     with pytest.raises(ShardError, match="sample key 'sub/"):
         list(ShardReader(d))
     with pytest.raises(ShardError, match="sample key"):  # a trailing newline is no plain name either
@@ -407,25 +415,16 @@ def test_a_key_that_is_not_a_plain_name_is_refused(corpus, tmp_path):
 def test_tokenize_streaming_a_shard_checks_its_keys(tmp_path, bpe_tokdir):
     """A shard directory without image hashes in its index is streamed by tokenize: a key
     renamed in its tar is refused there too, never written into token shards."""
-    import io
-    import tarfile
-
     from helpers.media import make_shards
 
     d = make_shards(tmp_path / "shards", texts=[f"plain text number {i}" for i in range(5)])
-    shard = sorted(d.glob("*.tar"))[0]
-    with tarfile.open(shard) as t:
-        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
-    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as t:
-        for m, data in members:
-            m.name = "sub/" + m.name
-            t.addfile(m, io.BytesIO(data))
-    _edit(d / "manifest.json", lambda m: m["shards"][0].update(bytes=shard.stat().st_size))
+    _rename_members(d, lambda name, first: "sub/" + name)
     refused(cli("tokenize", d, "-t", bpe_tokdir, "--out", tmp_path / "tk"), "sample key 'sub/")
 
 
 @pytest.mark.parametrize("edit, shown", [({"sp_model": "../outside.model"}, "not a file name"),
                                          ({"sp_model": "/etc/passwd"}, "not a file name"),
+                                         ({"sp_model": "bpe.model\n"}, "not a file name"),
                                          ({"text_range": [16]}, "[start, end]")])
 def test_a_tokenizer_names_only_its_own_files(edit, shown):
     from mmtok.vocab import Vocab, VocabError

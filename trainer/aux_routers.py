@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from mmtok.locks import exclusive
-from mmtok.shards import atomic_write
+from mmtok.shards import atomic_write, read_json
 from mmtok.trainer.checkpoint import TRAIN_STATE, Checkpointer, LoaderState, intact_checkpoint, read_run_config
 from mmtok.trainer.job import TrainError
 from mmtok.trainer.model import Decoder, is_aux_param, loss_terms
@@ -91,7 +91,7 @@ def _train_aux(run: Path, plan, steps: int, lr: float, log, rank: int, world: in
     if cfg.model.model == "dense" or (cfg.model.model == "moe" and cfg.model.routing == "top2"):
         raise TrainError(f"{run}: a {cfg.model.model} model ({cfg.model.routing}) routes causally already; "
                          "auxiliary routers are for expert-choice models (moma, mod-moma, moe --routing expert-choice)")
-    saved = json.loads((ckpt / TRAIN_STATE).read_text())
+    saved = read_json(ckpt / TRAIN_STATE)
     tc = cfg.train
     model = parallelize(Decoder(cfg.model), world, device, bf16=use_bf16(tc, device), act_ckpt=tc.act_ckpt, compile=False,
                         keep_gathered=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mmtok.shards import atomic_write, read_json
+from mmtok.shards import atomic_write, is_count, read_json
 from mmtok.trainer import checkpoint_io
 from mmtok.trainer.job import CONFIG, RunKind, TrainError, kinds, run_kind
 
@@ -116,7 +116,7 @@ def _rank_state(ckpt: Path, rank: int) -> tuple[dict, Path]:
 def checkpoint_step(ckpt: Path) -> int:
     """The step train_state.json records, checked to be one."""
     step = read_json(ckpt / TRAIN_STATE).get("step")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+    if not is_count(step):
         raise TrainError(f"{ckpt / TRAIN_STATE}: step {step!r} is not a step number; {ALTERED}")
     return step
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from mmtok import runner
 from mmtok.shards import ShardReader, read_json
 from mmtok.tokenizer import image_alone
-from mmtok.trainer.checkpoint import CKPT_DIR, TRAIN_STATE, Checkpointer, intact_checkpoint
+from mmtok.trainer.checkpoint import CKPT_DIR, TRAIN_STATE, Checkpointer, checkpoint_step, intact_checkpoint
 from mmtok.trainer.parallel import init_distributed, use_bf16
 from mmtok.trainer.metrics import Metrics
 from mmtok.trainer.vq_memory import SHUFFLE_BUFFER, fitting_settings, memory_estimate
@@ -276,7 +276,7 @@ def _resume(out: Path, ckptr: Checkpointer, trainee: Trainee, opt, opt_d, batche
         diff = sorted(k for k in run if (saved.get("vq_run") or {}).get(k) != run[k])
         raise ValueError(f"{out} holds a train-vq checkpoint with other options ({', '.join(diff)}); "
                          "rerun with the same options to resume, or pass --restart to start again")
-    step = ckptr.load(ckpt, trainee, _saved(opt, opt_d, int(saved["step"]), opts), batches)
+    step = ckptr.load(ckpt, trainee, _saved(opt, opt_d, checkpoint_step(ckpt), opts), batches)
     log(f"resuming from {ckpt} at step {step}")
     return step
 
