@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from mmtok.cli.common import (BACKEND, JSON_OUT, MAX_ERROR_RATE, OVERWRITE, QUIET, WORKERS, check_inputs,
+from mmtok.cli.common import (BACKEND, JSON_OUT, MAX_ERROR_RATE, OVERWRITE, QUIET, WORKERS, Exit, check_inputs,
                               fail, friendly_errors, not_a_file, positive, report)
 
 SHARDS = typer.Argument(..., file_okay=False, help="Shard directories written by `mmtok shard`.")
@@ -156,6 +156,9 @@ def train_vq(
                      memory_check=memory_check, progress=not quiet and not as_json, log=_log)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
         _print(_named(result, out), as_json, "train-vq")
+    if result["status"] == "interrupted":
+        fail(f"interrupted at step {result['step']}; checkpoint saved; rerun the same command to resume",
+             Exit.INTERRUPTED)
 
 
 @friendly_errors

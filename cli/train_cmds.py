@@ -127,8 +127,10 @@ def train(
 
         Console(stderr=True).print(f"[bold]mmtok train[/]: {summary['status']} at step {summary['step']}/{summary['steps']}"
                                    f" on {summary['world_size']} process(es); checkpoint {summary['checkpoint']}")
-    if outcome.kind == "main" and summary["status"] == "interrupted":
-        fail(f"interrupted at step {summary['step']}; checkpoint saved; continue with --resume", Exit.INTERRUPTED)
+    if summary.get("status") == "interrupted":
+        kept = ("the routers trained so far are saved into its checkpoint" if outcome.kind == "aux-routers"
+                else "checkpoint saved; continue with --resume")
+        fail(f"interrupted at step {summary['step']}; {kept}", Exit.INTERRUPTED)
 
 
 def _staged_for_processes(out: str, nproc: int):

@@ -46,6 +46,9 @@ class _NoBar:
     def set(self, done: int):
         pass
 
+    def describe(self, text: str):
+        pass
+
 
 class _Told(_NoBar):
     def __init__(self, tell, done: int):
@@ -65,8 +68,8 @@ class _Bar(_NoBar):
 
         # stderr, so that `--json` output on stdout stays machine-readable
         self.p = Progress(TextColumn(f"[bold]{stage}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          TimeRemainingColumn(), console=Console(stderr=True))
-        self.task = self.p.add_task(stage, total=total, completed=done)
+                          TimeRemainingColumn(), TextColumn("{task.description}"), console=Console(stderr=True))
+        self.task = self.p.add_task("", total=total, completed=done)
         self.stop = threading.Event()
         self.counter = threading.Thread(target=self._count, args=(count,), daemon=True) if count is not None else None
 
@@ -101,10 +104,14 @@ class _Bar(_NoBar):
     def set(self, done: int):
         self.p.update(self.task, completed=done)
 
+    def describe(self, text: str):
+        self.p.update(self.task, description=text)
+
 
 def progress_bar(stage, total, done, enabled, count=None):
-    """A rich progress bar for a stage (a no-op when disabled): `advance()` per item done,
-    or `set(n)` items done in all. `count`: where `total` is None, an iterable counted in a
+    """A rich progress bar for a stage or a training job (a no-op when disabled): `advance()`
+    per item or step done, or `set(n)` items done in all; `describe(text)` shows the latest
+    metrics beside it. `count`: where `total` is None, an iterable counted in a
     thread to find it. `enabled` may be a function instead, told the items done so far and
     then each one (a Ray actor's counter, which the driver's bar reads)."""
     if callable(enabled):

@@ -3,24 +3,19 @@ freeze the model and train only the auxiliary routers (expert choice and Mixture
 with binary cross-entropy against the batch routers' selections, so that the model can
 route causally at inference.
 
-The run's newest checkpoint is saved again, through the loop's checkpoint manager, with
-the trained auxiliary routers; its step, main optimizer state and loader position are
-unchanged, so the main training could still continue from it. One process or many under
-torchrun, sharded and in mixed precision as the run's `mmtok train` was (`parallel.use_bf16`).
-
-It shares the loop's process-group setup, bf16 rule, checkpoint manager and rank-0 checks,
-not `train.run_job`, whose step it would have to replace almost whole: a frozen model in
-eval mode, sharded with `keep_gathered` (no block output needs a gradient, so FSDP2's
-pre-backward gather never runs); an optimizer over the auxiliary routers alone at a
-constant learning rate, while the main optimizer's state and the loader position pass
-through untouched; the plan from its start, repeated; and one save at the checkpoint's
-own step, with no config files, metrics.jsonl or step-numbered checkpoints of its own
-(the curve goes to aux_routers.json).
+`AuxRouterJob` is a job of the one loop (`train.run_job`) on the run's own directory: it
+starts from the run's newest checkpoint and saves it again at that checkpoint's own step
+(`saves_as`), with the trained auxiliary routers; the main optimizer's state and the
+loader position pass through untouched, so the main training could still continue from
+it. One process or many under torchrun, sharded and in mixed precision as the run's
+`mmtok train` was (`parallel.use_bf16`). The model is frozen in eval mode and sharded with
+`keep_gathered` (no block output needs a gradient, so FSDP2's pre-backward gather never
+runs); the plan is read from its start, repeated; the curve goes to aux_routers.json (no
+metrics.jsonl of its own).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -28,13 +23,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mmtok.locks import exclusive
 from mmtok.shards import atomic_write, read_json
-from mmtok.trainer.checkpoint import TRAIN_STATE, Checkpointer, LoaderState, intact_checkpoint, read_run_config
-from mmtok.trainer.job import TrainError
+from mmtok.trainer.checkpoint import TRAIN_STATE, LoaderState, intact_checkpoint, latest_checkpoint, read_run_config
+from mmtok.trainer.job import Cadence, Job, TrainError
 from mmtok.trainer.model import Decoder, is_aux_param, loss_terms
-from mmtok.trainer.parallel import init_distributed, parallelize, use_bf16
-from mmtok.trainer.train import build_optimizer, from_rank0
+from mmtok.trainer.parallel import parallelize, use_bf16
+from mmtok.trainer.train import build_optimizer, run_job
 
 AUX_REPORT = "aux_routers.json"
 
@@ -66,70 +60,114 @@ def agreement_summary(sums: dict) -> dict:
             "recall": sums["tp"] / sums["pos"] if sums["pos"] else None}
 
 
-def train_aux_routers(run: str | Path, plan: str | Path, steps: int = 100, lr: float = 1e-2, log=None) -> dict:
+class AuxRouterJob(Job):
+    """`steps` BCE steps of the auxiliary routers alone on `plan`, into the run's newest checkpoint."""
+
+    name = "aux-routers"
+    log_file = None  # the curve goes to aux_routers.json
+
+    def __init__(self, plan, steps: int, lr: float):
+        self.plan, self.lr, self.data = plan, lr, str(plan)
+        self.train = Cadence(steps=steps, log_every=1, ckpt_every=None)
+        self.curve, self._done, self._position = [], 0, LoaderState()
+
+    def claim(self, run: Path, resume: bool, world: int) -> Path:
+        ckpt = intact_checkpoint(run)
+        cfg, _ = read_run_config(run, "decoder")
+        if ckpt is None:
+            raise TrainError(f"{run}: has no checkpoint yet; train it first")
+        if cfg.model.model == "dense" or (cfg.model.model == "moe" and cfg.model.routing == "top2"):
+            raise TrainError(f"{run}: a {cfg.model.model} model ({cfg.model.routing}) routes causally already; "
+                             "auxiliary routers are for expert-choice models (moma, mod-moma, moe --routing "
+                             "expert-choice)")
+        return ckpt
+
+    def make_loader(self, rank: int, world: int, ckpt: Path, start: int, end: int):
+        from mmtok.loader import PlanLoader
+
+        # the checkpoint keeps the main run's own world size and global batch: only its routers change
+        saved = read_json(ckpt / TRAIN_STATE)
+        self._world = world
+        self._keep = {k: saved[k] for k in ("world_size", "global_batch") if k in saved}
+        return _repeat(PlanLoader(self.plan, rank, world))
+
+    def build(self, run: Path, rank: int, world: int, device) -> torch.nn.Module:
+        self.cfg, _ = read_run_config(run, "decoder")
+        self._device, tc = device, self.cfg.train
+        return parallelize(Decoder(self.cfg.model), world, device, bf16=use_bf16(tc, device), act_ckpt=tc.act_ckpt,
+                           compile=False, keep_gathered=True)
+
+    def optimizers(self, model) -> tuple:
+        return (build_optimizer(model, self.cfg.train),)  # the main one: its state passes through
+
+    def checkpoint_state(self, model, optimizers: tuple, loader, step: int) -> tuple:
+        return model, optimizers[0], self._position
+
+    def begin(self, model, optimizers: tuple) -> None:
+        # after the main optimizer's state is loaded: it was built over the run's trainable set
+        model.set_aux_trainable(True, rest=False)
+        self._opt = torch.optim.AdamW([p for n, p in model.named_parameters() if is_aux_param(n)], lr=self.lr,
+                                      weight_decay=0.0)
+        model.eval()  # no router noise: the targets are the routers' clean selections
+        self._t0 = time.perf_counter()
+
+    def end(self, start: int) -> int:
+        return start + self.train.steps
+
+    def saves_as(self, step: int, start: int) -> int:
+        return start
+
+    def step(self, model, optimizers: tuple, batches, step: int) -> bool:
+        batch = next(batches, None)
+        if batch is None:
+            return False
+        batch = {k: v.to(self._device, non_blocking=True) for k, v in batch.items()}
+        logits, stats = model(batch["input_ids"], batch["positions"], batch["doc_ids"])
+        bce = loss_terms(self.cfg.model, logits, batch["targets"], stats)["aux_router_bce"]
+        self._opt.zero_grad(set_to_none=True)
+        bce.backward()
+        self._opt.step()
+        self._done, self._last = self._done + 1, (bce, stats)
+        return True
+
+    def record(self, step: int, seconds: float, world: int) -> dict:
+        self.curve.append(_aux_record(self._done, *self._last, world, self._device))
+        return self.curve[-1]
+
+    def describe(self, rec: dict) -> str:
+        agree = rec.get("agreement_experts", rec.get("agreement_depth"))
+        return f"bce {rec['bce']:.4f}" + (f" agreement {agree:.3f}" if agree is not None else "")
+
+    def checkpoint_meta(self, world: int) -> dict:
+        return {**self.cfg.checkpoint_meta(world), **self._keep}
+
+    def summary(self, run: Path, rank: int, step: int, status: str) -> dict:
+        summary = {"checkpoint": str(latest_checkpoint(run)), "step": step - self._done, "aux_steps": self._done,
+                   "lr": self.lr, "final": self.curve[-1] if self.curve else {}, "seconds": time.perf_counter() - self._t0}
+        if rank == 0:
+            atomic_write(run / AUX_REPORT, json.dumps({"run": str(run), **summary, "world_size": self._world,
+                                                       "curve": self.curve}, indent=1).encode())
+        return summary
+
+
+def _repeat(loader):
+    """The plan from its start, again and again (ends only if this rank's share is empty)."""
+    while True:
+        any_batch = False
+        for batch in loader:
+            any_batch = True
+            yield batch
+        if not any_batch:
+            return
+        loader.load_state_dict({**loader.state_dict(), "next_microbatch": 0})
+
+
+def train_aux_routers(run: str | Path, plan: str | Path, steps: int = 100, lr: float = 1e-2, live: bool = True) -> dict:
     """Train the auxiliary routers of `run`'s newest checkpoint for `steps` micro-batches of
     `plan` per process (from its start; the plan repeats if shorter), main weights frozen.
     Under torchrun every process reads its own micro-batches and the model is sharded with
     FSDP2, as in `mmtok train`; the checkpoint is saved again at its own step."""
-    run = Path(run)
-    rank, world, device = init_distributed()
-    with contextlib.ExitStack() as held:
-        def claim() -> Path | None:  # rank 0 locks the run for the whole stage, as train does
-            held.enter_context(exclusive(run))
-            return intact_checkpoint(run)
-
-        ckpt = from_rank0(claim, rank, world)
-        return _train_aux(run, plan, steps, lr, log, rank, world, device, ckpt)
-
-
-def _train_aux(run: Path, plan, steps: int, lr: float, log, rank: int, world: int, device, ckpt: Path | None) -> dict:
-    from mmtok.loader import PlanLoader
-
-    cfg, _ = read_run_config(run, "decoder")
-    if ckpt is None:
-        raise TrainError(f"{run}: has no checkpoint yet; train it first")
-    if cfg.model.model == "dense" or (cfg.model.model == "moe" and cfg.model.routing == "top2"):
-        raise TrainError(f"{run}: a {cfg.model.model} model ({cfg.model.routing}) routes causally already; "
-                         "auxiliary routers are for expert-choice models (moma, mod-moma, moe --routing expert-choice)")
-    saved = read_json(ckpt / TRAIN_STATE)
-    tc = cfg.train
-    model = parallelize(Decoder(cfg.model), world, device, bf16=use_bf16(tc, device), act_ckpt=tc.act_ckpt, compile=False,
-                        keep_gathered=True)
-    main_opt = build_optimizer(model, tc)
-    position = LoaderState()
-    ckptr = Checkpointer(run, rank, world)
-    step = ckptr.load(ckpt, model, main_opt, position)
-    model.set_aux_trainable(True, rest=False)
-    aux = [p for n, p in model.named_parameters() if is_aux_param(n)]
-    opt = torch.optim.AdamW(aux, lr=lr, weight_decay=0.0)
-    model.eval()  # no router noise: the targets are the routers' clean selections
-    loader = PlanLoader(plan, rank, world)
-    batches, curve, t0 = iter(loader), [], time.perf_counter()
-    for i in range(steps):
-        try:
-            batch = next(batches)
-        except StopIteration:
-            loader.load_state_dict({**loader.state_dict(), "next_microbatch": 0})
-            batches = iter(loader)
-            batch = next(batches)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        logits, stats = model(batch["input_ids"], batch["positions"], batch["doc_ids"])
-        bce = loss_terms(cfg.model, logits, batch["targets"], stats)["aux_router_bce"]
-        opt.zero_grad(set_to_none=True)
-        bce.backward()
-        opt.step()
-        curve.append(_aux_record(i + 1, bce, stats, world, device))
-        if log and rank == 0:
-            log(curve[-1])
-    model.set_aux_trainable(cfg.model.aux_routers == "joint")  # as the main optimizer expects
-    # the checkpoint keeps the main run's own world size and global batch: only its routers changed
-    keep = {k: saved[k] for k in ("world_size", "global_batch") if k in saved}
-    path = ckptr.save(step, model, main_opt, position, {**cfg.checkpoint_meta(world), **keep})
-    summary = {"run": str(run), "checkpoint": str(path), "step": step, "aux_steps": steps, "lr": lr,
-               "world_size": world, "final": curve[-1] if curve else {}, "seconds": time.perf_counter() - t0}
-    if rank == 0:
-        atomic_write(run / AUX_REPORT, json.dumps({**summary, "curve": curve}, indent=1).encode())
-    return summary
+    return run_job(AuxRouterJob(plan, steps, lr), run, live=live)
 
 
 def _aux_record(step: int, bce: torch.Tensor, stats: list[dict], world: int, device) -> dict:

@@ -1,25 +1,22 @@
 """The contract between the one training loop (`trainer.train.run_job`) and what it trains,
-in the spirit of torchtitan's TrainSpec, so that the loop never asks which model it runs.
+in the spirit of torchtitan's TrainSpec: the loop owns the order of things (lock and rank-0
+checks, loader, model, optimizers, the checkpoint manager, SIGINT/SIGTERM, the metrics log,
+the live bar), a job owns what differs (what a step computes, what a checkpoint holds).
 
 - A `RunKind` says how a run directory of one kind is read back: its config.json into a
   config object, that config into a model. Every reader of runs goes through it
   (`trainer.checkpoint.load_run`).
-- A `Job` is one training of a kind: the pieces the loop calls. `train.DecoderJob`
-  (dense, moe, moma, mod-moma on a balance-mix plan) and `unimoe_train.UniMoEJob` (one
-  Uni-MoE stage) are the jobs.
-- Two trainings keep a step of their own and share the loop's pieces instead (process
-  group, bf16 rule, `checkpoint.Checkpointer`, `metrics.Metrics`); each module says why.
-  The auxiliary-router stage (`aux_routers.py`) trains a frozen model's routers and
-  saves the run's checkpoint again at its own step; VQ training (`vq_train.py`) is a GAN
-  step of two optimizers into a tokenizer directory. Upcycling derives a run's first
-  checkpoint from another run through the same checkpoint manager.
+- A `Job` is one training. The jobs: `train.LMJob`'s two, `train.DecoderJob` (dense, moe,
+  moma, mod-moma on a balance-mix plan) and `unimoe_train.UniMoEJob` (one Uni-MoE stage);
+  `aux_routers.AuxRouterJob` (a trained run's auxiliary routers, the rest frozen, saved
+  back into its checkpoint); `vq_train.VQJob` (the VQ tokenizer's GAN step).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -62,38 +59,84 @@ def run_kind(config: dict, where: str) -> RunKind:
     return kinds()["uni-moe" if fmt == FORMAT else "decoder"]
 
 
-class Job(Protocol):
-    """What one training brings to the loop. Each call's place in the loop:
-    `check_resume` (rank 0, before anything is written), `make_loader`, `build` (same seed on
-    every rank), `config_files` + `files` (written by rank 0), then per micro-batch `forward`;
-    `checkpoint_meta` at each save, `flops_per_token` for MFU, `summary` at the end."""
+@dataclass(frozen=True)
+class Cadence:
+    """The loop's settings for a job without a TrainConfig (which has these fields too)."""
 
-    train: Any  # the TrainConfig the loop reads: steps, schedule, batch, precision, checkpoints
-    data: str  # what it trains on, as messages name it (the plan, or "the data")
+    steps: int
+    log_every: int
+    ckpt_every: int | None  # None: a checkpoint at the end only
 
-    def make_loader(self, rank: int, world: int) -> Iterator[dict]:
-        """Micro-batches of this rank, with state_dict/load_state_dict (the PlanLoader contract)."""
 
-    def build(self, device: torch.device) -> torch.nn.Module:
-        """The model to train, on CPU, starting weights loaded."""
+class Job:
+    """What one training brings to the loop, in the order the loop calls it (`run_job`):
 
-    def config_files(self) -> dict[str, bytes]:
-        """config.json (and what else records the settings), as the run directory keeps them."""
+    1. `claim` on rank 0, the output locked, before anything is written: the checkpoint to
+       start from; every rank stops with its refusal.
+    2. `make_loader`, then `build` (the model, parallelised; rank 0 writes the job's files),
+       `optimizers`, the checkpoint loaded through `checkpoint_state`, then `begin`.
+    3. Per step `step`; every `log_every` steps `record` (written to `log_file`, shown by
+       `describe`); a checkpoint every `ckpt_every` steps, at the end and on SIGINT/SIGTERM,
+       named `saves_as(step)`, holding `checkpoint_state` and `checkpoint_meta`.
+    4. `summary` after the last save.
 
-    def files(self) -> dict[str, dict]:
-        """Further JSON files of the run directory (after `build`; their names before it too)."""
+    The defaults here are a job that trains its own run directory from step 0 to
+    `train.steps`."""
 
-    def check_resume(self, saved: dict, where: str) -> None:
-        """Raise TrainError unless the run's saved config.json may continue as this job."""
+    name = "train"  # the live bar's label
+    train: Any  # the settings the loop reads: steps, log_every, ckpt_every, seed
+    data = "the data"  # what it trains on, as messages name it
+    device: str | None = None  # parallel.init_distributed's choice (None: this rank's GPU, else the CPU)
+    log_file: str | None = METRICS  # the metrics log in the output directory (None: none)
+    tensorboard = True  # and TensorBoard event files in tb/
+    keep = 2  # checkpoints kept
+
+    def claim(self, out, resume: bool, world: int):
+        """The checkpoint to start from (None: from scratch); TrainError refuses the output."""
+        raise NotImplementedError
+
+    def make_loader(self, rank: int, world: int, ckpt, start: int, end: int) -> Iterator:
+        """This rank's batches (with state_dict/load_state_dict), for steps `start`..`end`."""
+        raise NotImplementedError
+
+    def build(self, out, rank: int, world: int, device: torch.device) -> torch.nn.Module:
+        """The model, starting weights loaded and parallelised (the module a checkpoint holds)."""
+        raise NotImplementedError
+
+    def optimizers(self, model: torch.nn.Module) -> tuple:
+        raise NotImplementedError
+
+    def checkpoint_state(self, model, optimizers: tuple, loader, step: int) -> tuple:
+        """(module, optimizer or tuple of them, loader) as a checkpoint at `step` holds them."""
+        return model, optimizers[0], loader
+
+    def begin(self, model, optimizers: tuple) -> None:
+        """After the checkpoint is loaded, before the first step."""
+
+    def end(self, start: int) -> int:
+        """The step to train to, from the checkpoint's `start`."""
+        return self.train.steps
+
+    def saves_as(self, step: int, start: int) -> int:
+        """The step a checkpoint taken after `step` is named by (`start`: the checkpoint's)."""
+        return step
+
+    def step(self, model, optimizers: tuple, batches: Iterator, step: int) -> bool:
+        """One optimizer step from `batches` (collective under torchrun); False when they ran out."""
+        raise NotImplementedError
+
+    def record(self, step: int, seconds: float, world: int) -> dict:
+        """The metrics of the steps since the last record (`seconds` ago), reduced over ranks."""
+        raise NotImplementedError
+
+    def describe(self, rec: dict) -> str:
+        """A record as the live bar shows it."""
+        return ""
 
     def checkpoint_meta(self, world: int) -> dict:
         """train_state.json's fields beside step and world_size."""
+        return {}
 
-    def forward(self, model: torch.nn.Module, batch: dict) -> tuple[dict, list[dict], dict]:
-        """Loss terms (`loss`, ...), routing statistics, and (NLL sum, token count) per reported group."""
-
-    def flops_per_token(self) -> float | None:
-        """Training FLOPs per token for MFU (None: not reported)."""
-
-    def summary(self) -> dict:
-        """What the job adds to the loop's summary."""
+    def summary(self, out, rank: int, step: int, status: str) -> dict:
+        """What the job adds to the loop's summary (rank 0 writes the job's outputs here)."""
+        return {}

@@ -167,7 +167,7 @@ def _aux_routers(opts: TrainOptions, plan: Path) -> dict:
 
     if not opts.resume:
         raise ValueError("--train-aux-routers trains the routers of an existing run: pass --resume with its --out")
-    return train_aux_routers(opts.out, plan, opts.steps or 200, opts.lr or 1e-2)
+    return train_aux_routers(opts.out, plan, opts.steps or 200, opts.lr or 1e-2, live=opts.live)
 
 
 def run_config(opts: TrainOptions, plan: Path, base=None):

@@ -1,7 +1,7 @@
 """What the training loop reports: the metrics log (metrics.jsonl and TensorBoard, on rank
 0; VQ training keeps its vq_log.jsonl with it too), the per-interval sums of every rank
 reduced into one record (losses, per-group NLL, expert load, unrouted tokens, real tokens),
-the device's peak for MFU, peak memory, and the live bar.
+the device's peak for MFU and peak memory.
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 
 class Metrics:
     """A job's metrics log on rank 0: JSONL (`name`, cut back to the step a run resumes from)
-    and, with `tensorboard`, TensorBoard event files in tb/."""
+    and, with `tensorboard`, TensorBoard event files in tb/. No `name`: no log."""
 
-    def __init__(self, run: Path, rank: int, resume_step: int, name: str = METRICS, tensorboard: bool = True):
-        self.rank = rank
-        self.path = run / name
+    def __init__(self, run: Path, rank: int, resume_step: int, name: str | None = METRICS, tensorboard: bool = True):
+        self.path = run / name if name and rank == 0 else None  # None: this process writes no log
         self.tb = None
-        if rank != 0:
+        if self.path is None:
             return
         truncate_jsonl(self.path, resume_step)
         if not tensorboard:
@@ -37,7 +36,7 @@ class Metrics:
         self.tb = SummaryWriter(str(run / "tb"), purge_step=resume_step + 1)
 
     def write(self, rec: dict) -> None:
-        if self.rank != 0:
+        if self.path is None:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
@@ -114,33 +113,3 @@ def reduce_interval(acc: dict, world: int, accum: int) -> dict:
         rec["expert_load"] = {g: (v / v.sum().clamp(min=1)).tolist() for g, v in loads.items()}
         rec["unrouted"] = {g: float(out[f"unrouted/{g}"][0] / out[f"unrouted/{g}"][1].clamp(min=1)) for g in loads}
     return rec
-
-
-class live_bar:
-    """A rich progress bar showing the latest metrics (rank 0 only)."""
-
-    def __init__(self, enabled: bool, total: int, done: int):
-        self.enabled, self.total, self.done = enabled, total, done
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda step, rec: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                 TextColumn("{task.description}"), transient=False)
-        self.progress.__enter__()
-        self.task = self.progress.add_task("", total=self.total, completed=self.done)
-
-        def update(step, rec):
-            groups = " ".join(f"{k[:-5].removeprefix('text_given_')} {v:.3f}" for k, v in rec.items()
-                              if k.endswith("_loss") and k not in LOSSES and v is not None)
-            desc = f"loss {rec['loss']:.3f} {groups} {rec['tokens_per_s']:.0f} tok/s"
-            self.progress.update(self.task, completed=step, description=desc)
-
-        return update
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.progress.__exit__(*exc)
-        return False

@@ -19,8 +19,9 @@ one. The loop saves every `ckpt_every` steps, at the end, and when SIGINT/SIGTER
 (after the step in flight). Resuming restores model, optimizer, schedule, data position
 and RNG, so the losses continue exactly as in an uninterrupted run.
 
-`run_job` trains any `Job` (trainer/job.py); `DecoderJob` here and
-`unimoe_train.UniMoEJob` are the two.
+`run_job` trains every `Job` (trainer/job.py): `LMJob`'s two here (`DecoderJob`, and
+`unimoe_train.UniMoEJob`), the auxiliary-router stage (`aux_routers.AuxRouterJob`) and VQ
+training (`vq_train.VQJob`).
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from mmtok import runner
 from mmtok.locks import LOCK_FILE, exclusive
 from mmtok.shards import atomic_write, read_json
 from mmtok.trainer.checkpoint import (CKPT_DIR, LATEST, TRAIN_STATE, Checkpointer, checkpoint_step, intact_checkpoint,
                                       latest_checkpoint, loader_position)
 from mmtok.trainer.config import RunConfig, to_toml
 from mmtok.trainer.job import CONFIG, CONFIG_TOML, METRICS, Job, RunKind, TrainError, json_bytes
-from mmtok.trainer.metrics import Metrics, accumulate, live_bar, memory_gb, peak_flops, reduce_interval
+from mmtok.trainer.metrics import LOSSES, Metrics, accumulate, memory_gb, peak_flops, reduce_interval
 from mmtok.trainer.model import Decoder, expert_load, flops_per_token, is_aux_param, loss_terms
 from mmtok.trainer.parallel import init_distributed, parallelize, use_bf16
 
@@ -120,23 +122,151 @@ class _Stop:
         return False
 
 
-class DecoderJob:
-    """`mmtok train` of a Decoder (dense, moe, moma, mod-moma) on a balance-mix plan: the
-    `Job` (trainer/job.py) that the loop in `run_job` trains; `unimoe_train.UniMoEJob` is
-    the other one."""
+class LMJob(Job):
+    """A language-model job on its own run directory: `--resume` continues it, the step is
+    gradient accumulation over `grad_accum` micro-batches, clipping and the cosine schedule
+    (`lr_at`), and the record is the interval's losses, per-group NLL, expert load,
+    throughput and MFU. `DecoderJob` and `unimoe_train.UniMoEJob` are the two; each brings
+    its model, forward pass, run files and checkpoint fields."""
+
+    def __init__(self, cfg, make_loader: Callable[[int, int], object]):
+        self.cfg, self.train, self._make_loader = cfg, cfg.train, make_loader
+        self._acc, self._tokens, self._grad_norm = None, 0.0, None
+
+    # what each LM job brings
+    def model(self, device: torch.device) -> torch.nn.Module:
+        """The model to train, on CPU, starting weights loaded."""
+        raise NotImplementedError
+
+    def config_files(self) -> dict[str, bytes]:
+        """config.json (and what else records the settings), as the run directory keeps them."""
+        raise NotImplementedError
+
+    def files(self) -> dict[str, dict]:
+        """Further JSON files of the run directory (after `model`; their names before it too)."""
+        return {}
+
+    def check_resume(self, saved: dict, where: str) -> None:
+        """Raise TrainError unless the run's saved config.json may continue as this job."""
+        raise NotImplementedError
+
+    def forward(self, model, batch: dict) -> tuple[dict, list[dict], dict]:
+        """Loss terms (`loss`, ...), routing statistics, and (NLL sum, token count) per reported group."""
+        raise NotImplementedError
+
+    def flops_per_token(self) -> float | None:
+        """Training FLOPs per token for MFU (None: not reported)."""
+        return None
+
+    # the Job
+    def claim(self, run: Path, resume: bool, world: int) -> Path | None:
+        ckpt = intact_checkpoint(run, fallback=True) if resume else None
+        _check_run_dir(run, self, resume, ckpt)
+        return ckpt
+
+    def make_loader(self, rank: int, world: int, ckpt: Path | None, start: int, end: int):
+        """The loader at the checkpoint's position, checked against the steps to train before
+        anything is written."""
+        tc = self.train
+        loader = self._make_loader(rank, world)
+        saved = read_json(ckpt / TRAIN_STATE) if ckpt else {}
+        if saved.get("global_batch", world * tc.grad_accum) != world * tc.grad_accum and rank == 0:
+            warnings.warn(f"{ckpt}: trained with {saved['global_batch']} micro-batches per step (processes x "
+                          f"--grad-accum), resumed with {world} x {tc.grad_accum}: the data continues where it "
+                          "stopped, but each step now averages another number of micro-batches", GlobalBatchChanged,
+                          stacklevel=2)
+        if ckpt:
+            loader.load_state_dict(loader_position(ckpt))
+        if rank == 0 and hasattr(loader, "describe"):  # how the plan's ranks and steps map to this run's
+            print(loader.describe(world, tc.grad_accum, start, end), file=sys.stderr, flush=True)
+        # endless loaders have no length; a looping plan has one but starts again at its end
+        if hasattr(loader, "__len__") and not getattr(loader, "loop", False) and len(loader) < (end - start) * tc.grad_accum:
+            raise TrainError(f"{self.data}: {len(loader)} micro-batches per rank left, but steps "
+                             f"{start}..{end} with grad_accum {tc.grad_accum} need {(end - start) * tc.grad_accum}; "
+                             "make a longer plan (balance-mix --steps), lower --steps, or pass --loop-plan to go "
+                             "through the plan again")
+        return loader
+
+    def build(self, run: Path, rank: int, world: int, device) -> torch.nn.Module:
+        tc = self.train
+        torch.manual_seed(tc.seed)
+        model = self.model(device)  # same seed on every rank: identical initial weights before sharding
+        if rank == 0:
+            run.mkdir(parents=True, exist_ok=True)
+            for name, content in self.config_files().items():
+                atomic_write(run / name, content)
+            for name, content in self.files().items():
+                atomic_write(run / name, json_bytes(content))
+        if world > 1:
+            dist.barrier()
+        self._device, self._peak = device, peak_flops(device)
+        return parallelize(model, world, device, bf16=use_bf16(tc, device), act_ckpt=tc.act_ckpt,
+                           compile=tc.compile).train()
+
+    def optimizers(self, model) -> tuple:
+        # the auxiliary routers (joint mode) stay out of the clipping norm: they must not change the model's updates
+        self._clipped = [p for n, p in model.named_parameters() if p.requires_grad and not is_aux_param(n)]
+        return (build_optimizer(model, self.train),)
+
+    def step(self, model, optimizers: tuple, batches, step: int) -> bool:
+        tc, (optimizer,) = self.train, optimizers
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, tc)
+        acc = None
+        for micro in range(tc.grad_accum):
+            batch = next(batches, None)
+            if batch is None:
+                return False
+            batch = {k: v.to(self._device, non_blocking=True) for k, v in batch.items()}
+            if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce gradients on the last micro-batch only
+                model.set_requires_gradient_sync(micro == tc.grad_accum - 1)
+            terms, stats, groups = self.forward(model, batch)
+            (terms["loss"] / tc.grad_accum).backward()
+            acc = accumulate(acc, terms, groups, expert_load(stats), (batch["doc_ids"] > 0).sum())
+        self._grad_norm = torch.nn.utils.clip_grad_norm_(self._clipped, tc.grad_clip, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self._acc, self._tokens = acc, self._tokens + acc["tokens_real"]  # on the device: no sync per step
+        return True
+
+    def record(self, step: int, seconds: float, world: int) -> dict:
+        acc = {**self._acc, "tokens_real": self._tokens}  # throughput counts every step since the last record
+        rec = reduce_interval(acc, world, self.train.grad_accum)
+        rec["tokens"] = rec.pop("tokens_real")
+        rec.update(step=step, lr=lr_at(step - 1, self.train), grad_norm=float(_full(self._grad_norm)),
+                   tokens_per_s=rec["tokens"] / seconds, memory_gb=memory_gb(self._device))
+        flops_tok = self.flops_per_token()
+        if self._peak and flops_tok:
+            rec["mfu"] = rec["tokens_per_s"] * flops_tok / (self._peak * world)
+        self._tokens = 0.0
+        return rec
+
+    def describe(self, rec: dict) -> str:
+        groups = " ".join(f"{k[:-5].removeprefix('text_given_')} {v:.3f}" for k, v in rec.items()
+                          if k.endswith("_loss") and k not in LOSSES and v is not None)
+        return f"loss {rec['loss']:.3f} {groups} {rec['tokens_per_s']:.0f} tok/s"
+
+    def checkpoint_meta(self, world: int) -> dict:
+        return self.cfg.checkpoint_meta(world)
+
+    def summary(self, run: Path, rank: int, step: int, status: str) -> dict:
+        if status == "finished" and step < self.train.steps:
+            status = "stopped"
+        return {"status": status, "steps": self.train.steps, "checkpoint": str(latest_checkpoint(run))}
+
+
+class DecoderJob(LMJob):
+    """`mmtok train` of a Decoder (dense, moe, moma, mod-moma) on a balance-mix plan."""
 
     def __init__(self, cfg: RunConfig, make_loader: Callable[[int, int], object]):
-        self.cfg, self.train, self.data = cfg, cfg.train, cfg.plan or "the data"
-        self._make_loader = make_loader
-
-    def make_loader(self, rank: int, world: int):
-        return self._make_loader(rank, world)
+        super().__init__(cfg, make_loader)
+        self.data = cfg.plan or "the data"
 
     def check_resume(self, saved: dict, where: str) -> None:
         """Resuming may change training options (more steps, ...), not the model."""
         check_same_model(RunConfig.from_dict(saved).as_dict()["model"], self.cfg.as_dict()["model"], where)
 
-    def build(self, device: torch.device) -> torch.nn.Module:
+    def model(self, device: torch.device) -> torch.nn.Module:
         if self.cfg.model.attention == "flex" and device.type != "cuda":
             raise TrainError("--attention flex needs a GPU (PyTorch's flex attention has no CPU backward); use sdpa")
         return DECODER.build(self.cfg)
@@ -144,12 +274,6 @@ class DecoderJob:
     def config_files(self) -> dict[str, bytes]:
         # config.toml: the same settings in the form `--config` reads
         return {CONFIG: json_bytes(self.cfg.as_dict()), CONFIG_TOML: to_toml(self.cfg).encode()}
-
-    def files(self) -> dict:
-        return {}
-
-    def checkpoint_meta(self, world: int) -> dict:
-        return self.cfg.checkpoint_meta(world)
 
     def forward(self, model, batch: dict) -> tuple[dict, list[dict], dict]:
         # the fused head (chunked cross-entropy): the full logits never exist
@@ -160,9 +284,6 @@ class DecoderJob:
 
     def flops_per_token(self) -> float | None:
         return flops_per_token(self.cfg.model, self.cfg.model.max_seq_len)
-
-    def summary(self) -> dict:
-        return {}
 
 
 DECODER = RunKind("decoder", lambda d, where: RunConfig.from_dict(d, where=where), lambda cfg: Decoder(cfg.model),
@@ -177,131 +298,66 @@ def train(cfg: RunConfig, run: str | Path, make_loader: Callable[[int, int], obj
 
 def run_job(job: Job, run: str | Path, *, resume: bool = False, stop_at_step: int | None = None,
             live: bool = True) -> dict:
-    """The training loop every job runs: FSDP2 under torchrun, gradient accumulation,
-    clipping, the schedule, metrics, checkpoints, resume and SIGTERM."""
+    """The training loop every job runs (trainer/job.py gives the order): one process or many
+    under torchrun, the checkpoints, resume, SIGINT/SIGTERM, the metrics log and the live bar."""
     run = Path(run)
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(job.device)
     with contextlib.ExitStack() as held:
         def claim() -> Path | None:
-            # All ranks share the run directory, so rank 0 alone locks it, until the run ends
+            # All ranks share the output directory, so rank 0 alone locks it, until the job ends
             # (a `--nproc` launcher trains nothing and takes no lock).
             held.enter_context(exclusive(run))
-            ckpt = intact_checkpoint(run, fallback=True) if resume else None
-            _check_run_dir(run, job, resume, ckpt)
-            return ckpt
+            return job.claim(run, resume, world)
 
         # Checked before anything is written or trained; every rank stops with rank 0's message.
         ckpt_path = from_rank0(claim, rank, world)
-        loader, end = _start(job, run, rank, world, ckpt_path, stop_at_step)
-        return _train(job, run, rank, world, device, loader, ckpt_path, end, live)
+        return _train(job, run, rank, world, device, ckpt_path, stop_at_step, live)
 
 
-def _start(job: Job, run: Path, rank: int, world: int, ckpt_path: Path | None, stop_at_step) -> tuple[object, int]:
-    """The loader at the checkpoint's position and the last step to train, checked against
-    each other before anything is written."""
-    tc = job.train
-    loader = job.make_loader(rank, world)
-    saved = read_json(ckpt_path / TRAIN_STATE) if ckpt_path else {}
-    start = checkpoint_step(ckpt_path) if ckpt_path else 0
-    end = min(tc.steps, stop_at_step) if stop_at_step else tc.steps
-    if saved.get("global_batch", world * tc.grad_accum) != world * tc.grad_accum and rank == 0:
-        warnings.warn(f"{ckpt_path}: trained with {saved['global_batch']} micro-batches per step (processes x "
-                      f"--grad-accum), resumed with {world} x {tc.grad_accum}: the data continues where it stopped, "
-                      "but each step now averages another number of micro-batches", GlobalBatchChanged, stacklevel=2)
-    if ckpt_path:
-        loader.load_state_dict(loader_position(ckpt_path))
-    if rank == 0 and hasattr(loader, "describe"):  # how the plan's ranks and steps map to this run's
-        print(loader.describe(world, tc.grad_accum, start, end), file=sys.stderr, flush=True)
-    # endless loaders have no length; a looping plan has one but starts again at its end
-    if hasattr(loader, "__len__") and not getattr(loader, "loop", False) and len(loader) < (end - start) * tc.grad_accum:
-        raise TrainError(f"{job.data}: {len(loader)} micro-batches per rank left, but steps "
-                         f"{start}..{end} with grad_accum {tc.grad_accum} need {(end - start) * tc.grad_accum}; "
-                         "make a longer plan (balance-mix --steps), lower --steps, or pass --loop-plan to go "
-                         "through the plan again")
-    return loader, end
-
-
-def _build(job: Job, run: Path, rank: int, world: int, device) -> torch.nn.Module:
-    """The job's model, its run files written, parallelised for training."""
-    tc = job.train
-    torch.manual_seed(tc.seed)
-    model = job.build(device)  # same seed on every rank: identical initial weights before sharding
-    if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-        for name, content in job.config_files().items():
-            atomic_write(run / name, content)
-        for name, content in job.files().items():
-            atomic_write(run / name, json_bytes(content))
-    if world > 1:
-        dist.barrier()
-    return parallelize(model, world, device, bf16=use_bf16(tc, device), act_ckpt=tc.act_ckpt, compile=tc.compile).train()
-
-
-def _train(job: Job, run: Path, rank: int, world: int, device, loader, ckpt_path: Path | None, end: int,
+def _train(job: Job, run: Path, rank: int, world: int, device, ckpt_path: Path | None, stop_at_step,
            live: bool) -> dict:
     tc = job.train
-    model = _build(job, run, rank, world, device)
-    optimizer = build_optimizer(model, tc)
-    ckpt = Checkpointer(run, rank, world)
-    step = ckpt.load(ckpt_path, model, optimizer, loader) if ckpt_path else 0
-    metrics = Metrics(run, rank, step)
-    flops_tok = job.flops_per_token()
-    peak = peak_flops(device)
+    start = checkpoint_step(ckpt_path) if ckpt_path else 0
+    last = job.end(start)
+    end = min(last, stop_at_step) if stop_at_step else last
+    loader = job.make_loader(rank, world, ckpt_path, start, end)
+    model = job.build(run, rank, world, device)
+    optimizers = job.optimizers(model)
+    ckpt = Checkpointer(run, rank, world, keep=job.keep)
+    step = ckpt.load(ckpt_path, *job.checkpoint_state(model, optimizers, loader, start)) if ckpt_path else 0
+    job.begin(model, optimizers)
+    metrics = Metrics(run, rank, step, name=job.log_file, tensorboard=job.tensorboard)
     batches = iter(loader)
     status, last_saved = "finished", step if ckpt_path else -1
-    t_log, interval_tokens = time.perf_counter(), 0.0
-    fsdp = hasattr(model, "set_requires_gradient_sync")
-    # the auxiliary routers (joint mode) stay out of the clipping norm: they must not change the model's updates
-    clipped = [p for n, p in model.named_parameters() if p.requires_grad and not is_aux_param(n)]
-    with _Stop() as stop, live_bar(live and rank == 0, tc.steps, step) as bar:
+    t_log = time.perf_counter()
+
+    def save():
+        held = job.checkpoint_state(model, optimizers, loader, step)
+        ckpt.save(job.saves_as(step, start), *held, job.checkpoint_meta(world))
+
+    with _Stop() as stop, runner.progress_bar(job.name, last, step, live and rank == 0) as bar:
         while step < end:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, tc)
-            acc = None
-            for micro in range(tc.grad_accum):
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    status = "plan exhausted"
-                    break
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                if fsdp:
-                    model.set_requires_gradient_sync(micro == tc.grad_accum - 1)
-                terms, stats, groups = job.forward(model, batch)
-                (terms["loss"] / tc.grad_accum).backward()
-                acc = accumulate(acc, terms, groups, expert_load(stats), (batch["doc_ids"] > 0).sum())
-            if status != "finished":
+            if not job.step(model, optimizers, batches, step):
+                status = "plan exhausted"
                 break
-            grad_norm = torch.nn.utils.clip_grad_norm_(clipped, tc.grad_clip, foreach=True)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
-            interval_tokens = interval_tokens + acc["tokens_real"]  # on the device: no sync per step
+            bar.advance()
             if step % tc.log_every == 0 or step == end:
-                acc["tokens_real"] = interval_tokens  # throughput counts every step since the last record
-                rec = reduce_interval(acc, world, tc.grad_accum)
-                dt = time.perf_counter() - t_log
-                rec["tokens"] = rec.pop("tokens_real")
-                rec.update(step=step, lr=lr_at(step - 1, tc), grad_norm=float(_full(grad_norm)),
-                           tokens_per_s=rec["tokens"] / dt, memory_gb=memory_gb(device))
-                if peak and flops_tok:
-                    rec["mfu"] = rec["tokens_per_s"] * flops_tok / (peak * world)
+                rec = job.record(step, time.perf_counter() - t_log, world)
                 metrics.write(rec)
-                bar(step, rec)
-                t_log, interval_tokens = time.perf_counter(), 0.0
+                bar.describe(job.describe(rec))
+                t_log = time.perf_counter()
             if _any(stop.requested, world, device):
                 status = "interrupted"
                 break
-            if step % tc.ckpt_every == 0 and step < end:
-                ckpt.save(step, model, optimizer, loader, job.checkpoint_meta(world))
+            if tc.ckpt_every and step % tc.ckpt_every == 0 and step < end:
+                save()
                 last_saved = step
         if step != last_saved:
-            ckpt.save(step, model, optimizer, loader, job.checkpoint_meta(world))
+            save()
     metrics.close()
-    if status == "finished" and step < tc.steps:
-        status = "stopped"
-    return {"run": str(run), "status": status, "step": step, "steps": tc.steps, "world_size": world,
-            "checkpoint": str(latest_checkpoint(run)), **job.summary()}
+    return {"run": str(run), "status": status, "step": step, "world_size": world,
+            **job.summary(run, rank, step, status)}
 
 
 def _check_run_dir(run: Path, job: Job, resume: bool, ckpt_path: Path | None) -> None:

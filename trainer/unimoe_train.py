@@ -23,7 +23,7 @@ from mmtok.trainer.checkpoint import load_run as _load_run
 from mmtok.trainer.config import TrainConfig
 from mmtok.trainer.job import CONFIG, RunKind, TrainError, json_bytes
 from mmtok.trainer.model import loss_terms, token_nll
-from mmtok.trainer.train import run_job
+from mmtok.trainer.train import LMJob, run_job
 from mmtok.trainer.unimoe import STAGES, UniMoE, UniMoEConfig
 
 FORMAT = "mmtok-unimoe-run/1"
@@ -119,24 +119,19 @@ def modality_nll(logits: torch.Tensor, batch: dict, modalities) -> dict:
     return out
 
 
-class UniMoEJob:
-    """One Uni-MoE stage, a `Job` (trainer/job.py) for the loop in `trainer.train.run_job`:
-    FSDP2 under torchrun, bf16 on GPUs, checkpoints and resume as in any `mmtok train` run."""
-
-    data = "the data"
+class UniMoEJob(LMJob):
+    """One Uni-MoE stage, an `LMJob` of the loop in `trainer.train.run_job`: FSDP2 under
+    torchrun, bf16 on GPUs, checkpoints and resume as in any `mmtok train` run."""
 
     def __init__(self, cfg: UniMoERun, make_loader):
-        self.cfg, self.train, self._make_loader = cfg, cfg.train, make_loader
+        super().__init__(cfg, make_loader)
         self.source, self.parts = "", {}
-
-    def make_loader(self, rank: int, world: int):
-        return self._make_loader(rank, world)
 
     def check_resume(self, saved: dict, where: str) -> None:
         if saved.get("format") != FORMAT or UniMoERun.from_dict(saved).as_dict() != self.cfg.as_dict():
             raise TrainError(f"{where}: was started with other options; resume with the same command line")
 
-    def build(self, device: torch.device) -> UniMoE:
+    def model(self, device: torch.device) -> UniMoE:
         model = UniMoE(self.cfg.model)
         self.source = init_weights(model, self.cfg)
         self.parts = model.set_stage(self.cfg.stage)
@@ -148,21 +143,16 @@ class UniMoEJob:
     def files(self) -> dict:
         return {STAGE_FILE: {**self.parts, "init": self.source}}
 
-    def checkpoint_meta(self, world: int) -> dict:
-        return self.cfg.checkpoint_meta(world)
-
     def forward(self, model, batch: dict) -> tuple[dict, list[dict], dict]:
         logits, stats = model(batch)
         terms = loss_terms(self.cfg.model.decoder_config(), logits, batch["targets"], stats)
         groups = {f"text_given_{m}": v for m, v in modality_nll(logits.detach(), batch, self.cfg.model.modalities).items()}
         return terms, stats, groups
 
-    def flops_per_token(self) -> None:
-        return None  # encoders and connectors are not in the decoder's estimate
-
-    def summary(self) -> dict:
-        return {"stage": self.cfg.stage, "init": self.source, "trained": self.parts["trained"],
-                "frozen": self.parts["frozen"]}
+    def summary(self, run: Path, rank: int, step: int, status: str) -> dict:
+        # flops_per_token stays None: encoders and connectors are not in the decoder's estimate
+        return {**super().summary(run, rank, step, status), "stage": self.cfg.stage, "init": self.source,
+                "trained": self.parts["trained"], "frozen": self.parts["frozen"]}
 
 
 def train_stage(cfg: UniMoERun, run: str | Path, make_loader, **kw) -> dict:

@@ -1,20 +1,16 @@
 """`train-vq`: train the VQ image tokenizer on the images in shard directories.
 
-One process on CPU or one GPU; under torchrun (WORLD_SIZE > 1) each rank reads its share
-of the images and gradients are averaged with DistributedDataParallel. It shares the
-training loop's pieces: the process-group setup (`parallel.init_distributed`), the bf16
-rule (`parallel.use_bf16`: bf16 autocast on a GPU), the one checkpoint manager
-(`checkpoint.Checkpointer`: model + discriminator + dead-code window, both optimizers,
-each rank's image position and RNG, in OUT/checkpoints/) and the metrics log
-(`metrics.Metrics`, to vq_log.jsonl, cut back on resume). A later run with the same options
-resumes from the newest checkpoint automatically. The image stream is a pure function of
-(seed, step), so a resumed run sees the same batches and ends where an uninterrupted one does.
-
-Its step stays its own and is not a `Job` of `train.run_job`: a GAN step is two optimizers
-stepping in turn on a DDP-wrapped VQ and discriminator at a constant learning rate, with
-dead-code restarts between steps, where the loop's step is one FSDP2 model, gradient
-accumulation, clipping and a cosine schedule; and a tokenizer directory is not a run
-directory (no config.json, other files beside it).
+`VQJob` is a job of the one training loop (`train.run_job`), with the tokenizer directory as
+its output. One process on CPU or one GPU; under torchrun (WORLD_SIZE > 1) each rank reads
+its share of the images and gradients are averaged with DistributedDataParallel. Its step
+is a GAN step: two optimizers stepping in turn on the VQ and its discriminator at a
+constant learning rate, with dead-code restarts between steps; bf16 autocast on a GPU
+(`parallel.use_bf16`). The loop's checkpoint manager keeps model + discriminator + dead-code
+window, both optimizers, each rank's image position and RNG in OUT/checkpoints/, and its
+metrics log is vq_log.jsonl (cut back on resume). A later run with the same options resumes
+from the newest checkpoint automatically; SIGINT/SIGTERM saves one after the step in
+flight. The image stream is a pure function of (seed, step), so a resumed run sees the same
+batches and ends where an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -23,7 +19,6 @@ import math
 import os
 import random
 import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -33,12 +28,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mmtok import runner
 from mmtok.shards import ShardReader, read_json
 from mmtok.tokenizer import image_alone
-from mmtok.trainer.checkpoint import CKPT_DIR, TRAIN_STATE, Checkpointer, checkpoint_step, intact_checkpoint
-from mmtok.trainer.parallel import init_distributed, use_bf16
-from mmtok.trainer.metrics import Metrics
+from mmtok.trainer.checkpoint import CKPT_DIR, TRAIN_STATE, checkpoint_step, intact_checkpoint
+from mmtok.trainer.job import Cadence, Job, TrainError
+from mmtok.trainer.parallel import use_bf16
+from mmtok.trainer.train import run_job
 from mmtok.trainer.vq_memory import SHUFFLE_BUFFER, fitting_settings, memory_estimate
 from mmtok.vocab import VOCAB_FILE, Vocab
 from mmtok.vq import PatchDiscriminator, PerceptualLoss, VQConfig, VQModel, load_image, to_unit
@@ -111,6 +106,9 @@ class Batches:
             self.bad[name] = f"{type(e).__name__}: {e}"
             return None
 
+    def __iter__(self):
+        return self
+
     def __next__(self) -> torch.Tensor:
         images, tried = [], 0
         while len(images) < self.batch:
@@ -176,42 +174,131 @@ class Trainee(torch.nn.Module):
         self.register_buffer("window_counts", torch.zeros(cfg.codebook_size, dtype=torch.long))
 
 
-def train_vq(shard_dirs: list[str | Path], out: str | Path, cfg: VQConfig, *, steps: int, batch_size: int = 8,
-             lr: float = 1e-4, log_every: int = 100, checkpoint_every: int = 1000, restart_every: int = 100,
-             disc_weight: float = 0.1, disc_start: int = 10_000, perceptual_weights: str | None = None,
-             perceptual_weight: float = 1.0, seed: int = 0, device: str | None = None, restart: bool = False,
-             memory_check: bool = True, progress: bool = False, log=print) -> dict:
-    """Train (or resume) and write vq.safetensors + vq.json into `out`; returns the last metrics.
-    Refuses (ValueError, naming settings that fit) when the memory estimate exceeds what the
-    device has available, unless `memory_check` is off."""
-    out = Path(out)
-    opts = VQTrain(batch_size, lr, restart_every, disc_weight, disc_start, perceptual_weights, perceptual_weight, seed)
-    _check_out(out, cfg, restart)
-    rank, world, device = init_distributed(device)
-    try:
-        trainee, perceptual, est = _build(shard_dirs, cfg, opts, steps, device, rank, memory_check, log)
-        if restart and rank == 0:  # --restart: the earlier run's state goes, old format or new
+class VQJob(Job):
+    """train-vq as a job of the one loop (`train.run_job`) on the tokenizer directory: it
+    resumes from the newest checkpoint whenever the options match (no --resume), keeps one
+    checkpoint, logs to vq_log.jsonl, and writes vq.safetensors + vq.json at the end."""
+
+    name = "train-vq"
+    log_file, tensorboard, keep = LOG, False, 1
+
+    def __init__(self, shard_dirs, cfg: VQConfig, opts: VQTrain, cadence: Cadence, device: str | None, restart: bool,
+                 memory_check: bool, log):
+        self.cfg, self.opts, self.train, self.device = cfg, opts, cadence, device
+        self.inputs, self.restart, self.memory_check, self.log = [str(d) for d in shard_dirs], restart, memory_check, log
+        self.data = ", ".join(self.inputs)
+
+    def _run(self, world: int) -> dict:
+        """The settings a checkpoint continues (train_state.json's `vq_run`)."""
+        return {"model": self.cfg.to_dict(), **asdict(self.opts), "world_size": world, "inputs": self.inputs}
+
+    def claim(self, out: Path, resume: bool, world: int) -> Path | None:
+        _check_out(out, self.cfg, self.restart)
+        ckpt = None if self.restart else intact_checkpoint(out)
+        if ckpt is not None:
+            saved, run = read_json(ckpt / TRAIN_STATE).get("vq_run") or {}, self._run(world)
+            if saved != run:
+                diff = sorted(k for k in run if saved.get(k) != run[k])
+                raise TrainError(f"{out} holds a train-vq checkpoint with other options ({', '.join(diff)}); "
+                                 "rerun with the same options to resume, or pass --restart to start again")
+            self.log(f"resuming from {ckpt} at step {checkpoint_step(ckpt)}")
+        return ckpt
+
+    def make_loader(self, rank: int, world: int, ckpt, start: int, end: int) -> Batches:
+        self.batches = Batches(shuffled_images(self.inputs, self.opts.seed, rank, world), self.opts.batch_size,
+                               self.cfg.resolution, threads=min(8, os.cpu_count() or 1))
+        return self.batches
+
+    def build(self, out: Path, rank: int, world: int, device) -> Trainee:
+        trainee, self.perceptual, self.estimate = _build(self.inputs, self.cfg, self.opts, self.train.steps, device,
+                                                         rank, self.memory_check, self.log)
+        if self.restart and rank == 0:  # --restart: the earlier run's state goes (after the memory check), old format or new
             shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
             for name in OLD_CHECKPOINT:
                 (out / name).unlink(missing_ok=True)
         if world > 1:
             dist.barrier()
-        run = {"model": cfg.to_dict(), **asdict(opts), "world_size": world, "inputs": [str(d) for d in shard_dirs]}
-        metrics, step, bad = _train(out, trainee, perceptual, opts, run, steps, log_every, checkpoint_every,
-                                    rank, world, device, progress, log)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-    if rank == 0:
-        trainee.vq.eval().save(out)
-        if (out / VOCAB_FILE).exists():
-            vocab = Vocab.load(out)
-            vocab.image_tokens_per_image = cfg.tokens_per_image
-            vocab.save(out)
-        if bad:
+        self.trainee, self.vq, self.disc, self._device = trainee, trainee.vq, trainee.disc, device
+        if world > 1:  # the checkpoint holds the Trainee; the steps run on its DDP-wrapped parts
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.vq = DDP(self.vq, device_ids=ids)
+            self.disc = DDP(self.disc, device_ids=ids) if self.disc is not None else None
+        self._autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(self.opts, device))
+        self._rank, self._world, self._interval = rank, world, _fresh(trainee, device)
+        return trainee
+
+    def optimizers(self, trainee: Trainee) -> tuple:
+        adam = lambda m: torch.optim.Adam(m.parameters(), lr=self.opts.lr, betas=(0.5, 0.9))  # noqa: E731
+        return adam(trainee.vq), adam(trainee.disc) if trainee.disc is not None else None
+
+    def checkpoint_state(self, trainee: Trainee, optimizers: tuple, batches: Batches, step: int) -> tuple:
+        """The discriminator's optimizer once it has stepped (an unstepped Adam would get a
+        stand-in state from DCP, and its first real step another bias correction). Every rank
+        keeps the global dead-code window: only which codes it missed matters to a restart."""
+        if self._world > 1:
+            dist.all_reduce(trainee.window_counts)
+        opt, opt_d = optimizers
+        return trainee, (opt, opt_d) if opt_d is not None and step > self.opts.disc_start else (opt,), batches
+
+    def step(self, trainee: Trainee, optimizers: tuple, batches: Batches, step: int) -> bool:
+        x = to_unit(next(batches).to(self._device, non_blocking=True))
+        self._use_disc = self.disc is not None and step >= self.opts.disc_start
+        recon, idx, z, rec_loss = _gan_step(self.vq, self.disc, self.perceptual, *optimizers, x, self._use_disc,
+                                            self.opts, self._autocast)
+        _count(trainee, self._interval, idx, z, recon, x, rec_loss, (step + 1) % self.opts.restart_every == 0,
+               self._world)
+        return True
+
+    def record(self, step: int, seconds: float, world: int) -> dict:
+        m = _interval_metrics(self._interval, step, world > 1)
+        m["disc"] = self._use_disc
+        m["images_per_s"] = round(self._interval["n"] * self.opts.batch_size * world / seconds, 2)
+        if self._rank == 0:
+            self.log(self.describe(m))
+        self.last, self._interval = m, _fresh(self.trainee, self._device)
+        return m
+
+    def describe(self, m: dict) -> str:
+        return (f"step {m['step']}: recon {m['recon']:.4f}  PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.3f}  "
+                f"codes used {m['usage']:.1%}  perplexity {m['perplexity']:.1f}")
+
+    def checkpoint_meta(self, world: int) -> dict:
+        return {"vq_run": self._run(world)}
+
+    def summary(self, out: Path, rank: int, step: int, status: str) -> dict:
+        if rank == 0 and status == "finished":
+            self.trainee.vq.eval().save(out)
+            if (out / VOCAB_FILE).exists():
+                vocab = Vocab.load(out)
+                vocab.image_tokens_per_image = self.cfg.tokens_per_image
+                vocab.save(out)
+        bad = self.batches.bad
+        if bad and rank == 0:
             name, reason = next(iter(bad.items()))
-            log(f"skipped {len(bad)} images that do not decode, e.g. {name}: {reason}")
-    return {**metrics, "step": step, "skipped_images": len(bad), "out": str(out), "memory_estimate_bytes": est["total"]}
+            self.log(f"skipped {len(bad)} images that do not decode, e.g. {name}: {reason}")
+        return {**getattr(self, "last", {}), "skipped_images": len(bad), "out": str(out),
+                "memory_estimate_bytes": self.estimate["total"]}
+
+
+def train_vq(shard_dirs: list[str | Path], out: str | Path, cfg: VQConfig, *, steps: int, batch_size: int = 8,
+             lr: float = 1e-4, log_every: int = 100, checkpoint_every: int = 1000, restart_every: int = 100,
+             disc_weight: float = 0.1, disc_start: int = 10_000, perceptual_weights: str | None = None,
+             perceptual_weight: float = 1.0, seed: int = 0, device: str | None = None, restart: bool = False,
+             memory_check: bool = True, progress: bool = False, log=print) -> dict:
+    """Train (or resume) and write vq.safetensors + vq.json into `out`; returns the last metrics
+    with the loop's status ("interrupted": a checkpoint saved, no tokenizer written).
+    Refuses (ValueError, naming settings that fit) when the memory estimate exceeds what the
+    device has available, unless `memory_check` is off."""
+    opts = VQTrain(batch_size, lr, restart_every, disc_weight, disc_start, perceptual_weights, perceptual_weight, seed)
+    job = VQJob(shard_dirs, cfg, opts, Cadence(steps, log_every, checkpoint_every), device, restart, memory_check, log)
+    try:
+        summary = run_job(job, out, live=progress)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return {k: v for k, v in summary.items() if k != "run"}
 
 
 def _check_out(out: Path, cfg: VQConfig, restart: bool) -> None:
@@ -251,79 +338,6 @@ def _build(shard_dirs, cfg: VQConfig, opts: VQTrain, steps: int, device: torch.d
                          "or pass --no-memory-check to try anyway")
     torch.manual_seed(opts.seed + 1)  # the dead-code restarts' stream (the checkpoint manager keeps its state)
     return trainee.to(device), perceptual.to(device) if perceptual is not None else None, est
-
-
-def _optimizers(trainee: Trainee, opts: VQTrain) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
-    adam = lambda m: torch.optim.Adam(m.parameters(), lr=opts.lr, betas=(0.5, 0.9))  # noqa: E731
-    return adam(trainee.vq), adam(trainee.disc) if trainee.disc is not None else None
-
-
-def _saved(opt, opt_d, step: int, opts: VQTrain) -> tuple:
-    """The optimizers a checkpoint at `step` holds: the discriminator's once it has stepped
-    (an unstepped Adam would get a stand-in state from DCP, and its first real step another
-    bias correction)."""
-    return (opt, opt_d) if opt_d is not None and step > opts.disc_start else (opt,)
-
-
-def _resume(out: Path, ckptr: Checkpointer, trainee: Trainee, opt, opt_d, batches: Batches, opts: VQTrain,
-            run: dict, log) -> int:
-    """The step of `out`'s newest checkpoint, loaded (0 without one); other options are refused."""
-    ckpt = intact_checkpoint(out)
-    if ckpt is None:
-        return 0
-    saved = read_json(ckpt / TRAIN_STATE)
-    if saved.get("vq_run") != run:
-        diff = sorted(k for k in run if (saved.get("vq_run") or {}).get(k) != run[k])
-        raise ValueError(f"{out} holds a train-vq checkpoint with other options ({', '.join(diff)}); "
-                         "rerun with the same options to resume, or pass --restart to start again")
-    step = ckptr.load(ckpt, trainee, _saved(opt, opt_d, checkpoint_step(ckpt), opts), batches)
-    log(f"resuming from {ckpt} at step {step}")
-    return step
-
-
-def _train(out: Path, trainee: Trainee, perceptual, opts: VQTrain, run: dict, steps: int, log_every: int,
-           checkpoint_every: int, rank: int, world: int, device: torch.device, progress: bool,
-           log) -> tuple[dict, int, dict]:
-    """The GAN loop from the newest checkpoint to `steps`: (last metrics, step, undecodable images)."""
-    opt, opt_d = _optimizers(trainee, opts)
-    batches = Batches(shuffled_images(run["inputs"], opts.seed, rank, world), opts.batch_size,
-                      trainee.vq.cfg.resolution, threads=min(8, os.cpu_count() or 1))
-    ckptr = Checkpointer(out, rank, world, keep=1)
-    step = _resume(out, ckptr, trainee, opt, opt_d, batches, opts, run, log)
-    log_file = Metrics(out, rank, step, name=LOG, tensorboard=False)
-    vq, disc = trainee.vq, trainee.disc
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ids = [device.index] if device.type == "cuda" else None
-        vq, disc = DDP(vq, device_ids=ids), DDP(disc, device_ids=ids) if disc is not None else None
-    bf16 = use_bf16(opts, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    step_fn = lambda x, use_disc: _gan_step(vq, disc, perceptual, opt, opt_d, x, use_disc, opts, autocast)  # noqa: E731
-    interval, metrics, t0 = _fresh(trainee, device), {}, time.perf_counter()
-    with runner.progress_bar("train-vq", steps, step, progress and rank == 0) as bar:
-        while step < steps:
-            x = to_unit(next(batches).to(device, non_blocking=True))
-            use_disc = disc is not None and step >= opts.disc_start
-            recon, idx, z, rec_loss = step_fn(x, use_disc)
-            step += 1
-            bar.advance()
-            _count(trainee, interval, idx, z, recon, x, rec_loss, step % opts.restart_every == 0, world)
-            if step % log_every == 0 or step == steps:
-                metrics = _interval_metrics(interval, step, world > 1)
-                metrics["disc"] = use_disc
-                metrics["images_per_s"] = round(interval["n"] * opts.batch_size * world / (time.perf_counter() - t0), 2)
-                if rank == 0:
-                    log(f"step {step}: recon {metrics['recon']:.4f}  PSNR {metrics['psnr']:.2f} dB  SSIM "
-                        f"{metrics['ssim']:.3f}  codes used {metrics['usage']:.1%}  perplexity {metrics['perplexity']:.1f}")
-                log_file.write(metrics)
-                interval, t0 = _fresh(trainee, device), time.perf_counter()
-            if step % checkpoint_every == 0 or step == steps:
-                if world > 1:  # every rank keeps the global window: only which codes it missed matters to a restart
-                    dist.all_reduce(trainee.window_counts)
-                ckptr.save(step, trainee, _saved(opt, opt_d, step, opts), batches, {"vq_run": run})
-    log_file.close()
-    return metrics, step, batches.bad
 
 
 def _gan_step(vq, disc, perceptual, opt, opt_d, x: torch.Tensor, use_disc: bool, opts: VQTrain, autocast):

@@ -7,17 +7,21 @@ from pathlib import Path
 
 def kill_midway(cmd: list[str], out, env=None) -> int:
     """Start `cmd + ["--out", out]` and SIGKILL it once 3 shards are finished but before the
-    manifest is written (retried if a run was too fast to catch); returns the finished shards."""
+    manifest is written (retried if a run was too fast to catch); returns the shards in place."""
     import shutil
     import signal
     import subprocess
     import time
 
     stats = Path(out) / "_stats"
+
+    def in_place() -> int:  # a shard is finished once renamed: a kill may fall between its record and its rename
+        return sum((Path(out) / rec.name[:-5]).is_file() for rec in stats.glob("*.json")) if stats.exists() else 0
+
     for _ in range(5):
         p = subprocess.Popen(cmd + ["--out", str(out)], env=env, stderr=subprocess.DEVNULL)
         deadline = time.time() + 60
-        while time.time() < deadline and len(list(stats.glob("*.json")) if stats.exists() else []) < 3:
+        while time.time() < deadline and in_place() < 3:
             time.sleep(0.01)
         p.send_signal(signal.SIGKILL)
         p.wait()
@@ -25,4 +29,4 @@ def kill_midway(cmd: list[str], out, env=None) -> int:
             break
         shutil.rmtree(out)
     assert not (Path(out) / "manifest.json").exists(), "could not kill the run mid-way"
-    return len(list(stats.glob("*.json")))
+    return in_place()
