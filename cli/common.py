@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
+import signal
 import sys
 from enum import IntEnum
 from pathlib import Path
@@ -90,7 +92,7 @@ class Exit(IntEnum):
     FAILED = 1  # an unexpected failure inside mmtok (a bug: please report it)
     USAGE = 2  # bad options or input paths; nothing was done
     ERROR_BUDGET = 3  # the job finished but more inputs were quarantined than --max-error-rate allows
-    INTERRUPTED = 130  # Ctrl-C, or the trainer's SIGTERM (128 + SIGINT, as shells report it): rerun to resume
+    INTERRUPTED = 130  # Ctrl-C or SIGTERM (128 + SIGINT, as shells report it): rerun to resume
 
 
 def fail(message: str, code: Exit = Exit.USAGE) -> None:
@@ -102,8 +104,31 @@ def fail(message: str, code: Exit = Exit.USAGE) -> None:
     raise typer.Exit(int(code))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, ending a command the way Ctrl-C does (the trainer's loop sets its own)."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    main = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != main:  # a worker forked before it set its own: end as the signal would
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def friendly_errors(fn):
-    """Turn the library's expected errors into a one-line message and exit status 2."""
+    """Turn the library's expected errors into a one-line message and exit status 2, and
+    Ctrl-C or SIGTERM into exit status 130 (what a stage finished is kept: rerun to resume)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -111,7 +136,8 @@ def friendly_errors(fn):
         from mmtok.shards import ShardError
 
         try:
-            return fn(*args, **kwargs)
+            with _terminate_as_interrupt():
+                return fn(*args, **kwargs)
         except (StageError, ShardError, FileNotFoundError, ValueError) as e:
             fail(str(e))
         except KeyboardInterrupt:

@@ -16,6 +16,7 @@ def register(app: typer.Typer) -> None:
     app.command("balance-mix", no_args_is_help=True)(balance_mix)
 
 
+# Long only because typer declares each option as a parameter; the planning is `mix.balance_mix`.
 @friendly_errors
 def balance_mix(
     # the required ones default to None so that every missing one is named in one message

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import fields, replace
@@ -14,8 +15,8 @@ from typing import List, Optional
 
 import typer
 
-from mmtok.cli.common import (JSON_OUT, QUIET, Exit, check_inputs, deprecated, eval_report, fail, friendly_errors,
-                              not_a_file, positive, pulled, renamed)
+from mmtok.cli.common import (JSON_OUT, QUIET, Exit, Terminated, check_inputs, deprecated, eval_report, fail,
+                              friendly_errors, not_a_file, positive, pulled, renamed)
 
 
 def register(app: typer.Typer) -> None:
@@ -24,6 +25,8 @@ def register(app: typer.Typer) -> None:
     app.command(no_args_is_help=True)(export)
 
 
+# Long only because typer declares each of train's options as a parameter (most of its lines);
+# the command itself checks, calls `launch.train` and prints.
 @friendly_errors
 def train(
     plan: Optional[str] = typer.Option(None, "--plan", help="Plan directory written by `mmtok balance-mix`, or its URL "
@@ -188,6 +191,8 @@ def _relaunch(nproc: int, args: list[str] | None = None, out: tuple[str, Path] |
     else:
         del args[i:i + 2]
     env = dict(os.environ)
+    # each process its share of the cores (torchrun would set 1 and print a banner saying so)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     if out is not None and is_url(out[0]):
         args, env[OUT_AS] = _with_out(args, str(out[1])), out[0]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
@@ -197,7 +202,9 @@ def _relaunch(nproc: int, args: list[str] | None = None, out: tuple[str, Path] |
         try:
             rc = proc.wait()
             break
-        except KeyboardInterrupt:  # the workers got it too: they checkpoint and exit; wait for them
+        except Terminated:  # sent to this process alone: torchrun passes it on, the workers checkpoint and exit
+            proc.send_signal(signal.SIGTERM)
+        except KeyboardInterrupt:  # Ctrl-C reached the workers too: they checkpoint and exit; wait for them
             continue
     if rc:
         raise typer.Exit(rc)

@@ -19,9 +19,9 @@ from mmtok.manifests import (MANIFEST_EXTS, Columns, bad_item, check_manifest, c
                              img2dataset_shards, img2dataset_stats, jsonl_items, parquet_items)
 from mmtok.fs import RemotePath, as_location, is_url, join_location, remote_errors
 from mmtok.runner import DUPLICATES, STAGE_FILE, STATS_DIR, Item, Quarantined, Sample
-from mmtok.shards import (INDEX, MANIFEST, QUARANTINE, content_hash, dumps_meta, group_samples, is_stage_output,
-                          iter_tar, pair_hashes, printable)
+from mmtok.shards import INDEX, MANIFEST, QUARANTINE, content_hash, dumps_meta, is_stage_output, pair_hashes
 from mmtok.sniff import Bad, Part, sniff
+from mmtok.tars import group_samples, iter_tar, printable
 
 TAR_EXTS = (".tar", ".tar.gz", ".tgz")
 

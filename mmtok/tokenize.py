@@ -26,8 +26,8 @@ from mmtok.actors import spread
 from mmtok.codes import BadCodes, Codes
 from mmtok.runner import Item, Quarantined, Sample, Summary
 from mmtok.fs import absolute, as_location
-from mmtok.shards import (ShardError, ShardReader, check_key, content_hash, group_samples, iter_tar, load_manifest,
-                          npy_bytes)
+from mmtok.shards import ShardError, ShardReader, check_key, content_hash, load_manifest, npy_bytes
+from mmtok.tars import group_samples, iter_tar
 from mmtok.tokenizer import IMAGE_EXTS, StageRecipe, Tokenizer  # noqa: F401 (re-exported: callers import them here)
 
 IMAGE_SHA256 = "image_sha256"  # index column: the image's own content_hash, its codes' join key

@@ -12,7 +12,7 @@ PACKAGES = {"mmtok": "mmtok", "cli": "mmtok.cli", "trainer": "mmtok.trainer"}
 
 # Lowest first. A module not named here fails the test: a new module must be given a layer.
 LAYERS = {
-    "formats": ["mmtok.shards", "mmtok.shardwriter", "mmtok.indexfile", "mmtok.fs", "mmtok.locks", "mmtok.images", "mmtok.vocab", "mmtok.plan"],
+    "formats": ["mmtok.tars", "mmtok.shards", "mmtok.shardwriter", "mmtok.indexfile", "mmtok.fs", "mmtok.locks", "mmtok.images", "mmtok.vocab", "mmtok.plan"],
     "runner": ["mmtok.runner", "mmtok.packing", "mmtok.ranks", "mmtok.actors", "mmtok.dispatch", "mmtok.stagelog",
                "mmtok.mirror"],
     "stages": ["mmtok.ingest", "mmtok.manifests", "mmtok.sniff", "mmtok.media", "mmtok.audio", "mmtok.video",

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from helpers.media import png_bytes, write_tar
 from helpers.outputs import quarantine, read_all
 from mmtok.cli.app import app
-from mmtok.shards import ShardError, group_samples, iter_tar
+from mmtok.tars import ShardError, group_samples, iter_tar
 
 runner = CliRunner()
 

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from typer.testing import CliRunner
 
 from helpers.media import make_video, png_bytes, write_tar
 from helpers.outputs import quarantine, read_all, tree_bytes
-from helpers.procs import kill_midway
+from helpers.procs import kill_midway, signal_midway
 from mmtok.cli.app import app
 from mmtok.ingest import ShardFn, shard_items
 from mmtok.runner import Item, run_stage
@@ -247,6 +248,24 @@ def test_killed_process_resumes(tmp_path: Path):
     out = tmp_path / "out"
     assert kill_midway(cmd, out) >= 3
     subprocess.run(cmd + ["--out", str(out)], check=True)
+    assert tree_bytes(out) == tree_bytes(tmp_path / "ref")
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_stage_like_ctrl_c_and_the_rerun_completes_it(tmp_path: Path):
+    """SIGTERM (a scheduler's stop) a real `mmtok shard --workers 2`: exit 130 with one line,
+    the finished shards kept, and the rerun resumes them into the clean run's bytes."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(300):
+        (d / f"i{i:03d}.png").write_bytes(png_bytes(seed=i, size=32 + i % 50, fg=["red", "green"][i % 2]))
+    cmd = [sys.executable, "-m", "mmtok.cli.app", "shard", str(d), "--max-count", "10", "--workers", "2", "--quiet"]
+    subprocess.run(cmd + ["--out", str(tmp_path / "ref")], check=True)
+    out = tmp_path / "out"
+    kept, rc, err = signal_midway(cmd, out, signal.SIGTERM)
+    assert rc == 130 and "interrupted; rerun the same command to resume" in err and "Traceback" not in err, err
+    res = subprocess.run(cmd + ["--out", str(out), "--json"], capture_output=True, text=True)
+    assert res.returncode == 0 and json.loads(res.stdout)["resumed_shards"] >= kept >= 3, res.stderr
     assert tree_bytes(out) == tree_bytes(tmp_path / "ref")
 
 

@@ -198,12 +198,7 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_exact(train_plan, tmp
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.Popen(MMTOK + ["train", "--out", str(run)] + [str(a) for a in common], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and p.poll() is None:
-        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2:
-            p.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.02)
+    sigterm_after_two_records(p, run)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130 and "interrupted" in err, err[-2000:]
     step = int((run / "checkpoints" / "latest").read_text().split("-")[1])
@@ -211,6 +206,32 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_exact(train_plan, tmp
     assert cli("train", "--out", run, "--resume", *common).exit_code == 0
     assert cli("train", "--out", tmp_path / "U", *common).exit_code == 0
     assert curve(run) == curve(tmp_path / "U")
+
+
+def sigterm_after_two_records(p: subprocess.Popen, run) -> None:
+    """SIGTERM the training process `p` once its run has logged two steps."""
+    deadline = time.time() + 180
+    while time.time() < deadline and p.poll() is None:
+        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2:
+            p.send_signal(signal.SIGTERM)
+            return
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_sigterm_to_an_nproc_launcher_reaches_its_workers(train_plan, tmp_path):
+    """A scheduler stops the `--nproc 2` command it started: the launcher passes the SIGTERM
+    to torchrun, whose workers checkpoint after the step in flight and exit."""
+    run = tmp_path / "T"
+    args = ["train", "--out", str(run), "--plan", str(train_plan["plan"]), *map(str, MOMA), "--steps", "40",
+            "--ckpt-every", "1000", "--nproc", "2", "--json"]
+    p = subprocess.Popen(MMTOK + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    sigterm_after_two_records(p, run)
+    out, err = p.communicate(timeout=180)
+    assert p.returncode != 0 and "interrupted at step" in err, err[-2000:]
+    step = int((run / "checkpoints" / "latest").read_text().split("-")[1])
+    assert step == metrics(run)[-1]["step"] and 2 <= step < 40
 
 
 def test_saving_a_step_again_never_leaves_latest_without_a_checkpoint(runs, train_plan, tmp_path):

@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from mmtok.shards import atomic_write, read_json
-from mmtok.trainer.checkpoint import TRAIN_STATE, LoaderState, intact_checkpoint, latest_checkpoint, read_run_config
+from mmtok.trainer.checkpoint import (TRAIN_STATE, LoaderState, checkpoint_step, intact_checkpoint, latest_checkpoint,
+                                      read_run_config)
 from mmtok.trainer.job import Cadence, Job, TrainError
 from mmtok.trainer.model import Decoder, is_aux_param, loss_terms
 from mmtok.trainer.parallel import parallelize, use_bf16
@@ -69,7 +70,7 @@ class AuxRouterJob(Job):
     def __init__(self, plan, steps: int, lr: float):
         self.plan, self.lr, self.data = plan, lr, str(plan)
         self.train = Cadence(steps=steps, log_every=1, ckpt_every=None)
-        self.curve, self._done, self._position = [], 0, LoaderState()
+        self.curve, self._position = [], LoaderState()
 
     def claim(self, run: Path, resume: bool, world: int) -> Path:
         ckpt = intact_checkpoint(run)
@@ -87,7 +88,7 @@ class AuxRouterJob(Job):
 
         # the checkpoint keeps the main run's own world size and global batch: only its routers change
         saved = read_json(ckpt / TRAIN_STATE)
-        self._world = world
+        self._world, self._at = world, checkpoint_step(ckpt)
         self._keep = {k: saved[k] for k in ("world_size", "global_batch") if k in saved}
         return _repeat(PlanLoader(self.plan, rank, world))
 
@@ -111,11 +112,11 @@ class AuxRouterJob(Job):
         model.eval()  # no router noise: the targets are the routers' clean selections
         self._t0 = time.perf_counter()
 
-    def end(self, start: int) -> int:
-        return start + self.train.steps
+    def first_step(self, ckpt: Path) -> int:
+        return 0  # its own steps; the checkpoint keeps the run's (saves_as)
 
-    def saves_as(self, step: int, start: int) -> int:
-        return start
+    def saves_as(self, step: int) -> int:
+        return self._at
 
     def step(self, model, optimizers: tuple, batches, step: int) -> bool:
         batch = next(batches, None)
@@ -127,11 +128,11 @@ class AuxRouterJob(Job):
         self._opt.zero_grad(set_to_none=True)
         bce.backward()
         self._opt.step()
-        self._done, self._last = self._done + 1, (bce, stats)
+        self._last = (bce, stats)
         return True
 
     def record(self, step: int, seconds: float, world: int) -> dict:
-        self.curve.append(_aux_record(self._done, *self._last, world, self._device))
+        self.curve.append(_aux_record(step, *self._last, world, self._device))
         return self.curve[-1]
 
     def describe(self, rec: dict) -> str:
@@ -142,7 +143,7 @@ class AuxRouterJob(Job):
         return {**self.cfg.checkpoint_meta(world), **self._keep}
 
     def summary(self, run: Path, rank: int, step: int, status: str) -> dict:
-        summary = {"checkpoint": str(latest_checkpoint(run)), "step": step - self._done, "aux_steps": self._done,
+        summary = {"checkpoint": str(latest_checkpoint(run)), "step": self._at, "aux_steps": step,
                    "lr": self.lr, "final": self.curve[-1] if self.curve else {}, "seconds": time.perf_counter() - self._t0}
         if rank == 0:
             atomic_write(run / AUX_REPORT, json.dumps({"run": str(run), **summary, "world_size": self._world,

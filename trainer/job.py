@@ -73,15 +73,15 @@ class Job:
 
     1. `claim` on rank 0, the output locked, before anything is written: the checkpoint to
        start from; every rank stops with its refusal.
-    2. `make_loader`, then `build` (the model, parallelised; rank 0 writes the job's files),
+    2. `first_step`, `make_loader`, then `build` (the model, parallelised; rank 0 writes the job's files),
        `optimizers`, the checkpoint loaded through `checkpoint_state`, then `begin`.
     3. Per step `step`; every `log_every` steps `record` (written to `log_file`, shown by
        `describe`); a checkpoint every `ckpt_every` steps, at the end and on SIGINT/SIGTERM,
        named `saves_as(step)`, holding `checkpoint_state` and `checkpoint_meta`.
     4. `summary` after the last save.
 
-    The defaults here are a job that trains its own run directory from step 0 to
-    `train.steps`."""
+    The defaults here are a job that trains its own run directory from step 0 (or its
+    checkpoint's step) to `train.steps`."""
 
     name = "train"  # the live bar's label
     train: Any  # the settings the loop reads: steps, log_every, ckpt_every, seed
@@ -113,12 +113,15 @@ class Job:
     def begin(self, model, optimizers: tuple) -> None:
         """After the checkpoint is loaded, before the first step."""
 
-    def end(self, start: int) -> int:
-        """The step to train to, from the checkpoint's `start`."""
-        return self.train.steps
+    def first_step(self, ckpt) -> int:
+        """The step the job counts from, given the checkpoint it starts from (to `train.steps`):
+        the checkpoint's own, for a job that continues its run's steps."""
+        from mmtok.trainer.checkpoint import checkpoint_step
 
-    def saves_as(self, step: int, start: int) -> int:
-        """The step a checkpoint taken after `step` is named by (`start`: the checkpoint's)."""
+        return checkpoint_step(ckpt)
+
+    def saves_as(self, step: int) -> int:
+        """The step a checkpoint taken after `step` is named by."""
         return step
 
     def step(self, model, optimizers: tuple, batches: Iterator, step: int) -> bool:

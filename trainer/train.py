@@ -42,7 +42,7 @@ import torch.distributed as dist
 from mmtok import runner
 from mmtok.locks import LOCK_FILE, exclusive
 from mmtok.shards import atomic_write, read_json
-from mmtok.trainer.checkpoint import (CKPT_DIR, LATEST, TRAIN_STATE, Checkpointer, checkpoint_step, intact_checkpoint,
+from mmtok.trainer.checkpoint import (CKPT_DIR, LATEST, TRAIN_STATE, Checkpointer, intact_checkpoint,
                                       latest_checkpoint, loader_position)
 from mmtok.trainer.config import RunConfig, to_toml
 from mmtok.trainer.job import CONFIG, CONFIG_TOML, METRICS, Job, RunKind, TrainError, json_bytes
@@ -317,14 +317,15 @@ def run_job(job: Job, run: str | Path, *, resume: bool = False, stop_at_step: in
 def _train(job: Job, run: Path, rank: int, world: int, device, ckpt_path: Path | None, stop_at_step,
            live: bool) -> dict:
     tc = job.train
-    start = checkpoint_step(ckpt_path) if ckpt_path else 0
-    last = job.end(start)
-    end = min(last, stop_at_step) if stop_at_step else last
+    start = job.first_step(ckpt_path) if ckpt_path else 0
+    end = min(tc.steps, stop_at_step) if stop_at_step else tc.steps
     loader = job.make_loader(rank, world, ckpt_path, start, end)
     model = job.build(run, rank, world, device)
     optimizers = job.optimizers(model)
     ckpt = Checkpointer(run, rank, world, keep=job.keep)
-    step = ckpt.load(ckpt_path, *job.checkpoint_state(model, optimizers, loader, start)) if ckpt_path else 0
+    if ckpt_path:
+        ckpt.load(ckpt_path, *job.checkpoint_state(model, optimizers, loader, start))
+    step = start
     job.begin(model, optimizers)
     metrics = Metrics(run, rank, step, name=job.log_file, tensorboard=job.tensorboard)
     batches = iter(loader)
@@ -333,9 +334,9 @@ def _train(job: Job, run: Path, rank: int, world: int, device, ckpt_path: Path |
 
     def save():
         held = job.checkpoint_state(model, optimizers, loader, step)
-        ckpt.save(job.saves_as(step, start), *held, job.checkpoint_meta(world))
+        ckpt.save(job.saves_as(step), *held, job.checkpoint_meta(world))
 
-    with _Stop() as stop, runner.progress_bar(job.name, last, step, live and rank == 0) as bar:
+    with _Stop() as stop, runner.progress_bar(job.name, tc.steps, step, live and rank == 0) as bar:
         while step < end:
             if not job.step(model, optimizers, batches, step):
                 status = "plan exhausted"
