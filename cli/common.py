@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from enum import IntEnum
 from pathlib import Path
 
@@ -119,11 +120,15 @@ def _terminate_as_interrupt():
             return
         raise Terminated
 
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set one
+        yield
+        return
     old = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        if old is not None:  # None: set outside Python, and not restorable from here
+            signal.signal(signal.SIGTERM, old)
 
 
 def friendly_errors(fn):

@@ -130,10 +130,12 @@ def train(
 
         Console(stderr=True).print(f"[bold]mmtok train[/]: {summary['status']} at step {summary['step']}/{summary['steps']}"
                                    f" on {summary['world_size']} process(es); checkpoint {summary['checkpoint']}")
+    if summary.get("status") == "interrupted" and outcome.kind == "aux-routers":
+        fail(f"interrupted after {summary['aux_steps']} auxiliary-router steps; the routers trained so far are saved "
+             "into the run's checkpoint; run the stage again to train them further (its steps start again)",
+             Exit.INTERRUPTED)
     if summary.get("status") == "interrupted":
-        kept = ("the routers trained so far are saved into its checkpoint" if outcome.kind == "aux-routers"
-                else "checkpoint saved; continue with --resume")
-        fail(f"interrupted at step {summary['step']}; {kept}", Exit.INTERRUPTED)
+        fail(f"interrupted at step {summary['step']}; checkpoint saved; continue with --resume", Exit.INTERRUPTED)
 
 
 def _staged_for_processes(out: str, nproc: int):
@@ -191,8 +193,10 @@ def _relaunch(nproc: int, args: list[str] | None = None, out: tuple[str, Path] |
     else:
         del args[i:i + 2]
     env = dict(os.environ)
-    # each process its share of the cores (torchrun would set 1 and print a banner saying so)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # each process its share of the cores it may use (torchrun would set 1 and print a banner)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
+    # a forwarded SIGTERM gives the workers time to save their checkpoint (torchrun's default: 30 s, then SIGKILL)
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
     if out is not None and is_url(out[0]):
         args, env[OUT_AS] = _with_out(args, str(out[1])), out[0]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

@@ -157,9 +157,12 @@ def ray_session(cpus: int, stack: contextlib.ExitStack):
         raise StageError("--backend ray needs Ray: pip install 'mmtok[ray]'") from None
     if not ray.is_initialized():
         local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": cpus}
-        # ray.init replaces this process's SIGTERM handler and shutdown leaves it there
-        stack.callback(signal.signal, signal.SIGTERM, signal.getsignal(signal.SIGTERM))
+        # ray.init replaces this process's SIGTERM handler (an exit without the interrupted
+        # message) and shutdown leaves it there: ours is put back at once, and again at the end
+        ours = signal.getsignal(signal.SIGTERM)
+        stack.callback(signal.signal, signal.SIGTERM, ours)
         ray.init(include_dashboard=False, log_to_driver=False, **local)
+        signal.signal(signal.SIGTERM, ours)
         stack.callback(ray.shutdown)
     return ray
 

@@ -11,3 +11,34 @@ def test_version_prints_the_installed_version():
     r = CliRunner().invoke(app, ["--version"])
     assert r.exit_code == 0
     assert r.output.strip() == f"mmtok {version('mmtok')}"
+
+
+def test_a_command_run_off_the_main_thread_still_runs():
+    """Only the main thread may set a signal handler: off it (an embedding app's worker
+    thread), the SIGTERM-as-interrupt handler is skipped, not turned into a usage error."""
+    import threading
+
+    from mmtok.cli.common import friendly_errors
+
+    got = []
+    t = threading.Thread(target=lambda: got.append(friendly_errors(lambda: "ran")()))
+    t.start()
+    t.join()
+    assert got == ["ran"]
+
+
+def test_sigterm_in_the_main_thread_is_an_interrupt():
+    import os
+    import signal
+    import time
+
+    import pytest
+    import typer
+
+    from mmtok.cli.common import Exit, friendly_errors
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(typer.Exit) as e:
+        friendly_errors(lambda: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(30))()
+    assert e.value.exit_code == Exit.INTERRUPTED
+    assert signal.getsignal(signal.SIGTERM) is before  # put back afterwards

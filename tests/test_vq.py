@@ -178,19 +178,31 @@ def test_resume_continues_from_checkpoint(tmp_path, images, disc_start):
     assert intact_checkpoint(tmp_path / "resumed").name == "step-00000012"  # the refusal left it as it was
 
 
-def test_a_sigterm_saves_a_checkpoint_that_resumes_to_the_uninterrupted_result(tmp_path, images):
-    """train-vq runs on the one loop: SIGTERM stops it after the step in flight with a
-    checkpoint at that step and no tokenizer written; the rerun continues from there."""
+def test_a_sigterm_saves_a_checkpoint_that_resumes_to_the_uninterrupted_result(tmp_path, images, monkeypatch):
+    """train-vq runs on the one loop: SIGTERM stops it after the step in flight (here the
+    5th, between two log records) with a checkpoint at that step and no tokenizer written;
+    the rerun continues from there."""
+    from mmtok.trainer import vq_train
+
     shards = make_shards(tmp_path / "in", images=images[:40])
     opts = dict(steps=10, batch_size=8, lr=2e-3, log_every=3, checkpoint_every=100, restart_every=4, disc_weight=0.1,
-                disc_start=5)
-    train_vq([shards], tmp_path / "straight", VQConfig(**TINY), **opts, log=lambda m: None)
-    stop = lambda line: line.startswith("step 6:") and os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
-    first = train_vq([shards], tmp_path / "resumed", VQConfig(**TINY), **opts, log=stop)
-    assert first["status"] == "interrupted" and first["step"] == 6
-    assert intact_checkpoint(tmp_path / "resumed").name == "step-00000006"
+                disc_start=5, log=lambda m: None)
+    train_vq([shards], tmp_path / "straight", VQConfig(**TINY), **opts)
+    real, calls = vq_train._gan_step, []
+
+    def signalled(*args):  # a scheduler's SIGTERM arrives during the 5th step
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args)
+
+    monkeypatch.setattr(vq_train, "_gan_step", signalled)
+    first = train_vq([shards], tmp_path / "resumed", VQConfig(**TINY), **opts)
+    assert first["status"] == "interrupted" and first["step"] == 5
+    assert intact_checkpoint(tmp_path / "resumed").name == "step-00000005"
     assert not (tmp_path / "resumed" / "vq.safetensors").exists()
-    second = train_vq([shards], tmp_path / "resumed", VQConfig(**TINY), **opts, log=lambda m: None)
+    monkeypatch.setattr(vq_train, "_gan_step", real)
+    second = train_vq([shards], tmp_path / "resumed", VQConfig(**TINY), **opts)
     assert second["status"] == "finished" and second["step"] == 10
     a = VQModel.load(tmp_path / "straight").state_dict()
     b = VQModel.load(tmp_path / "resumed").state_dict()

@@ -84,7 +84,7 @@ class Job:
     checkpoint's step) to `train.steps`."""
 
     name = "train"  # the live bar's label
-    train: Any  # the settings the loop reads: steps, log_every, ckpt_every, seed
+    train: Any  # the settings the loop reads: steps, log_every, ckpt_every
     data = "the data"  # what it trains on, as messages name it
     device: str | None = None  # parallel.init_distributed's choice (None: this rank's GPU, else the CPU)
     log_file: str | None = METRICS  # the metrics log in the output directory (None: none)

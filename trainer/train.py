@@ -16,8 +16,9 @@ directory and renamed when every rank has finished, so `latest` always names a c
 one. Each lists its files' sha256 in checksums.json and is read through `checkpoint_io`
 (nothing in it is unpickled freely); `--resume` skips a damaged one for the newest intact
 one. The loop saves every `ckpt_every` steps, at the end, and when SIGINT/SIGTERM arrives
-(after the step in flight). Resuming restores model, optimizer, schedule, data position
-and RNG, so the losses continue exactly as in an uninterrupted run.
+(after the step in flight). Resuming a run restores model, optimizer, schedule, data
+position and RNG, so the losses continue exactly as in an uninterrupted run (the
+auxiliary-router stage, a short stage on a finished run, starts again instead).
 
 `run_job` trains every `Job` (trainer/job.py): `LMJob`'s two here (`DecoderJob`, and
 `unimoe_train.UniMoEJob`), the auxiliary-router stage (`aux_routers.AuxRouterJob`) and VQ

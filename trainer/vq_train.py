@@ -278,7 +278,8 @@ class VQJob(Job):
         if bad and rank == 0:
             name, reason = next(iter(bad.items()))
             self.log(f"skipped {len(bad)} images that do not decode, e.g. {name}: {reason}")
-        return {**getattr(self, "last", {}), "skipped_images": len(bad), "out": str(out),
+        last = {k: v for k, v in getattr(self, "last", {}).items() if k != "step"}  # the loop's step stands
+        return {**last, "skipped_images": len(bad), "out": str(out),
                 "memory_estimate_bytes": self.estimate["total"]}
 
 
