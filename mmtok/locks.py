@@ -27,10 +27,14 @@ def exclusive(directory: str | Path, *, wait: bool = False) -> Iterator[Path]:
     """Hold `directory`'s lock (creating the directory) for the `with` block.
 
     Raises LockHeld at once when another process holds it, or with `wait` waits for it.
+    A block that raises (a refused --out, a failed job) takes back the lock file, and the
+    directory if this call made it and it is empty: a refusal leaves nothing behind.
     """
     directory = Path(directory)
+    made = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_FILE
+    ours = not path.exists()  # this call makes the lock file (only the holder ever acts on it)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -39,8 +43,26 @@ def exclusive(directory: str | Path, *, wait: bool = False) -> Iterator[Path]:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise LockHeld(f"{directory} is in use by another mmtok process (pid {holder}); "
                            "wait for it to finish, or stop it, then rerun") from None
+        if not _same_file(fd, path):  # its holder took the file back between our open and our lock
+            raise LockHeld(f"{directory} was in use by another mmtok process a moment ago; rerun")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield path
+        try:
+            yield path
+        except BaseException:
+            # Still held here, so no other job is inside. Not with `wait`: a waiter would then
+            # hold a lock on the removed file while a newcomer locks a new one.
+            if ours and not wait:
+                path.unlink(missing_ok=True)
+                if made and not any(directory.iterdir()):
+                    directory.rmdir()
+            raise
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False

@@ -330,7 +330,7 @@ def test_a_directory_with_someone_elses_files_is_refused(base, tmp_path):
     (mine / "notes.txt").write_text("keep me")
     r = cli("train", "--plan", base["plan"], "--out", mine, *TRAIN)
     assert r.exit_code == 2 and "did not write (notes.txt)" in r.output, r.output
-    assert sorted(p.name for p in mine.iterdir()) == [".mmtok.lock", "notes.txt"]
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]  # not even the lock file stays
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text('{"architectures": ["X"]}')  # a config.json that is not a run's

@@ -191,6 +191,25 @@ def test_a_locked_out_is_refused_naming_the_holder(tmp_path):
     assert (out / LOCK_FILE).exists()
 
 
+def test_a_refused_out_is_left_as_it_was(tmp_path):
+    """A stage that refuses its --out takes its lock file back, and a directory it made."""
+    src = text_corpus(tmp_path / "in")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    (mine / "index.parquet").write_text("not an index")  # a file a stage writes: refused, not replaced
+    r = shard(src, "--out", mine)
+    assert r.exit_code == 2, r.output
+    assert sorted(p.name for p in mine.iterdir()) == ["index.parquet", "notes.txt"]
+    with pytest.raises(StageError):  # a job refused in a directory the lock made: the directory goes too
+        with exclusive(tmp_path / "new"):
+            raise StageError("refused")
+    assert not (tmp_path / "new").exists()
+    with exclusive(tmp_path / "new"):  # a job that ends well keeps it
+        pass
+    assert (tmp_path / "new" / LOCK_FILE).exists()
+
+
 # ---------------------------------------------------------------- 4. reruns check what they trust
 
 
