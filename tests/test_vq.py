@@ -210,6 +210,19 @@ def test_a_sigterm_saves_a_checkpoint_that_resumes_to_the_uninterrupted_result(t
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_shards_without_images_are_refused_before_anything_else(tmp_path, images):
+    """Read from the indexes before the memory estimate (which would be of nothing); an
+    image inside an interleaved document counts, as the image stream reads it."""
+    texts = make_shards(tmp_path / "texts", texts=["only words", "more words"])
+    logs = []
+    with pytest.raises(ValueError, match="no images in .*texts: train-vq needs image or pair samples"):
+        train_vq([texts], tmp_path / "tok", VQConfig(**TINY), steps=1, batch_size=2, log=logs.append)
+    assert logs == [] and not (tmp_path / "tok" / "checkpoints").exists()
+    docs = make_shards(tmp_path / "docs", texts=["words"], docs=[["a picture:", images[0], "end"]])
+    m = train_vq([docs], tmp_path / "tok", VQConfig(**TINY), steps=1, batch_size=2, disc_weight=0, log=logs.append)
+    assert m["step"] == 1
+
+
 def test_saving_checkpoints_does_not_change_the_training(tmp_path, images):
     # a checkpoint before the discriminator's first step must not give its optimizer a state
     shards = make_shards(tmp_path / "in", images=images[:40])

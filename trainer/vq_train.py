@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mmtok.shards import ShardReader, read_json
-from mmtok.tokenizer import image_alone
+from mmtok.tokenizer import IMAGE_EXTS, image_alone
 from mmtok.trainer.checkpoint import CKPT_DIR, TRAIN_STATE, checkpoint_step, intact_checkpoint
 from mmtok.trainer.job import Cadence, Job, TrainError
 from mmtok.trainer.parallel import use_bf16
@@ -51,6 +51,22 @@ def iter_images(shard_dirs: list[str | Path]) -> Iterator[tuple[str, bytes]]:
             image = image_alone(s.members)
             if image is not None:
                 yield f"{d}/{s.shard}:{s.key}", next(iter(image.values()))
+
+
+def enough_images(shard_dirs, n: int) -> bool:
+    """Whether the shards hold `n` samples with an image (`image_alone`'s rule), read from
+    their indexes until that many are seen (an index without member lists: assumed so)."""
+    seen = 0
+    for d in shard_dirs:
+        index = ShardReader(d).index()
+        if "members" not in index.column_names:
+            return True
+        for start in range(0, index.num_rows, 10_000):
+            for members in index.slice(start, 10_000).column("members").to_pylist():
+                seen += any(m["ext"] in IMAGE_EXTS for m in members)
+                if seen >= n:
+                    return True
+    return False
 
 
 def shuffled_images(shard_dirs, seed: int, rank: int = 0, world: int = 1, buffer: int = SHUFFLE_BUFFER) -> Iterator[tuple[str, bytes]]:
@@ -193,6 +209,9 @@ class VQJob(Job):
         return {"model": self.cfg.to_dict(), **asdict(self.opts), "world_size": world, "inputs": self.inputs}
 
     def claim(self, out: Path, resume: bool, world: int) -> Path | None:
+        if not enough_images(self.inputs, world):  # before the estimate, which would be of nothing
+            raise TrainError(f"no images in {self.data}: train-vq needs image or pair samples (at least one per "
+                             f"process: {world})")
         _check_out(out, self.cfg, self.restart)
         ckpt = None if self.restart else intact_checkpoint(out)
         if ckpt is not None:
