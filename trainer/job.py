@@ -1,7 +1,7 @@
 """The contract between the one training loop (`trainer.train.run_job`) and what it trains,
 in the spirit of torchtitan's TrainSpec: the loop owns the order of things (lock and rank-0
 checks, loader, model, optimizers, the checkpoint manager, SIGINT/SIGTERM, the metrics log,
-the live bar), a job owns what differs (what a step computes, what a checkpoint holds).
+the progress bar), a job owns what differs (what a step computes, what a checkpoint holds).
 
 - A `RunKind` says how a run directory of one kind is read back: its config.json into a
   config object, that config into a model. Every reader of runs goes through it
@@ -73,8 +73,8 @@ class Job:
 
     1. `claim` on rank 0, the output locked, before anything is written: the checkpoint to
        start from; every rank stops with its refusal.
-    2. `first_step`, `make_loader`, then `build` (the model, parallelised; rank 0 writes the job's files),
-       `optimizers`, the checkpoint loaded through `checkpoint_state`, then `begin`.
+    2. `first_step`, `make_loader`, then `build` (the model, parallelised; rank 0 writes the
+       job's files), `optimizers`, the checkpoint loaded through `checkpoint_state`, `begin`.
     3. Per step `step`; every `log_every` steps `record` (written to `log_file`, shown by
        `describe`); a checkpoint every `ckpt_every` steps, at the end and on SIGINT/SIGTERM,
        named `saves_as(step)`, holding `checkpoint_state` and `checkpoint_meta`.
@@ -83,7 +83,7 @@ class Job:
     The defaults here are a job that trains its own run directory from step 0 (or its
     checkpoint's step) to `train.steps`."""
 
-    name = "train"  # the live bar's label
+    name = "train"  # the progress bar's label
     train: Any  # the settings the loop reads: steps, log_every, ckpt_every
     data = "the data"  # what it trains on, as messages name it
     device: str | None = None  # parallel.init_distributed's choice (None: this rank's GPU, else the CPU)
@@ -133,7 +133,7 @@ class Job:
         raise NotImplementedError
 
     def describe(self, rec: dict) -> str:
-        """A record as the live bar shows it."""
+        """A record as the progress bar shows it."""
         return ""
 
     def checkpoint_meta(self, world: int) -> dict:

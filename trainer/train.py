@@ -300,7 +300,7 @@ def train(cfg: RunConfig, run: str | Path, make_loader: Callable[[int, int], obj
 def run_job(job: Job, run: str | Path, *, resume: bool = False, stop_at_step: int | None = None,
             live: bool = True) -> dict:
     """The training loop every job runs (trainer/job.py gives the order): one process or many
-    under torchrun, the checkpoints, resume, SIGINT/SIGTERM, the metrics log and the live bar."""
+    under torchrun, the checkpoints, resume, SIGINT/SIGTERM, the metrics log and the progress bar."""
     run = Path(run)
     rank, world, device = init_distributed(job.device)
     with contextlib.ExitStack() as held:
