@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import shutil
 import sys
 
 import typer
@@ -74,6 +75,10 @@ def main() -> None:
             default(message, category, filename, lineno, file, line)
 
     warnings.showwarning = show
+    # rich's option tables squeeze names and help into stubs ("--max-member-byt…") under
+    # ~100 columns; click's plain layout wraps them whole there. A pipe keeps rich's.
+    if shutil.get_terminal_size(fallback=(120, 24)).columns < 100:
+        app.rich_markup_mode = None
     app()
 
 

@@ -60,7 +60,8 @@ def shard(
     folder as it is).
 
     Rerun the same command after a crash or Ctrl-C: finished shards are kept and the job
-    picks up where it stopped. Exit status: 0 ok, 2 bad usage, 3 too many bad inputs.
+    picks up where it stopped. Exit status: 0 ok, 2 bad usage, 3 too many bad inputs, 130
+    interrupted (Ctrl-C or SIGTERM).
 
     Example: mmtok shard images/ captions.jsonl old-shards/ --out shards/ --workers 8
     """

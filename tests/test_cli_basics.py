@@ -42,3 +42,21 @@ def test_sigterm_in_the_main_thread_is_an_interrupt():
         friendly_errors(lambda: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(30))()
     assert e.value.exit_code == Exit.INTERRUPTED
     assert signal.getsignal(signal.SIGTERM) is before  # put back afterwards
+
+
+def test_help_on_an_80_column_terminal_keeps_option_names_whole():
+    """rich's tables cut names like --max-member-bytes to stubs under ~100 columns; there
+    the command switches to click's plain layout, which wraps instead."""
+    import os
+    import subprocess
+    import sys
+
+    def shard_help(columns: int) -> str:
+        env = dict(os.environ, COLUMNS=str(columns))
+        return subprocess.run([sys.executable, "-c", "from mmtok.cli.app import main; main()", "shard", "--help"],
+                              capture_output=True, text=True, env=env, check=True).stdout
+
+    narrow = shard_help(80)
+    assert "--max-member-bytes <str>" in narrow and "…" not in narrow
+    assert max(map(len, narrow.splitlines())) <= 80
+    assert "╭─ Options" in shard_help(160)  # wide terminals keep rich's panels
