@@ -302,6 +302,14 @@ def _inspect_export(directory: Path, as_json: bool) -> None:
     _key_value_table(f"{directory} (export)", {k: v for k, v in info.items() if k != "directory"})
 
 
+def _plan_sources(meta: dict) -> dict:
+    """Per source: its documents (held-out ones included, as document numbers count) and
+    weight, and with a holdout how many of those documents the plan leaves out."""
+    held = [h["documents"] for h in meta["holdout"]["sources"]] if "holdout" in meta else None
+    return {s["name"]: {"documents": s["documents"], "weight": s["weight"],
+                        **({"held_out": held[i]} if held is not None else {})} for i, s in enumerate(meta["sources"])}
+
+
 def _inspect_plan(directory: Path, as_json: bool) -> None:
     """A `balance-mix` plan: its sources, shape and balance report (plan.json alone)."""
     from mmtok.plan import read_plan_meta
@@ -309,8 +317,7 @@ def _inspect_plan(directory: Path, as_json: bool) -> None:
     meta = read_plan_meta(directory)
     info = {"directory": str(directory), "kind": "plan", **{k: meta[k] for k in ("ratio", "world_size", "seq_len", "micro_batch", "steps",
                                                                  "microbatches", "seed")},
-            "sources": {s["name"]: {"documents": s["documents"], "weight": s["weight"]} for s in meta["sources"]},
-            "report": meta["report"]}
+            "sources": _plan_sources(meta), "report": meta["report"]}
     if as_json:
         sys.stdout.write(json.dumps(info, indent=1, sort_keys=True) + "\n")
         return

@@ -311,3 +311,25 @@ def test_balance_mix_is_the_commands_library_call(tmp_path):
                           experts="1t1i")
     with pytest.raises(ValueError, match="--steps or --tokens"):
         mmtok.balance_mix(dirs, tmp_path / "c", world_size=1, micro_batch=1, seq_len=64, ratio="1:1")
+
+
+def test_inspect_of_a_plan_counts_each_sources_held_out_documents(tmp_path):
+    """A source's `documents` counts all of its documents (document numbers count from it);
+    `held_out` says how many the plan leaves out, as PLAN/holdout/ holds them."""
+    import json
+
+    from helpers.runs import cli, make_plan
+
+    data = make_plan(tmp_path / "d")
+    plan = tmp_path / "held"
+    r = cli("balance-mix", data["text"], data["pairs"], "--out", plan, "--ratio", "1:2", "--world-size", 1,
+            "--seq-len", 64, "--micro-batch", 4, "--steps", 20, "--holdout", 0.2, "--json")
+    assert r.exit_code == 0, r.output
+    sources = json.loads(cli("inspect", plan, "--json").stdout)["sources"]
+    meta = json.loads((plan / "plan.json").read_text())
+    for src, held in zip(meta["sources"], meta["holdout"]["sources"]):
+        assert sources[src["name"]]["documents"] == src["documents"]
+        assert sources[src["name"]]["held_out"] == held["documents"] > 0
+    plain = json.loads(cli("inspect", data["plan"], "--json").stdout)["sources"]
+    assert all("held_out" not in s for s in plain.values())
+
