@@ -186,9 +186,13 @@ def _changed_inputs(have: list[dict], want: list[dict]) -> str:
         old = then.get(d["input"])
         if old is None:
             parts.append(f"{d['input']} is new")
+        elif old["sha256"] != d["sha256"] and (old["files"], old["bytes"]) == (d["files"], d["bytes"]):
+            # the fingerprint has each file's mtime: a copy made again counts, same bytes or not
+            parts.append(f"{d['input']} changed: the same {d['files']} files and {d['bytes']:,} bytes as then, but "
+                         "a file was modified, renamed or copied again (a new modification time counts)")
         elif old["sha256"] != d["sha256"]:
             parts.append(f"{d['input']} changed ({old['files']} files, {old['bytes']:,} bytes then; "
-                         f"{d['files']} files, {d['bytes']:,} bytes now; or files were modified)")
+                         f"{d['files']} files, {d['bytes']:,} bytes now)")
     return "; ".join(parts) or "the inputs changed"
 
 

@@ -213,6 +213,18 @@ def test_a_refused_out_is_left_as_it_was(tmp_path):
 # ---------------------------------------------------------------- 4. reruns check what they trust
 
 
+def test_inputs_copied_again_are_named_as_such(tmp_path):
+    """Same names and bytes, new modification times (a corpus copied in again): refused as a
+    change, and the message says that is what it saw."""
+    src = text_corpus(tmp_path / "in")
+    out = tmp_path / "o"
+    assert shard(src, "--out", out).exit_code == 0
+    for p in src.rglob("*"):  # what `cp -r` of the same files gives: new modification times
+        os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))
+    r = shard(src, "--out", out)
+    assert r.exit_code == 2 and "the same" in r.output and "copied again" in r.output, r.output
+
+
 def test_changed_inputs_are_refused_on_rerun(tmp_path):
     src = text_corpus(tmp_path / "in")
     out = tmp_path / "o"
