@@ -90,7 +90,7 @@ def test_the_chosen_tokens_run_as_one_fixed_width_row_that_keeps_rows_and_docume
     chosen = torch.zeros(60, dtype=torch.bool)
     chosen[weight.masked_fill(~real, -1).reshape(-1).topk(math.ceil(0.25 * int(real.sum()))).indices] = True
     chosen = chosen.view(3, 20)
-    assert torch.equal(out[~chosen], x[~chosen])
+    assert torch.equal(out[~chosen], x[~chosen])  # index_add leaves these rows as copies of x
     with torch.no_grad():
         for r in range(3):  # reference: the block on one row's chosen tokens alone
             idx = chosen[r].nonzero().squeeze(1)

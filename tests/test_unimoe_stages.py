@@ -274,7 +274,7 @@ def test_cli_runs_the_three_stages_and_evaluates(corpus, tmp_path):
         init = ["--init", tmp_path / stage]
     tuned, _, _ = load_run(tmp_path / "tune")
     for k, v in load_file(whisper).items():  # the loaded speech encoder never moved
-        assert torch.equal(tuned.inputs["speech"].encoder.state_dict()[k], v)
+        assert torch.equal(tuned.inputs["speech"].encoder.state_dict()[k], v)  # frozen: a copy
     r = cli("eval", "--checkpoint", tmp_path / "tune", "--batch-size", 4, "--json")
     result = json.loads(r.stdout)
     assert result["stage"] == "tune" and result["text_given"] and result["routing"]

@@ -41,6 +41,7 @@ def test_upcycled_experts_copy_the_ffn_and_routers_start_at_the_parents(parent, 
         for group, n in (("text", 3), ("image", 2)):
             g_old, g_new = getattr(lo.ffn, group), getattr(ln.ffn, group)
             for w in ("w1", "w2", "w3"):
+                # upcycling copies weights (no arithmetic): bit-identical on any CPU
                 assert torch.equal(getattr(g_new.experts, w), getattr(g_old.experts, w).expand(n, -1, -1))
             assert g_new.router.weight.shape == (n, 64)
             row = g_old.router.weight[0]
@@ -102,7 +103,7 @@ def test_upcycle_from_dense_and_refusals(parent, tmp_path):
     assert cfg.model.model == "moma"
     ffn = new.layers[1].ffn
     for group in (ffn.text, ffn.image):
-        assert torch.equal(group.experts.w1[1], old.layers[1].ffn.w1.weight.T)
+        assert torch.equal(group.experts.w1[1], old.layers[1].ffn.w1.weight.T)  # copies, transposed
         assert torch.equal(group.experts.w2[0], old.layers[1].ffn.w2.weight.T)
     r = cli("upcycle", tmp_path / "d2", "--experts", "4t4i", "--out", tmp_path / "d3")
     assert r.exit_code == 2 and "dense or a 1t1i" in r.output

@@ -106,7 +106,7 @@ def test_quantizer_picks_nearest_and_restarts_dead_codes():
     dead = torch.tensor([False, True, False, True])
     before = q.codebook.detach().clone()
     assert q.restart(dead, z, torch.Generator().manual_seed(0)) == 2
-    assert torch.equal(q.codebook[~dead], before[~dead])
+    assert torch.equal(q.codebook[~dead], before[~dead])  # rows the restart did not write: copies
     assert all(moved(b, a) for a, b in zip(q.codebook[dead], before[dead]))  # each dead code moved onto the data
     assert torch.allclose(q.codebook.norm(dim=1), torch.ones(4))
 

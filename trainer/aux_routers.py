@@ -90,10 +90,10 @@ class AuxRouterJob(Job):
         saved = read_json(ckpt / TRAIN_STATE)
         self._world, self._at = world, checkpoint_step(ckpt)
         self._keep = {k: saved[k] for k in ("world_size", "global_batch") if k in saved}
-        return _repeat(PlanLoader(self.plan, rank, world))
+        return PlanLoader(self.plan, rank, world, loop=True)  # from its start, round again as often as needed
 
     def build(self, run: Path, rank: int, world: int, device) -> torch.nn.Module:
-        self.cfg, _ = read_run_config(run, "decoder")
+        self.cfg, _ = read_run_config(run, "decoder")  # again: `claim` ran on rank 0 alone
         self._device, tc = device, self.cfg.train
         return parallelize(Decoder(self.cfg.model), world, device, bf16=use_bf16(tc, device), act_ckpt=tc.act_ckpt,
                            compile=False, keep_gathered=True)
@@ -149,18 +149,6 @@ class AuxRouterJob(Job):
             atomic_write(run / AUX_REPORT, json.dumps({"run": str(run), **summary, "world_size": self._world,
                                                        "curve": self.curve}, indent=1).encode())
         return summary
-
-
-def _repeat(loader):
-    """The plan from its start, again and again (ends only if this rank's share is empty)."""
-    while True:
-        any_batch = False
-        for batch in loader:
-            any_batch = True
-            yield batch
-        if not any_batch:
-            return
-        loader.load_state_dict({**loader.state_dict(), "next_microbatch": 0})
 
 
 def train_aux_routers(run: str | Path, plan: str | Path, steps: int = 100, lr: float = 1e-2, live: bool = True) -> dict:

@@ -183,8 +183,9 @@ class Checkpointer:
         ours = [p for p in self.dir.iterdir() if STEP_NAME.fullmatch(p.name) and (p / TRAIN_STATE).is_file()]
         return sorted(ours, key=lambda p: int(p.name[5:]))
 
-    def load(self, path: Path, model, optimizer, loader) -> int:
-        """Restore `path` (verified by the caller: intact_checkpoint); returns its step."""
+    def load(self, path: Path, model, optimizer, loader) -> None:
+        """Restore `path` (verified by the caller: intact_checkpoint); the job says which step
+        it counts from (`Job.first_step`)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         msd, osd = get_state_dict(model, optimizer)
@@ -199,7 +200,6 @@ class Checkpointer:
         except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a position or RNG state of another shape
             raise TrainError(f"{where}: cannot be restored ({type(e).__name__}: {str(e).splitlines()[0]}); "
                              f"{ALTERED}") from None
-        return checkpoint_step(path)
 
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:

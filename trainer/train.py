@@ -334,8 +334,8 @@ def _train(job: Job, run: Path, rank: int, world: int, device, ckpt_path: Path |
     t_log = time.perf_counter()
 
     def save():
-        held = job.checkpoint_state(model, optimizers, loader, step)
-        ckpt.save(job.saves_as(step), *held, job.checkpoint_meta(world))
+        state = job.checkpoint_state(model, optimizers, loader, step)
+        ckpt.save(job.saves_as(step), *state, job.checkpoint_meta(world))
 
     with _Stop() as stop, runner.progress_bar(job.name, tc.steps, step, live and rank == 0) as bar:
         while step < end:

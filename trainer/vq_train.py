@@ -203,6 +203,7 @@ class VQJob(Job):
         self.cfg, self.opts, self.train, self.device = cfg, opts, cadence, device
         self.inputs, self.restart, self.memory_check, self.log = [str(d) for d in shard_dirs], restart, memory_check, log
         self.data = ", ".join(self.inputs)
+        self.last = {}  # the latest record
 
     def _run(self, world: int) -> dict:
         """The settings a checkpoint continues (train_state.json's `vq_run`)."""
@@ -297,7 +298,7 @@ class VQJob(Job):
         if bad and rank == 0:
             name, reason = next(iter(bad.items()))
             self.log(f"skipped {len(bad)} images that do not decode, e.g. {name}: {reason}")
-        last = {k: v for k, v in getattr(self, "last", {}).items() if k != "step"}  # the loop's step stands
+        last = {k: v for k, v in self.last.items() if k != "step"}  # the loop's step stands
         return {**last, "skipped_images": len(bad), "out": str(out),
                 "memory_estimate_bytes": self.estimate["total"]}
 
@@ -313,10 +314,11 @@ def train_vq(shard_dirs: list[str | Path], out: str | Path, cfg: VQConfig, *, st
     device has available, unless `memory_check` is off."""
     opts = VQTrain(batch_size, lr, restart_every, disc_weight, disc_start, perceptual_weights, perceptual_weight, seed)
     job = VQJob(shard_dirs, cfg, opts, Cadence(steps, log_every, checkpoint_every), device, restart, memory_check, log)
+    ours = not dist.is_initialized()  # a caller's process group is left to the caller
     try:
         summary = run_job(job, out, live=progress)
     finally:
-        if dist.is_initialized():
+        if ours and dist.is_initialized():
             dist.destroy_process_group()
     return {k: v for k, v in summary.items() if k != "run"}
 
